@@ -1,0 +1,139 @@
+"""The SGLD LLC estimator: determinism, pairing, restriction, divergence, input forms."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tl_devinterp.data import repeated_random_tokens
+from tl_devinterp.models import ModelConfig, build_model, head_slices, slice_masks
+from tl_devinterp.sampling import LLCDivergenceError, default_nbeta, estimate_llc, resolve_restriction
+
+FAST = dict(num_chains=2, num_draws=6, num_burnin=2, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(ModelConfig(n_layers=2, n_heads=2, d_model=16, n_ctx=16, d_vocab=16))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return repeated_random_tokens(32, 5, 16)
+
+
+def test_default_nbeta_is_n_over_log_n():
+    assert default_nbeta(100) == pytest.approx(21.715, abs=1e-3)  # the ICL paper's value
+    with pytest.raises(ValueError, match="batch_size"):
+        default_nbeta(1)
+
+
+def test_result_fields_and_determinism(model, tokens):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = estimate_llc(model, tokens, seed=3, **FAST)
+    b = estimate_llc(model, tokens, seed=3, **FAST)
+    c = estimate_llc(model, tokens, seed=4, **FAST)
+    assert a.mean == b.mean and torch.equal(a.loss_trace, b.loss_trace)
+    assert a.mean != c.mean
+    assert a.loss_trace.shape == (2, 6) and a.per_chain.shape == (2,)
+    assert a.std == pytest.approx(a.per_chain.std(ddof=1))
+    assert a.d == sum(p.numel() for p in model.parameters())
+    assert a.nbeta == default_nbeta(8) and a.hyperparameters()["epsilon"] == 1e-3
+    # lambda-hat is nbeta times the paired differences
+    assert a.mean == pytest.approx(float(a.llc_trace.mean()), rel=1e-5)
+    for k, v in model.state_dict().items():  # the caller's model is untouched
+        assert torch.equal(v, before[k]), k
+
+
+def test_pairing_removes_batch_noise(model, tokens):
+    """With a vanishing step the chains stay at w*: paired differences are exactly zero."""
+    r = estimate_llc(model, tokens, epsilon=1e-14, **FAST)
+    assert abs(r.mean) < 1e-5 and r.init_losses.std() > 1e-3
+
+
+def test_input_forms_agree(model, tokens):
+    from datasets import Dataset
+
+    ref = estimate_llc(model, tokens, **FAST)
+    ds = Dataset.from_dict({"input_ids": tokens.tolist()})
+    assert estimate_llc(model, ds, **FAST).mean == pytest.approx(ref.mean)
+    loader = torch.utils.data.DataLoader(tokens, batch_size=8)
+    r = estimate_llc(model, loader, **FAST)
+    assert r.batch_size == 8 and math.isfinite(r.mean)
+    with pytest.raises(TypeError, match="DataLoader"):
+        estimate_llc(model, "text", **FAST)
+    with pytest.raises(ValueError, match="batch_size"):
+        estimate_llc(model, tokens[:4], **FAST)
+
+
+def test_divergence_raises_with_advice(model, tokens):
+    with pytest.raises(LLCDivergenceError, match=r"chain \d+ diverged at step \d+.*Lower epsilon.*raise gamma"):
+        estimate_llc(model, tokens, epsilon=50.0, gamma=0.0, nbeta=1e4, **{**FAST, "num_draws": 50})
+
+
+def test_restriction_specs(model):
+    head = resolve_restriction(model, "l1h1")
+    assert resolve_restriction(model, (1, 1)).label == head.label == "l1h1"
+    expected = slice_masks(model, head_slices(model, 1, 1))
+    assert head.d == sum(int(m.sum()) for m in expected.values()) == 4 * 16 * 8 + 3 * 8
+    layer = resolve_restriction(model, "layer1")
+    assert layer.d == resolve_restriction(model, "blocks.1").d
+    assert layer.d == sum(p.numel() for n, p in model.state_dict().items() if n.startswith("blocks.1."))
+    both = resolve_restriction(model, ["embed", "pos_embed"])
+    assert both.d == 16 * 16 + 16 * 16
+    assert resolve_restriction(model, "blocks.0.attn.q.*").d == 16 * 16 + 16
+    with pytest.raises(ValueError, match="matches no parameter"):
+        resolve_restriction(model, "blocks.7.*")
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_restriction(model, "l5h0")
+
+
+def test_restricted_sampling_moves_only_its_coordinates(model, tokens):
+    """Every forward pass sees w* outside the head; the head's own coordinates move."""
+    wstar = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mask = slice_masks(model, head_slices(model, 0, 1))
+    seen = []
+
+    def loss_fn(m, batch):
+        for n, p in m.named_parameters():
+            outside = ~mask[n] if n in mask else torch.ones_like(p, dtype=torch.bool)
+            assert torch.equal(p.detach()[outside], wstar[n][outside]), n
+        seen.append(1)
+        logits = m(batch)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+
+    r = estimate_llc(model, tokens, restrict="l0h1", loss_fn=loss_fn, **FAST)
+    assert len(seen) == (2 + 6) * 2 + 6 + 1  # chains' steps, the checkpoint per draw and for the limit
+    assert set(r.final_params) == set(mask)
+    for n, final in r.final_params.items():
+        assert torch.equal(final[:, ~mask[n]], wstar[n][~mask[n]].expand(2, -1))
+        assert not torch.equal(final[:, mask[n]], wstar[n][mask[n]].expand(2, -1))
+
+
+class Regular(nn.Module):
+    """y = W x (+ inert extra weights that no loss sees), MSE on x = identity: a regular model."""
+
+    def __init__(self, m, n, extra=0):
+        super().__init__()
+        self.main = nn.Linear(m, n, bias=False)
+        self.extra = nn.Parameter(torch.zeros(extra)) if extra else None
+        self.loss_fn = nn.MSELoss(reduction="sum")
+
+    def forward(self, x):
+        return self.main(x)
+
+
+@pytest.mark.slow
+def test_inert_coordinates_restricted_equals_small_model():
+    torch.manual_seed(0)
+    small, big = Regular(3, 2), Regular(3, 2, extra=5)
+    big.main.load_state_dict(small.main.state_dict())
+    x = torch.eye(3)
+    data = (x, small(x).detach())
+    hp = dict(epsilon=2e-3, gamma=1.0, nbeta=50.0, num_chains=8, num_draws=400, num_burnin=100, batch_size=3)
+    a = estimate_llc(small, data, **hp)
+    b = estimate_llc(big, data, restrict="main.*", **hp)
+    assert a.d == b.d == 6
+    assert a.mean == pytest.approx(3.0, rel=0.15) and b.mean == pytest.approx(3.0, rel=0.15)
+    assert abs(a.mean - b.mean) < 3 * math.hypot(a.se, b.se) + 0.05
