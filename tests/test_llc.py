@@ -13,6 +13,15 @@ from tl_devinterp.sampling import LLCDivergenceError, default_nbeta, estimate_ll
 FAST = dict(num_chains=2, num_draws=6, num_burnin=2, batch_size=8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: threads only contend (the CI machine is shared); restore afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model():
     return build_model(ModelConfig(n_layers=2, n_heads=2, d_model=16, n_ctx=16, d_vocab=16))
@@ -137,3 +146,15 @@ def test_inert_coordinates_restricted_equals_small_model():
     assert a.d == b.d == 6
     assert a.mean == pytest.approx(3.0, rel=0.15) and b.mean == pytest.approx(3.0, rel=0.15)
     assert abs(a.mean - b.mean) < 3 * math.hypot(a.se, b.se) + 0.05
+
+
+def test_head_llcs_match_single_head_runs(model, tokens):
+    from tl_devinterp.sampling import estimate_head_llcs
+
+    frame = estimate_head_llcs(model, tokens, heads=[(0, 1), (1, 0)], **FAST)
+    assert list(frame.columns[:5]) == ["layer", "head", "llc_mean", "llc_std", "llc_se"]
+    assert frame[["layer", "head"]].values.tolist() == [[0, 1], [1, 0]]
+    single = estimate_llc(model, tokens, restrict="l1h0", **FAST)
+    row = frame.iloc[1]
+    assert row.llc_mean == pytest.approx(single.mean, rel=1e-5) and row.d == single.d == 4 * 16 * 8 + 3 * 8
+    assert len(estimate_head_llcs(model, tokens, **{**FAST, "num_draws": 1})) == 4  # every head by default

@@ -10,7 +10,7 @@ from .store import ResultStore
 
 # series: data and training
 # sampling
-from .sampling import LLCDivergenceError, LLCResult, default_nbeta, estimate_llc  # noqa: E402
+from .sampling import LLCDivergenceError, LLCResult, default_nbeta, estimate_llc
 # metrics
 # dynamics
 # visualisation

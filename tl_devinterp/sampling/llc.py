@@ -248,7 +248,7 @@ def sample_llcs(
     # chain state: the current value of each sampled parameter, and its noise generator
     states = [
         [({n: wstar[n].clone() for n in mk}, _generator(seed, r.label, c, device)) for c in range(num_chains)]
-        for r, mk in zip(restrictions, masks)
+        for r, mk in zip(restrictions, masks, strict=True)
     ]
     trace = torch.empty(len(restrictions), num_chains, num_draws)
     init_losses = torch.empty(num_draws)
@@ -266,7 +266,7 @@ def sample_llcs(
                 ref, limit = l_star, l_star + EXPLODE * max(1.0, abs(l_star))
             if draw >= 0:
                 init_losses[draw] = l_star
-        for r, (restriction, mk) in enumerate(zip(restrictions, masks)):
+        for r, (restriction, mk) in enumerate(zip(restrictions, masks, strict=True)):
             for c, (w, gen) in enumerate(states[r]):
                 for n, wn in w.items():  # swap the chain's values in
                     params[n].data = wn
@@ -286,7 +286,7 @@ def sample_llcs(
                 if draw >= 0:
                     trace[r, c, draw] = value
                 with torch.no_grad():
-                    for (n, wn), g in zip(w.items(), grads):
+                    for (n, wn), g in zip(w.items(), grads, strict=True):
                         step_ = g.mul(nbeta).add_(wn - wstar[n], alpha=gamma).mul_(-epsilon / 2)
                         step_.add_(torch.randn(wn.shape, generator=gen, device=device), alpha=noise_std)
                         wn.add_(step_ if mk[n] is None else step_ * mk[n])
