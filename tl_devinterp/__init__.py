@@ -12,6 +12,21 @@ from .store import ResultStore
 # sampling
 from .sampling import LLCDivergenceError, LLCResult, default_nbeta, estimate_llc
 # metrics
+from .metrics import (
+    bigram_score,
+    bigram_table,
+    classify_heads,
+    copying_scores,
+    duplicate_token_scores,
+    frequent_ngrams,
+    icl_score,
+    loss_difference,
+    metrics_over_series,
+    ngram_scores,
+    per_token_loss,
+    prefix_matching_scores,
+    previous_token_scores,
+)
 # dynamics
 # visualisation
 

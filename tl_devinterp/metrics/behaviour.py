@@ -128,7 +128,7 @@ def bigram_table(data: Any, d_vocab: int, *, dense_max: int = 2**24) -> Float[to
     probs = (counts / totals[prev]).float()
     if d_vocab * d_vocab <= dense_max:
         return torch.zeros(d_vocab, d_vocab).index_put_((prev, nxt), probs)
-    return torch.sparse_coo_tensor(torch.stack([prev, nxt]), probs, (d_vocab, d_vocab)).coalesce()
+    return torch.sparse_coo_tensor(torch.stack([prev, nxt]), probs, (d_vocab, d_vocab), check_invariants=True).coalesce()
 
 
 def bigram_score(

@@ -13,9 +13,10 @@ LABELS = {
 }
 """Score -> label, in priority order: attention-pattern roles before copying (an OV property that
 induction heads share)."""
-DEFAULT_THRESHOLDS = {"prefix_matching": 0.3, "previous_token": 0.3, "duplicate_token": 0.3, "copying": 0.5}
-"""A fresh model scores about 1/(q+1) averaged over queries (≈ 0.02-0.06 at 64 positions) on the
-attention scores and near 0 on copying; a clean head scores near 1 on its own score."""
+DEFAULT_THRESHOLDS = {"prefix_matching": 0.3, "previous_token": 0.3, "duplicate_token": 0.3, "copying": 0.7}
+"""A fresh model scores about the mean of 1/(q+1) over queries on the attention scores (≈ 0.02-0.06 at
+64 positions) and 0 ± ~1.7/d_head on copying (measured std 0.2 at d_head 8, 0.1 at 16, 0.045 at 32);
+a clean head scores near 1 on its own score."""
 
 
 def classify_heads(
