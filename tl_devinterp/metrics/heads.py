@@ -10,6 +10,8 @@ Three scores are attention at a fixed offset, averaged over the query positions 
 
 Each lies in [0, 1]; a head that attends uniformly scores about the mean of 1 / (q + 1) over its queries
 (`uniform_baseline`). The copying score reads the OV circuit instead of attention: see `copying_scores`.
+The probes have one fixed layout, so a model trained on exactly that layout can match a score by position
+alone (a layer-0 head attending h - 1 back "prefix-matches"); a different `seq_len` tells the two apart.
 """
 
 from __future__ import annotations
