@@ -10,7 +10,10 @@ from .store import ResultStore
 
 # series: data and training
 # sampling
-from .sampling import LLCDivergenceError, LLCResult, default_nbeta, estimate_llc
+from .sampling import (
+    LLCDivergenceError, LLCResult, calibrate_llc, contains_repeated_span, default_nbeta, estimate_head_llcs,
+    estimate_llc, filter_dataset, llc_over_series, plot_calibration,
+)
 # metrics
 from .metrics import (
     bigram_score,
@@ -28,6 +31,8 @@ from .metrics import (
     previous_token_scores,
 )
 # dynamics
+from .dynamics import EDResult, Stage, essential_dynamics, evolute_cusps, find_stages, osculating_circles, stages_frame
 # visualisation
+from .visualisation.dynamics import plot_essential_dynamics, plot_llc_stages
 
 __all__ = [name for name in dir() if not name.startswith("_")]
