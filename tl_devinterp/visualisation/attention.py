@@ -1,0 +1,113 @@
+"""Attention patterns of chosen heads on one sequence, as circuitsvis views written fully offline.
+
+circuitsvis's own `_repr_html_` loads its JavaScript from a CDN when it finds the internet. We render with
+its locally bundled JavaScript instead (the `local_src` path of circuitsvis: `dist/cdn/iife.js`, inlined),
+so a notebook or an HTML report never fetches anything. A page that shows many views inlines the
+bundle once (`circuitsvis_script()`) and each view then only adds its data (`AttentionView.html(...)`).
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from circuitsvis.utils.convert_props import convert_props
+from jaxtyping import Float, Int
+from torch import nn
+
+_ids = itertools.count()
+
+
+def parse_head(head: str | tuple[int, int]) -> tuple[int, int]:
+    """`"l1h3"`, `"L1H3"` or `(1, 3)` -> `(1, 3)`."""
+    if isinstance(head, str):
+        s = head.lower()
+        if s.startswith("l") and "h" in s:
+            layer, _, h = s[1:].partition("h")
+            if layer.isdigit() and h.isdigit():
+                return int(layer), int(h)
+        raise ValueError(f"Cannot read head {head!r}: write it as 'l1h3' (layer 1, head 3) or (1, 3).")
+    layer, h = head
+    return int(layer), int(h)
+
+
+def head_name(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+@torch.no_grad()
+def attention_patterns(
+    model: nn.Module, tokens: Int[torch.Tensor, "seq"], heads: Sequence[str | tuple[int, int]]
+) -> Float[torch.Tensor, "head q k"]:
+    """The attention pattern (`blocks.{l}.attn.hook_pattern`) of each chosen head on one sequence."""
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be one sequence [seq]; got shape {tuple(tokens.shape)}.")
+    heads = [parse_head(h) for h in heads]
+    cfg = model.cfg
+    for layer, h in heads:
+        if not (0 <= layer < cfg.n_layers and 0 <= h < cfg.n_heads):
+            raise ValueError(f"Head L{layer}H{h} does not exist: the model has {cfg.n_layers} layers of "
+                             f"{cfg.n_heads} heads (0-indexed).")
+    names = {f"blocks.{layer}.attn.hook_pattern" for layer, _ in heads}
+    _, cache = model.run_with_cache(tokens[None].to(next(model.parameters()).device),
+                                    names_filter=lambda n: n in names)
+    return torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0, h] for layer, h in heads]).float().cpu()
+
+
+def circuitsvis_script() -> str:
+    """circuitsvis's JavaScript bundle in one inline `<script>` (defines the global `CircuitsVis`)."""
+    import circuitsvis
+
+    bundle = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    js = bundle.read_text(encoding="utf-8").replace("</script>", "")  # as circuitsvis's render_local does
+    js = js.replace("//# sourceMappingURL=iife.js.map", "")  # the map is not shipped inline
+    return f"<script>{js}</script>"
+
+
+@dataclass
+class AttentionView:
+    """Attention patterns `[head, q, k]` of named heads on labelled tokens; shows itself in Jupyter."""
+
+    patterns: Float[torch.Tensor, "head q k"]
+    tokens: list[str]
+    head_names: list[str]
+
+    def __post_init__(self):
+        n, q, k = self.patterns.shape
+        if q != k or q != len(self.tokens) or n != len(self.head_names):
+            raise ValueError(f"patterns {tuple(self.patterns.shape)} need {q} tokens and {n} head names; got "
+                             f"{len(self.tokens)} tokens and {len(self.head_names)} names.")
+
+    def html(self, *, include_js: bool = True, element_id: str | None = None) -> str:
+        """An offline circuitsvis `AttentionHeads` view; `include_js=False` when the page already has
+        `circuitsvis_script()`."""
+        element_id = element_id or f"circuitsvis-{next(_ids)}"
+        props = convert_props({"attention": self.patterns, "tokens": self.tokens,
+                               "attentionHeadNames": self.head_names, "maskUpperTri": True})
+        props = props.replace("</", "<\\/")  # token text must not close the script element
+        call = (f'<div id="{html.escape(element_id)}" class="circuitsvis"></div>\n'
+                f"<script>CircuitsVis.render({element_id!r}, CircuitsVis.AttentionHeads, {props});</script>")
+        return (circuitsvis_script() + "\n" + call) if include_js else call
+
+    def _repr_html_(self) -> str:
+        return self.html()
+
+
+def attention_view(
+    model: nn.Module,
+    tokens: Int[torch.Tensor, "seq"],
+    heads: Sequence[str | tuple[int, int]],
+    *,
+    labels: Sequence[str] | None = None,
+    suffix: str = "",
+) -> AttentionView:
+    """Attention of `heads` on `tokens`, ready to show; `labels` are the token strings (default: ids),
+    `suffix` is appended to each head's name (e.g. `" @ step 800"`)."""
+    patterns = attention_patterns(model, tokens, heads)
+    labels = [str(t) for t in tokens.tolist()] if labels is None else list(labels)
+    names = [head_name(*parse_head(h)) + suffix for h in heads]
+    return AttentionView(patterns, labels, names)

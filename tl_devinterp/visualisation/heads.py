@@ -1,0 +1,106 @@
+"""Per-head pictures over training: head-score heatmaps and refined-LLC curves coloured by head class.
+
+Both read the library's tidy frames: metrics `step, metric, layer, head, value` and LLCs
+`step, scope, layer, head, llc_mean, llc_std, ...` (rows with `scope == "head"`), head classes
+`layer, head, label` (from `classify_heads`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are written to files; never open a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+CLASS_COLORS = {
+    "previous-token": "#1f77b4",
+    "induction": "#d62728",
+    "duplicate-token": "#2ca02c",
+    "copying": "#ff7f0e",
+    "other": "#9a9a9a",
+}
+"""One colour per head class, shared by every figure (unknown classes get further tab10 colours)."""
+
+
+def class_colors(labels: Sequence[str]) -> dict[str, str]:
+    """A colour for each class in `labels`: the fixed ones above, then tab10 for any others."""
+    extra = iter(c for c in plt.get_cmap("tab10").colors if matplotlib.colors.to_hex(c) not in CLASS_COLORS.values())
+    return {lab: CLASS_COLORS.get(lab) or matplotlib.colors.to_hex(next(extra)) for lab in dict.fromkeys(labels)}
+
+
+def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"The {what} frame lacks columns {missing} (has {list(frame.columns)}).")
+
+
+def plot_head_scores(metrics: pd.DataFrame, *, metrics_shown: Sequence[str] | None = None) -> Figure:
+    """One heatmap per head score: rows are heads (L0H0, L0H1, ...), columns checkpoints, colour the score.
+
+    `metrics_shown` picks metrics (default: every metric that has per-head rows).
+    """
+    _require(metrics, ["step", "metric", "layer", "head", "value"], "metrics")
+    per_head = metrics.dropna(subset=["layer", "head"])
+    names = list(metrics_shown or dict.fromkeys(per_head["metric"]))
+    if not names:
+        raise ValueError("No per-head metrics to plot (every row has an empty layer/head).")
+    steps = sorted(per_head["step"].unique())
+    fig, axes = plt.subplots(1, len(names), figsize=(0.3 * len(steps) * len(names) + 3 * len(names), 4),
+                             squeeze=False, constrained_layout=True)
+    for ax, name in zip(axes[0], names):
+        grid = (per_head[per_head["metric"] == name]
+                .pivot_table(index=["layer", "head"], columns="step", values="value")
+                .reindex(columns=steps))
+        im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(len(grid)), [f"L{int(la)}H{int(h)}" for la, h in grid.index], fontsize=7)
+        ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int))
+        ax.set_xticks(ticks, [str(int(steps[i])) for i in ticks], rotation=45, fontsize=7)
+        ax.set_xlabel("step")
+        ax.set_title(name.replace("_", " "))
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+def plot_head_llcs(llc: pd.DataFrame, labels: pd.DataFrame | None = None, *, band: bool = True) -> Figure:
+    """Refined LLC of each head over steps: one panel per layer, one line per head, coloured by class.
+
+    `labels` (`layer, head, label`) colours the heads; without it every head is "other". `band` shades
+    ± one std across chains.
+    """
+    _require(llc, ["step", "scope", "layer", "head", "llc_mean", "llc_std"], "LLC")
+    heads = llc[llc["scope"] == "head"]
+    if heads.empty:
+        raise ValueError("The LLC frame has no per-head rows (scope == 'head'); estimate head LLCs first.")
+    lab = {}
+    if labels is not None:
+        _require(labels, ["layer", "head", "label"], "head label")
+        lab = {(int(r.layer), int(r.head)): r.label for r in labels.itertuples()}
+    colors = class_colors([*CLASS_COLORS, *sorted(set(lab.values()) - set(CLASS_COLORS))])
+    layers = sorted(heads["layer"].astype(int).unique())
+    fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), squeeze=False, sharey=True,
+                             constrained_layout=True)
+    for ax, layer in zip(axes[0], layers):
+        for (la, h), g in heads[heads["layer"] == layer].groupby(["layer", "head"]):
+            g = g.sort_values("step")
+            c = colors[lab.get((int(la), int(h)), "other")]
+            ax.plot(g["step"], g["llc_mean"], marker="o", ms=3, color=c, lw=1.5)
+            if band:
+                ax.fill_between(g["step"], g["llc_mean"] - g["llc_std"], g["llc_mean"] + g["llc_std"],
+                                color=c, alpha=0.12, lw=0)
+            ax.annotate(f"H{int(h)}", (g["step"].iloc[-1], g["llc_mean"].iloc[-1]), fontsize=7, color=c,
+                        xytext=(3, 0), textcoords="offset points", va="center")
+        positive = heads["step"].to_numpy()[heads["step"].to_numpy() > 0]
+        ax.set_xscale("symlog", linthresh=float(positive.min(initial=1)))  # log steps, step 0 shown
+        ax.set_xlabel("step")
+        ax.set_title(f"layer {layer}")
+    axes[0, 0].set_ylabel("refined LLC (head)")
+    shown = dict.fromkeys(lab.get((int(la), int(h)), "other") for la, h in heads[["layer", "head"]].drop_duplicates()
+                          .itertuples(index=False))
+    handles = [plt.Line2D([], [], color=colors[k], lw=2, label=k) for k in colors if k in shown]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="head class")
+    return fig

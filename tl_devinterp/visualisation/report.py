@@ -1,0 +1,136 @@
+"""One self-contained HTML page gathering the figures of an analysis; it works offline.
+
+Images are embedded as base64 PNG data URIs and circuitsvis's JavaScript is inlined once, so the file
+refers to nothing outside itself (no CDN, no image files). Every figure sits in a
+`<figure class="tl-figure" id="fig-...">` so tests and readers can find each one.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .attention import circuitsvis_script
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+figure.tl-figure { margin: 1.2em 0; } figure.tl-figure img { max-width: 100%; }
+figcaption { color: #555; font-size: .9em; margin-top: .3em; }
+table.tl-table { border-collapse: collapse; font-size: .9em; }
+table.tl-table td, table.tl-table th { border: 1px solid #ddd; padding: 2px 8px; text-align: right; }
+.tokens { font-family: monospace; line-height: 1.9; } .tok { padding: 1px 2px; border-radius: 2px; }
+.tok-caption { font-size: .85em; color: #555; margin-top: .6em; }
+"""
+
+
+def _figure(body: str, fig_id: str, caption: str, kind: str) -> str:
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure class="tl-figure" id="fig-{html.escape(fig_id)}" data-kind="{kind}">\n{body}\n{cap}</figure>'
+
+
+def png_figure(fig: Figure, fig_id: str, caption: str = "", *, save_dir: str | os.PathLike | None = None) -> str:
+    """A matplotlib figure as an embedded PNG (also saved as `save_dir/<fig_id>.png`); closes the figure."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    png = buf.getvalue()
+    if save_dir is not None:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / f"{fig_id}.png").write_bytes(png)
+    uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return _figure(f'<img alt="{html.escape(caption or fig_id)}" src="{uri}">', fig_id, caption, "png")
+
+
+def html_figure(body: str, fig_id: str, caption: str = "", *, kind: str = "html") -> str:
+    """Ready HTML (token pictures, circuitsvis views) as one figure of the report."""
+    return _figure(body, fig_id, caption, kind)
+
+
+def table_html(frame: pd.DataFrame, *, float_format: str = "{:.3g}") -> str:
+    return frame.to_html(index=False, classes="tl-table", border=0, float_format=float_format.format)
+
+
+def write_report(
+    path: str | os.PathLike,
+    sections: Sequence[tuple[str, Sequence[str]]],
+    *,
+    title: str = "tl_devinterp report",
+    intro: str = "",
+) -> Path:
+    """Write `sections` (heading, list of HTML blocks) as one offline page; returns the path.
+
+    circuitsvis's bundle is inlined once, only when a section holds an attention view.
+    """
+    blocks = [f"<h1>{html.escape(title)}</h1>", intro]
+    for heading, parts in sections:
+        blocks.append(f'<section><h2>{html.escape(heading)}</h2>\n' + "\n".join(parts) + "</section>")
+    body = "\n".join(blocks)
+    script = circuitsvis_script() if 'class="circuitsvis"' in body else ""
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<link rel="icon" href="data:,">'  # no favicon request
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style>{script}</head>\n<body>\n{body}\n</body></html>\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.PathLike | None = None) -> Path:
+    """The report of an `AnalysisResult` (see `tl_devinterp.analysis`): every part it holds, in pipeline
+    order. PNGs also go to `figures_dir`."""
+    from .dynamics import plot_essential_dynamics, plot_llc_stages
+    from .heads import plot_head_llcs, plot_head_scores
+    from .tokens import loss_difference_html
+
+    def png(fig, fig_id, caption):
+        return png_figure(fig, fig_id, caption, save_dir=figures_dir)
+
+    sections = []
+    model_llc = result.llc[result.llc["scope"] == "model"].sort_values("step")
+    summary = [f"<p>{len(model_llc)} checkpoints analysed, steps {model_llc['step'].min()}–{model_llc['step'].max()}."
+               f" Results as CSV in <code>results/</code>, figures as PNG in <code>figures/</code>.</p>"]
+    if result.stages:
+        summary.append(table_html(pd.DataFrame([{"stage": i + 1, "start": s.start, "end": s.end, "type": s.type}
+                                                for i, s in enumerate(result.stages)])))
+    if result.head_classes is not None and not result.head_classes.empty:
+        summary.append("<p>Head classes at the last checkpoint:</p>" + table_html(result.head_classes))
+    sections.append(("Summary", summary))
+    sections.append(("LLC and stages", [png(
+        plot_llc_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), result.stages,
+                        loss=result.losses),
+        "llc-stages", "Local learning coefficient over training; stages shaded (A: LLC rises, B: it falls).")]))
+    if (result.llc["scope"] == "head").any():
+        sections.append(("Per-head refined LLCs", [png(
+            plot_head_llcs(result.llc, result.head_classes), "head-llcs",
+            "Refined LLC of each head over training, one panel per layer, coloured by the head's class.")]))
+    if result.metrics is not None and result.metrics["layer"].notna().any():
+        sections.append(("Head scores", [png(
+            plot_head_scores(result.metrics), "head-scores", "Head scores over training (rows: heads).")]))
+    if result.ed is not None:
+        sections.append(("Essential dynamics", [png(
+            plot_essential_dynamics(result.ed, result.stages), "essential-dynamics",
+            "Principal components of the model's outputs over training, osculating circles and evolute cusps.")]))
+    if result.loss_differences is not None and not result.loss_differences.empty:
+        parts = []
+        for i, ((a, b), g) in enumerate(result.loss_differences.groupby(["step_from", "step_to"], sort=True)):
+            body = loss_difference_html(result.sample_tokens, g.sort_values("position")["loss_diff"].to_numpy(),
+                                        caption=f"step {a} → {b}")
+            parts.append(html_figure(body, f"loss-diff-{i}", f"Per-token loss change from step {a} to step {b} "
+                                     "(red: loss fell, blue: loss rose).", kind="tokens"))
+        sections.append(("Per-token loss changes between stage boundaries", parts))
+    if result.attention:
+        parts = [html_figure(view.html(include_js=False, element_id=f"circuitsvis-{i}"), f"attention-{i}",
+                             f"Attention of {', '.join(view.head_names)} at step {step} on a sample sequence.",
+                             kind="attention")
+                 for i, (step, view) in enumerate(result.attention)]
+        sections.append(("Attention at stage boundaries", parts))
+    return write_report(path, sections, title=result.title)
