@@ -1,0 +1,10 @@
+"""Dynamics: the geometry of training trajectories (essential dynamics) and stages from the LLC curve."""
+
+from .essential import EDResult, essential_dynamics, essential_dynamics_of_features, gaussian_smooth
+from .geometry import OsculatingCircles, evolute_cusps, osculating_circles
+from .stages import Stage, find_stages, stages_frame
+
+__all__ = [
+    "EDResult", "essential_dynamics", "essential_dynamics_of_features", "gaussian_smooth",
+    "OsculatingCircles", "evolute_cusps", "osculating_circles", "Stage", "find_stages", "stages_frame",
+]

@@ -1,0 +1,1 @@
+"""Pictures: matplotlib figures (PNG) and offline interactive HTML (circuitsvis)."""
