@@ -171,3 +171,15 @@ def test_calibration_grid_reports_divergence(model, tokens):
     assert grid.llc_trace[0].shape == (2, 30) and grid.llc_mean[:2].notna().all()
     fig = plot_calibration(grid)
     assert len(fig.axes) == 4 and "diverged" in fig.axes[3].texts[0].get_text()
+
+
+def test_shared_residual_prefix_matches_full_forward(model, tokens):
+    """Head restrictions in block 1 run from the cached residual stream: same numbers as the full forward."""
+    from tl_devinterp.sampling.llc import lm_loss
+
+    fast = estimate_llc(model, tokens, restrict="l1h0", **FAST)
+    full = estimate_llc(model, tokens, restrict="l1h0", loss_fn=lm_loss, **FAST)  # a custom loss: no prefix
+    assert resolve_restriction(model, "l1h0").first_layer == 1 and resolve_restriction(model, "l0h0").first_layer == 0
+    assert resolve_restriction(model, ["l1h0", "unembed"]).first_layer == 0
+    assert fast.mean == pytest.approx(full.mean, rel=1e-4, abs=1e-6)
+    assert torch.allclose(fast.loss_trace, full.loss_trace, rtol=1e-5)

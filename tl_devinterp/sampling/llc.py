@@ -166,6 +166,23 @@ def lm_loss(model: nn.Module, batch) -> torch.Tensor:
     return token_cross_entropy(model(tokens), tokens).mean()
 
 
+def lm_loss_from_layer(model: nn.Module, resid: torch.Tensor, batch, layer: int) -> torch.Tensor:
+    """`lm_loss` computed from the residual stream before block `layer` (blocks below it are skipped)."""
+    tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return token_cross_entropy(model(resid, start_at_layer=layer), tokens).mean()
+
+
+def _starts_at_layer(model: nn.Module, batch) -> bool:
+    """Whether the model can run from a cached residual stream (TL 4 bridges and HookedTransformer can)."""
+    tokens = (batch[0] if isinstance(batch, (tuple, list)) else batch)[:1]
+    try:
+        with torch.no_grad():
+            model(model(tokens, stop_at_layer=1), start_at_layer=1)
+    except (NotImplementedError, TypeError, ValueError):
+        return False
+    return True
+
+
 def resolve_loss(model: nn.Module, loss_fn: Callable | None) -> Callable[[nn.Module, Any], torch.Tensor]:
     """`loss_fn(model, batch)`. TransformerLens models default to `lm_loss`; another model's `loss_fn` may be a method `(batch)`, a function `(model, batch)`,
     or a criterion module applied as `criterion(model(x), y)` to batches `(x, y)`."""
@@ -244,17 +261,25 @@ def sample_llcs(
         p.requires_grad_(False)
     wstar = {n: p.detach().clone() for n, p in params.items()}
     loss = resolve_loss(sampler, loss_fn)
-    masks = [{n: None if m is None else m.to(device) for n, m in r.masks.items()} for r in restrictions]
-    # chain state: the current value of each sampled parameter, and its noise generator
+    names = [list(r.masks) for r in restrictions]
+    masks = [[(i, m.to(device)) for i, m in enumerate(r.masks.values()) if m is not None] for r in restrictions]
+    # chain state: the current values of the restriction's parameters, and the chain's noise generator
     states = [
-        [({n: wstar[n].clone() for n in mk}, _generator(seed, r.label, c, device)) for c in range(num_chains)]
-        for r, mk in zip(restrictions, masks, strict=True)
+        [([wstar[n].clone() for n in ns], _generator(seed, r.label, c, device)) for c in range(num_chains)]
+        for r, ns in zip(restrictions, names, strict=True)
     ]
     trace = torch.empty(len(restrictions), num_chains, num_draws)
     init_losses = torch.empty(num_draws)
     batches = batch_stream(data, batch_size, seed, device)
     ref = limit = None  # the checkpoint loss on the first batch, and the loss a chain may not exceed
     noise_std = math.sqrt(epsilon)
+    # With the LM loss, a restriction to blocks >= l shares the residual stream before block l:
+    # computed once per batch at w*, each of its chains then runs only blocks l and up.
+    starts = [r.first_layer for r in restrictions]
+    if loss_fn is not None or not is_supported_model(sampler) or not any(starts):
+        starts = [0] * len(restrictions)
+    elif not _starts_at_layer(sampler, next(batch_stream(data, batch_size, seed, device))):
+        starts = [0] * len(restrictions)
 
     for step in tqdm(range(num_burnin + num_draws), desc=desc, unit="step", leave=False):
         batch = next(batches)
@@ -266,16 +291,21 @@ def sample_llcs(
                 ref, limit = l_star, l_star + EXPLODE * max(1.0, abs(l_star))
             if draw >= 0:
                 init_losses[draw] = l_star
-        for r, (restriction, mk) in enumerate(zip(restrictions, masks, strict=True)):
+        with torch.no_grad():
+            tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
+            resid = {layer: sampler(tokens, stop_at_layer=layer) for layer in set(starts) - {0}}
+        for r, restriction in enumerate(restrictions):
+            layer = starts[r]
+            leaves = [params[n] for n in names[r]]
+            stars = [wstar[n] for n in names[r]]
+            sizes = [t.numel() for t in stars]
+            for p in leaves:
+                p.requires_grad_(True)
             for c, (w, gen) in enumerate(states[r]):
-                for n, wn in w.items():  # swap the chain's values in
-                    params[n].data = wn
-                    params[n].requires_grad_(True)
-                value = loss(sampler, batch)
-                grads = torch.autograd.grad(value, [params[n] for n in w])
-                for n in w:
-                    params[n].data = wstar[n]
-                    params[n].requires_grad_(False)
+                for p, wn in zip(leaves, w, strict=True):  # swap the chain's values in
+                    p.data = wn
+                value = loss(sampler, batch) if layer == 0 else lm_loss_from_layer(sampler, resid[layer], batch, layer)
+                grads = torch.autograd.grad(value, leaves)
                 value = value.item()
                 if not value < limit:  # also catches NaN
                     raise LLCDivergenceError(
@@ -285,11 +315,19 @@ def sample_llcs(
                     )
                 if draw >= 0:
                     trace[r, c, draw] = value
-                with torch.no_grad():
-                    for (n, wn), g in zip(w.items(), grads, strict=True):
-                        step_ = g.mul(nbeta).add_(wn - wstar[n], alpha=gamma).mul_(-epsilon / 2)
-                        step_.add_(torch.randn(wn.shape, generator=gen, device=device), alpha=noise_std)
-                        wn.add_(step_ if mk[n] is None else step_ * mk[n])
+                with torch.no_grad():  # Δw = −(ε/2)·[nβ·g + γ·(w − w*)] + √ε·ξ, masked
+                    delta = torch._foreach_sub(w, stars)
+                    torch._foreach_mul_(delta, gamma)
+                    torch._foreach_add_(delta, grads, alpha=nbeta)
+                    torch._foreach_mul_(delta, -epsilon / 2)
+                    noise = torch.randn(sum(sizes), generator=gen, device=device).split(sizes)
+                    torch._foreach_add_(delta, [z.view_as(t) for z, t in zip(noise, w, strict=True)], alpha=noise_std)
+                    for i, m in masks[r]:
+                        delta[i].mul_(m)
+                    torch._foreach_add_(w, delta)
+            for p, star in zip(leaves, stars, strict=True):
+                p.data = star
+                p.requires_grad_(False)
 
     results = []
     for r, restriction in enumerate(restrictions):
@@ -300,7 +338,7 @@ def sample_llcs(
                 loss_trace=trace[r].clone(), init_losses=init_losses.clone(), init_loss=float(init_losses.mean()),
                 d=restriction.d, restrict=restriction.label, epsilon=epsilon, gamma=gamma, nbeta=nbeta,
                 num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin, batch_size=batch_size, seed=seed,
-                final_params={n: torch.stack([w[n] for w, _ in states[r]]).cpu() for n in masks[r]},
+                final_params={n: torch.stack([w[i] for w, _ in states[r]]).cpu() for i, n in enumerate(names[r])},
             )
         )
     return results

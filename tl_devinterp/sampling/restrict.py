@@ -32,6 +32,7 @@ class Restriction:
     label: str
     masks: dict[str, torch.Tensor | None]
     d: int  # number of sampled coordinates
+    first_layer: int = 0  # the lowest block touched when only blocks are: the residual stream below is fixed
 
 
 def resolve_restriction(model: nn.Module, restrict=None) -> Restriction:
@@ -51,7 +52,13 @@ def resolve_restriction(model: nn.Module, restrict=None) -> Restriction:
         raise ValueError(f"restrict={restrict!r} selects no parameters of this model.")
     d = sum(int(m.sum()) for m in masks.values())
     full = {n: (None if bool(m.all()) else m) for n, m in masks.items()}
-    return Restriction(restriction_label(restrict), full, d)
+    return Restriction(restriction_label(restrict), full, d, _first_layer(model, full))
+
+
+def _first_layer(model: nn.Module, masks: dict) -> int:
+    tl_name = {own: tl for tl, own in tl_parameter_names(model).items()}
+    layers = [re.match(r"blocks\.(\d+)\.", tl_name.get(own, "")) for own in masks]
+    return min(int(m.group(1)) for m in layers) if all(layers) else 0
 
 
 def restriction_label(restrict) -> str:
