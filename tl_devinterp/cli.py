@@ -9,7 +9,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tl-devinterp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train,):
+    for add in (_add_train, _add_analyze, _add_demo):
         add(sub)
     args = parser.parse_args(argv)
     return args.run(args) or 0
@@ -35,6 +35,82 @@ def _run_train(args) -> None:
     overrides = {k: v for k, v in (("n_steps", args.n_steps), ("lr", args.lr), ("seed", args.seed)) if v is not None}
     series = train(args.out, args.preset, overwrite=args.overwrite, device=args.device, **overrides)
     print(f"wrote {series} to {args.out}")
+
+
+def _add_analyze(sub) -> None:
+    import dataclasses
+    import json
+    import typing
+
+    from .analysis import AnalysisConfig
+
+    p = sub.add_parser("analyze", help="LLCs, head scores, stages, essential dynamics and a report of a series",
+                       description="Analyse a checkpoint series into REPORT_DIR (results/*.csv, figures/*.png, "
+                       "report.html). A rerun into the same directory resumes where the last one stopped. "
+                       "Options come from --config FILE (JSON or TOML, keys as below with _), then the flags.")
+    p.add_argument("series", metavar="SERIES_DIR", help="a series directory written by `tl-devinterp train`")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for results, figures and report")
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of analysis options")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    hints = typing.get_type_hints(AnalysisConfig)
+    for f in dataclasses.fields(AnalysisConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind, opts = hints[f.name], {}
+        args = typing.get_args(kind)
+        if typing.get_origin(kind) is dict:
+            opts["type"] = json.loads
+        elif list[str] in args:
+            opts["nargs"] = "+"
+        else:
+            base = next((a for a in args if a is not type(None)), kind)
+            opts["type"] = (lambda text, base=base: None if text.lower() == "none" else base(text)) if args else base
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                       help=f"default: {json.dumps(default)}", **opts)
+    p.set_defaults(run=_run_analyze)
+
+
+def _run_analyze(args) -> None:
+    from .analysis import AnalysisConfig, analyze
+
+    fixed = {"series", "out", "config", "quiet", "run", "command"}
+    overrides = {k: v for k, v in vars(args).items() if k not in fixed}
+    with _clear_errors("analyze"):
+        config = AnalysisConfig.from_file(args.config) if args.config else None
+        result = analyze(args.series, args.out, config=config, progress=not args.quiet, **overrides)
+    print(result.report)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train the demo series and analyse it (about 10 minutes on 2 CPU cores)")
+    p.add_argument("--out", default="tl_devinterp_demo", help="directory for the series and the report "
+                   "(default: ./tl_devinterp_demo; a rerun resumes)")
+    p.add_argument("--quick", action="store_true", help="a tiny model and few draws: about a minute")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> None:
+    from .analysis import demo
+
+    with _clear_errors("demo"):
+        result = demo(args.out, quick=args.quick, progress=not args.quiet, device=args.device)
+    print(f"Report: {result.report}")
+
+
+class _clear_errors:
+    """Turn the library's input errors (which name the problem and the fix) into a message and exit 2."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is not None and issubclass(kind, (ValueError, TypeError, FileNotFoundError, NotADirectoryError)):
+            print(f"tl-devinterp {self.command}: error: {error}", file=sys.stderr)
+            raise SystemExit(2)
 
 
 if __name__ == "__main__":

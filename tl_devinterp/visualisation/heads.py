@@ -1,5 +1,7 @@
 """Per-head pictures over training: head-score heatmaps and refined-LLC curves coloured by head class.
 
+Built on bare `Figure`s (Agg canvas, no window), like the other figures of the package.
+
 Both read the library's tidy frames: metrics `step, metric, layer, head, value` and LLCs
 `step, scope, layer, head, llc_mean, llc_std, ...` (rows with `scope == "head"`), head classes
 `layer, head, label` (from `classify_heads`).
@@ -10,12 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")  # figures are written to files; never open a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 CLASS_COLORS = {
     "previous-token": "#1f77b4",
@@ -29,7 +29,7 @@ CLASS_COLORS = {
 
 def class_colors(labels: Sequence[str]) -> dict[str, str]:
     """A colour for each class in `labels`: the fixed ones above, then tab10 for any others."""
-    extra = iter(c for c in plt.get_cmap("tab10").colors if matplotlib.colors.to_hex(c) not in CLASS_COLORS.values())
+    extra = iter(c for c in matplotlib.colormaps["tab10"].colors if matplotlib.colors.to_hex(c) not in CLASS_COLORS.values())
     return {lab: CLASS_COLORS.get(lab) or matplotlib.colors.to_hex(next(extra)) for lab in dict.fromkeys(labels)}
 
 
@@ -50,8 +50,8 @@ def plot_head_scores(metrics: pd.DataFrame, *, metrics_shown: Sequence[str] | No
     if not names:
         raise ValueError("No per-head metrics to plot (every row has an empty layer/head).")
     steps = sorted(per_head["step"].unique())
-    fig, axes = plt.subplots(1, len(names), figsize=(0.3 * len(steps) * len(names) + 3 * len(names), 4),
-                             squeeze=False, constrained_layout=True)
+    fig = Figure(figsize=(0.3 * len(steps) * len(names) + 3 * len(names), 4), layout="constrained")
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
         grid = (per_head[per_head["metric"] == name]
                 .pivot_table(index=["layer", "head"], columns="step", values="value")
@@ -82,8 +82,8 @@ def plot_head_llcs(llc: pd.DataFrame, labels: pd.DataFrame | None = None, *, ban
         lab = {(int(r.layer), int(r.head)): r.label for r in labels.itertuples()}
     colors = class_colors([*CLASS_COLORS, *sorted(set(lab.values()) - set(CLASS_COLORS))])
     layers = sorted(heads["layer"].astype(int).unique())
-    fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.6), squeeze=False, sharey=True,
-                             constrained_layout=True)
+    fig = Figure(figsize=(5 * len(layers), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(layers), squeeze=False, sharey=True)
     for ax, layer in zip(axes[0], layers):
         for (la, h), g in heads[heads["layer"] == layer].groupby(["layer", "head"]):
             g = g.sort_values("step")
@@ -101,6 +101,6 @@ def plot_head_llcs(llc: pd.DataFrame, labels: pd.DataFrame | None = None, *, ban
     axes[0, 0].set_ylabel("refined LLC (head)")
     shown = dict.fromkeys(lab.get((int(la), int(h)), "other") for la, h in heads[["layer", "head"]].drop_duplicates()
                           .itertuples(index=False))
-    handles = [plt.Line2D([], [], color=colors[k], lw=2, label=k) for k in colors if k in shown]
+    handles = [Line2D([], [], color=colors[k], lw=2, label=k) for k in colors if k in shown]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="head class")
     return fig

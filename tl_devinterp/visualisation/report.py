@@ -14,7 +14,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -38,10 +37,9 @@ def _figure(body: str, fig_id: str, caption: str, kind: str) -> str:
 
 
 def png_figure(fig: Figure, fig_id: str, caption: str = "", *, save_dir: str | os.PathLike | None = None) -> str:
-    """A matplotlib figure as an embedded PNG (also saved as `save_dir/<fig_id>.png`); closes the figure."""
+    """A matplotlib figure as an embedded PNG (also saved as `save_dir/<fig_id>.png`)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     png = buf.getvalue()
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
@@ -105,9 +103,10 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
         summary.append("<p>Head classes at the last checkpoint:</p>" + table_html(result.head_classes))
     sections.append(("Summary", summary))
     sections.append(("LLC and stages", [png(
-        plot_llc_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), result.stages,
-                        loss=result.losses),
-        "llc-stages", "Local learning coefficient over training; stages shaded (A: LLC rises, B: it falls).")]))
+        plot_llc_stages(model_llc["step"], model_llc["llc_mean"], result.stages, llc_std=model_llc["llc_std"],
+                        loss=model_llc["init_loss"]),
+        "llc-stages", "Local learning coefficient over training (± std across chains) and the loss on the "
+        "sampled data; stages shaded (A: LLC rises, B: it falls).")]))
     if (result.llc["scope"] == "head").any():
         sections.append(("Per-head refined LLCs", [png(
             plot_head_llcs(result.llc, result.head_classes), "head-llcs",
