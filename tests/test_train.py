@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+
+from tl_devinterp import CheckpointSeries, SeriesError
+from tl_devinterp.train import PRESETS, checkpoint_schedule, train
+
+
+def test_schedule_is_log_spaced_early_and_linear_late():
+    s = checkpoint_schedule(10_000, 10, 10)
+    assert s[0] == 0 and s[-1] == 10_000 and s == sorted(set(s))
+    early = [x for x in s if 0 < x < 1000]
+    assert len(early) >= 6  # dense early (log-spaced) ...
+    assert set(range(0, 10_001, 1000)) <= set(s)  # ... and evenly spaced later
+    assert max(b - a for a, b in zip(s, s[1:])) <= 1000
+
+
+def test_a_stopped_run_resumes_exactly(tmp_path, monkeypatch, quick_series_dir):
+    import tl_devinterp.train as T
+
+    saves = []
+    original = T._save
+
+    def crash_on_fifth(*args, **kwargs):
+        saves.append(args[2])
+        if len(saves) == 5:
+            raise KeyboardInterrupt
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_save", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "s", "quick", progress=False)
+    stopped = CheckpointSeries.from_dir(tmp_path / "s")  # readable after the stop
+    assert len(stopped) == 4
+    monkeypatch.setattr(T, "_save", original)
+    resumed = train(tmp_path / "s", "quick", progress=False)
+    reference = CheckpointSeries.from_dir(quick_series_dir)
+    assert resumed.steps == reference.steps
+    a, b = resumed.load(resumed.steps[-1]).state_dict(), reference.load(reference.steps[-1]).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_another_config_into_the_same_dir_is_refused(tmp_path):
+    train(tmp_path, "quick", progress=False, n_steps=3)
+    with pytest.raises(SeriesError, match="different configuration"):
+        train(tmp_path, "quick", progress=False, n_steps=4)
+    series = train(tmp_path, "quick", progress=False, n_steps=4, overwrite=True)
+    assert series.steps[-1] == 4
+    assert json.loads((tmp_path / "manifest.json").read_text())["complete"] is True
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="known presets"):
+        train("/tmp/never", "gpt5")
+    with pytest.raises(ValueError, match="must equal the model's n_ctx"):
+        train("/tmp/never", "quick", data={**PRESETS["quick"].data, "seq_len": 16})
+
+
+@pytest.mark.slow
+def test_demo_preset_forms_previous_token_and_induction_heads(tmp_path):
+    """The issue's acceptance check: layer-1 prefix matching rises from the uniform baseline to >= 0.3."""
+    from tl_devinterp import prefix_matching_scores, previous_token_scores
+
+    series = train(tmp_path, "demo", progress=False)
+    first, last = series.load(series.steps[0]), series.load(series.steps[-1])
+    pm0, pm1 = prefix_matching_scores(first)[1].max(), prefix_matching_scores(last)[1].max()
+    assert pm0 < 0.1 and pm1 >= 0.3, (pm0, pm1)
+    assert previous_token_scores(last)[0].max() >= 0.3
