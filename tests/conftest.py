@@ -9,7 +9,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def quick_series_dir(tmp_path_factory):
     """A series of the `quick` preset (seconds on a CPU), trained once for the whole session."""
-    from tl_devinterp.train import train
+    from tl_devinterp.training import train
 
     out = tmp_path_factory.mktemp("quick_series")
     train(out, "quick", progress=False)

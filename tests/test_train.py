@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tl_devinterp import CheckpointSeries, SeriesError
-from tl_devinterp.train import PRESETS, checkpoint_schedule, train
+from tl_devinterp.training import PRESETS, checkpoint_schedule, train
 
 
 def test_schedule_is_log_spaced_early_and_linear_late():
@@ -17,7 +17,7 @@ def test_schedule_is_log_spaced_early_and_linear_late():
 
 
 def test_a_stopped_run_resumes_exactly(tmp_path, monkeypatch, quick_series_dir):
-    import tl_devinterp.train as T
+    import tl_devinterp.training as T
 
     saves = []
     original = T._save

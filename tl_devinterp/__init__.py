@@ -10,7 +10,7 @@ from .store import ResultStore
 
 # series: data and training
 from .data import make_data, markov_tokens, pack_texts, plant_repeats, repeated_random_tokens, stdlib_texts, train_tokenizer
-from .train import PRESETS, TrainConfig, train
+from .training import PRESETS, TrainConfig, train
 # sampling
 from .sampling import (
     LLCDivergenceError, LLCResult, calibrate_llc, contains_repeated_span, default_nbeta, estimate_head_llcs,

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_train(sub) -> None:
-    from .train import PRESETS
+    from .training import PRESETS
 
     p = sub.add_parser("train", help="train a model and write a checkpoint series")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model, data and schedule (default: demo)")
@@ -30,7 +30,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> None:
-    from .train import train
+    from .training import train
 
     overrides = {k: v for k, v in (("n_steps", args.n_steps), ("lr", args.lr), ("seed", args.seed)) if v is not None}
     series = train(args.out, args.preset, overwrite=args.overwrite, device=args.device, **overrides)
