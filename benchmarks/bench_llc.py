@@ -58,7 +58,7 @@ def trained_model(cfg: ModelConfig, tokens: torch.Tensor, steps: int) -> nn.Modu
     """A briefly trained model, so the LLC is measured near a minimum as in practice."""
     model = build_model(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for batch, _ in zip(batch_stream(tokens, 32, 0, None), range(steps), strict=False):
+    for (_, batch), _ in zip(batch_stream(tokens, 32, 0, None), range(steps), strict=False):
         opt.zero_grad()
         lm_loss(model, batch).backward()
         opt.step()
@@ -84,7 +84,7 @@ def devinterp_llc(model, dataset, hp, seed, masks=None) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--draws", type=int, default=50)
     args = ap.parse_args()
@@ -106,7 +106,7 @@ def main() -> None:
     # (a) per-step overhead against a bare forward+backward loop on the same batches
     bare_model = clone_model(model)
     stream = batch_stream(tokens, hp["batch_size"], 0, None)
-    batches = [next(stream) for _ in range(hp["num_draws"])]
+    batches = [next(stream)[1] for _ in range(hp["num_draws"])]
     bare_t, ours_full_t, dev_full_t, ours_heads_t, dev_heads_t = [], [], [], [], []
     ours_full, dev_full, ours_heads, dev_heads = [], [], [], []
     for rep in range(args.repeats):
@@ -120,7 +120,7 @@ def main() -> None:
         start = time.perf_counter()
         ours_full.append(estimate_llc(model, tokens, seed=rep, **ours_hp).mean)
         ours_full_t.append(time.perf_counter() - start)
-        est, t = devinterp_llc(model, dataset, hp, seed=100 + rep)
+        est, t = devinterp_llc(model, dataset, hp, seed=1000 * (rep + 1))
         dev_full.append(est)
         dev_full_t.append(t)
 
@@ -129,7 +129,7 @@ def main() -> None:
         ours_heads_t.append(time.perf_counter() - start)
         row, total = [], 0.0
         for layer, h in heads:
-            est, t = devinterp_llc(model, dataset, hp, seed=100 + rep, masks=slice_masks(model, head_slices(model, layer, h)))
+            est, t = devinterp_llc(model, dataset, hp, seed=1000 * (rep + 1), masks=slice_masks(model, head_slices(model, layer, h)))
             row.append(est)
             total += t
         dev_heads.append(np.array(row))

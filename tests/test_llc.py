@@ -113,7 +113,7 @@ def test_restricted_sampling_moves_only_its_coordinates(model, tokens):
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
 
     r = estimate_llc(model, tokens, restrict="l0h1", loss_fn=loss_fn, **FAST)
-    assert len(seen) == (2 + 6) * 2 + 6 + 1  # chains' steps, the checkpoint per draw and for the limit
+    assert 16 < len(seen) <= 16 + 4  # 2 chains x 8 steps, and the checkpoint once per distinct batch (4)
     assert set(r.final_params) == set(mask)
     for n, final in r.final_params.items():
         assert torch.equal(final[:, ~mask[n]], wstar[n][~mask[n]].expand(2, -1))

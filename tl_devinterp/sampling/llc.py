@@ -112,23 +112,24 @@ def as_tensors(data) -> tuple[torch.Tensor, ...] | torch.utils.data.DataLoader:
     )
 
 
-def batch_stream(data, batch_size: int, seed: int, device) -> Iterator[Any]:
-    """Endless batches: shuffled epochs (dropping the ragged tail) drawn with `seed`, or the DataLoader cycled."""
+def batch_stream(data, batch_size: int, seed: int, device) -> Iterator[tuple[int | None, Any]]:
+    """Endless `(key, batch)` pairs. Tensor data is split once (with `seed`) into fixed batches, visited in
+    a new random order each epoch (the ragged tail is dropped); `key` names the batch, so per-batch results
+    such as the checkpoint loss are computed once. A DataLoader is cycled as it is, with key None."""
     source = as_tensors(data)
     if isinstance(source, torch.utils.data.DataLoader):
         while True:
             for batch in source:
-                yield _to(batch, device)
+                yield None, _to(batch, device)
     n = len(source[0])
     if batch_size > n:
         raise ValueError(f"batch_size={batch_size} is larger than the data ({n} rows); lower batch_size.")
     source = tuple(t.to(device) for t in source)
     g = torch.Generator().manual_seed(seed)
+    chunks = torch.randperm(n, generator=g)[: n - n % batch_size].to(device).split(batch_size)
     while True:
-        perm = torch.randperm(n, generator=g).to(device)
-        for i in range(0, n - batch_size + 1, batch_size):
-            idx = perm[i : i + batch_size]
-            yield source[0][idx] if len(source) == 1 else tuple(t[idx] for t in source)
+        for k in torch.randperm(len(chunks), generator=g).tolist():
+            yield k, source[0][chunks[k]] if len(source) == 1 else tuple(t[chunks[k]] for t in source)
 
 
 def _to(batch, device):
@@ -278,15 +279,20 @@ def sample_llcs(
     starts = [r.first_layer for r in restrictions]
     if loss_fn is not None or not is_supported_model(sampler) or not any(starts):
         starts = [0] * len(restrictions)
-    elif not _starts_at_layer(sampler, next(batch_stream(data, batch_size, seed, device))):
+    elif not _starts_at_layer(sampler, next(batch_stream(data, batch_size, seed, device))[1]):
         starts = [0] * len(restrictions)
 
+    checkpoint_losses: dict[int, float] = {}  # batch key -> L_B(w*)
     for step in tqdm(range(num_burnin + num_draws), desc=desc, unit="step", leave=False):
-        batch = next(batches)
+        key, batch = next(batches)
         draw = step - num_burnin
         if draw >= 0 or limit is None:
-            with torch.no_grad():
-                l_star = loss(sampler, batch).item()
+            l_star = checkpoint_losses.get(key)
+            if l_star is None:
+                with torch.no_grad():
+                    l_star = loss(sampler, batch).item()
+                if key is not None:
+                    checkpoint_losses[key] = l_star
             if limit is None:
                 ref, limit = l_star, l_star + EXPLODE * max(1.0, abs(l_star))
             if draw >= 0:
