@@ -36,5 +36,11 @@ from .metrics import (
 from .dynamics import EDResult, Stage, essential_dynamics, evolute_cusps, find_stages, osculating_circles, stages_frame
 # visualisation
 from .visualisation.dynamics import plot_essential_dynamics, plot_llc_stages
+from .visualisation.attention import AttentionView, attention_patterns, attention_view
+from .visualisation.heads import plot_head_llcs, plot_head_scores
+from .visualisation.report import analysis_report
+from .visualisation.tokens import loss_difference_html
+# analysis
+from .analysis import AnalysisConfig, AnalysisResult, analyze, demo
 
 __all__ = [name for name in dir() if not name.startswith("_")]

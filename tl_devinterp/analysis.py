@@ -209,7 +209,7 @@ def demo(out_dir: str | os.PathLike = "tl_devinterp_demo", *, quick: bool = Fals
          device: str | None = None) -> AnalysisResult:
     """Train the demo series (`train(preset="demo")`, or `"quick"`) into `out_dir/series` and analyse it into
     `out_dir/report`. Both steps resume when rerun."""
-    from .train import train
+    from .training import train
 
     out = Path(out_dir)
     series = train(out / "series", "quick" if quick else "demo", progress=progress, device=device)
