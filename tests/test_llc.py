@@ -13,15 +13,6 @@ from tl_devinterp.sampling import LLCDivergenceError, default_nbeta, estimate_ll
 FAST = dict(num_chains=2, num_draws=6, num_burnin=2, batch_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only contend (the CI machine is shared); restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     return build_model(ModelConfig(n_layers=2, n_heads=2, d_model=16, n_ctx=16, d_vocab=16))

@@ -16,15 +16,6 @@ class Killed(Exception):
     pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: threads only contend (the CI machine is shared); restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def series():
     models = [build_model(ModelConfig(n_layers=1, n_heads=2, d_model=8, n_ctx=12, d_vocab=12, seed=s)) for s in range(3)]

@@ -13,14 +13,6 @@ from tl_devinterp.sampling import estimate_llc
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sum_mse(model, batch):
     x, y = batch
     return nn.functional.mse_loss(model(x), y, reduction="sum")
