@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .data import BOS, make_data, stdlib_texts, token_tensor, train_tokenizer
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
 from .metrics import classify_heads, metrics_over_series, per_token_loss
+from .metrics.classify import LABELS as HEAD_LABELS
 from .sampling import llc_over_series
 from .sampling.llc import DEFAULTS as SGLD
 from .series import CheckpointSeries, SeriesError
@@ -33,39 +34,49 @@ from .visualisation.attention import AttentionView, attention_view, head_name, p
 from .visualisation.report import analysis_report
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by `tl-devinterp analyze --help`)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class AnalysisConfig:
-    """Every option of `analyze` and its default (sized for small models on a CPU).
+    """Every option of `analyze` and its default, sized so that the demo series (30 checkpoints of a 2-layer,
+    4-head model) is analysed in about 5 minutes on 2 CPU cores: fewer SGLD draws than the papers (4 chains x
+    200), head LLCs at 4 checkpoints. For a careful run raise them after checking the sampler with
+    `calibrate_llc`.
 
     The flags of `tl-devinterp analyze` (`--num-draws 200`) and the keys of a `--config` file are these
     field names.
     """
 
     # data: the series' own data (its manifest's spec) unless `analyze(..., data=...)` is given
-    n_sequences: int = 256  # test sequences for behavioural metrics and essential dynamics
-    sample_index: int = 0  # the test sequence shown in the token and attention pictures
-    seed: int = 0
-    device: str | None = None
-    # SGLD: the full model's LLC at every checkpoint
-    epsilon: float = SGLD["epsilon"]
-    gamma: float = SGLD["gamma"]
-    nbeta: float | None = None  # default n/log n for the batch size
-    num_chains: int = SGLD["num_chains"]
-    num_draws: int = SGLD["num_draws"]
-    num_burnin: int = SGLD["num_burnin"]
-    batch_size: int = SGLD["batch_size"]
-    # per-head refined LLCs (same sampler), at `head_steps` checkpoints spread over the series (0: none)
-    head_steps: int | None = 8  # None: every checkpoint
-    # head scores: probe size, and the thresholds of classify_heads (score name -> threshold)
-    n_seqs: int = 64
-    thresholds: dict[str, float] = field(default_factory=dict)
+    n_sequences: int = _opt(256, "test sequences for behavioural metrics and essential dynamics")
+    sample_index: int = _opt(0, "the test sequence shown in the token and attention pictures")
+    seed: int = _opt(0, "seed of sampling, probes and positions")
+    device: str | None = _opt(None, "torch device, e.g. cuda")
+    # SGLD: the full model's LLC at every checkpoint, the heads' refined LLCs at `head_steps` of them
+    epsilon: float = _opt(SGLD["epsilon"], "SGLD step size")
+    gamma: float = _opt(SGLD["gamma"], "SGLD localization strength")
+    nbeta: float | None = _opt(None, "effective inverse temperature n*beta (default: n/log n of the batch size)")
+    num_chains: int = _opt(3, "SGLD chains")
+    num_draws: int = _opt(60, "SGLD draws per chain after burn-in")
+    num_burnin: int = _opt(20, "SGLD burn-in steps per chain")
+    batch_size: int = _opt(SGLD["batch_size"], "SGLD minibatch size")
+    head_steps: int | None = _opt(4, "checkpoints, spread over the series, where every head's refined LLC is "
+                                  "estimated (0: none; none: all)")
+    # head scores and classes
+    n_seqs: int = _opt(64, "probe sequences of the head scores")
+    thresholds: dict[str, float] = _opt({}, "classify_heads thresholds as JSON, e.g. '{\"prefix_matching\": 0.2}'")
     # dynamics
-    n_components: int = 3  # essential dynamics: principal components
-    ed_sigma: float | None = None  # its smoothing width in checkpoints (default: its own)
-    stage_sigma: float = 0.1  # find_stages: smoothing width in log-step units
-    stage_min_prominence: float = 0.05
-    # attention pictures: heads like "l1h3" (default: the top previous-token and induction heads)
-    attention_heads: list[str] | None = None
+    n_components: int = _opt(3, "essential dynamics: principal components")
+    ed_sigma: float | None = _opt(None, "essential dynamics: smoothing width in checkpoints (default: its own)")
+    stage_sigma: float = _opt(0.1, "find_stages: smoothing width in log-step units")
+    stage_min_prominence: float = _opt(0.05, "find_stages: depth of a boundary, fraction of max |dLLC/dlog t|")
+    attention_heads: list[str] | None = _opt(None, "heads for the attention pictures, e.g. l0h1 l1h3 (default: "
+                                             "the top previous-token and induction heads)")
 
     def __post_init__(self):
         for name in ("n_sequences", "num_chains", "num_draws", "batch_size", "n_seqs", "n_components"):
@@ -75,6 +86,9 @@ class AnalysisConfig:
             raise ValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
         if self.attention_heads is not None:
             self.attention_heads = [head_name(*parse_head(h)) for h in self.attention_heads]
+        unknown = sorted(set(self.thresholds) - set(HEAD_LABELS))
+        if unknown:
+            raise ValueError(f"Unknown thresholds {unknown}; classify_heads reads scores {list(HEAD_LABELS)}.")
 
     @classmethod
     def quick(cls, **overrides: Any) -> AnalysisConfig:

@@ -65,7 +65,7 @@ def _add_analyze(sub) -> None:
             base = next((a for a in args if a is not type(None)), kind)
             opts["type"] = (lambda text, base=base: None if text.lower() == "none" else base(text)) if args else base
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                       help=f"default: {json.dumps(default)}", **opts)
+                       help=f"{f.metadata['help']} (default: {json.dumps(default)})", **opts)
     p.set_defaults(run=_run_analyze)
 
 

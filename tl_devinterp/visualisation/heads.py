@@ -50,9 +50,15 @@ def plot_head_scores(metrics: pd.DataFrame, *, metrics_shown: Sequence[str] | No
     if not names:
         raise ValueError("No per-head metrics to plot (every row has an empty layer/head).")
     steps = sorted(per_head["step"].unique())
-    fig = Figure(figsize=(0.3 * len(steps) * len(names) + 3 * len(names), 4), layout="constrained")
-    axes = fig.subplots(1, len(names), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    n_heads = len(per_head[["layer", "head"]].drop_duplicates())
+    cols = min(2, len(names))
+    rows = -(-len(names) // cols)
+    width, height = max(4.0, 0.18 * len(steps) + 2), max(2.5, 0.25 * n_heads + 1.2)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(names):]:
+        ax.set_axis_off()
+    for ax, name in zip(axes, names):
         grid = (per_head[per_head["metric"] == name]
                 .pivot_table(index=["layer", "head"], columns="step", values="value")
                 .reindex(columns=steps))
@@ -60,7 +66,7 @@ def plot_head_scores(metrics: pd.DataFrame, *, metrics_shown: Sequence[str] | No
         ax.set_yticks(range(len(grid)), [f"L{int(la)}H{int(h)}" for la, h in grid.index], fontsize=7)
         ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int))
         ax.set_xticks(ticks, [str(int(steps[i])) for i in ticks], rotation=45, fontsize=7)
-        ax.set_xlabel("step")
+        ax.set_xlabel("step (one column per checkpoint)")
         ax.set_title(name.replace("_", " "))
         fig.colorbar(im, ax=ax, shrink=0.8)
     return fig
