@@ -4,18 +4,29 @@ The package reads as the pipeline: checkpoint series -> sampling (LLC) -> metric
 dynamics (essential dynamics, stages) -> visualisation and report -> command line.
 """
 
-from .models import ModelConfig, build_model, clone_model, head_slices, head_weights
-from .series import CheckpointSeries, SeriesError
-from .store import ResultStore
-
-# series: data and training
-from .data import make_data, markov_tokens, pack_texts, plant_repeats, repeated_random_tokens, stdlib_texts, train_tokenizer
-from .training import PRESETS, TrainConfig, train
-# sampling
-from .sampling import (
-    LLCDivergenceError, LLCResult, calibrate_llc, contains_repeated_span, default_nbeta, estimate_head_llcs,
-    estimate_llc, filter_dataset, llc_over_series, plot_calibration,
+# series: models, data, training, checkpoint series
+from .analysis import AnalysisConfig, AnalysisResult, analyze, demo
+from .data import (
+    make_data,
+    markov_tokens,
+    pack_texts,
+    plant_repeats,
+    repeated_random_tokens,
+    stdlib_texts,
+    train_tokenizer,
 )
+
+# dynamics
+from .dynamics import (
+    EDResult,
+    Stage,
+    essential_dynamics,
+    evolute_cusps,
+    find_stages,
+    osculating_circles,
+    stages_frame,
+)
+
 # metrics
 from .metrics import (
     bigram_score,
@@ -32,15 +43,48 @@ from .metrics import (
     prefix_matching_scores,
     previous_token_scores,
 )
-# dynamics
-from .dynamics import EDResult, Stage, essential_dynamics, evolute_cusps, find_stages, osculating_circles, stages_frame
-# visualisation
-from .visualisation.dynamics import plot_essential_dynamics, plot_llc_stages
+from .models import ModelConfig, build_model, clone_model, head_slices, head_weights, parse_head
+
+# sampling
+from .sampling import (
+    LLCDivergenceError,
+    LLCResult,
+    calibrate_llc,
+    contains_repeated_span,
+    default_nbeta,
+    estimate_head_llcs,
+    estimate_llc,
+    filter_dataset,
+    llc_over_series,
+    plot_calibration,
+)
+from .series import CheckpointSeries, SeriesError
+from .store import ResultStore
+from .training import PRESETS, TrainConfig, train
+
+# visualisation, report, analysis
 from .visualisation.attention import AttentionView, attention_patterns, attention_view
+from .visualisation.dynamics import plot_essential_dynamics, plot_llc_stages
 from .visualisation.heads import plot_head_llcs, plot_head_scores
 from .visualisation.report import analysis_report
 from .visualisation.tokens import loss_difference_html
-# analysis
-from .analysis import AnalysisConfig, AnalysisResult, analyze, demo
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    # series
+    "ModelConfig", "build_model", "clone_model", "head_slices", "head_weights", "parse_head",
+    "make_data", "markov_tokens", "pack_texts", "plant_repeats", "repeated_random_tokens", "stdlib_texts",
+    "train_tokenizer", "PRESETS", "TrainConfig", "train", "CheckpointSeries", "SeriesError", "ResultStore",
+    # sampling
+    "LLCDivergenceError", "LLCResult", "calibrate_llc", "contains_repeated_span", "default_nbeta",
+    "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration",
+    # metrics
+    "bigram_score", "bigram_table", "classify_heads", "copying_scores", "duplicate_token_scores",
+    "frequent_ngrams", "icl_score", "loss_difference", "metrics_over_series", "ngram_scores", "per_token_loss",
+    "prefix_matching_scores", "previous_token_scores",
+    # dynamics
+    "EDResult", "Stage", "essential_dynamics", "evolute_cusps", "find_stages", "osculating_circles", "stages_frame",
+    # visualisation, report, analysis
+    "AttentionView", "attention_patterns", "attention_view", "plot_essential_dynamics", "plot_llc_stages",
+    "plot_head_llcs", "plot_head_scores", "analysis_report", "loss_difference_html",
+    "AnalysisConfig", "AnalysisResult", "analyze", "demo",
+]

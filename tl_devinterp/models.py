@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +167,25 @@ def _param_name(model: nn.Module, tensor: torch.Tensor) -> str:
         if p is tensor:
             return name
     raise KeyError("tensor is not a parameter of this model")
+
+
+_HEAD = re.compile(r"^[lL](\d+)[hH](\d+)$")
+
+
+def as_head(spec: Any) -> tuple[int, int] | None:
+    """`(layer, head)` from `"l1h3"`, `"L1H3"` or `(1, 3)`; None when `spec` does not name a head."""
+    if isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(i, int) for i in spec):
+        return spec
+    m = _HEAD.match(spec) if isinstance(spec, str) else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def parse_head(spec: str | tuple[int, int]) -> tuple[int, int]:
+    """`as_head`, raising a ValueError that shows the accepted forms."""
+    head = as_head(spec)
+    if head is None:
+        raise ValueError(f"Cannot read head {spec!r}: write it as 'l1h3' (layer 1, head 3) or (1, 3).")
+    return head
 
 
 def head_slices(model: nn.Module, layer: int, head: int) -> list[ParamSlice]:

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models import head_slices, slice_masks, tl_parameter_names
+from ..models import as_head, head_slices, slice_masks, tl_parameter_names
 
 COMPONENTS = ("embed", "unembed", "pos_embed")
-_HEAD = re.compile(r"^l(\d+)h(\d+)$")
 _LAYER = re.compile(r"^(?:layer|blocks\.)(\d+)$")
 
 
@@ -67,22 +66,15 @@ def restriction_label(restrict) -> str:
         return "all"
     if isinstance(restrict, list):
         return "+".join(restriction_label(s) for s in restrict)
-    head = _as_head(restrict)
+    head = as_head(restrict)
     if head is not None:
         return f"l{head[0]}h{head[1]}"
     layer = _LAYER.match(restrict) if isinstance(restrict, str) else None
     return f"blocks.{layer.group(1)}" if layer else str(restrict)
 
 
-def _as_head(spec) -> tuple[int, int] | None:
-    if isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(i, int) for i in spec):
-        return spec
-    m = _HEAD.match(spec) if isinstance(spec, str) else None
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
 def _spec_masks(model: nn.Module, spec) -> dict[str, torch.Tensor]:
-    head = _as_head(spec)
+    head = as_head(spec)
     if head is not None:
         if not hasattr(model, "cfg"):
             raise ValueError(f"restrict={spec!r} names a head, but {type(model).__name__} has no attention heads.")

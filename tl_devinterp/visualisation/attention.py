@@ -19,20 +19,9 @@ from circuitsvis.utils.convert_props import convert_props
 from jaxtyping import Float, Int
 from torch import nn
 
+from ..models import parse_head
+
 _ids = itertools.count()
-
-
-def parse_head(head: str | tuple[int, int]) -> tuple[int, int]:
-    """`"l1h3"`, `"L1H3"` or `(1, 3)` -> `(1, 3)`."""
-    if isinstance(head, str):
-        s = head.lower()
-        if s.startswith("l") and "h" in s:
-            layer, _, h = s[1:].partition("h")
-            if layer.isdigit() and h.isdigit():
-                return int(layer), int(h)
-        raise ValueError(f"Cannot read head {head!r}: write it as 'l1h3' (layer 1, head 3) or (1, 3).")
-    layer, h = head
-    return int(layer), int(h)
 
 
 def head_name(layer: int, head: int) -> str:
