@@ -234,3 +234,22 @@ def test_essential_dynamics_figure_renders(tmp_path):
     fig.savefig(tmp_path / "ed.png")
     assert (tmp_path / "ed.png").stat().st_size > 10_000
     assert len(plot_essential_dynamics(r).get_axes()) == 3
+
+
+def test_essential_dynamics_resumes_from_its_store(tmp_path):
+    """A rerun with the same inputs reads every checkpoint's features back; none is recomputed."""
+    series, _ = _tiny_series(n=8)
+    tokens = repeated_random_tokens(16, 5, 11, seed=3)
+    calls = []
+
+    def proxy(model, toks):
+        calls.append(1)
+        return model(toks)[:, -2].flatten()
+
+    first = essential_dynamics(series, tokens, proxy=proxy, sigma=1.0, store_dir=tmp_path)
+    assert len(calls) == len(series)
+    again = essential_dynamics(series, tokens, proxy=proxy, sigma=1.0, store_dir=tmp_path)
+    assert len(calls) == len(series)  # nothing recomputed
+    np.testing.assert_array_equal(again.scores, first.scores)
+    essential_dynamics(series, tokens[:8], proxy=proxy, sigma=1.0, store_dir=tmp_path)  # other inputs: new store
+    assert len(calls) == 2 * len(series)

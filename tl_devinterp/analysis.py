@@ -191,7 +191,7 @@ def analyze(
                          min_prominence=config.stage_min_prominence)
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
     ed = essential_dynamics(series, test_tokens, n_components=config.n_components, sigma=config.ed_sigma,
-                            seed=config.seed, device=config.device)
+                            seed=config.seed, device=config.device, store_dir=store)
 
     sample = test_tokens[config.sample_index]
     sample_labels = labels_of(sample)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -52,6 +53,16 @@ class ResultStore:
 
     def save(self, step: int, frame: pd.DataFrame) -> None:
         _atomic_write(self._file(step), frame.to_csv(index=False))
+
+    def save_array(self, step: int, array: np.ndarray) -> None:
+        """A per-step array beside the step's CSV (save it first: the CSV marks the step as done)."""
+        tmp = self.path / f"step_{int(step):09d}.tmp.npy"
+        np.save(tmp, array)
+        os.replace(tmp, self.path / f"step_{int(step):09d}.npy")
+
+    def load_array(self, step: int) -> np.ndarray:
+        """The step's array, memory-mapped (not read into RAM)."""
+        return np.load(self.path / f"step_{int(step):09d}.npy", mmap_mode="r")
 
     def steps(self) -> list[int]:
         return sorted(int(f.stem.split("_")[1]) for f in self.path.glob("step_*.csv"))

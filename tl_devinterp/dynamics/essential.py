@@ -16,6 +16,7 @@ the small side of X.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import tempfile
@@ -29,7 +30,7 @@ import torch
 from jaxtyping import Float, Int
 
 from ..data import token_tensor
-from ..store import map_series
+from ..store import ResultStore, map_series
 from .geometry import curvature_extrema, osculating_circles
 
 PROXIES = ("true_logit", "outputs")
@@ -118,17 +119,20 @@ def _proxy_features(proxy, tokens: torch.Tensor, pos: np.ndarray, batch_size: in
     return features
 
 
-def _stream_features(series, steps, features: Callable, path: Path, device) -> tuple[np.memmap, np.ndarray]:
-    """Write features(model) of each checkpoint as one row of a float32 memmap at `path`."""
+def _stream_features(series, steps, features: Callable, path: Path, device,
+                     store: ResultStore | None) -> tuple[np.memmap, np.ndarray]:
+    """Write features(model) of each checkpoint as one row of a float32 memmap at `path`.
+
+    With a `store`, each row is also saved per step, and rows saved by an earlier run are read back
+    instead of recomputed.
+    """
     X: np.memmap | None = None
     means = np.empty(len(steps))
     row = {s: i for i, s in enumerate(steps)}
+    filled: set[int] = set()
 
-    def compute(step: int, model) -> pd.DataFrame:
+    def put(step: int, f: np.ndarray) -> None:
         nonlocal X
-        if device is not None:
-            model = model.to(device)
-        f = features(model)
         if X is None:
             X = np.memmap(path, dtype=np.float32, mode="w+", shape=(len(steps), f.size))
         elif f.size != X.shape[1]:
@@ -136,9 +140,19 @@ def _stream_features(series, steps, features: Callable, path: Path, device) -> t
                              f"it must give the same number at every checkpoint.")
         X[row[step]] = f
         means[row[step]] = f.mean()
+        filled.add(step)
+
+    def compute(step: int, model) -> pd.DataFrame:
+        f = features(model if device is None else model.to(device))
+        if store is not None:
+            store.save_array(step, f)
+        put(step, f)
         return pd.DataFrame({"proxy_mean": [means[row[step]]]})
 
-    map_series(series, compute, steps=steps, desc="essential dynamics")
+    map_series(series, compute, steps=steps, store=store, desc="essential dynamics")
+    for step in steps:
+        if step not in filled:
+            put(step, store.load_array(step))
     X.flush()
     return X, means
 
@@ -306,6 +320,7 @@ def essential_dynamics(
     seed: int = 0,
     device: str | torch.device | None = None,
     features_dir: str | os.PathLike | None = None,
+    store_dir: str | os.PathLike | None = None,
 ) -> EDResult:
     """Essential dynamics of a checkpoint series on a fixed input set.
 
@@ -313,7 +328,8 @@ def essential_dynamics(
     true next token at one fixed position per sequence; `position` as in `fixed_positions`, default one
     random position per sequence drawn with `seed`), "outputs" (all logits at that position, flattened), or
     `callable(model, inputs) -> tensor` (flattened). Features go to `features_dir/features.f32` (kept) or a
-    temporary file (deleted). The rest is `essential_dynamics_of_features`.
+    temporary file (deleted). With `store_dir`, each checkpoint's features are saved as it finishes and a
+    rerun reads them back. The rest is `essential_dynamics_of_features`.
     """
     tokens = token_tensor(inputs)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
@@ -323,10 +339,15 @@ def essential_dynamics(
     steps = list(series.steps if steps is None else steps)
     pos = fixed_positions(len(tokens), tokens.shape[1], position, seed=seed)
     features = _proxy_features(proxy, tokens, pos, batch_size, device)
+    store = None
+    if store_dir is not None:
+        digest = hashlib.sha256(tokens.numpy().tobytes() + np.asarray(pos).tobytes()).hexdigest()[:16]
+        name = proxy if isinstance(proxy, str) else getattr(proxy, "__qualname__", repr(proxy))
+        store = ResultStore(store_dir, "ed-features", {"proxy": name, "inputs": digest})
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp if features_dir is None else features_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        X, means = _stream_features(series, steps, features, folder / "features.f32", device)
+        X, means = _stream_features(series, steps, features, folder / "features.f32", device, store)
         result = essential_dynamics_of_features(
             X, steps, n_components=n_components, sigma=sigma, min_prominence=min_prominence, window=window,
             min_pairs=min_pairs, persistence=persistence, proxy_mean=means,
