@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -12,6 +13,8 @@ def main(argv: list[str] | None = None) -> int:
     for add in (_add_train, _add_analyze, _add_demo):
         add(sub)
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        os.environ["TQDM_DISABLE"] = "1"  # every progress bar of every module (tqdm >= 4.66)
     return args.run(args) or 0
 
 
