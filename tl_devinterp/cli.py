@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from functools import partialmethod
+
+from tqdm.std import tqdm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,8 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     for add in (_add_train, _add_analyze, _add_demo):
         add(sub)
     args = parser.parse_args(argv)
-    if getattr(args, "quiet", False):
-        os.environ["TQDM_DISABLE"] = "1"  # every progress bar of every module (tqdm >= 4.66)
+    if getattr(args, "quiet", False):  # every progress bar of every module, as tqdm's FAQ suggests
+        tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)
     return args.run(args) or 0
 
 
