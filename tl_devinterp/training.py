@@ -133,9 +133,8 @@ def train(
         return train_tokens[torch.randint(len(train_tokens), (config.batch_size,), generator=g)].to(device)
 
     recent: list[float] = []
-    bar = tqdm(range(max(start, 0), config.n_steps + 1), desc="training", unit="step", disable=not progress,
-               initial=max(start, 0), total=config.n_steps + 1)
-    for step in bar:
+    bar = tqdm(desc="training", unit="step", disable=not progress, initial=max(start, 0), total=config.n_steps)
+    for step in range(max(start, 0), config.n_steps + 1):  # the last pass only saves step n_steps
         if step in schedule and step > start:
             test_loss = _evaluate(model, test_tokens, config, device)
             train_loss = float(np.mean(recent)) if recent else test_loss
@@ -152,6 +151,8 @@ def train(
             group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
         opt.step()
         recent.append(loss.item())
+        bar.update()
+    bar.close()
     manifest["complete"] = True
     _write_json(out / MANIFEST, manifest)
     (out / "optimizer.safetensors").unlink(missing_ok=True)
