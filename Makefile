@@ -3,9 +3,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TL3 ?= transformer_lens==3.9.0
 BIN := $(VENV)/bin
+BIN_TL3 := $(VENV)-tl3/bin
 
-.PHONY: setup demo test lint hooks
+.PHONY: setup demo test test-tl3 lint hooks
 
 $(BIN)/tl-devinterp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +29,19 @@ test: setup
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 	    || echo "chromium not installed: browser tests will be skipped"
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(MAKE) test-tl3
+
+# TransformerLens 3.x, where a user may hand in a HookedTransformer: the tests that cover that path.
+$(BIN_TL3)/pytest: pyproject.toml
+	$(PYTHON) -m venv $(VENV)-tl3
+	$(BIN_TL3)/pip install -q --upgrade pip
+	$(BIN_TL3)/pip install -q $(TORCH)
+	$(BIN_TL3)/pip install -q -e ".[dev]" "$(TL3)"
+	touch $@
+
+test-tl3: $(BIN_TL3)/pytest
+	$(BIN_TL3)/python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_models.py tests/test_series.py \
+	    tests/test_metrics_heads.py tests/test_metrics_behaviour.py tests/test_llc.py tests/test_dynamics.py
 
 lint: setup
 	$(BIN)/ruff check tl_devinterp tests benchmarks

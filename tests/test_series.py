@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from tl_devinterp import CheckpointSeries, ModelConfig, SeriesError, build_model
+from tl_devinterp import CheckpointSeries, ModelConfig, SeriesError, build_model, head_weights
 
 CFG = ModelConfig(n_layers=1, n_heads=2, d_model=16, n_ctx=8, d_vocab=20)
 
@@ -24,7 +24,12 @@ def test_reads_back_a_series_written_by_our_trainer(quick_series_dir):
 def test_tl_training_loop_output_loads(tmp_path):
     """A save_dir written by TransformerLens's own `tools.training.train`."""
     import datasets
-    from transformer_lens.tools.training import TrainConfig, train
+
+    try:
+        from transformer_lens.tools.training import TrainConfig, train
+    except ImportError:  # TL 3.x
+        from transformer_lens.train import HookedTransformerTrainConfig as TrainConfig
+        from transformer_lens.train import train
 
     model = build_model(CFG)
     tokens = torch.randint(1, 20, (64, 8))
@@ -41,18 +46,28 @@ def test_tl_training_loop_output_loads(tmp_path):
     assert torch.equal(last.state_dict()["blocks.0.attn.q.weight"], saved["blocks.0.attn.q.weight"])
 
 
-def test_hand_made_pt_folder_in_hookedtransformer_layout_is_converted(tmp_path):
-    """State dicts with HookedTransformer keys (blocks.0.attn.W_Q, [n_heads, d_model, d_head])."""
+def test_hand_made_pt_folder_in_hookedtransformer_layout_loads(tmp_path):
+    """State dicts with HookedTransformer keys (blocks.0.attn.W_Q, [n_heads, d_model, d_head]): converted for a
+    bridge on TL 4; on TL 3 loaded into a HookedTransformer, with a clear error for a bridge config."""
     model = build_model(CFG)
-    sd = {"embed.W_E": model.W_E, "pos_embed.W_pos": model.W_pos, "unembed.W_U": model.W_U,
-          "unembed.b_U": torch.zeros(CFG.d_vocab), "ln_final.w": model.ln_final.weight, "ln_final.b": model.ln_final.bias,
-          "blocks.0.ln1.w": model.blocks[0].ln1.weight, "blocks.0.ln1.b": model.blocks[0].ln1.bias}
-    for k in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"):
-        sd[f"blocks.0.attn.{k}"] = getattr(model, k)[0]
-    sd["blocks.0.attn.b_O"] = model.b_O[0]
-    torch.save({k: v.detach().clone() for k, v in sd.items()}, tmp_path / "model_7.pt")
-    loaded = CheckpointSeries.from_tl_save_dir(tmp_path, CFG).load(7)
+    sd = model.state_dict()
+    ht = {"embed.W_E": sd["embed.weight"], "pos_embed.W_pos": sd["pos_embed.weight"], "unembed.W_U": sd["unembed.weight"].T,
+          "unembed.b_U": torch.zeros(CFG.d_vocab), "ln_final.w": sd["ln_final.weight"], "ln_final.b": sd["ln_final.bias"],
+          "blocks.0.ln1.w": sd["blocks.0.ln1.weight"], "blocks.0.ln1.b": sd["blocks.0.ln1.bias"],
+          "blocks.0.attn.b_O": sd["blocks.0.attn.o.bias"]}
+    for h in range(CFG.n_heads):
+        for k, v in head_weights(model, 0, h).items():
+            ht.setdefault(f"blocks.0.attn.{k}", []).append(v)
+    torch.save({k: torch.stack(v) if isinstance(v, list) else v.clone() for k, v in ht.items()}, tmp_path / "model_7.pt")
     x = torch.randint(1, 20, (2, 8))
+    try:
+        from transformer_lens import HookedTransformerConfig  # TL 3.x
+    except ImportError:
+        loaded = CheckpointSeries.from_tl_save_dir(tmp_path, CFG).load(7)
+    else:
+        with pytest.raises(SeriesError, match="HookedTransformer layout.*HookedTransformerConfig"):
+            CheckpointSeries.from_tl_save_dir(tmp_path, CFG).load(7)
+        loaded = CheckpointSeries.from_tl_save_dir(tmp_path, HookedTransformerConfig(**CFG.tl_kwargs())).load(7)
     assert torch.allclose(loaded(x), model(x), atol=1e-5)
 
 

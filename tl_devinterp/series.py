@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .models import ModelConfig, build_model, check_model
+from .models import ModelConfig, build_model, check_model, tl_parameter_names
 
 MANIFEST = "manifest.json"
 FORMAT = "tl_devinterp.series/1"
@@ -228,11 +228,17 @@ def _read_torch(file: Path) -> dict[str, torch.Tensor]:
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
     if any(".W_Q" in k or k == "embed.W_E" for k in state) and "embed.W_E" not in model.state_dict():
-        from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
-
-        state = convert_tl_checkpoint({k: v for k, v in state.items()}, model.cfg)
+        try:  # HookedTransformer layout (blocks.0.attn.W_Q [n_heads, d_model, d_head]) for a bridge
+            from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+        except ImportError:  # TL 3.x has no converter, but has HookedTransformer
+            raise SeriesError(
+                f"Checkpoint {file} is in HookedTransformer layout, which this TransformerLens cannot convert for a "
+                f"TransformerBridge. Pass a HookedTransformerConfig as the series' config to load it into a "
+                f"HookedTransformer, or use transformer_lens>=4."
+            ) from None
+        state = convert_tl_checkpoint(dict(state), model.cfg)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state) - {"unembed.bias"})
+    missing = sorted(set(tl_parameter_names(model)) - set(state))  # buffers (masks, zero biases) may be absent
     unexpected = sorted(set(state) - set(own))
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in state and state[k].shape != own[k].shape]
