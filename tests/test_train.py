@@ -67,3 +67,19 @@ def test_demo_preset_forms_previous_token_and_induction_heads(tmp_path):
     pm0, pm1 = prefix_matching_scores(first)[1].max(), prefix_matching_scores(last)[1].max()
     assert pm0 < 0.1 and pm1 >= 0.3, (pm0, pm1)
     assert previous_token_scores(last)[0].max() >= 0.3
+
+
+def test_a_text_series_carries_its_tokenizer(tmp_path):
+    """The stdlib language-model path end to end, on a slice of the corpus and a tiny model."""
+    from tokenizers import Tokenizer
+
+    from tl_devinterp import ModelConfig
+
+    data = dict(kind="stdlib", vocab_size=300, seq_len=32, max_files=30, seed=0)
+    series = train(tmp_path, "stdlib", progress=False, model=ModelConfig(d_model=32, n_ctx=32, d_vocab=300),
+                   data=data, n_steps=4, batch_size=4)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["tokenizer"] == "tokenizer.json" and manifest["data"] == data
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert tok.get_vocab_size() == 300 and tok.token_to_id("<|bos|>") == 0
+    assert series.steps[-1] == 4 and series.load(4).cfg.d_vocab == 300

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .data import BOS, make_data, stdlib_texts, token_tensor, train_tokenizer
+from .data import BOS, make_data, spec_tokenizer, token_tensor
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
 from .metrics import classify_heads, metrics_over_series, per_token_loss
 from .metrics.classify import LABELS as HEAD_LABELS
@@ -277,7 +277,7 @@ def _data(series: CheckpointSeries, data, config: AnalysisConfig):
     if not 0 <= config.sample_index < len(test):
         raise ValueError(f"sample_index={config.sample_index} is out of range: {len(test)} test sequences.")
     if spec and spec.get("kind") == "stdlib":
-        tokenizer = train_tokenizer(stdlib_texts(spec.get("max_files")), spec["vocab_size"])
+        tokenizer = spec_tokenizer(spec)
         return train, test, lambda t: [tokenizer.decode([i]) if i != BOS else "<bos>" for i in t.tolist()]
     return train, test, lambda t: ["<bos>" if i == BOS else str(i) for i in t.tolist()]
 

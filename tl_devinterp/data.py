@@ -196,8 +196,7 @@ def make_data(spec: dict[str, Any], *, cache_dir: str | os.PathLike | None = Non
         return datasets.DatasetDict({s: datasets.Dataset.from_dict({"input_ids": t.tolist()}) for s, t in splits.items()})
     if kind == "stdlib":
         texts = stdlib_texts(spec.get("max_files"))
-        tok = train_tokenizer(texts, spec["vocab_size"], cache_dir=cache_dir)
-        dd = pack_texts(texts, tok, spec["seq_len"], seed=seed)
+        dd = pack_texts(texts, spec_tokenizer(spec, cache_dir=cache_dir), spec["seq_len"], seed=seed)
         if spec.get("repeat_fraction", 0):
             dd = datasets.DatasetDict({
                 s: datasets.Dataset.from_dict({"input_ids": _with_repeats(
@@ -206,6 +205,13 @@ def make_data(spec: dict[str, Any], *, cache_dir: str | os.PathLike | None = Non
             })
         return dd
     raise ValueError(f"Unknown data kind {kind!r}; known kinds: 'markov', 'stdlib'.")
+
+
+def spec_tokenizer(spec: dict[str, Any], *, cache_dir: str | os.PathLike | None = None):
+    """The tokenizer of a text spec (trained once, then read from the cache); None for synthetic token data."""
+    if spec.get("kind") != "stdlib":
+        return None
+    return train_tokenizer(stdlib_texts(spec.get("max_files")), spec["vocab_size"], cache_dir=cache_dir)
 
 
 def _with_repeats(tokens: torch.Tensor, spec: dict[str, Any], seed: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import make_data, token_tensor
+from .data import make_data, spec_tokenizer, token_tensor
 from .models import ModelConfig, build_model, token_cross_entropy
 from .series import FORMAT, MANIFEST, CheckpointSeries, SeriesError
 
@@ -114,6 +114,11 @@ def train(
         raise ValueError(f"data seq_len ({config.data.get('seq_len')}) must equal the model's n_ctx ({config.model.n_ctx}).")
     out = Path(out_dir)
     manifest = _start(out, config, overwrite)
+    tokenizer = spec_tokenizer(config.data)
+    if tokenizer is not None and manifest.get("tokenizer") is None:  # the series carries its tokenizer
+        tokenizer.save(str(out / "tokenizer.json"))
+        manifest["tokenizer"] = "tokenizer.json"
+        _write_json(out / MANIFEST, manifest)
     data = make_data(config.data)
     train_tokens, test_tokens = token_tensor(data["train"]), token_tensor(data["test"])
     vocab = int(max(train_tokens.max(), test_tokens.max())) + 1
@@ -173,7 +178,7 @@ def _evaluate(model, tokens: torch.Tensor, config: TrainConfig, device) -> float
 def _start(out: Path, config: TrainConfig, overwrite: bool) -> dict[str, Any]:
     file = out / MANIFEST
     fresh = {"format": FORMAT, "model_config": config.model.to_dict(), "train_config": config.to_dict(),
-             "data": config.data, "seed": config.seed, "checkpoints": {}, "losses": {}, "complete": False}
+             "data": config.data, "tokenizer": None, "seed": config.seed, "checkpoints": {}, "losses": {}, "complete": False}
     if file.exists():
         old = json.loads(file.read_text())
         if old.get("train_config") == config.to_dict():
