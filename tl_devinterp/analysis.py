@@ -27,11 +27,11 @@ from .data import BOS, make_data, spec_tokenizer, token_tensor
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
 from .metrics import classify_heads, metrics_over_series, per_token_loss
 from .metrics.classify import LABELS as HEAD_LABELS
-from .models import parse_head
+from .models import head_name, parse_head
 from .sampling import llc_over_series
 from .sampling.llc import DEFAULTS as SGLD
 from .series import CheckpointSeries, SeriesError
-from .visualisation.attention import AttentionView, attention_view, head_name
+from .visualisation.attention import AttentionView, attention_view
 from .visualisation.report import analysis_report
 
 

@@ -188,6 +188,16 @@ def parse_head(spec: str | tuple[int, int]) -> tuple[int, int]:
     return head
 
 
+def head_name(layer: int, head: int) -> str:
+    """The display name of a head in figures and tables: `L1H3`."""
+    return f"L{layer}H{head}"
+
+
+def all_heads(model: nn.Module) -> list[tuple[int, int]]:
+    """Every (layer, head) of the model, layer by layer."""
+    return [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
+
+
 def head_slices(model: nn.Module, layer: int, head: int) -> list[ParamSlice]:
     """The slices holding W_Q, W_K, W_V, W_O and b_Q, b_K, b_V of head `head` in layer `layer`."""
     cfg = model.cfg

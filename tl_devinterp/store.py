@@ -30,6 +30,23 @@ def _jsonable(x: Any) -> Any:
     return repr(x)
 
 
+def fingerprint(*arrays) -> str:
+    """A hash of arrays' shapes, dtypes and contents (tensors, sparse tensors or numpy arrays): part of a
+    store's key wherever results depend on data, so other data never reuses them."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if hasattr(a, "is_sparse") and a.is_sparse:
+            a = a.coalesce()
+            parts = [a.indices(), a.values()]
+        else:
+            parts = [a]
+        h.update(str((tuple(a.shape), str(a.dtype))).encode())
+        for p in parts:
+            p = p.detach().cpu().contiguous().numpy() if hasattr(p, "detach") else np.ascontiguousarray(p)
+            h.update(p.tobytes())
+    return h.hexdigest()[:16]
+
+
 class ResultStore:
     """One CSV per checkpoint step under `root/kind-<hash of params>/`."""
 

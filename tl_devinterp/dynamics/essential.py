@@ -16,7 +16,6 @@ the small side of X.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import tempfile
@@ -30,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 
 from ..data import token_tensor
-from ..store import ResultStore, map_series
+from ..store import ResultStore, fingerprint, map_series
 from .geometry import curvature_extrema, osculating_circles
 
 PROXIES = ("true_logit", "outputs")
@@ -341,9 +340,8 @@ def essential_dynamics(
     features = _proxy_features(proxy, tokens, pos, batch_size, device)
     store = None
     if store_dir is not None:
-        digest = hashlib.sha256(tokens.numpy().tobytes() + np.asarray(pos).tobytes()).hexdigest()[:16]
         name = proxy if isinstance(proxy, str) else getattr(proxy, "__qualname__", repr(proxy))
-        store = ResultStore(store_dir, "ed-features", {"proxy": name, "inputs": digest})
+        store = ResultStore(store_dir, "ed-features", {"proxy": name, "inputs": fingerprint(tokens, pos)})
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp if features_dir is None else features_dir)
         folder.mkdir(parents=True, exist_ok=True)

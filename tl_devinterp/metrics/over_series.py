@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +10,7 @@ import pandas as pd
 import torch
 from jaxtyping import Int
 
-from ..store import ResultStore, map_series
+from ..store import ResultStore, fingerprint, map_series
 from .behaviour import (
     bigram_score,
     bigram_table,
@@ -32,21 +31,6 @@ HEAD_METRICS = {
 MODEL_METRICS = ("loss", "icl_score", "bigram_score", "ngram_score")
 """Model-level metrics (layer and head empty); `ngram_score` gives one metric `ngram_score_{n}` per n."""
 COLUMNS = ["step", "metric", "layer", "head", "value"]
-
-
-def _fingerprint(t: torch.Tensor | None) -> str | None:
-    """A content hash, so the store key changes whenever the tokens or tables do."""
-    if t is None:
-        return None
-    if t.is_sparse:
-        t = t.coalesce()
-        parts = [t.indices(), t.values()]
-    else:
-        parts = [t]
-    h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
-    for p in parts:
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def metrics_over_series(
@@ -117,8 +101,9 @@ def metrics_over_series(
     if store_dir is not None:
         params = dict(metrics=metrics, n_seqs=n_seqs, seq_len=seq_len, seed=seed, early=early, late=late,
                       ngram_n=list(ngram_n) if "ngram_score" in metrics else None, top_k=top_k,
-                      tokens=_fingerprint(tokens), table=_fingerprint(table),
-                      ngrams={n: _fingerprint(g) for n, g in ngrams.items()})
+                      tokens=fingerprint(tokens) if tokens is not None else None,
+                      table=fingerprint(table) if table is not None else None,
+                      ngrams={n: fingerprint(g) for n, g in ngrams.items()})
         store = ResultStore(store_dir, "metrics", params)
     frame = map_series(series, compute, store=store, steps=None if steps is None else list(steps), desc="metrics")
     frame = frame.reindex(columns=COLUMNS)

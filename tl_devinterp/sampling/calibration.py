@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 from .heads import summary
@@ -53,13 +54,9 @@ def calibrate_llc(
 
 def plot_calibration(result: pd.DataFrame):
     """A grid of trace plots (rows: epsilon, columns: nbeta), one line per chain, the mean dashed."""
-    import matplotlib.pyplot as plt
-
     epsilons, nbetas = sorted(result.epsilon.unique()), sorted(result.nbeta.unique())
-    fig, axes = plt.subplots(
-        len(epsilons), len(nbetas), figsize=(3 * len(nbetas), 2.2 * len(epsilons)), squeeze=False,
-        sharex=True, constrained_layout=True,
-    )
+    fig = Figure(figsize=(3 * len(nbetas), 2.2 * len(epsilons)), layout="constrained")
+    axes = fig.subplots(len(epsilons), len(nbetas), squeeze=False, sharex=True)
     for _, row in result.iterrows():
         ax = axes[epsilons.index(row.epsilon), nbetas.index(row.nbeta)]
         if row.diverged:

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..models import check_model
+from ..models import all_heads, check_model
 from .llc import DEFAULTS, LLCResult, sample_llcs
 from .restrict import resolve_restriction
 
@@ -39,8 +39,7 @@ def estimate_head_llcs(
     Each row equals `estimate_llc(model, data, restrict=(layer, head), ...)` with the same seed.
     """
     check_model(model)
-    cfg = model.cfg
-    heads = [(layer, h) for layer in range(cfg.n_layers) for h in range(cfg.n_heads)] if heads is None else list(heads)
+    heads = all_heads(model) if heads is None else list(heads)
     results = sample_llcs(
         model, data, [resolve_restriction(model, head) for head in heads], epsilon=epsilon, gamma=gamma,
         nbeta=nbeta, num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin, batch_size=batch_size,

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models import clone_model, is_supported_model, token_cross_entropy
+from ..store import fingerprint
 from .restrict import Restriction, resolve_restriction
 
 EXPLODE = 100.0
@@ -150,11 +151,7 @@ def data_fingerprint(data) -> str:
         if not isinstance(ds, torch.utils.data.TensorDataset):
             return f"{type(ds).__name__}-{len(ds)}-bs{source.batch_size}"
         source = ds.tensors
-    h = hashlib.sha256()
-    for t in source:
-        h.update(str((tuple(t.shape), t.dtype)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return fingerprint(*source)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,6 +211,14 @@ def _generator(seed: int, label: str, chain: int, device) -> torch.Generator:
     return torch.Generator(device=device or "cpu").manual_seed(key)
 
 
+def resolve_batching(data, batch_size: int, nbeta: float | None) -> tuple[int, float]:
+    """The batch size in use (a DataLoader's own, else `batch_size`) and nβ (default n/log n for it)."""
+    loader = as_tensors(data)
+    if isinstance(loader, torch.utils.data.DataLoader) and loader.batch_size is not None:
+        batch_size = loader.batch_size
+    return batch_size, default_nbeta(batch_size) if nbeta is None else float(nbeta)
+
+
 def _check_hyperparameters(epsilon, gamma, nbeta, num_chains, num_draws, num_burnin, batch_size) -> None:
     for name, v in dict(epsilon=epsilon, nbeta=nbeta).items():
         if not v > 0:
@@ -247,10 +252,7 @@ def sample_llcs(
 ) -> list[LLCResult]:
     """One LLC estimate per restriction, in one pass over the batches (shared by every chain and
     restriction, with each batch's checkpoint loss computed once)."""
-    loader = as_tensors(data)
-    if isinstance(loader, torch.utils.data.DataLoader) and loader.batch_size is not None:
-        batch_size = loader.batch_size
-    nbeta = default_nbeta(batch_size) if nbeta is None else float(nbeta)
+    batch_size, nbeta = resolve_batching(data, batch_size, nbeta)
     _check_hyperparameters(epsilon, gamma, nbeta, num_chains, num_draws, num_burnin, batch_size)
 
     sampler = clone_model(model).eval()

@@ -8,9 +8,10 @@ from collections.abc import Callable
 import pandas as pd
 import torch
 
+from ..models import all_heads
 from ..store import ResultStore, map_series
 from .heads import summary
-from .llc import DEFAULTS, as_tensors, data_fingerprint, default_nbeta, sample_llcs
+from .llc import DEFAULTS, data_fingerprint, resolve_batching, sample_llcs
 from .restrict import resolve_restriction
 
 
@@ -37,17 +38,12 @@ def llc_over_series(
     The whole model and the heads of one checkpoint share batches and checkpoint losses. With `store_dir`,
     each checkpoint is saved when done and read back on a rerun with the same hyperparameters and data.
     """
-    loader = as_tensors(data)
-    if isinstance(loader, torch.utils.data.DataLoader) and loader.batch_size is not None:
-        batch_size = loader.batch_size
-    hp = dict(
-        epsilon=epsilon, gamma=gamma, nbeta=default_nbeta(batch_size) if nbeta is None else float(nbeta),
-        num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin, batch_size=batch_size, seed=seed,
-    )
+    batch_size, nbeta = resolve_batching(data, batch_size, nbeta)
+    hp = dict(epsilon=epsilon, gamma=gamma, nbeta=nbeta, num_chains=num_chains, num_draws=num_draws,
+              num_burnin=num_burnin, batch_size=batch_size, seed=seed)
 
     def compute(step: int, model) -> pd.DataFrame:
-        cfg = model.cfg
-        head_list = [(layer, h) for layer in range(cfg.n_layers) for h in range(cfg.n_heads)] if heads is True else list(heads or [])
+        head_list = all_heads(model) if heads is True else list(heads or [])
         restrictions = [resolve_restriction(model, None)] + [resolve_restriction(model, h) for h in head_list]
         results = sample_llcs(model, data, restrictions, loss_fn=loss_fn, device=device, desc=f"step {step}", **hp)
         rows = [dict(scope="model", layer=pd.NA, head=pd.NA, **summary(results[0]))]

@@ -19,13 +19,9 @@ from circuitsvis.utils.convert_props import convert_props
 from jaxtyping import Float, Int
 from torch import nn
 
-from ..models import parse_head
+from ..models import head_name, parse_head
 
 _ids = itertools.count()
-
-
-def head_name(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
 
 
 @torch.no_grad()

@@ -17,6 +17,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ..models import head_name
+
 CLASS_COLORS = {
     "previous-token": "#1f77b4",
     "induction": "#d62728",
@@ -63,7 +65,7 @@ def plot_head_scores(metrics: pd.DataFrame, *, metrics_shown: Sequence[str] | No
                 .pivot_table(index=["layer", "head"], columns="step", values="value")
                 .reindex(columns=steps))
         im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_yticks(range(len(grid)), [f"L{int(la)}H{int(h)}" for la, h in grid.index], fontsize=7)
+        ax.set_yticks(range(len(grid)), [head_name(int(la), int(h)) for la, h in grid.index], fontsize=7)
         ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 8)).round().astype(int))
         ax.set_xticks(ticks, [str(int(steps[i])) for i in ticks], rotation=45, fontsize=7)
         ax.set_xlabel("step (one column per checkpoint)")
