@@ -198,14 +198,20 @@ def all_heads(model: nn.Module) -> list[tuple[int, int]]:
     return [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
 
 
-def head_slices(model: nn.Module, layer: int, head: int) -> list[ParamSlice]:
-    """The slices holding W_Q, W_K, W_V, W_O and b_Q, b_K, b_V of head `head` in layer `layer`."""
+def check_head(model: nn.Module, layer: int, head: int) -> None:
+    """Raise a ValueError when the model has no head (layer, head)."""
     cfg = model.cfg
     if not 0 <= layer < cfg.n_layers or not 0 <= head < cfg.n_heads:
         raise ValueError(
-            f"Head (layer={layer}, head={head}) does not exist: the model has {cfg.n_layers} layers "
-            f"of {cfg.n_heads} heads (0-indexed)."
+            f"Head {head_name(layer, head)} (layer={layer}, head={head}) does not exist: the model has "
+            f"{cfg.n_layers} layers of {cfg.n_heads} heads (0-indexed)."
         )
+
+
+def head_slices(model: nn.Module, layer: int, head: int) -> list[ParamSlice]:
+    """The slices holding W_Q, W_K, W_V, W_O and b_Q, b_K, b_V of head `head` in layer `layer`."""
+    check_head(model, layer, head)
+    cfg = model.cfg
     attn = model.blocks[layer].attn
     if HookedTransformer is not None and isinstance(model, HookedTransformer):
         return [

@@ -19,7 +19,7 @@ from circuitsvis.utils.convert_props import convert_props
 from jaxtyping import Float, Int
 from torch import nn
 
-from ..models import head_name, parse_head
+from ..models import check_head, head_name, parse_head
 
 _ids = itertools.count()
 
@@ -32,11 +32,8 @@ def attention_patterns(
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be one sequence [seq]; got shape {tuple(tokens.shape)}.")
     heads = [parse_head(h) for h in heads]
-    cfg = model.cfg
     for layer, h in heads:
-        if not (0 <= layer < cfg.n_layers and 0 <= h < cfg.n_heads):
-            raise ValueError(f"Head L{layer}H{h} does not exist: the model has {cfg.n_layers} layers of "
-                             f"{cfg.n_heads} heads (0-indexed).")
+        check_head(model, layer, h)
     names = {f"blocks.{layer}.attn.hook_pattern" for layer, _ in heads}
     _, cache = model.run_with_cache(tokens[None].to(next(model.parameters()).device),
                                     names_filter=lambda n: n in names)
