@@ -60,3 +60,20 @@ def boot(path: str | os.PathLike):
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     return TransformerBridge.boot_transformers(str(path), device="cpu").eval()
+
+
+def trainer_run(arch: str, out: str | os.PathLike, *, max_steps: int = 8, save_steps: int = 2, seed: int = 0) -> Path:
+    """A real (CPU) transformers `Trainer` run of `hf_model(arch)` on random tokens: checkpoint-{2,4,...}/
+    folders holding config, safetensors weights, tokenizer, optimizer and RNG state, as a user's run does."""
+    import datasets
+    import transformers as tf
+
+    ids = torch.randint(2, VOCAB, (32, 16), generator=torch.Generator().manual_seed(seed)).tolist()
+    args = tf.TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, save_steps=save_steps, per_device_train_batch_size=8,
+        learning_rate=1e-2, seed=seed, report_to=[], logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = tf.Trainer(model=hf_model(arch, seed), args=args, processing_class=tiny_tokenizer(),
+                         train_dataset=datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}),
+                         data_collator=tf.default_data_collator)
+    trainer.train()
+    return Path(out)
