@@ -37,13 +37,16 @@ def hf_model(arch: str, seed: int = 0):
 
 
 def tiny_tokenizer():
-    """A word-level tokenizer over `t0 … t63` (t0 is BOS/unknown, t1 EOS), as a transformers tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A word-level tokenizer over `t0 … t63` (t0 is BOS/unknown, t1 EOS), as a transformers tokenizer:
+    the text `tN` is token N."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t1", unk_token="t0")
+    word = lambda s: AddedToken(s, single_word=True, special=True, normalized=False)  # noqa: E731 (t1 ≠ t1x)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=word("t0"), eos_token=word("t1"),
+                                   unk_token=word("t0"))
 
 
 def save_tiny_hf(arch: str, path: str | os.PathLike, seed: int = 0, model=None) -> Path:
