@@ -24,11 +24,14 @@ from tl_devinterp.cli import main  # noqa: E402
 from tl_devinterp.data import pack_texts, text_files  # noqa: E402
 from tl_devinterp.dynamics import essential_dynamics  # noqa: E402
 from tl_devinterp.metrics import copying_scores, metrics_over_series, previous_token_scores  # noqa: E402
+from tl_devinterp.models import HookedTransformer  # noqa: E402
 from tl_devinterp.sampling import llc_over_series  # noqa: E402
 
 TOKENS = torch.randint(2, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
 AWAITS_SAMPLER = pytest.mark.xfail(strict=True, raises=RuntimeError,
                                    reason="the SGLD sampler on fused-QKV bridges (issue 9 parts 1-2)")
+TL3_EXTRA_PARAMS = pytest.mark.xfail(HookedTransformer is not None, strict=True, raises=AssertionError,
+                                     reason="TL 3.9's Llama bridge registers 64 weights the forward does not use")
 
 
 def hf_model_at(run, step):
@@ -129,7 +132,8 @@ def _llc_frame(series):
 
 
 @pytest.mark.parametrize("arch", [pytest.param("gpt2", marks=AWAITS_SAMPLER),
-                                  pytest.param("neox", marks=AWAITS_SAMPLER), "llama"])
+                                  pytest.param("neox", marks=AWAITS_SAMPLER),
+                                  pytest.param("llama", marks=TL3_EXTRA_PARAMS)])
 def test_llc_over_a_trainer_series(hf_run, arch):
     series = CheckpointSeries.from_hf_checkpoints(hf_run(arch))
     frame = _llc_frame(series)

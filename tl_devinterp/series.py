@@ -225,14 +225,13 @@ class CheckpointSeries:
                               f"checkpoints with TrainingArguments(save_strategy='steps', save_steps=...)).")
         weights = {step: _hf_weight_files(folder) for step, folder in folders.items()}
         tokenizer = _hf_tokenizer(tokenizer, [run_dir, *(folders[s] for s in sorted(folders, reverse=True))])
-        boot = _bridge_booter()
+        from transformer_lens.model_bridge import TransformerBridge
 
         def load(step: int) -> nn.Module:
             folder, files = folders[step], weights[step]
-            if files[0].suffix != ".bin":  # safetensors: transformers reads them (no pickle involved)
-                return boot(str(folder), tokenizer=tokenizer, device=device or "cpu")
-            return boot(str(folder), hf_model=_hf_model_from_bin(folder, files[0]), tokenizer=tokenizer,
-                        device=device or "cpu")
+            hf_model = _hf_model_from_bin(folder, files[0]) if files[0].suffix == ".bin" else None  # else transformers
+            return TransformerBridge.boot_transformers(str(folder), hf_model=hf_model, tokenizer=tokenizer,
+                                                       device=device or "cpu")  # reads the safetensors itself
 
         fingerprints = _Lazy(sorted(folders), lambda step: _file_digest(weights[step]))
         meta = {"source": str(run_dir), "fingerprints": fingerprints}
@@ -250,17 +249,13 @@ class CheckpointSeries:
             raise SeriesError(f"Got {len(revisions)} revisions but {len(steps)} checkpoint_values; give one step "
                               f"per revision.")
         by_step = dict(zip((int(s) for s in steps), revisions))
-        boot = _bridge_booter()
+        from transformer_lens.model_bridge import TransformerBridge
 
         def load(step: int) -> nn.Module:
-            if boot is None:  # TL 3.x
-                from transformer_lens import HookedTransformer
-
-                return HookedTransformer.from_pretrained(model_name, revision=by_step[step], **kwargs)
-            return boot(model_name, revision=by_step[step], **kwargs)
+            return TransformerBridge.boot_transformers(model_name, revision=by_step[step], **kwargs)
 
         meta = {"source": model_name, "revisions": by_step,
-                "fingerprints": _Lazy(by_step, lambda step: _hub_commit(model_name, by_step[step]))}
+                "fingerprints": _Lazy(sorted(by_step), lambda step: _hub_commit(model_name, by_step[step]))}
         return cls(steps, load, meta=meta)
 
 
@@ -385,15 +380,6 @@ class _Lazy(Mapping):
 
     def __len__(self) -> int:
         return len(self._keys)
-
-
-def _bridge_booter() -> Callable[..., nn.Module] | None:
-    """`TransformerBridge.boot_transformers` (TL 4), or None on a TransformerLens without it."""
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:  # pragma: no cover - TL < 3.9
-        return None
-    return getattr(TransformerBridge, "boot_transformers", None)
 
 
 def _hf_weight_files(folder: Path) -> list[Path]:
