@@ -60,34 +60,37 @@ class ChainStats:
         self.n = self.n_accept = 0
         self.previous: tuple[float, list[torch.Tensor], list[torch.Tensor]] | None = None  # U, drift, noise
 
-    def update(self, *, potential: float, likelihood: list[torch.Tensor], prior: list[torch.Tensor],
-               drift: list[torch.Tensor], noise: list[torch.Tensor], epsilon: float) -> None:
-        """One step at w: its U(w), the drift's two terms and the noise about to move it to the next state."""
-        lik, pri = _norm(likelihood), _norm(prior)
+    def update(self, *, loss: float, distance: float, grad_norm: float, drift: list[torch.Tensor],
+               noise: list[torch.Tensor], config) -> None:
+        """One step from w: L_B(w), ‖w − w*‖, ‖∇L_B(w)‖, the drift ∇U(w) and the noise ξ that move it on."""
+        lik, pri = config.nbeta * grad_norm, config.gamma * distance
         self.likelihood_fraction += lik / (lik + pri) if lik + pri > 0 else 0.0
-        self.distance += pri  # ‖γ(w − w*)‖, divided by γ when summarised
+        self.distance += distance
         self.n += 1
+        potential = config.nbeta * loss + config.gamma * distance**2 / 2  # U(w)
         if self.previous is not None:  # the step w_prev → w just taken, scored as a MALA proposal
+            eps = config.epsilon
             u_prev, drift_prev, noise_prev = self.previous
             back = torch._foreach_sub(drift, drift_prev)  # w_prev − w + (ε/2)∇U(w) = (ε/2)(∇U(w) − ∇U(w_prev)) − √ε ξ
-            torch._foreach_mul_(back, epsilon / 2)
-            torch._foreach_add_(back, noise_prev, alpha=-math.sqrt(epsilon))
-            log_q_back = -(_norm(back) ** 2) / (2 * epsilon)
-            log_q_forward = -(_norm(noise_prev) ** 2) / 2
+            torch._foreach_mul_(back, eps / 2)
+            torch._foreach_add_(back, noise_prev, alpha=-math.sqrt(eps))
+            log_q_back = -(norm(back) ** 2) / (2 * eps)
+            log_q_forward = -(norm(noise_prev) ** 2) / 2
             log_alpha = u_prev - potential + log_q_back - log_q_forward
             self.acceptance += math.exp(min(0.0, log_alpha))
             self.n_accept += 1
         self.previous = (potential, drift, noise)
 
 
-def _norm(tensors: list[torch.Tensor]) -> float:
+def norm(tensors: list[torch.Tensor]) -> float:
+    """The Euclidean norm of a list of tensors taken as one vector."""
     return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))) if tensors else 0.0
 
 
 def summarise(stats: list[ChainStats], llc_trace: np.ndarray, *, loss_increase: float, init_loss: float,
               d: int, gamma: float, label: str) -> SamplerDiagnostics:
     """The chains' diagnostics, with a `SamplerWarning` for each sign of an untrustworthy estimate."""
-    distance = float(np.mean([s.distance / max(s.n, 1) for s in stats])) / gamma if gamma > 0 else math.nan
+    distance = float(np.mean([s.distance / max(s.n, 1) for s in stats]))
     fraction = float(np.mean([s.likelihood_fraction / max(s.n, 1) for s in stats]))
     acceptance = float(np.mean([s.acceptance / s.n_accept for s in stats if s.n_accept])) if stats[0].n_accept else math.nan
     third = max(llc_trace.shape[1] // 3, 1)

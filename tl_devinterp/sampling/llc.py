@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..models import is_supported_model, parameter_slots, sampled_parameters, token_cross_entropy
 from .batches import as_tensors, batch_stream
-from .diagnostics import ChainStats, SamplerDiagnostics, SamplerWarning, summarise
+from .diagnostics import ChainStats, SamplerDiagnostics, SamplerWarning, norm, summarise
 from .restrict import Restriction, resolve_restriction
 
 EXPLODE = 100.0
@@ -315,15 +315,13 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
                     for i, m in enumerate(masks[r]):
                         if m is not None:
                             grad[i], noise[i] = grad[i] * m, noise[i] * m
-                    if draw >= 0:  # 5. diagnostics of the state about to be left: U(w), its drift's two terms
-                        pull = torch._foreach_sub(chain.weights, stars[r])  # w − w*
-                        sq = sum(float(t.square().sum()) for t in pull)
-                        torch._foreach_mul_(pull, config.gamma)
-                        likelihood = torch._foreach_mul(grad, config.nbeta)
+                    if draw >= 0:  # 5. diagnostics of the state about to be left (norms only: cheap)
+                        distance = norm(torch._foreach_sub(chain.weights, stars[r]))  # ‖w − w*‖
+                        grad_norm = norm(grad)  # ‖∇L_B(w)‖
                     drift = sgld_step(chain.weights, stars[r], grad, noise, config)
                     if draw >= 0:
-                        chain.stats.update(potential=config.nbeta * value + config.gamma * sq / 2, likelihood=likelihood,
-                                           prior=pull, drift=drift, noise=noise, epsilon=config.epsilon)
+                        chain.stats.update(loss=value, distance=distance, grad_norm=grad_norm, drift=drift, noise=noise,
+                                           config=config)
 
     results = []
     for r, restriction in enumerate(restrictions):
