@@ -43,12 +43,15 @@ from .metrics import (
     prefix_matching_scores,
     previous_token_scores,
 )
-from .models import ModelConfig, build_model, clone_model, head_slices, head_weights, parse_head
+from .models import ModelConfig, build_model, clone_model, head_masks, head_weights, mlp_masks, parse_head
 
 # sampling
 from .sampling import (
     LLCDivergenceError,
     LLCResult,
+    SamplerDiagnostics,
+    SamplerWarning,
+    SGLDConfig,
     calibrate_llc,
     contains_repeated_span,
     default_nbeta,
@@ -71,11 +74,11 @@ from .visualisation.tokens import loss_difference_html
 
 __all__ = [
     # series
-    "ModelConfig", "build_model", "clone_model", "head_slices", "head_weights", "parse_head",
+    "ModelConfig", "build_model", "clone_model", "head_masks", "head_weights", "mlp_masks", "parse_head",
     "make_data", "markov_tokens", "pack_texts", "plant_repeats", "repeated_random_tokens", "stdlib_texts",
     "train_tokenizer", "PRESETS", "TrainConfig", "train", "CheckpointSeries", "SeriesError", "ResultStore",
     # sampling
-    "LLCDivergenceError", "LLCResult", "calibrate_llc", "contains_repeated_span", "default_nbeta",
+    "LLCDivergenceError", "LLCResult", "SGLDConfig", "SamplerDiagnostics", "SamplerWarning", "calibrate_llc", "contains_repeated_span", "default_nbeta",
     "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration",
     # metrics
     "bigram_score", "bigram_table", "classify_heads", "copying_scores", "duplicate_token_scores",
