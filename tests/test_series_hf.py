@@ -167,6 +167,7 @@ def _commit(name: str, revision: str) -> str:
     return hashlib.sha1(f"{name}@{revision}".encode()).hexdigest()
 
 
+@pytest.mark.slow
 def test_hub_revisions_load_offline_from_the_cache(tmp_path):
     cache, expected = tmp_path / "hub", {}
     for i, (name, (arch, revisions, _, steps)) in enumerate(HUB.items()):
