@@ -98,6 +98,25 @@ def test_pytorch_model_bin_is_read_as_weights_only(hf_run, tmp_path):
     assert not marker.exists()
 
 
+def test_sharded_safetensors_load_and_are_all_fingerprinted(hf_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(hf_run("neox"), run)
+    model = hf_model("neox")
+    for folder in run.glob("checkpoint-*"):
+        (folder / "model.safetensors").unlink()
+        transformers.AutoModelForCausalLM.from_pretrained(hf_run("neox") / folder.name).save_pretrained(
+            folder, max_shard_size="40KB")
+    assert len(list((run / "checkpoint-6").glob("model-*.safetensors"))) > 1
+    series = CheckpointSeries.from_hf_checkpoints(run)
+    with torch.no_grad():
+        torch.testing.assert_close(series.load(6)(TOKENS), hf_logits(hf_run("neox") / "checkpoint-6"))
+    before = series.meta["fingerprints"][6]
+    last = sorted((run / "checkpoint-6").glob("model-*.safetensors"))[-1]
+    model.save_pretrained(tmp_path / "other", max_shard_size="40KB")  # one shard's content changes
+    shutil.copy(sorted((tmp_path / "other").glob("model-*.safetensors"))[-1], last)
+    assert CheckpointSeries.from_hf_checkpoints(run).meta["fingerprints"][6] != before
+
+
 def test_trainer_tokenizer_from_the_run_or_given(hf_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(hf_run("neox"), run)
