@@ -5,6 +5,7 @@ N(a, Σ), Σ = (nβ·A + γ·I)⁻¹ (SGLD's own discretisation bias is ≈ ε·
 """
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -142,3 +143,12 @@ def test_head_susceptibilities_table(lm, tokens):
     assert len(frame) == 3 * 2 and set(frame.scope) == {"model", "head"}
     assert frame[frame.scope == "head"][["layer", "head"]].drop_duplicates().shape[0] == 2
     assert frame.susceptibility.notna().all()
+
+
+def test_susceptibility_figures(lm, tokens):
+    from tl_devinterp import plot_susceptibilities
+
+    frame = susceptibilities(lm, tokens, {"other": tokens.flip(1)}, heads=True, **FAST)
+    assert plot_susceptibilities(frame).axes[0].images  # heatmap
+    series = pd.concat([frame.assign(step=s) for s in (0, 10)])
+    assert len(plot_susceptibilities(series).axes[0].lines) >= 2  # one line per head over training

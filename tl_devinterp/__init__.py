@@ -77,6 +77,7 @@ from .visualisation.attention import AttentionView, attention_patterns, attentio
 from .visualisation.dynamics import plot_essential_dynamics, plot_llc_stages
 from .visualisation.heads import plot_head_llcs, plot_head_scores
 from .visualisation.report import analysis_report
+from .visualisation.susceptibilities import plot_susceptibilities
 from .visualisation.tokens import loss_difference_html
 
 __all__ = [
@@ -97,6 +98,6 @@ __all__ = [
     "EDResult", "Stage", "essential_dynamics", "evolute_cusps", "find_stages", "osculating_circles", "stages_frame",
     # visualisation, report, analysis
     "AttentionView", "attention_patterns", "attention_view", "plot_essential_dynamics", "plot_llc_stages",
-    "plot_head_llcs", "plot_head_scores", "analysis_report", "loss_difference_html",
+    "plot_head_llcs", "plot_head_scores", "plot_susceptibilities", "analysis_report", "loss_difference_html",
     "AnalysisConfig", "AnalysisResult", "analyze", "demo",
 ]
