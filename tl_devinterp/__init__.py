@@ -48,11 +48,14 @@ from .models import ModelConfig, build_model, clone_model, head_masks, head_weig
 
 # sampling
 from .sampling import (
+    BayesianInfluence,
     LLCDivergenceError,
     LLCResult,
+    ObservableTraces,
     SamplerDiagnostics,
     SamplerWarning,
     SGLDConfig,
+    bayesian_influence,
     calibrate_llc,
     contains_repeated_span,
     default_nbeta,
@@ -61,6 +64,10 @@ from .sampling import (
     filter_dataset,
     llc_over_series,
     plot_calibration,
+    sample_observables,
+    susceptibilities,
+    susceptibilities_over_series,
+    top_influences,
 )
 from .series import CheckpointSeries, SeriesError
 from .store import ResultStore
@@ -71,6 +78,7 @@ from .visualisation.attention import AttentionView, attention_patterns, attentio
 from .visualisation.dynamics import plot_essential_dynamics, plot_llc_stages
 from .visualisation.heads import plot_head_llcs, plot_head_scores
 from .visualisation.report import analysis_report
+from .visualisation.susceptibilities import plot_susceptibilities
 from .visualisation.tokens import loss_difference_html
 
 __all__ = [
@@ -81,6 +89,8 @@ __all__ = [
     # sampling
     "LLCDivergenceError", "LLCResult", "SGLDConfig", "SamplerDiagnostics", "SamplerWarning", "calibrate_llc", "contains_repeated_span", "default_nbeta",
     "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration",
+    "BayesianInfluence", "ObservableTraces", "sample_observables", "susceptibilities", "susceptibilities_over_series",
+    "bayesian_influence", "top_influences",
     # metrics
     "bigram_score", "bigram_table", "classify_heads", "copying_scores", "duplicate_token_scores",
     "frequent_ngrams", "icl_score", "loss_difference", "metrics_over_series", "ngram_scores", "per_token_loss",
@@ -89,6 +99,6 @@ __all__ = [
     "EDResult", "Stage", "essential_dynamics", "evolute_cusps", "find_stages", "osculating_circles", "stages_frame",
     # visualisation, report, analysis
     "AttentionView", "attention_patterns", "attention_view", "plot_essential_dynamics", "plot_llc_stages",
-    "plot_head_llcs", "plot_head_scores", "analysis_report", "loss_difference_html",
+    "plot_head_llcs", "plot_head_scores", "plot_susceptibilities", "analysis_report", "loss_difference_html",
     "AnalysisConfig", "AnalysisResult", "analyze", "demo",
 ]

@@ -8,7 +8,7 @@ not to be trusted.
 
 Per post-burn-in step and chain, with drift ∇U(w) = nβ·∇L_B(w) + γ·(w − w*) on the sampled coordinates:
 - likelihood_fraction = mean ‖nβ·∇L_B‖ / (‖nβ·∇L_B‖ + ‖γ·(w − w*)‖): the likelihood's share of the pull;
-- acceptance: the Metropolis-adjusted (MALA) acceptance probability of the step just taken,
+- acceptance: the Metropolis-adjusted (MALA) acceptance probability of the step just taken (SGLD only),
   min(1, exp(U(w) − U(w') + log q(w | w') − log q(w' | w))), U = nβ·L_B + γ/2·‖w − w*‖², estimated as
   devinterp does with the minibatch losses and gradients at both ends (low: ε too large);
 - trace_drift: the t-statistic across chains of (last third − first third) of each chain's λ̂ trace.
@@ -55,7 +55,8 @@ class SamplerDiagnostics:
 class ChainStats:
     """Running sums for one chain, fed once per post-burn-in step by the sampler."""
 
-    def __init__(self):
+    def __init__(self, mala: bool = True):
+        self.mala = mala  # score steps as MALA proposals (SGLD's update only; other samplers report NaN)
         self.distance = self.likelihood_fraction = self.acceptance = 0.0
         self.n = self.n_accept = 0
         self.previous: tuple[float, list[torch.Tensor], list[torch.Tensor]] | None = None  # U, drift, noise
@@ -68,7 +69,7 @@ class ChainStats:
         self.distance += distance
         self.n += 1
         potential = config.nbeta * loss + config.gamma * distance**2 / 2  # U(w)
-        if self.previous is not None:  # the step w_prev → w just taken, scored as a MALA proposal
+        if self.mala and self.previous is not None:  # the step w_prev → w just taken, scored as a MALA proposal
             eps = config.epsilon
             u_prev, drift_prev, noise_prev = self.previous
             back = torch._foreach_sub(drift, drift_prev)  # w_prev − w + (ε/2)∇U(w) = (ε/2)(∇U(w) − ∇U(w_prev)) − √ε ξ

@@ -39,6 +39,7 @@ from ..models import is_supported_model, parameter_slots, sampled_parameters, to
 from .batches import as_tensors, batch_stream
 from .diagnostics import ChainStats, SamplerDiagnostics, SamplerWarning, norm, summarise
 from .restrict import Restriction, resolve_restriction
+from .samplers import SAMPLERS, Chain
 
 EXPLODE = 100.0
 """A chain has diverged when its loss exceeds L(w*) + EXPLODE·max(1, |L(w*)|) (or is NaN/inf)."""
@@ -70,13 +71,20 @@ class SGLDConfig:
     num_burnin: int = 50
     batch_size: int = 32
     seed: int = 0
+    sampler: str = "sgld"  # the update rule: "sgld" | "sgnht" | "rmsprop_sgld" (see samplers.py)
+    diffusion: float = 0.01  # SGNHT's diffusion A (the thermostat's starting friction)
+    rmsprop_decay: float = 0.999  # RMSprop's α, the running mean's decay
+    rmsprop_delta: float = 1.0  # RMSprop's δ: the preconditioner G = 1/(δ + √V) is at most 1/δ
+    draws_every: int = 1  # observables are evaluated on every k-th draw (thinning); the LLC uses every draw
 
     def __post_init__(self):
-        for name in ("epsilon", "gamma", "nbeta"):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"SGLDConfig.sampler={self.sampler!r} is unknown; choose one of {sorted(SAMPLERS)}.")
+        for name in ("epsilon", "gamma", "nbeta", "diffusion", "rmsprop_decay", "rmsprop_delta"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                 raise TypeError(f"SGLDConfig.{name} must be a finite number, got {v!r}.")
-        for name in ("num_chains", "num_draws", "num_burnin", "batch_size", "seed"):
+        for name in ("num_chains", "num_draws", "num_burnin", "batch_size", "seed", "draws_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"SGLDConfig.{name} must be an integer, got {v!r}.")
@@ -93,6 +101,11 @@ class SGLDConfig:
                 f"SGLDConfig needs num_draws >= 1, num_burnin >= 0, batch_size >= 1, seed >= 0; got "
                 f"{self.num_draws}, {self.num_burnin}, {self.batch_size}, {self.seed}."
             )
+        if self.draws_every < 1:
+            raise ValueError(f"SGLDConfig.draws_every must be >= 1 (1 = every draw), got {self.draws_every}.")
+        if not (self.diffusion > 0 and 0 <= self.rmsprop_decay < 1 and self.rmsprop_delta > 0):
+            raise ValueError(f"SGLDConfig needs diffusion > 0, 0 <= rmsprop_decay < 1, rmsprop_delta > 0; got "
+                             f"{self.diffusion}, {self.rmsprop_decay}, {self.rmsprop_delta}.")
 
     @classmethod
     def build(cls, config: SGLDConfig | None = None, **overrides: Any) -> SGLDConfig:
@@ -211,40 +224,22 @@ class Objective(nn.Module):
 # The sampler.
 
 
-@dataclass
-class Chain:
-    """One SGLD chain of one restriction: its current weights (the restriction's parameters, full
-    shape, requiring grad), its noise generator and its diagnostics."""
-
-    weights: list[torch.Tensor]
-    generator: torch.Generator
-    stats: ChainStats = field(default_factory=ChainStats)
-
-
 def _generator(seed: int, label: str, chain: int, device) -> torch.Generator:
     """Noise for (restriction, chain): the same in estimate_llc(restrict=h) and estimate_head_llcs."""
     key = int.from_bytes(hashlib.sha256(f"{seed}/{label}/{chain}".encode()).digest()[:8], "little")
     return torch.Generator(device=device).manual_seed(key)
 
 
-def sgld_step(w: list[torch.Tensor], w_star: list[torch.Tensor], grad: list[torch.Tensor],
-              noise: list[torch.Tensor], config: SGLDConfig) -> list[torch.Tensor]:
-    """w ← w − (ε/2)·[nβ·∇L_B(w) + γ·(w − w*)] + √ε·ξ, in place; returns the drift nβ·∇L_B + γ·(w − w*).
-
-    `grad` and `noise` are already zero outside the restriction, so w moves only inside it.
-    """
-    drift = torch._foreach_sub(w, w_star)  # w − w*
-    torch._foreach_mul_(drift, config.gamma)  # γ·(w − w*)
-    torch._foreach_add_(drift, grad, alpha=config.nbeta)  # + nβ·∇L_B(w)
-    torch._foreach_add_(w, drift, alpha=-config.epsilon / 2)  # drift step
-    torch._foreach_add_(w, noise, alpha=math.sqrt(config.epsilon))  # Gaussian step of variance ε
-    return drift
-
-
 def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config: SGLDConfig, *,
-                loss_fn: Callable | None = None, desc: str = "SGLD", progress: bool = True) -> list[LLCResult]:
+                loss_fn: Callable | None = None, desc: str = "SGLD", progress: bool = True,
+                observe: Callable[[int, int, int, dict[str, torch.Tensor]], None] | None = None) -> list[LLCResult]:
     """One LLC estimate per restriction, in one pass over the batches (shared by every chain and
-    restriction, with each batch's checkpoint loss computed once)."""
+    restriction, with each batch's checkpoint loss computed once).
+
+    `observe(restriction, chain, draw, weights)`, if given, is called without grad on every
+    `config.draws_every`-th post-burn-in draw (draw counted in thinned draws), with the draw's weights
+    (canonical name -> tensor, w* outside the restriction): the hook that observables use.
+    """
     config = config.resolve(data)
     params = sampled_parameters(model)
     device = next(iter(params.values())).device
@@ -265,8 +260,10 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     names = [list(r.masks) for r in restrictions]
     masks = [[r.masks[n] if r.masks[n] is None else r.masks[n].to(device) for n in ns] for r, ns in zip(restrictions, names)]
     stars = [[w_star[n] for n in ns] for ns in names]
-    chains = [[Chain([w_star[n].clone().requires_grad_(True) for n in ns], _generator(config.seed, r.label, c, device))
+    chains = [[Chain([w_star[n].clone().requires_grad_(True) for n in ns], _generator(config.seed, r.label, c, device),
+                     r.d, ChainStats(mala=config.sampler == "sgld"))
                for c in range(config.num_chains)] for r, ns in zip(restrictions, names)]
+    step_rule = SAMPLERS[config.sampler]
     trace = torch.empty(len(restrictions), config.num_chains, config.num_draws)
     init_losses = torch.empty(config.num_draws)
     checkpoint_losses: dict[int, float] = {}  # batch key -> L_B(w*)
@@ -307,7 +304,10 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
                     )
                 if draw >= 0:
                     trace[r, c, draw] = value
-                with torch.no_grad():  # 4. the SGLD update, masked to the restriction
+                    if observe is not None and draw % config.draws_every == 0:
+                        with torch.no_grad():
+                            observe(r, c, draw // config.draws_every, values)
+                with torch.no_grad():  # 4. gradient and noise, masked to the restriction
                     sizes = [t.numel() for t in chain.weights]
                     flat = torch.randn(sum(sizes), generator=chain.generator, device=device)
                     noise = [z.view_as(t) for z, t in zip(flat.split(sizes), chain.weights, strict=True)]
@@ -318,7 +318,7 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
                     if draw >= 0:  # 5. diagnostics of the state about to be left (norms only: cheap)
                         distance = norm(torch._foreach_sub(chain.weights, stars[r]))  # ‖w − w*‖
                         grad_norm = norm(grad)  # ‖∇L_B(w)‖
-                    drift = sgld_step(chain.weights, stars[r], grad, noise, config)
+                    drift = step_rule(chain, stars[r], grad, noise, config)  # 6. the sampler's update
                     if draw >= 0:
                         chain.stats.update(loss=value, distance=distance, grad_norm=grad_norm, drift=drift, noise=noise,
                                            config=config)
