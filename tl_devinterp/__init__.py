@@ -13,6 +13,7 @@ from .data import (
     plant_repeats,
     repeated_random_tokens,
     stdlib_texts,
+    text_files,
     train_tokenizer,
 )
 
@@ -83,7 +84,7 @@ from .visualisation.tokens import loss_difference_html
 __all__ = [
     # series
     "ModelConfig", "build_model", "clone_model", "head_masks", "head_weights", "mlp_masks", "parse_head",
-    "make_data", "markov_tokens", "pack_texts", "plant_repeats", "repeated_random_tokens", "stdlib_texts",
+    "make_data", "markov_tokens", "pack_texts", "plant_repeats", "repeated_random_tokens", "stdlib_texts", "text_files",
     "train_tokenizer", "PRESETS", "TrainConfig", "train", "CheckpointSeries", "SeriesError", "ResultStore",
     # sampling
     "LLCDivergenceError", "LLCResult", "SGLDConfig", "SamplerDiagnostics", "SamplerWarning", "calibrate_llc", "contains_repeated_span", "default_nbeta",

@@ -19,15 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .data import BOS, make_data, spec_tokenizer, token_tensor
+from .data import BOS, make_data, pack_texts, spec_tokenizer, text_files, token_tensor
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
 from .metrics import classify_heads, metrics_over_series, per_token_loss
 from .metrics.classify import LABELS as HEAD_LABELS
-from .models import head_name, parse_head
+from .models import bos_token_id, head_name, parse_head
 from .sampling import llc_over_series
 from .sampling.llc import SGLDConfig
 from .series import CheckpointSeries, SeriesError
@@ -55,6 +56,8 @@ class AnalysisConfig:
 
     # data: the series' own data (its manifest's spec) unless `analyze(..., data=...)` is given
     n_sequences: int = _opt(256, "test sequences for behavioural metrics and essential dynamics")
+    seq_len: int | None = _opt(None, "tokens per sequence cut from text data, BOS included (default: the model's "
+                               "context, at most 128)")
     sample_index: int = _opt(0, "the test sequence shown in the token and attention pictures")
     seed: int = _opt(0, "seed of sampling, probes and positions")
     device: str | None = _opt(None, "torch device, e.g. cuda")
@@ -83,6 +86,8 @@ class AnalysisConfig:
         for name in ("n_sequences", "num_chains", "num_draws", "batch_size", "n_seqs", "n_components"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
         if self.head_steps is not None and self.head_steps < 0:
             raise ValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
         if self.attention_heads is not None:
@@ -154,10 +159,13 @@ def analyze(
 ) -> AnalysisResult:
     """Analyse a checkpoint series (or a series directory) into `out_dir`; see the module docstring.
 
-    `config` is an `AnalysisConfig`, a dict of its fields or a JSON/TOML file; `overrides` replace single
-    fields (`analyze(s, out, num_draws=200)`). `data` (token tensor `[n, seq]` or dataset with `input_ids`)
-    replaces the series' own data, and is needed for series that do not record theirs. Rerunning into the
-    same `out_dir` resumes: finished checkpoints are read back, not recomputed.
+    `series` is a `CheckpointSeries`, a series directory written by `tl_devinterp.train`, or a transformers
+    Trainer output_dir (`checkpoint-{N}/` folders). `config` is an `AnalysisConfig`, a dict of its fields or
+    a JSON/TOML file; `overrides` replace single fields (`analyze(s, out, num_draws=200)`). `data` replaces
+    the series' own data, and is needed for series that do not record theirs: a token tensor `[n, seq]`, a
+    dataset with `input_ids`, or text (a dataset with a `text` column, or text file paths) that the
+    model's tokenizer cuts into `seq_len`-token rows. Rerunning into the same `out_dir` resumes: finished
+    checkpoints are read back, not recomputed.
     """
     config = _as_config(config, overrides)
     series = _as_series(series, config)
@@ -252,8 +260,11 @@ def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
         path = Path(series)
         if not path.is_dir():
             raise SeriesError(f"{path} is not a directory. Give a series directory written by `tl-devinterp train` "
-                              f"(it holds manifest.json), e.g. `tl-devinterp train --out {path}` first.")
-        series = CheckpointSeries.from_dir(path)
+                              f"(it holds manifest.json), e.g. `tl-devinterp train --out {path}` first, or the "
+                              f"output_dir of a transformers Trainer run (checkpoint-N folders).")
+        trainer_run = not (path / "manifest.json").exists() and any(path.glob("checkpoint-*/config.json"))
+        series = (CheckpointSeries.from_hf_checkpoints(path, device=config.device) if trainer_run
+                  else CheckpointSeries.from_dir(path))
     if not isinstance(series, CheckpointSeries):
         raise TypeError(f"series must be a CheckpointSeries or a series directory; got {type(series).__name__}.")
     need = max(4, config.n_components + 1)  # find_stages needs 4 points, PCA n_components + 1
@@ -266,22 +277,48 @@ def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
 def _data(series: CheckpointSeries, data, config: AnalysisConfig):
     """(train tokens for sampling and n-gram statistics, test tokens, tokens -> labels)."""
     spec = series.meta.get("data")
-    if data is not None:
-        train = test = token_tensor(data)
-    elif spec:
+    if data is None and not spec:
+        raise ValueError("The series records no data spec (it was not written by tl_devinterp.train): pass data= "
+                         "(a token tensor [n, seq], a dataset with input_ids or text, or text files), or --data "
+                         "FILE.txt on the command line.")
+    tokenizer, bos, n_ctx = _tokenizer(series)
+    if data is None:
         splits = make_data(spec)
         train, test = token_tensor(splits["train"]), token_tensor(splits["test"])
+    elif _is_text(data):
+        if tokenizer is None:
+            raise ValueError("Text data needs the models' tokenizer and this series has none: pass token data "
+                             "(a tensor [n, seq] or a dataset with input_ids).")
+        texts = data if isinstance(data, datasets.Dataset) else text_files(data)
+        seq_len = config.seq_len or min(n_ctx, 128)
+        train = test = token_tensor(pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos)["train"])
     else:
-        raise ValueError("The series records no data spec (it was not written by tl_devinterp.train): pass "
-                         "data=, a token tensor [n, seq] or a dataset with input_ids (--data is not available "
-                         "on the command line; use the Python API).")
+        train = test = token_tensor(data)
     test = test[: config.n_sequences]
     if not 0 <= config.sample_index < len(test):
         raise ValueError(f"sample_index={config.sample_index} is out of range: {len(test)} test sequences.")
-    if spec and spec.get("kind") == "stdlib":
-        tokenizer = spec_tokenizer(spec)
-        return train, test, lambda t: [tokenizer.decode([i]) if i != BOS else "<bos>" for i in t.tolist()]
-    return train, test, lambda t: ["<bos>" if i == BOS else str(i) for i in t.tolist()]
+    if tokenizer is None:
+        return train, test, lambda t: ["<bos>" if i == bos else str(i) for i in t.tolist()]
+    return train, test, lambda t: ["<bos>" if i == bos else tokenizer.decode([i]) for i in t.tolist()]
+
+
+def _tokenizer(series: CheckpointSeries):
+    """(tokenizer or None, BOS id, context length) of the series' models: from its manifest where it records
+    them, else from its first model (loaded and dropped)."""
+    spec, model_config = series.meta.get("data"), series.meta.get("model_config")
+    if spec and model_config:
+        return spec_tokenizer(spec), BOS, model_config["n_ctx"]
+    model = series.load(series.steps[0])
+    return getattr(model, "tokenizer", None), bos_token_id(model), model.cfg.n_ctx
+
+
+def _is_text(data) -> bool:
+    """Text files (a path or a list of paths) or a text dataset, rather than tokens."""
+    if isinstance(data, (str, os.PathLike)):
+        return True
+    if isinstance(data, (list, tuple)):
+        return bool(data) and all(isinstance(d, (str, os.PathLike)) for d in data)
+    return isinstance(data, datasets.Dataset) and "input_ids" not in data.column_names
 
 
 def _head_steps(steps: list[int], n: int | None) -> list[int]:

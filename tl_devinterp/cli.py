@@ -53,7 +53,10 @@ def _add_analyze(sub) -> None:
                        description="Analyse a checkpoint series into REPORT_DIR (results/*.csv, figures/*.png, "
                        "report.html). A rerun into the same directory resumes where the last one stopped. "
                        "Options come from --config FILE (JSON or TOML, keys as below with _), then the flags.")
-    p.add_argument("series", metavar="SERIES_DIR", help="a series directory written by `tl-devinterp train`")
+    p.add_argument("series", metavar="SERIES_DIR", help="a series directory written by `tl-devinterp train`, or "
+                   "the output_dir of a transformers Trainer run (checkpoint-N folders)")
+    p.add_argument("--data", action="append", metavar="FILE", help="a text file to analyse on, tokenized with the "
+                   "model's tokenizer (repeatable; default: the series' own data)")
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for results, figures and report")
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file of analysis options")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -77,11 +80,12 @@ def _add_analyze(sub) -> None:
 def _run_analyze(args) -> None:
     from .analysis import AnalysisConfig, analyze
 
-    fixed = {"series", "out", "config", "quiet", "run", "command"}
+    fixed = {"series", "out", "config", "data", "quiet", "run", "command"}
     overrides = {k: v for k, v in vars(args).items() if k not in fixed}
     with _clear_errors("analyze"):
         config = AnalysisConfig.from_file(args.config) if args.config else None
-        result = analyze(args.series, args.out, config=config, progress=not args.quiet, **overrides)
+        result = analyze(args.series, args.out, config=config, data=args.data, progress=not args.quiet,
+                         **overrides)
     print(result.report)
 
 

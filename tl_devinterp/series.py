@@ -1,17 +1,20 @@
 """A checkpoint series: an ordered map training step -> model, loaded lazily one model at a time.
 
 Sources: a directory our trainer wrote (safetensors + `manifest.json`), TransformerLens's own training
-loop output (`model_{step}.pt` state dicts), models already in memory, and TransformerLens pretrained
-checkpoints (`checkpoint_index` / `checkpoint_value`, which need a hub). Nothing is unpickled:
-safetensors, or `torch.load(weights_only=True)`.
+loop output (`model_{step}.pt` state dicts), models already in memory, TransformerLens pretrained
+checkpoints (`checkpoint_index` / `checkpoint_value`) and hub revisions (both need a hub or its cache), and
+a transformers `Trainer` output (`checkpoint-{N}/`). Nothing is unpickled: safetensors, or
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,16 +165,26 @@ class CheckpointSeries:
         model_name: str,
         checkpoint_indices: Sequence[int] | None = None,
         checkpoint_values: Sequence[int] | None = None,
+        *,
+        revisions: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> CheckpointSeries:
-        """TransformerLens pretrained training checkpoints (e.g. Pythia, `attn-only-2l`); needs a hub.
+        """TransformerLens pretrained training checkpoints (e.g. Pythia, `attn-only-2l`), or any hub
+        revisions of a model; needs a hub or its local cache.
 
         Give `checkpoint_values` (training steps) or `checkpoint_indices` (positions in the model
-        family's checkpoint list); with neither, every available checkpoint. Extra keyword arguments go
-        to TransformerLens's loader.
+        family's checkpoint list); with neither, every available checkpoint. Or give `revisions`, the hub
+        branches, tags or commits holding the checkpoints (Pythia's `step1000`, stanford-crfm's
+        `checkpoint-1000`), each step read from its name, or from `checkpoint_values` in the same order.
+        Extra keyword arguments go to TransformerLens's loader.
         """
         if checkpoint_indices is not None and checkpoint_values is not None:
             raise ValueError("Give checkpoint_indices or checkpoint_values, not both.")
+        if revisions is not None:
+            if checkpoint_indices is not None:
+                raise ValueError("Give revisions (with checkpoint_values as their steps) or checkpoint_indices, "
+                                 "not both.")
+            return cls._from_hub_revisions(model_name, revisions, checkpoint_values, **kwargs)
         labels = _checkpoint_labels(model_name)
         if checkpoint_values is None:
             idx = range(len(labels)) if checkpoint_indices is None else checkpoint_indices
@@ -184,6 +197,66 @@ class CheckpointSeries:
             return _load_pretrained(model_name, step, **kwargs)
 
         return cls(checkpoint_values, load, meta={"source": model_name})
+
+    # ----------------------------------------------------------------------------------------------
+    # Hugging Face checkpoints: each step is booted fresh with `TransformerBridge.boot_transformers`
+    # (loading new weights into a reused bridge would leave its split q/k/v stale).
+
+    @classmethod
+    def from_hf_checkpoints(
+        cls, run_dir: str | os.PathLike, tokenizer: Any = None, *, device: str | torch.device | None = None
+    ) -> CheckpointSeries:
+        """A transformers `Trainer` output directory: one `checkpoint-{N}/` folder per saved step N.
+
+        Each folder holds `config.json` and the weights (`model.safetensors`, sharded or not, or
+        `pytorch_model.bin`, read with `torch.load(weights_only=True)`); the optimizer, scheduler, RNG state
+        and training arguments beside them are never read. `tokenizer` is a name/path for `AutoTokenizer`, or
+        a tokenizer it loaded; default: the one saved in `run_dir` or its checkpoints. Models are
+        loaded on `device` (default CPU). `meta["fingerprints"][step]` is a hash of that step's weight files,
+        computed when first read.
+        """
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise SeriesError(f"{run_dir} is not a directory; give the output_dir of a transformers Trainer run.")
+        folders = {int(m.group(1)): f for f in run_dir.iterdir()
+                   if f.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", f.name))}
+        if not folders:
+            raise SeriesError(f"No checkpoint-{{N}} folders in {run_dir}: it is not a Trainer output_dir (save "
+                              f"checkpoints with TrainingArguments(save_strategy='steps', save_steps=...)).")
+        weights = {step: _hf_weight_files(folder) for step, folder in folders.items()}
+        tokenizer = _hf_tokenizer(tokenizer, [run_dir, *(folders[s] for s in sorted(folders, reverse=True))])
+        from transformer_lens.model_bridge import TransformerBridge
+
+        def load(step: int) -> nn.Module:
+            folder, files = folders[step], weights[step]
+            hf_model = _hf_model_from_bin(folder, files[0]) if files[0].suffix == ".bin" else None  # else transformers
+            return TransformerBridge.boot_transformers(str(folder), hf_model=hf_model, tokenizer=tokenizer,
+                                                       device=device or "cpu")  # reads the safetensors itself
+
+        fingerprints = _Lazy(sorted(folders), lambda step: _file_digest(weights[step]))
+        meta = {"source": str(run_dir), "fingerprints": fingerprints}
+        return cls(sorted(folders), load, meta=meta)
+
+    @classmethod
+    def _from_hub_revisions(
+        cls, model_name: str, revisions: Sequence[str], steps: Sequence[int] | None, **kwargs: Any
+    ) -> CheckpointSeries:
+        """`from_pretrained(model_name, revisions=...)`: one hub revision (branch, tag or commit) per step."""
+        revisions = [str(r) for r in revisions]
+        if steps is None:
+            steps = [_revision_step(r) for r in revisions]
+        elif len(steps) != len(revisions):
+            raise SeriesError(f"Got {len(revisions)} revisions but {len(steps)} checkpoint_values; give one step "
+                              f"per revision.")
+        by_step = dict(zip((int(s) for s in steps), revisions))
+        from transformer_lens.model_bridge import TransformerBridge
+
+        def load(step: int) -> nn.Module:
+            return TransformerBridge.boot_transformers(model_name, revision=by_step[step], **kwargs)
+
+        meta = {"source": model_name, "revisions": by_step,
+                "fingerprints": _Lazy(sorted(by_step), lambda step: _hub_commit(model_name, by_step[step]))}
+        return cls(steps, load, meta=meta)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,3 +358,99 @@ def _load_pretrained(model_name: str, step: int, **kwargs: Any) -> nn.Module:
     from transformer_lens import HookedTransformer  # pragma: no cover - TL 3.x
 
     return HookedTransformer.from_pretrained(model_name, checkpoint_value=step, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face sources
+
+
+class _Lazy(Mapping):
+    """A read-only dict whose values are computed when first read (hashes of large files, hub look-ups)."""
+
+    def __init__(self, keys, compute: Callable[[Any], Any]):
+        self._keys, self._compute = list(keys), functools.cache(compute)
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._compute(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _hf_weight_files(folder: Path) -> list[Path]:
+    """The weight files of one saved transformers model, safetensors preferred; SeriesError if none."""
+    if not (folder / "config.json").is_file():
+        raise SeriesError(f"{folder} has no config.json: it is not a checkpoint saved by transformers.")
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            if single.endswith(".bin"):
+                raise SeriesError(f"{folder} holds a sharded pytorch_model.bin; re-save it as safetensors "
+                                  f"(model.save_pretrained(folder)) to load it here.")
+            return [folder / s for s in shards]
+    raise SeriesError(f"{folder} has no model.safetensors or pytorch_model.bin: the checkpoint's weights are "
+                      f"missing. Remove the folder or save the model into it again.")
+
+
+def _hf_model_from_bin(folder: Path, file: Path) -> nn.Module:
+    """A transformers model from `pytorch_model.bin`, unpickled with `weights_only=True` only."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    model_class = getattr(transformers, (config.architectures or [""])[0], None)
+    if model_class is None:
+        raise SeriesError(f"{folder}/config.json names no transformers model class in 'architectures' "
+                          f"({config.architectures}); re-save the model with save_pretrained.")
+    model, info = model_class.from_pretrained(None, config=config, state_dict=_read_torch(file),
+                                              output_loading_info=True)
+    if info["missing_keys"]:
+        raise SeriesError(f"Checkpoint {file} lacks weights {sorted(info['missing_keys'])[:5]}; it is incomplete.")
+    return model.eval()
+
+
+def _hf_tokenizer(tokenizer: Any, folders: list[Path]) -> Any:
+    """`tokenizer` as given, loaded from a name/path, or the first of `folders` that holds one."""
+    if tokenizer is None:
+        tokenizer = next((f for f in folders if (f / "tokenizer_config.json").is_file()), None)
+        if tokenizer is None:
+            raise SeriesError(f"No tokenizer saved in {folders[0]} or its checkpoints: pass tokenizer= (a "
+                              f"transformers tokenizer or its name/path), or tokenizer.save_pretrained({folders[0]}).")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    return tokenizer
+
+
+def _file_digest(files: list[Path]) -> str:
+    """sha256 of the files' contents, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while block := f.read(2**20):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _revision_step(revision: str) -> int:
+    """The training step in a revision's name: Pythia's `step143000`, stanford-crfm's `checkpoint-400000`."""
+    numbers = re.findall(r"\d+", revision)
+    if not numbers:
+        raise SeriesError(f"Cannot read a training step from revision {revision!r}: pass checkpoint_values=[...], "
+                          f"one step per revision.")
+    return int(numbers[-1])
+
+
+def _hub_commit(model_name: str, revision: str) -> str:
+    """The commit a hub revision resolves to (from the local cache when offline)."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(model_name, "config.json", revision=revision)).parent.name
