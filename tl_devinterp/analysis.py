@@ -301,7 +301,7 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
         dict: (lambda v: isinstance(v, dict) and all(map(_is_number, v.values())), "a mapping of names to numbers"),
     }[origin]
     if value is None or not ok(value):
-        hint_ = f" (one item is still a list: [{value!r}])" if origin is list and isinstance(value, str) else ""
+        hint_ = f" (for one head: [{value!r}])" if origin is list and isinstance(value, str) else ""
         raise TypeError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r} "
                         f"({type(value).__name__}){hint_}.")
     return float(value) if origin is float else list(value) if origin is list else value

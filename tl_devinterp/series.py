@@ -68,7 +68,8 @@ class CheckpointSeries:
             model, self._held = self._held[1], None
             return model
         model = self._loader(step)
-        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        params = dict(model.named_parameters())
+        bad = [name for name, own in tl_parameter_names(model).items() if not torch.isfinite(params[own]).all()]
         if bad:
             raise SeriesError(
                 f"The checkpoint at step {step} has NaN or inf weights ({', '.join(bad[:3])}): training diverged "

@@ -205,6 +205,9 @@ def _start(out: Path, config: TrainConfig, overwrite: bool) -> dict[str, Any]:
     file = out / MANIFEST
     old = read_manifest(file) if file.exists() else None
     if old is not None and old.get("train_config") == config.to_dict():
+        for f in out.iterdir():  # a stopped run's leftovers: uncommitted checkpoints, temporary files
+            if _OWN_NAME.fullmatch(f.name) and f.name not in _listed(old):
+                _remove(f)
         old.setdefault("sha256", {})
         return old
     if old is not None and old["checkpoints"] and not overwrite:
@@ -213,7 +216,8 @@ def _start(out: Path, config: TrainConfig, overwrite: bool) -> dict[str, Any]:
             f"Choose another output directory, or pass overwrite=True (--overwrite) to replace it."
         )
     present = sorted(out.iterdir()) if out.is_dir() else []
-    foreign = [f.name for f in present if not _written_by_train(f, old)]
+    listed = _listed(old) | {LOCK} if old is not None else {LOCK}
+    foreign = [f.name for f in present if not (f.is_file() and (f.name in listed or _OWN_NAME.fullmatch(f.name)))]
     if foreign:
         raise SeriesError(
             f"{out} holds files tl_devinterp did not write ({', '.join(foreign[:5])}"
@@ -232,14 +236,13 @@ def _start(out: Path, config: TrainConfig, overwrite: bool) -> dict[str, Any]:
     return fresh
 
 
-def _written_by_train(file: Path, manifest: dict | None) -> bool:
-    """A file the trainer wrote: listed in the manifest, the manifest itself, or named as only it names files
-    (checkpoints and optimizer states left by a stopped run, temporary files, the lock)."""
-    listed = {MANIFEST, LOCK, "optimizer.safetensors"}
-    if manifest is not None:
-        listed |= set(manifest["checkpoints"].values()) | {manifest.get("tokenizer"), manifest.get("optimizer")}
-    return file.is_file() and (file.name in listed or bool(re.fullmatch(
-        rf"(step|optimizer)_\d{{9}}\.safetensors|\..+{re.escape(TMP_SUFFIX)}", file.name)))
+_OWN_NAME = re.compile(rf"(step|optimizer)_\d{{9}}\.safetensors|optimizer\.safetensors|\..+{re.escape(TMP_SUFFIX)}")
+"""Names only the trainer gives files: checkpoints and optimizer states (committed or not), temporary files."""
+
+
+def _listed(manifest: dict) -> set[str]:
+    """The files a series' manifest names, itself included."""
+    return {MANIFEST, *manifest["checkpoints"].values(), manifest.get("tokenizer"), manifest.get("optimizer")} - {None}
 
 
 def _save(out: Path, manifest: dict, step: int, model, opt, train_loss: float, test_loss: float) -> None:
