@@ -277,7 +277,7 @@ def _as_config(config, overrides: dict[str, Any]) -> AnalysisConfig:
         config = AnalysisConfig.from_file(config)
     elif not isinstance(config, AnalysisConfig):
         raise TypeError(f"config must be an AnalysisConfig, a dict or a config file path; got {type(config).__name__}.")
-    return AnalysisConfig.from_dict({**dataclasses.asdict(config), **overrides}, source="the overrides")
+    return AnalysisConfig.from_dict({**dataclasses.asdict(config), **overrides}, source="the arguments")
 
 
 def _is_number(v: Any) -> bool:
