@@ -100,8 +100,8 @@ def test_identical_checkpoints_at_different_steps_are_reported(tmp_path):
 
 @pytest.mark.slow
 def test_analyze_into_a_folder_of_another_series_keeps_them_apart(tmp_path):
-    a = tiny_series(tmp_path / "a", n_steps=12)
-    b = tiny_series(tmp_path / "b", n_steps=12, seed=1)
+    a = tiny_series(tmp_path / "a")
+    b = tiny_series(tmp_path / "b", seed=1)
     out = tmp_path / "out"
     first = analyze(a, out, progress=False, **FAST)
     with pytest.warns(StoreWarning, match="held the analysis of another series"):
