@@ -110,11 +110,11 @@ def test_sharded_safetensors_load_and_are_all_fingerprinted(hf_run, tmp_path):
     series = CheckpointSeries.from_hf_checkpoints(run)
     with torch.no_grad():
         torch.testing.assert_close(series.load(6)(TOKENS), hf_logits(hf_run("neox") / "checkpoint-6"))
-    before = series.meta["fingerprints"][6]
+    before = series.fingerprint(6)
     last = sorted((run / "checkpoint-6").glob("model-*.safetensors"))[-1]
     model.save_pretrained(tmp_path / "other", max_shard_size="40KB")  # one shard's content changes
     shutil.copy(sorted((tmp_path / "other").glob("model-*.safetensors"))[-1], last)
-    assert CheckpointSeries.from_hf_checkpoints(run).meta["fingerprints"][6] != before
+    assert CheckpointSeries.from_hf_checkpoints(run).fingerprint(6) != before
 
 
 def test_trainer_tokenizer_from_the_run_or_given(hf_run, tmp_path):
@@ -136,12 +136,13 @@ def test_trainer_tokenizer_from_the_run_or_given(hf_run, tmp_path):
 def test_trainer_fingerprints_follow_the_weight_files(hf_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(hf_run("llama"), run)
-    prints = CheckpointSeries.from_hf_checkpoints(run).meta["fingerprints"]
+    series = CheckpointSeries.from_hf_checkpoints(run)
+    prints = {s: series.fingerprint(s) for s in series.steps}
     assert list(prints) == [2, 4, 6, 8] and len(set(prints.values())) == 4
-    assert dict(CheckpointSeries.from_hf_checkpoints(run).meta["fingerprints"]) == dict(prints)
+    assert {s: CheckpointSeries.from_hf_checkpoints(run).fingerprint(s) for s in prints} == prints
     shutil.copy(run / "checkpoint-2" / "model.safetensors", run / "checkpoint-8" / "model.safetensors")
-    again = CheckpointSeries.from_hf_checkpoints(run).meta["fingerprints"]
-    assert again[8] == prints[2] and again[4] == prints[4]
+    again = CheckpointSeries.from_hf_checkpoints(run)
+    assert again.fingerprint(8) == prints[2] and again.fingerprint(4) == prints[4]
 
 
 def test_trainer_run_errors_name_the_folder(tmp_path):
@@ -174,7 +175,7 @@ out = {}
 for name, (family, revisions, values, steps) in json.loads(sys.argv[1]).items():
     series = CheckpointSeries.from_pretrained(name, revisions=revisions, checkpoint_values=values)
     with torch.no_grad():
-        out[name] = {"steps": series.steps, "fingerprints": {s: series.meta["fingerprints"][s] for s in series.steps},
+        out[name] = {"steps": series.steps, "fingerprints": {s: series.fingerprint(s) for s in series.steps},
                      "logits": {s: series.load(s)(torch.arange(1, 17)[None]).tolist() for s in series.steps}}
 print(json.dumps(out))
 """

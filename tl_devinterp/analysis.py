@@ -6,7 +6,11 @@ then at each stage boundary the attention of chosen heads and the per-token loss
 sequence. Per-checkpoint results go through `ResultStore`s under `OUT/store/`, so a rerun after an
 interruption recomputes nothing that finished. Writes `OUT/results/*.csv`, `OUT/figures/*.png` and
 `OUT/report.html`. `AnalysisConfig` holds every option and its default; the command line and config
-files (JSON or TOML) set the same fields.
+files (JSON or TOML) set the same fields, all validated before any work.
+
+Stored results are keyed by each checkpoint's content, so they are never reused for other weights; when OUT
+holds the analysis of another series, its results, figures and report are moved to `OUT/previous-N/`
+(and the move is announced) before this one is written. One `analyze` at a time works in a folder.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import dataclasses
 import json
 import os
 import sys
+import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +34,11 @@ from .data import BOS, make_data, pack_texts, spec_tokenizer, text_files, token_
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
 from .metrics import classify_heads, metrics_over_series, per_token_loss
 from .metrics.classify import LABELS as HEAD_LABELS
-from .models import bos_token_id, head_name, parse_head
+from .models import bos_token_id, check_device, check_head, head_name, parse_head
 from .sampling import llc_over_series
 from .sampling.llc import SGLDConfig
 from .series import CheckpointSeries, SeriesError
+from .store import StoreWarning, atomic_write, folder_lock
 from .visualisation.attention import AttentionView, attention_view
 from .visualisation.report import analysis_report
 
@@ -83,9 +90,20 @@ class AnalysisConfig:
                                              "the top previous-token and induction heads)")
 
     def __post_init__(self):
-        for name in ("n_sequences", "num_chains", "num_draws", "batch_size", "n_seqs", "n_components"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        """The one validator of analyze's options: each field's type, then its range."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
+        for name, low in (("n_sequences", 1), ("num_chains", 2), ("num_draws", 1), ("num_burnin", 0),
+                          ("batch_size", 1), ("n_seqs", 1), ("n_components", 2), ("seed", 0), ("sample_index", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}.")
+        for name in ("epsilon", "nbeta", "ed_sigma", "stage_sigma"):
+            if getattr(self, name) is not None and not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
+        for name in ("gamma", "stage_min_prominence"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
         if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
         if self.head_steps is not None and self.head_steps < 0:
@@ -95,6 +113,7 @@ class AnalysisConfig:
         unknown = sorted(set(self.thresholds) - set(HEAD_LABELS))
         if unknown:
             raise ValueError(f"Unknown thresholds {unknown}; classify_heads reads scores {list(HEAD_LABELS)}.")
+        check_device(self.device)
 
     @classmethod
     def quick(cls, **overrides: Any) -> AnalysisConfig:
@@ -108,7 +127,10 @@ class AnalysisConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"Unknown option(s) {unknown} in {source}; valid options: {sorted(known)}.")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} (in {source})") from None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> AnalysisConfig:
@@ -116,16 +138,19 @@ class AnalysisConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Config file {path} not found.")
-        if path.suffix == ".json":
-            d = json.loads(path.read_text())
-        elif path.suffix == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                raise ValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
-            d = tomllib.loads(path.read_text())
-        else:
+        if path.suffix not in (".json", ".toml"):
             raise ValueError(f"Config file {path} must end in .json or .toml.")
+        try:
+            if path.suffix == ".json":
+                d = json.loads(path.read_text())
+            else:
+                import tomllib  # Python >= 3.11
+
+                d = tomllib.loads(path.read_text())
+        except ImportError:
+            raise ValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
+        except ValueError as e:  # JSONDecodeError, TOMLDecodeError, bad UTF-8
+            raise ValueError(f"Config file {path} cannot be parsed ({e}); fix its syntax.") from None
         if not isinstance(d, dict):
             raise ValueError(f"Config file {path} must hold a table of option: value pairs.")
         return cls.from_dict(d, source=str(path))
@@ -173,9 +198,17 @@ def analyze(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; give a directory for the report.")
+    with folder_lock(out, "analyze"):
+        return _analyze(series, out, config, train_tokens, test_tokens, labels_of, progress)
+
+
+def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_tokens, test_tokens, labels_of,
+             progress: bool) -> AnalysisResult:
+    """`analyze` once its inputs are checked and it holds `out`'s lock."""
+    _keep_apart(out, series)
     store, results = out / "store", out / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    atomic_write(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     say = (lambda msg: tqdm.write(f"[analyze] {msg}", file=sys.stderr)) if progress else (lambda msg: None)
     sgld = SGLDConfig(epsilon=config.epsilon, gamma=config.gamma, nbeta=config.nbeta, num_chains=config.num_chains,
                       num_draws=config.num_draws, num_burnin=config.num_burnin, batch_size=config.batch_size,
@@ -224,7 +257,7 @@ def analyze(
     for name, frame in (("llc", llc), ("metrics", metrics), ("head_classes", classes),
                         ("stages", stages_frame(stages)), ("essential_dynamics", ed.frame()),
                         ("loss_differences", loss_differences)):
-        frame.to_csv(results / f"{name}.csv", index=False)
+        atomic_write(results / f"{name}.csv", frame.to_csv(index=False))
     result.report = analysis_report(result, out / "report.html", figures_dir=out / "figures")
     say(f"report: {result.report}")
     return result
@@ -252,7 +285,34 @@ def _as_config(config, overrides: dict[str, Any]) -> AnalysisConfig:
         config = AnalysisConfig.from_file(config)
     elif not isinstance(config, AnalysisConfig):
         raise TypeError(f"config must be an AnalysisConfig, a dict or a config file path; got {type(config).__name__}.")
-    return AnalysisConfig.from_dict({**dataclasses.asdict(config), **overrides}, source="the overrides")
+    return AnalysisConfig.from_dict({**dataclasses.asdict(config), **overrides}, source="the arguments")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """`value` as the option's declared type (int, float, str, list[str], dict[str, float], or None where
+    allowed), or a TypeError naming the option and the expected type."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None and optional:
+        return None
+    kind = next(a for a in args if a is not type(None)) if optional else hint
+    origin = typing.get_origin(kind) or kind
+    ok, expected = {
+        int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+        float: (_is_number, "a number"),
+        str: (lambda v: isinstance(v, str), "a string"),
+        list: (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings"),
+        dict: (lambda v: isinstance(v, dict) and all(map(_is_number, v.values())), "a mapping of names to numbers"),
+    }[origin]
+    if value is None or not ok(value):
+        hint_ = f" (for one head: [{value!r}])" if origin is list and isinstance(value, str) else ""
+        raise TypeError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r} "
+                        f"({type(value).__name__}){hint_}.")
+    return float(value) if origin is float else list(value) if origin is list else value
 
 
 def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
@@ -271,7 +331,40 @@ def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
     if len(series) < need:
         raise SeriesError(f"The series has {len(series)} checkpoints; an analysis needs at least {need} "
                           f"(stages and essential dynamics are curves over checkpoints). Save more checkpoints.")
+    if config.attention_heads:  # heads must exist before minutes of sampling, not after
+        model = series.load(series.steps[0])
+        for h in config.attention_heads:
+            check_head(model, *parse_head(h))
     return series
+
+
+def _keep_apart(out: Path, series: CheckpointSeries) -> None:
+    """When `out` holds the analysis of another series, move its results, figures and report to
+    `out/previous-N/` and say so (its stored per-checkpoint results stay: they are keyed by weights);
+    then record which series `out` is about (each step's fingerprint in `out/series.json`)."""
+    record = out / "series.json"
+    ours = {str(s): series.fingerprint(s) for s in series.steps}
+    try:
+        theirs = json.loads(record.read_text())["fingerprints"] if record.exists() else None
+    except (ValueError, KeyError, TypeError):
+        theirs = {}  # damaged: treat as another series
+    outputs = [out / n for n in ("results", "figures", "report.html", "config.json", "series.json")]
+    if theirs is None and not (out / "results").exists():
+        other = False  # a new folder
+    else:
+        common = set(ours) & set(theirs or {})
+        other = not common or any(ours[s] != theirs[s] for s in common)
+    if other:
+        aside = next(out / f"previous-{k}" for k in range(1, 10**6) if not (out / f"previous-{k}").exists())
+        aside.mkdir()
+        for path in outputs:
+            if path.exists():
+                os.replace(path, aside / path.name)
+        warnings.warn(f"{out} held the analysis of another series (other checkpoint weights); its results, figures "
+                      f"and report are now in {aside}, and none of its numbers is used for this series.",
+                      StoreWarning, stacklevel=3)
+    atomic_write(record, json.dumps({"series": repr(series), "fingerprints": ours}, indent=2))
+
 
 
 def _data(series: CheckpointSeries, data, config: AnalysisConfig):

@@ -1,9 +1,15 @@
-"""The `tl-devinterp` command: one subcommand per job (train, analyze, demo)."""
+"""The `tl-devinterp` command: one subcommand per job (train, analyze, demo).
+
+A library error (bad input, damaged file, full disk, read-only folder, busy folder, diverged sampler) ends a
+command with one line naming the problem, the file or option, and the fix, and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import warnings
 from functools import partialmethod
 
 from tqdm.std import tqdm
@@ -15,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     for add in (_add_train, _add_analyze, _add_demo):
         add(sub)
     args = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"tl-devinterp {args.command}: warning: {message}\n"
     if getattr(args, "quiet", False):  # every progress bar of every module, as tqdm's FAQ suggests
         tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)
     return args.run(args) or 0
@@ -38,7 +45,8 @@ def _run_train(args) -> None:
     from .training import train
 
     overrides = {k: v for k, v in (("n_steps", args.n_steps), ("lr", args.lr), ("seed", args.seed)) if v is not None}
-    series = train(args.out, args.preset, overwrite=args.overwrite, device=args.device, **overrides)
+    with _clear_errors("train"):
+        series = train(args.out, args.preset, overwrite=args.overwrite, device=args.device, **overrides)
     print(f"wrote {series} to {args.out}")
 
 
@@ -108,7 +116,7 @@ def _run_demo(args) -> None:
 
 
 class _clear_errors:
-    """Turn the library's input errors (which name the problem and the fix) into a message and exit 2."""
+    """Turn the library's errors (which name the problem and the fix) into one line on stderr and exit 2."""
 
     def __init__(self, command: str):
         self.command = command
@@ -117,9 +125,24 @@ class _clear_errors:
         return self
 
     def __exit__(self, kind, error, tb):
-        if kind is not None and issubclass(kind, (ValueError, TypeError, FileNotFoundError, NotADirectoryError)):
-            print(f"tl-devinterp {self.command}: error: {error}", file=sys.stderr)
+        from .sampling import LLCDivergenceError
+        from .store import FolderInUseError
+
+        if kind is not None and issubclass(kind, (ValueError, TypeError, OSError, FolderInUseError, LLCDivergenceError)):
+            print(f"tl-devinterp {self.command}: error: {_one_line(error)}", file=sys.stderr)
             raise SystemExit(2)
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message, with the fix for a full disk or an unwritable folder, and its notes (the step)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        text = f"no space left on the device writing {error.filename}: free some space, or choose another folder."
+    elif isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        text = (f"cannot write {error.filename} ({error.strerror}): choose a writable folder, or fix its "
+                f"permissions.")
+    else:
+        text = str(error)
+    return " ".join([text, *getattr(error, "__notes__", [])]).replace("\n", " ")
 
 
 if __name__ == "__main__":

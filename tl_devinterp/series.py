@@ -14,16 +14,16 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .models import ModelConfig, build_model, check_model, tl_parameter_names
+from .store import file_sha256, fingerprint
 
 MANIFEST = "manifest.json"
 FORMAT = "tl_devinterp.series/1"
@@ -40,7 +40,8 @@ class CheckpointSeries:
     keeps are in memory. Iterating yields `(step, model)` in step order.
     """
 
-    def __init__(self, steps: Sequence[int], loader: Callable[[int], nn.Module], *, meta: dict | None = None):
+    def __init__(self, steps: Sequence[int], loader: Callable[[int], nn.Module], *, meta: dict | None = None,
+                 fingerprint: Callable[[int], str] | None = None):
         steps = [int(s) for s in steps]
         if not steps:
             raise SeriesError("The checkpoint series is empty: give at least one checkpoint.")
@@ -48,6 +49,9 @@ class CheckpointSeries:
             raise SeriesError(f"Duplicate steps in the series: {sorted(steps)}.")
         self.steps: list[int] = sorted(steps)
         self._loader = loader
+        self._fingerprint = fingerprint
+        self._fingerprints: dict[int, str] = {}  # content hashes of loaded models, when no `fingerprint` is given
+        self._held: tuple[int, nn.Module] | None = None  # the model `fingerprint` loaded, until `load` takes it
         self.meta: dict[str, Any] = meta or {}
 
     def __len__(self) -> int:
@@ -61,18 +65,49 @@ class CheckpointSeries:
             yield step, self.load(step)
 
     def load(self, step: int) -> nn.Module:
-        if step not in self.steps:
-            raise KeyError(f"Step {step} is not in the series; available steps: {self.steps}.")
+        """The model at `step`; NaN or inf weights are refused, naming the step."""
+        self._check_step(step)
+        if self._held is not None and self._held[0] == step:  # loaded by `fingerprint` just before
+            model, self._held = self._held[1], None
+            return model
         model = self._loader(step)
+        params = dict(model.named_parameters())
+        bad = [name for name, own in tl_parameter_names(model).items() if not torch.isfinite(params[own]).all()]
+        if bad:
+            raise SeriesError(
+                f"The checkpoint at step {step} has NaN or inf weights ({', '.join(bad[:3])}): training diverged "
+                f"there or the file is damaged. Leave the step out (series.subset(...)) or retrain from an earlier one."
+            )
+        if self._fingerprint is None and step not in self._fingerprints:
+            self._fingerprints[step] = _state_fingerprint(model)
         model.eval()
         return model
+
+    def fingerprint(self, step: int) -> str:
+        """A hash of the checkpoint's contents: results are reused only for the weights they were computed for.
+
+        The source's own (the sha256 recorded in a manifest, a file's hash) or, by default, a hash of the loaded
+        model's tensors (computed once per step).
+        """
+        self._check_step(step)
+        if self._fingerprint is not None:
+            return self._fingerprint(step)
+        if step not in self._fingerprints:
+            self._held = None
+            self._held = (step, self.load(step))  # kept for the `load(step)` that usually follows
+        return self._fingerprints[step]
 
     def subset(self, steps: Sequence[int]) -> CheckpointSeries:
         """The same series restricted to `steps`."""
         for s in steps:
-            if s not in self.steps:
-                raise KeyError(f"Step {s} is not in the series; available steps: {self.steps}.")
-        return CheckpointSeries(steps, self._loader, meta=self.meta)
+            self._check_step(s)
+        sub = CheckpointSeries(steps, self._loader, meta=self.meta, fingerprint=self._fingerprint)
+        sub._fingerprints = self._fingerprints
+        return sub
+
+    def _check_step(self, step: int) -> None:
+        if step not in self.steps:
+            raise KeyError(f"Step {step} is not in the series; available steps: {self.steps}.")
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
@@ -87,32 +122,24 @@ class CheckpointSeries:
                 else ""
             )
             raise SeriesError(f"{manifest_file} not found: {path} is not a series written by tl_devinterp.{hint}")
-        try:
-            manifest = json.loads(manifest_file.read_text())
-        except json.JSONDecodeError as e:
-            raise SeriesError(f"{manifest_file} is not valid JSON ({e}); the series directory is damaged.") from e
-        if manifest.get("format") != FORMAT:
-            raise SeriesError(f"{manifest_file} has format {manifest.get('format')!r}; expected {FORMAT!r}.")
+        manifest = read_manifest(manifest_file)
         try:
             config = ModelConfig.from_dict(manifest["model_config"])
         except (KeyError, TypeError, ValueError) as e:
             raise SeriesError(f"{manifest_file}: bad or missing 'model_config' ({e}).") from e
-        files = {int(s): path / f for s, f in manifest.get("checkpoints", {}).items()}
-        if not files:
-            raise SeriesError(f"{manifest_file} lists no checkpoints: the series is empty.")
-        absent = [str(f) for f in files.values() if not f.exists()]
-        if absent:
-            raise SeriesError(
-                f"The manifest {manifest_file} lists checkpoints whose files are missing: {absent}. "
-                f"Restore them, or remove their entries from the manifest."
-            )
+        files = _checkpoint_files(path, manifest, manifest_file)
+        recorded = manifest.get("sha256", {})  # absent in series written before checksums were recorded
 
         def load(step: int) -> nn.Module:
             model = build_model(config)
-            _load_state(model, _read_safetensors(files[step]), files[step])
+            _load_state(model, load_checkpoint_state(files[step], sha256=recorded.get(str(step)), step=step),
+                        files[step])
             return model
 
-        return cls(sorted(files), load, meta=manifest)
+        def content_hash(step: int) -> str:
+            return recorded.get(str(step)) or file_sha256(files[step])
+
+        return cls(sorted(files), load, meta=manifest, fingerprint=content_hash)
 
     @classmethod
     def from_tl_save_dir(cls, path: str | os.PathLike, config: Any) -> CheckpointSeries:
@@ -139,7 +166,7 @@ class CheckpointSeries:
             _load_state(model, _read_torch(files[step]), files[step])
             return model
 
-        return cls(sorted(files), load, meta={"source": str(path)})
+        return cls(sorted(files), load, meta={"source": str(path)}, fingerprint=lambda step: file_sha256(files[step]))
 
     @classmethod
     def from_models(cls, models: Sequence[nn.Module], steps: Sequence[int]) -> CheckpointSeries:
@@ -156,8 +183,8 @@ class CheckpointSeries:
                     f"The model at step {s} has a different architecture from the one at step {steps[0]} "
                     f"({_shape_diff(shapes[0], sh)}); a series holds one architecture."
                 )
-        by_step = dict(zip(steps, models))
-        return cls(steps, by_step.__getitem__)
+        by_step = dict(zip(steps, models))  # fingerprinted on each call: a model in memory may change
+        return cls(steps, by_step.__getitem__, fingerprint=lambda step: _state_fingerprint(by_step[step]))
 
     @classmethod
     def from_pretrained(
@@ -212,8 +239,8 @@ class CheckpointSeries:
         `pytorch_model.bin`, read with `torch.load(weights_only=True)`); the optimizer, scheduler, RNG state
         and training arguments beside them are never read. `tokenizer` is a name/path for `AutoTokenizer`, or
         a tokenizer it loaded; default: the one saved in `run_dir` or its checkpoints. Models are
-        loaded on `device` (default CPU). `meta["fingerprints"][step]` is a hash of that step's weight files,
-        computed when first read.
+        loaded on `device` (default CPU). `series.fingerprint(step)` is the sha256 of that step's weight
+        files (all shards), computed when first asked for.
         """
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
@@ -233,9 +260,10 @@ class CheckpointSeries:
             return TransformerBridge.boot_transformers(str(folder), hf_model=hf_model, tokenizer=tokenizer,
                                                        device=device or "cpu")  # reads the safetensors itself
 
-        fingerprints = _Lazy(sorted(folders), lambda step: _file_digest(weights[step]))
-        meta = {"source": str(run_dir), "fingerprints": fingerprints}
-        return cls(sorted(folders), load, meta=meta)
+        def content(step: int) -> str:
+            return hashlib.sha256("".join(file_sha256(f) for f in weights[step]).encode()).hexdigest()
+
+        return cls(sorted(folders), load, meta={"source": str(run_dir)}, fingerprint=content)
 
     @classmethod
     def _from_hub_revisions(
@@ -254,9 +282,8 @@ class CheckpointSeries:
         def load(step: int) -> nn.Module:
             return TransformerBridge.boot_transformers(model_name, revision=by_step[step], **kwargs)
 
-        meta = {"source": model_name, "revisions": by_step,
-                "fingerprints": _Lazy(sorted(by_step), lambda step: _hub_commit(model_name, by_step[step]))}
-        return cls(steps, load, meta=meta)
+        return cls(steps, load, meta={"source": model_name, "revisions": by_step},
+                   fingerprint=functools.cache(lambda step: _hub_commit(model_name, by_step[step])))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,11 +304,82 @@ def _builder(config: Any) -> Callable[[], nn.Module]:
     )
 
 
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def read_manifest(file: Path) -> dict[str, Any]:
+    """A series manifest as a dict, refusing damage: invalid JSON, duplicate keys, another shape or format."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"duplicate entries {repeated}")
+        return dict(pairs)
+
     try:
-        return load_file(str(file))
+        manifest = json.loads(file.read_text(), object_pairs_hook=no_duplicates)
+    except (ValueError, UnicodeDecodeError) as e:
+        what = f"is not valid JSON ({e})" if isinstance(e, json.JSONDecodeError) else f"is damaged ({e})"
+        raise SeriesError(f"{file} {what}: restore it, or retrain the series.") from e
+    if not isinstance(manifest, dict):
+        raise SeriesError(f"{file} holds a JSON {type(manifest).__name__}, not the object of a series manifest: "
+                          f"restore it, or retrain the series.")
+    if manifest.get("format") != FORMAT:
+        raise SeriesError(f"{file} has format {manifest.get('format')!r}; expected {FORMAT!r}.")
+    for key in ("checkpoints", "sha256"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise SeriesError(f"{file}: {key!r} must map steps to {'file names' if key == 'checkpoints' else 'sha256'} "
+                              f"(got a {type(manifest[key]).__name__}); restore the manifest.")
+    return manifest
+
+
+def _checkpoint_files(path: Path, manifest: dict[str, Any], manifest_file: Path) -> dict[int, Path]:
+    """step -> checkpoint file, each inside the series folder, present, and listed once under its own step."""
+    files: dict[int, Path] = {}
+    for key, name in manifest.get("checkpoints", {}).items():
+        if not re.fullmatch(r"\d+", key) or not isinstance(name, str):
+            raise SeriesError(f"{manifest_file}: bad checkpoint entry {key!r}: {name!r}; entries map a step to a "
+                              f"file name in the folder. Restore the manifest.")
+        step, file = int(key), path / name
+        if path.resolve() not in file.resolve().parents:
+            raise SeriesError(f"{manifest_file}: step {step}'s checkpoint {name!r} lies outside the series folder "
+                              f"{path}; a manifest names files inside its folder. Fix the entry.")
+        own = re.fullmatch(r"step_(\d+)\.safetensors", file.name)
+        if own and int(own.group(1)) != step:
+            raise SeriesError(f"{manifest_file}: step {step} names {name}, the file of step {int(own.group(1))}: "
+                              f"entries are swapped or edited. Restore the manifest.")
+        files[step] = file
+    if not files:
+        raise SeriesError(f"{manifest_file} lists no checkpoints: the series is empty.")
+    by_file: dict[Path, list[int]] = {}
+    for step, file in files.items():
+        by_file.setdefault(file.resolve(), []).append(step)
+    shared = {str(f): s for f, s in by_file.items() if len(s) > 1}
+    if shared:
+        raise SeriesError(f"{manifest_file} lists one file for several steps ({shared}): entries are duplicated. "
+                          f"Restore the manifest.")
+    absent = [str(f) for f in files.values() if not f.exists()]
+    if absent:
+        raise SeriesError(
+            f"The manifest {manifest_file} lists checkpoints whose files are missing: {absent}. "
+            f"Restore them, or remove their entries from the manifest."
+        )
+    return files
+
+
+def load_checkpoint_state(file: Path, *, sha256: str | None = None, step: int | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors checkpoint, checked against the sha256 and the step its manifest records."""
+    if sha256 is not None and file_sha256(file) != sha256:
+        raise SeriesError(f"Checkpoint {file} (step {step}) is corrupt or was replaced: its sha256 differs from "
+                          f"the one its manifest records. Restore it, or retrain the series.")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            saved = (f.metadata() or {}).get("step")
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
     except (SafetensorError, OSError, ValueError) as e:
         raise SeriesError(f"Checkpoint {file} is corrupt or unreadable ({e}). Re-save or remove it.") from e
+    if step is not None and saved is not None and saved != str(step):
+        raise SeriesError(f"Checkpoint {file} holds step {saved} but its manifest lists it as step {step}: entries "
+                          f"are swapped or edited. Restore the manifest.")
+    return state
 
 
 def _read_torch(file: Path) -> dict[str, torch.Tensor]:
@@ -328,6 +426,12 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], file: Path) ->
     model.load_state_dict(state, strict=False)
 
 
+def _state_fingerprint(model: nn.Module) -> str:
+    """A hash of a model's tensors in name order."""
+    state = model.state_dict()
+    return fingerprint(*(state[k] for k in sorted(state)))
+
+
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
@@ -362,24 +466,6 @@ def _load_pretrained(model_name: str, step: int, **kwargs: Any) -> nn.Module:
 
 # --------------------------------------------------------------------------------------------------
 # Hugging Face sources
-
-
-class _Lazy(Mapping):
-    """A read-only dict whose values are computed when first read (hashes of large files, hub look-ups)."""
-
-    def __init__(self, keys, compute: Callable[[Any], Any]):
-        self._keys, self._compute = list(keys), functools.cache(compute)
-
-    def __getitem__(self, key):
-        if key not in self._keys:
-            raise KeyError(key)
-        return self._compute(key)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
 
 def _hf_weight_files(folder: Path) -> list[Path]:
@@ -428,16 +514,6 @@ def _hf_tokenizer(tokenizer: Any, folders: list[Path]) -> Any:
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     return tokenizer
-
-
-def _file_digest(files: list[Path]) -> str:
-    """sha256 of the files' contents, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            while block := f.read(2**20):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _revision_step(revision: str) -> int:
