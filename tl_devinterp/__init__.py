@@ -26,6 +26,7 @@ from .dynamics import (
     osculating_circles,
     stages_frame,
 )
+from .interventions import Intervention
 
 # metrics
 from .metrics import (
@@ -73,7 +74,7 @@ __all__ = [
     # series
     "ModelConfig", "build_model", "clone_model", "head_slices", "head_weights", "parse_head",
     "make_data", "markov_tokens", "pack_texts", "plant_repeats", "repeated_random_tokens", "stdlib_texts",
-    "train_tokenizer", "PRESETS", "TrainConfig", "train", "CheckpointSeries", "SeriesError", "ResultStore",
+    "train_tokenizer", "PRESETS", "TrainConfig", "train", "Intervention", "CheckpointSeries", "SeriesError", "ResultStore",
     # sampling
     "LLCDivergenceError", "LLCResult", "calibrate_llc", "contains_repeated_span", "default_nbeta",
     "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration",

@@ -108,22 +108,27 @@ class AnalysisConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> AnalysisConfig:
         """A JSON (`.json`) or TOML (`.toml`) file of option: value pairs."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Config file {path} not found.")
-        if path.suffix == ".json":
-            d = json.loads(path.read_text())
-        elif path.suffix == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                raise ValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
-            d = tomllib.loads(path.read_text())
-        else:
-            raise ValueError(f"Config file {path} must end in .json or .toml.")
-        if not isinstance(d, dict):
-            raise ValueError(f"Config file {path} must hold a table of option: value pairs.")
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_config_file(path), source=str(path))
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The option: value table of a JSON (`.json`) or TOML (`.toml`) config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} not found.")
+    if path.suffix == ".json":
+        d = json.loads(path.read_text())
+    elif path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise ValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
+        d = tomllib.loads(path.read_text())
+    else:
+        raise ValueError(f"Config file {path} must end in .json or .toml.")
+    if not isinstance(d, dict):
+        raise ValueError(f"Config file {path} must hold a table of option: value pairs.")
+    return d
 
 
 @dataclass
