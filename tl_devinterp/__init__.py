@@ -6,6 +6,9 @@ dynamics (essential dynamics, stages) -> visualisation and report -> command lin
 
 # series: models, data, training, checkpoint series
 from .analysis import AnalysisConfig, AnalysisResult, analyze, demo
+
+# dynamics
+from .compare import SeriesComparison, compare_series
 from .data import (
     make_data,
     markov_tokens,
@@ -15,11 +18,11 @@ from .data import (
     stdlib_texts,
     train_tokenizer,
 )
-
-# dynamics
 from .dynamics import (
     EDResult,
+    HeadClusters,
     Stage,
+    cluster_heads,
     essential_dynamics,
     evolute_cusps,
     find_stages,
@@ -66,7 +69,7 @@ from .training import PRESETS, TrainConfig, train
 # visualisation, report, analysis
 from .visualisation.attention import AttentionView, attention_patterns, attention_view
 from .visualisation.dynamics import plot_essential_dynamics, plot_llc_stages
-from .visualisation.heads import plot_head_llcs, plot_head_scores
+from .visualisation.heads import plot_head_clusters, plot_head_llcs, plot_head_scores
 from .visualisation.report import analysis_report
 from .visualisation.tokens import loss_difference_html
 
@@ -84,8 +87,9 @@ __all__ = [
     "prefix_matching_scores", "previous_token_scores",
     # dynamics
     "EDResult", "Stage", "essential_dynamics", "evolute_cusps", "find_stages", "osculating_circles", "stages_frame",
+    "HeadClusters", "cluster_heads",
     # visualisation, report, analysis
     "AttentionView", "attention_patterns", "attention_view", "plot_essential_dynamics", "plot_llc_stages",
-    "plot_head_llcs", "plot_head_scores", "analysis_report", "loss_difference_html",
-    "AnalysisConfig", "AnalysisResult", "analyze", "demo",
+    "plot_head_llcs", "plot_head_scores", "plot_head_clusters", "analysis_report", "loss_difference_html",
+    "AnalysisConfig", "AnalysisResult", "analyze", "demo", "SeriesComparison", "compare_series",
 ]

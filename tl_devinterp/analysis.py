@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .data import BOS, make_data, spec_tokenizer, token_tensor
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
+from .dynamics.trajectories import HeadClusters, cluster_heads
 from .metrics import classify_heads, metrics_over_series, per_token_loss
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import head_name, parse_head
@@ -71,6 +72,7 @@ class AnalysisConfig:
     # head scores and classes
     n_seqs: int = _opt(64, "probe sequences of the head scores")
     thresholds: dict[str, float] = _opt({}, "classify_heads thresholds as JSON, e.g. '{\"prefix_matching\": 0.2}'")
+    n_clusters: int = _opt(3, "cluster_heads: groups of heads by their rLLC and score trajectories (0: none)")
     # dynamics
     n_components: int = _opt(3, "essential dynamics: principal components")
     ed_sigma: float | None = _opt(None, "essential dynamics: smoothing width in checkpoints (default: its own)")
@@ -83,6 +85,8 @@ class AnalysisConfig:
         for name in ("n_sequences", "num_chains", "num_draws", "batch_size", "n_seqs", "n_components"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.n_clusters < 0:
+            raise ValueError(f"n_clusters must be >= 0 (0: no head clustering), got {self.n_clusters}.")
         if self.head_steps is not None and self.head_steps < 0:
             raise ValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
         if self.attention_heads is not None:
@@ -146,6 +150,7 @@ class AnalysisResult:
     out_dir: Path
     title: str = "tl_devinterp report"
     report: Path | None = None
+    head_clusters: HeadClusters | None = None  # heads grouped by trajectory (cluster_heads)
 
 
 def analyze(
@@ -190,6 +195,9 @@ def analyze(
     metrics = metrics_over_series(series, tokens=test_tokens, data=train_tokens, store_dir=store,
                                   n_seqs=config.n_seqs, seed=config.seed)
     classes = classify_heads(metrics, thresholds=config.thresholds)
+    n_heads = len(metrics.dropna(subset=["layer"])[["layer", "head"]].drop_duplicates())
+    clusters = (cluster_heads([llc, metrics], n_clusters=config.n_clusters, classes=classes)
+                if config.n_clusters and n_heads >= 2 else None)
 
     model_llc = llc[llc["scope"] == "model"]
     stages = find_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), sigma=config.stage_sigma,
@@ -215,10 +223,11 @@ def analyze(
 
     result = AnalysisResult(llc=llc, metrics=metrics, head_classes=classes, stages=stages, ed=ed,
                             loss_differences=loss_differences, attention=attention, sample_tokens=sample_labels,
-                            out_dir=out, title=f"tl_devinterp report: {series!r}")
+                            out_dir=out, title=f"tl_devinterp report: {series!r}", head_clusters=clusters)
     for name, frame in (("llc", llc), ("metrics", metrics), ("head_classes", classes),
                         ("stages", stages_frame(stages)), ("essential_dynamics", ed.frame()),
-                        ("loss_differences", loss_differences)):
+                        ("loss_differences", loss_differences),
+                        ("head_clusters", clusters.assignments if clusters else pd.DataFrame())):
         frame.to_csv(results / f"{name}.csv", index=False)
     result.report = analysis_report(result, out / "report.html", figures_dir=out / "figures")
     say(f"report: {result.report}")
