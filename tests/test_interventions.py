@@ -152,3 +152,21 @@ def test_the_cli_reads_interventions_from_the_config_file(tmp_path):
     assert main(["train", "--preset", "quick", "--out", str(tmp_path / "s"), "--config", str(config)]) == 0
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["train_config"]["interventions"] == [item] and manifest["train_config"]["n_steps"] == 3
+
+
+def test_an_intervened_series_replays_its_clamps_on_any_input(tmp_path, plain_dir):
+    """The clamped head scores as it ran in training only through `intervened`, not by its saved weights."""
+    from tl_devinterp import previous_token_scores
+    from tl_devinterp.interventions import intervened
+
+    previous = torch.zeros(32, 32)
+    previous[0, 0] = 1
+    previous[torch.arange(1, 32), torch.arange(31)] = 1
+    series = train(tmp_path, "quick", progress=False, n_steps=4,
+                   interventions=[Intervention("blocks.0.attn.hook_pattern", "clamp", head=0, value=previous, end=4)])
+    view = intervened(series)
+    assert previous_token_scores(view.load(3), n_seqs=4)[0, 0] == 1  # clamp active at step 3
+    assert previous_token_scores(view.load(4), n_seqs=4)[0, 0] < 0.5  # window over at step 4: own weights
+    assert previous_token_scores(series.load(3), n_seqs=4)[0, 0] < 0.5
+    with pytest.raises(ValueError, match="records no interventions"):
+        intervened(CheckpointSeries.from_dir(plain_dir))

@@ -8,11 +8,14 @@ by default the first step with an induction head, prefix-matching score >= 0.3),
 
 Each side is an `AnalysisResult`, an `analyze` output folder (read from its `results/*.csv`), or a series (or
 series folder): then its head scores and loss are measured with `metrics_over_series` on the series' own
-data, and its LLCs with `llc_over_series` when `sgld` options are given.
+data, and its LLCs with `llc_over_series` when `sgld` options are given. For a series trained with
+interventions, pass `interventions.intervened(series)` to measure the networks as they ran in training.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,7 +232,8 @@ def _results(x, label: str, *, data, sgld, store_dir, n_sequences: int, n_seqs: 
         raise TypeError(f"{label} must be an AnalysisResult, an analyze output folder, a CheckpointSeries or a series "
                         f"folder; got {type(x).__name__}.")
     train_tokens, test_tokens, _ = _data(x, data, AnalysisConfig(n_sequences=n_sequences))
-    store = None if store_dir is None else Path(store_dir) / label
+    # one store folder per series (its manifest, so another series under the same label never reuses results)
+    store = None if store_dir is None or not x.meta else Path(store_dir) / f"{label}-{_meta_hash(x.meta)}"
     metrics = metrics_over_series(x, metrics=[*HEAD_METRICS, "loss"], tokens=test_tokens, n_seqs=n_seqs,
                                   store_dir=store)
     if sgld is None:
@@ -238,6 +242,10 @@ def _results(x, label: str, *, data, sgld, store_dir, n_sequences: int, n_seqs: 
     model = llc[llc["scope"] == "model"].sort_values("step")
     stages = find_stages(model["step"].to_numpy(), model["llc_mean"].to_numpy()) if len(model) >= 4 else []
     return llc, metrics, stages
+
+
+def _meta_hash(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _long(llc: pd.DataFrame | None, metrics: pd.DataFrame) -> pd.DataFrame:

@@ -247,3 +247,30 @@ def as_interventions(items: Sequence[Intervention | dict] | None) -> list[Interv
         raise TypeError("interventions must be a list of Interventions (or dicts); wrap the single one in [...].")
     return [i if isinstance(i, Intervention) else Intervention.from_dict(i) for i in items or []]
 
+
+
+def intervened(series):
+    """The series' networks as they ran in training: each loaded model carries, as permanent TransformerLens
+    hooks, the interventions of the series' manifest that are active at its step (a frozen head needs none).
+
+    Measure an intervened series through this view too: a clamped head's saved weights alone never had to
+    produce the pattern it was clamped to. Reference clamps (which need the reference model's activations on
+    each input) are refused.
+    """
+    from .series import CheckpointSeries
+
+    items = as_interventions(series.meta.get("train_config", {}).get("interventions"))
+    if not items:
+        raise ValueError("The series records no interventions in its manifest (train_config.interventions).")
+    if any(isinstance(item.value, dict) for item in items):
+        raise NotImplementedError("Clamps to a reference series cannot be replayed on arbitrary inputs; measure the "
+                                  "saved weights, or clamp to a fixed value.")
+
+    def load(step: int) -> nn.Module:
+        model = series.load(step)
+        for item in items:
+            if item.kind != "freeze" and item.active(step):
+                model.add_hook(item.hook, _hook_fn(item, None), is_permanent=True)
+        return model
+
+    return CheckpointSeries(series.steps, load, meta={**series.meta, "intervened": True})
