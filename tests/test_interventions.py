@@ -165,7 +165,7 @@ def test_an_intervened_series_replays_its_clamps_on_any_input(tmp_path, plain_di
     series = train(tmp_path, "quick", progress=False, n_steps=4,
                    interventions=[Intervention("blocks.0.attn.hook_pattern", "clamp", head=0, value=previous, end=4)])
     view = intervened(series)
-    assert previous_token_scores(view.load(3), n_seqs=4)[0, 0] == 1  # clamp active at step 3
+    assert previous_token_scores(view.load(3), n_seqs=4, seq_len=20)[0, 0] == 1  # clamp active at step 3, cut to 20
     assert previous_token_scores(view.load(4), n_seqs=4)[0, 0] < 0.5  # window over at step 4: own weights
     assert previous_token_scores(series.load(3), n_seqs=4)[0, 0] < 0.5
     with pytest.raises(ValueError, match="records no interventions"):

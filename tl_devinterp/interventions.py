@@ -226,7 +226,7 @@ def _hook_fn(item: Intervention, reference: torch.Tensor | None):
         elif item.kind == "mean":
             new = part.detach().mean(0, keepdim=True).expand_as(part)
         else:
-            new = reference[index] if reference is not None else torch.as_tensor(item.value).to(part)
+            new = reference[index] if reference is not None else _fit(torch.as_tensor(item.value).to(part), part)
             try:
                 new = new.to(part).expand_as(part)
             except RuntimeError:
@@ -239,6 +239,15 @@ def _hook_fn(item: Intervention, reference: torch.Tensor | None):
         return out
 
     return hook
+
+
+def _fit(value: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """A fixed value made for n_ctx positions, cut to a shorter input: positions are causal prefixes, so the
+    first q positions of a full-length pattern are the pattern of a q-token input."""
+    for dim in range(1, min(value.dim(), part.dim()) + 1):
+        if value.shape[-dim] > part.shape[-dim]:
+            value = value.narrow(-dim, 0, part.shape[-dim])
+    return value
 
 
 def as_interventions(items: Sequence[Intervention | dict] | None) -> list[Intervention]:
