@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .data import BOS, make_data, pack_texts, spec_tokenizer, text_files, token_tensor
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
+from .dynamics.trajectories import HeadClusters, cluster_heads
 from .metrics import classify_heads, metrics_over_series, per_token_loss
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import bos_token_id, check_device, check_head, head_name, parse_head
@@ -81,6 +82,7 @@ class AnalysisConfig:
     # head scores and classes
     n_seqs: int = _opt(64, "probe sequences of the head scores")
     thresholds: dict[str, float] = _opt({}, "classify_heads thresholds as JSON, e.g. '{\"prefix_matching\": 0.2}'")
+    n_clusters: int = _opt(3, "cluster_heads: groups of heads by their rLLC and score trajectories (0: none)")
     # dynamics
     n_components: int = _opt(3, "essential dynamics: principal components")
     ed_sigma: float | None = _opt(None, "essential dynamics: smoothing width in checkpoints (default: its own)")
@@ -106,6 +108,8 @@ class AnalysisConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
         if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
+        if self.n_clusters < 0:
+            raise ValueError(f"n_clusters must be >= 0 (0: no head clustering), got {self.n_clusters}.")
         if self.head_steps is not None and self.head_steps < 0:
             raise ValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
         if self.attention_heads is not None:
@@ -135,25 +139,30 @@ class AnalysisConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> AnalysisConfig:
         """A JSON (`.json`) or TOML (`.toml`) file of option: value pairs."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Config file {path} not found.")
-        if path.suffix not in (".json", ".toml"):
-            raise ValueError(f"Config file {path} must end in .json or .toml.")
-        try:
-            if path.suffix == ".json":
-                d = json.loads(path.read_text())
-            else:
-                import tomllib  # Python >= 3.11
+        return cls.from_dict(read_config_file(path), source=str(path))
 
-                d = tomllib.loads(path.read_text())
-        except ImportError:
-            raise ValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
-        except ValueError as e:  # JSONDecodeError, TOMLDecodeError, bad UTF-8
-            raise ValueError(f"Config file {path} cannot be parsed ({e}); fix its syntax.") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"Config file {path} must hold a table of option: value pairs.")
-        return cls.from_dict(d, source=str(path))
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The option: value table of a JSON (`.json`) or TOML (`.toml`) config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} not found.")
+    if path.suffix not in (".json", ".toml"):
+        raise ValueError(f"Config file {path} must end in .json or .toml.")
+    try:
+        if path.suffix == ".json":
+            d = json.loads(path.read_text())
+        else:
+            import tomllib  # Python >= 3.11
+
+            d = tomllib.loads(path.read_text())
+    except ImportError:
+        raise ValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
+    except ValueError as e:  # JSONDecodeError, TOMLDecodeError, bad UTF-8
+        raise ValueError(f"Config file {path} cannot be parsed ({e}); fix its syntax.") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"Config file {path} must hold a table of option: value pairs.")
+    return d
 
 
 @dataclass
@@ -171,6 +180,7 @@ class AnalysisResult:
     out_dir: Path
     title: str = "tl_devinterp report"
     report: Path | None = None
+    head_clusters: HeadClusters | None = None  # heads grouped by trajectory (cluster_heads)
 
 
 def analyze(
@@ -228,6 +238,9 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
     metrics = metrics_over_series(series, tokens=test_tokens, data=train_tokens, store_dir=store,
                                   n_seqs=config.n_seqs, seed=config.seed)
     classes = classify_heads(metrics, thresholds=config.thresholds)
+    n_heads = len(metrics.dropna(subset=["layer"])[["layer", "head"]].drop_duplicates())
+    clusters = (cluster_heads([llc, metrics], n_clusters=config.n_clusters, classes=classes)
+                if config.n_clusters and n_heads >= 2 else None)
 
     model_llc = llc[llc["scope"] == "model"]
     stages = find_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), sigma=config.stage_sigma,
@@ -253,10 +266,11 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
 
     result = AnalysisResult(llc=llc, metrics=metrics, head_classes=classes, stages=stages, ed=ed,
                             loss_differences=loss_differences, attention=attention, sample_tokens=sample_labels,
-                            out_dir=out, title=f"tl_devinterp report: {series!r}")
+                            out_dir=out, title=f"tl_devinterp report: {series!r}", head_clusters=clusters)
     for name, frame in (("llc", llc), ("metrics", metrics), ("head_classes", classes),
                         ("stages", stages_frame(stages)), ("essential_dynamics", ed.frame()),
-                        ("loss_differences", loss_differences)):
+                        ("loss_differences", loss_differences),
+                        ("head_clusters", clusters.assignments if clusters else pd.DataFrame())):
         atomic_write(results / f"{name}.csv", frame.to_csv(index=False))
     result.report = analysis_report(result, out / "report.html", figures_dir=out / "figures")
     say(f"report: {result.report}")

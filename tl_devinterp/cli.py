@@ -33,6 +33,8 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model and write a checkpoint series")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model, data and schedule (default: demo)")
     p.add_argument("--out", required=True, help="series directory to write (a rerun resumes it)")
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of TrainConfig fields replacing the preset's, "
+                   "e.g. interventions = [{hook = 'blocks.0.attn.hook_z', kind = 'zero', head = 1}]; flags win")
     p.add_argument("--n-steps", type=int, help="override the preset's number of training steps")
     p.add_argument("--lr", type=float, help="override the preset's learning rate")
     p.add_argument("--seed", type=int, help="override the preset's seed")
@@ -42,10 +44,13 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> None:
+    from .analysis import read_config_file
     from .training import train
 
-    overrides = {k: v for k, v in (("n_steps", args.n_steps), ("lr", args.lr), ("seed", args.seed)) if v is not None}
     with _clear_errors("train"):
+        overrides = read_config_file(args.config) if args.config else {}
+        overrides.update({k: v for k, v in (("n_steps", args.n_steps), ("lr", args.lr), ("seed", args.seed))
+                          if v is not None})
         series = train(args.out, args.preset, overwrite=args.overwrite, device=args.device, **overrides)
     print(f"wrote {series} to {args.out}")
 

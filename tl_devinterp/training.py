@@ -25,6 +25,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from .data import make_data, spec_tokenizer, token_tensor
+from .interventions import Intervener, Intervention, as_interventions
 from .models import ModelConfig, build_model, check_device, token_cross_entropy
 from .series import FORMAT, MANIFEST, CheckpointSeries, SeriesError, load_checkpoint_state, read_manifest
 from .store import LOCK, TMP_SUFFIX, atomic_write
@@ -45,8 +46,12 @@ class TrainConfig:
     n_linear_checkpoints: int = 20
     eval_batches: int = 4
     seed: int = 0
+    interventions: list[Intervention] = field(default_factory=list)  # see tl_devinterp.interventions
 
     def __post_init__(self):
+        if isinstance(self.model, dict):  # a config file's table
+            self.model = ModelConfig.from_dict(self.model)
+        self.interventions = as_interventions(self.interventions)
         for name in ("n_steps", "batch_size", "eval_batches", "warmup_steps", "n_log_checkpoints",
                      "n_linear_checkpoints", "seed"):
             value, low = getattr(self, name), 1 if name in ("n_steps", "batch_size", "eval_batches") else 0
@@ -58,8 +63,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(dataclasses.replace(self, interventions=[]))
         d["model"] = self.model.to_dict()
+        del d["interventions"]
+        if self.interventions:  # only when present, so plain runs keep their manifests (and resume)
+            d["interventions"] = [i.to_dict() for i in self.interventions]
         return d
 
     @classmethod
@@ -115,7 +123,9 @@ def train(
 ) -> CheckpointSeries:
     """Train from a preset (`demo`, `quick`, `stdlib`) or a `TrainConfig` and return the written series.
 
-    `overrides` replace TrainConfig fields (e.g. `n_steps=500`). Rerunning into the same `out_dir` with
+    `overrides` replace TrainConfig fields (e.g. `n_steps=500`, `interventions=[Intervention(...)]`: with
+    the same seed, batches and initialisation as the run without them, so the pair is a controlled
+    experiment). Rerunning into the same `out_dir` with
     the same config resumes from the last checkpoint; a different config is refused unless `overwrite`.
     """
     if (preset is None) == (config is None):
@@ -128,6 +138,9 @@ def train(
     if unknown:
         raise TypeError(f"Unknown TrainConfig field(s) {unknown}; fields: {[f.name for f in dataclasses.fields(TrainConfig)]}.")
     config = dataclasses.replace(config, **overrides)
+    late = [i.to_dict() for i in config.interventions if i.start >= config.n_steps]
+    if late:
+        raise ValueError(f"Interventions {late} start at or after n_steps={config.n_steps}: they would never act.")
     if config.data.get("seq_len") != config.model.n_ctx:
         raise ValueError(f"data seq_len ({config.data.get('seq_len')}) must equal the model's n_ctx ({config.model.n_ctx}).")
     check_device(device)
@@ -146,6 +159,7 @@ def train(
 
     model = build_model(config.model, device)
     model.train()
+    intervener = Intervener(model, config.interventions, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = checkpoint_schedule(config.n_steps, config.n_log_checkpoints, config.n_linear_checkpoints)
     start = max(map(int, manifest["checkpoints"]), default=-1)
@@ -168,12 +182,13 @@ def train(
         if step == config.n_steps:
             break
         tokens = batch(step)
-        loss = token_cross_entropy(model(tokens), tokens).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in opt.param_groups:  # linear warmup, a function of the step alone
-            group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
-        opt.step()
+        with intervener(step, tokens):  # the interventions active at this step, for its whole update
+            loss = token_cross_entropy(model(tokens), tokens).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in opt.param_groups:  # linear warmup, a function of the step alone
+                group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+            opt.step()
         recent.append(loss.item())
         bar.update()
     bar.close()
