@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import sys
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,7 @@ def analyze(
     config: AnalysisConfig | dict | str | os.PathLike | None = None,
     data: Any = None,
     progress: bool = True,
+    executor: Executor | None = None,
     **overrides: Any,
 ) -> AnalysisResult:
     """Analyse a checkpoint series (or a series directory) into `out_dir`; see the module docstring.
@@ -157,7 +159,9 @@ def analyze(
     `config` is an `AnalysisConfig`, a dict of its fields or a JSON/TOML file; `overrides` replace single
     fields (`analyze(s, out, num_draws=200)`). `data` (token tensor `[n, seq]` or dataset with `input_ids`)
     replaces the series' own data, and is needed for series that do not record theirs. Rerunning into the
-    same `out_dir` resumes: finished checkpoints are read back, not recomputed.
+    same `out_dir` resumes: finished checkpoints are read back, not recomputed. With an `executor` (e.g.
+    `distributed.Client(...).get_executor()`), the per-checkpoint passes run as parallel jobs, with the same
+    results (see `tl_devinterp.parallel`); it is how the work runs, not part of the analysis.
     """
     config = _as_config(config, overrides)
     series = _as_series(series, config)
@@ -178,14 +182,14 @@ def analyze(
     rest = [s for s in series.steps if s not in head_steps]
     llc = pd.concat([
         llc_over_series(series, train_tokens, sgld, heads=True, steps=head_steps, store_dir=store,
-                        device=config.device, progress=progress) if head_steps else None,
+                        device=config.device, progress=progress, executor=executor) if head_steps else None,
         llc_over_series(series, train_tokens, sgld, heads=False, steps=rest, store_dir=store,
-                        device=config.device, progress=progress) if rest else None,
+                        device=config.device, progress=progress, executor=executor) if rest else None,
     ]).sort_values(["step", "scope", "layer", "head"], ignore_index=True)
 
     say("head scores and behavioural metrics")
     metrics = metrics_over_series(series, tokens=test_tokens, data=train_tokens, store_dir=store,
-                                  n_seqs=config.n_seqs, seed=config.seed)
+                                  n_seqs=config.n_seqs, seed=config.seed, executor=executor, progress=progress)
     classes = classify_heads(metrics, thresholds=config.thresholds)
 
     model_llc = llc[llc["scope"] == "model"]
@@ -193,7 +197,8 @@ def analyze(
                          min_prominence=config.stage_min_prominence)
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
     ed = essential_dynamics(series, test_tokens, n_components=config.n_components, sigma=config.ed_sigma,
-                            seed=config.seed, device=config.device, store_dir=store)
+                            seed=config.seed, device=config.device, store_dir=store, executor=executor,
+                            progress=progress)
 
     sample = test_tokens[config.sample_index]
     sample_labels = labels_of(sample)

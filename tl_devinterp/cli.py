@@ -57,6 +57,10 @@ def _add_analyze(sub) -> None:
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for results, figures and report")
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file of analysis options")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=int, metavar="N", help="run the checkpoints on a local Dask cluster of N "
+                   "single-thread processes (needs tl_devinterp[dask])")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run the checkpoints on the Dask cluster whose scheduler "
+                   "is at ADDRESS, e.g. tcp://10.0.0.1:8786")
     hints = typing.get_type_hints(AnalysisConfig)
     for f in dataclasses.fields(AnalysisConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -76,12 +80,14 @@ def _add_analyze(sub) -> None:
 
 def _run_analyze(args) -> None:
     from .analysis import AnalysisConfig, analyze
+    from .parallel import dask_executor
 
-    fixed = {"series", "out", "config", "quiet", "run", "command"}
+    fixed = {"series", "out", "config", "quiet", "workers", "scheduler", "run", "command"}
     overrides = {k: v for k, v in vars(args).items() if k not in fixed}
-    with _clear_errors("analyze"):
+    with _clear_errors("analyze"), dask_executor(workers=args.workers, scheduler=args.scheduler) as executor:
         config = AnalysisConfig.from_file(args.config) if args.config else None
-        result = analyze(args.series, args.out, config=config, progress=not args.quiet, **overrides)
+        result = analyze(args.series, args.out, config=config, progress=not args.quiet, executor=executor,
+                         **overrides)
     print(result.report)
 
 
@@ -113,7 +119,7 @@ class _clear_errors:
         return self
 
     def __exit__(self, kind, error, tb):
-        if kind is not None and issubclass(kind, (ValueError, TypeError, FileNotFoundError, NotADirectoryError)):
+        if kind is not None and issubclass(kind, (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError)):
             print(f"tl-devinterp {self.command}: error: {error}", file=sys.stderr)
             raise SystemExit(2)
 

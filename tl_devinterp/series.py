@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +105,8 @@ class CheckpointSeries:
                 f"Restore them, or remove their entries from the manifest."
             )
 
-        def load(step: int) -> nn.Module:
-            model = build_model(config)
-            _load_state(model, _read_safetensors(files[step]), files[step])
-            return model
-
-        return cls(sorted(files), load, meta=manifest)
+        return cls(sorted(files), partial(_load_file, partial(build_model, config), _read_safetensors, files),
+                   meta=manifest)
 
     @classmethod
     def from_tl_save_dir(cls, path: str | os.PathLike, config: Any) -> CheckpointSeries:
@@ -129,14 +126,7 @@ class CheckpointSeries:
                 files[int(m.group(1))] = f
         if not files:
             raise SeriesError(f"No model_{{step}}.pt files in {path}: the series is empty.")
-        build = _builder(config)
-
-        def load(step: int) -> nn.Module:
-            model = build()
-            _load_state(model, _read_torch(files[step]), files[step])
-            return model
-
-        return cls(sorted(files), load, meta={"source": str(path)})
+        return cls(sorted(files), partial(_load_file, _builder(config), _read_torch, files), meta={"source": str(path)})
 
     @classmethod
     def from_models(cls, models: Sequence[nn.Module], steps: Sequence[int]) -> CheckpointSeries:
@@ -180,28 +170,34 @@ class CheckpointSeries:
         if unknown:
             raise SeriesError(f"{model_name} has no checkpoints {unknown}; available: {labels}.")
 
-        def load(step: int) -> nn.Module:
-            return _load_pretrained(model_name, step, **kwargs)
-
-        return cls(checkpoint_values, load, meta={"source": model_name})
+        return cls(checkpoint_values, partial(_load_pretrained, model_name, **kwargs), meta={"source": model_name})
 
 
 # --------------------------------------------------------------------------------------------------
 def _builder(config: Any) -> Callable[[], nn.Module]:
     if isinstance(config, (ModelConfig, dict)):
-        return lambda: build_model(config)
+        return partial(build_model, config)
     kind = type(config).__name__
     if kind == "TransformerBridgeConfig":
         from transformer_lens.model_bridge import TransformerBridge
 
-        return lambda: TransformerBridge.boot_native(config)
+        return partial(TransformerBridge.boot_native, config)
     if kind == "HookedTransformerConfig":
         from transformer_lens import HookedTransformer
 
-        return lambda: HookedTransformer(config)
+        return partial(HookedTransformer, config)
     raise TypeError(
         f"config must be a ModelConfig, a dict of its fields, or a TransformerLens config; got {kind}."
     )
+
+
+def _load_file(build: Callable[[], nn.Module], read: Callable[[Path], dict], files: dict[int, Path],
+               step: int) -> nn.Module:
+    """Build a model and load the step's file into it. Loaders are partials of module-level functions, not
+    closures, so that a series pickles and its checkpoints can be loaded on another process or machine."""
+    model = build()
+    _load_state(model, read(files[step]), files[step])
+    return model
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -98,25 +99,33 @@ def map_series(
     store: ResultStore | None = None,
     steps: list[int] | None = None,
     desc: str = "checkpoints",
+    executor: Executor | None = None,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Run `compute(step, model)` on each checkpoint (one model in memory at a time) and concatenate.
 
     With a `store`, finished steps are read back instead of recomputed and each new result is saved as
-    soon as it is done. The returned frame always has a `step` column first.
+    soon as it is done. With an `executor` (see `tl_devinterp.parallel`), the steps to do run as parallel
+    jobs and each result is saved here as it arrives. The returned frame always has a `step` column first,
+    rows in step order.
     """
     todo = list(series.steps if steps is None else steps)
     missing = [s for s in todo if s not in set(series.steps)]
     if missing:
         raise ValueError(f"Steps {missing} are not in the series; available steps: {series.steps}.")
-    frames = []
-    for step in tqdm(todo, desc=desc, unit="ckpt"):
-        if store is not None and store.has(step):
-            frames.append(store.load(step))
-            continue
-        frame = compute(step, series.load(step))
+    frames = {step: store.load(step) for step in todo if store is not None and store.has(step)}
+    rest = [step for step in todo if step not in frames]
+    if executor is None:
+        results = ((step, compute(step, series.load(step)))
+                   for step in tqdm(rest, desc=desc, unit="ckpt", disable=not progress))
+    else:
+        from .parallel import map_steps
+
+        results = map_steps(series, compute, rest, executor, desc=desc, progress=progress)
+    for step, frame in results:
         if "step" not in frame:
             frame.insert(0, "step", step)
         if store is not None:
             store.save(step, frame)
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"step": []})
+        frames[step] = frame
+    return pd.concat([frames[s] for s in todo], ignore_index=True) if todo else pd.DataFrame({"step": []})
