@@ -143,8 +143,7 @@ class CheckpointSeries:
                     f"The model at step {s} has a different architecture from the one at step {steps[0]} "
                     f"({_shape_diff(shapes[0], sh)}); a series holds one architecture."
                 )
-        by_step = dict(zip(steps, models))
-        return cls(steps, by_step.__getitem__)
+        return cls(steps, _InMemory(dict(zip(steps, models))))
 
     @classmethod
     def from_pretrained(
@@ -198,6 +197,31 @@ def _load_file(build: Callable[[], nn.Module], read: Callable[[Path], dict], fil
     model = build()
     _load_state(model, read(files[step]), files[step])
     return model
+
+
+class _InMemory:
+    """The loader of `from_models`. It pickles (to ship a series to parallel workers) through cloudpickle,
+    since TransformerBridge models hold local classes that plain pickle refuses."""
+
+    def __init__(self, models: dict[int, nn.Module]):
+        self.models = models
+
+    def __call__(self, step: int) -> nn.Module:
+        return self.models[step]
+
+    def __reduce__(self):
+        try:
+            import cloudpickle
+        except ImportError:
+            raise ImportError("Shipping in-memory models to workers needs cloudpickle (pip install "
+                              "'tl_devinterp[dask]'), or save them and use CheckpointSeries.from_dir.") from None
+        return _unpickle_models, (cloudpickle.dumps(self.models),)
+
+
+def _unpickle_models(blob: bytes) -> _InMemory:
+    import pickle
+
+    return _InMemory(pickle.loads(blob))
 
 
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
