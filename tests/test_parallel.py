@@ -3,6 +3,7 @@ when a worker or the driver dies."""
 
 import os
 import pickle
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -51,6 +52,7 @@ def weight_sum(step: int, model, *, log_dir: Path, die_at: int | None = None) ->
         marker.touch()
         os._exit(1)
     (log_dir / f"{step}-{os.getpid()}-{len(list(log_dir.iterdir()))}").touch()
+    warnings.warn(f"summed the weights of step {step}", stacklevel=1)
     return pd.DataFrame({"value": [float(sum(p.detach().double().sum() for p in model.parameters()))]})
 
 
@@ -91,13 +93,15 @@ def test_parallel_equals_serial(series, tokens, executor, tmp_path):
 @pytest.mark.slow
 def test_killed_worker_job_is_rerun_once(series, executor, tmp_path):
     """A worker that dies mid-job: Dask reruns the job elsewhere; every step is stored once and the frame is whole
-    (catches a lost step, or a result saved twice)."""
+    (catches a lost step, or a result saved twice), and the jobs' warnings reach the driver."""
     log = tmp_path / "log"
     log.mkdir()
     store = ResultStore(tmp_path, "test", {})
     steps = series.steps[:6]
-    frame = map_series(series, partial(weight_sum, log_dir=log, die_at=steps[2]), store=store, steps=steps,
-                       executor=executor, progress=False)
+    with pytest.warns(UserWarning, match="summed the weights of step") as caught:  # relayed to the driver
+        frame = map_series(series, partial(weight_sum, log_dir=log, die_at=steps[2]), store=store, steps=steps,
+                           executor=executor, progress=False)
+    assert len([w for w in caught if "summed" in str(w.message)]) == len(steps)
     assert (log / "died").exists()
     assert list(frame["step"]) == steps and computed(log) == steps and store.steps() == steps
 
@@ -147,3 +151,12 @@ def test_killed_driver_rerun_computes_only_the_rest(series, executor, tmp_path, 
                        steps=steps, executor=executor, progress=False)
     assert list(frame["step"]) == steps
     assert computed(rerun) == sorted(set(steps) - set(saved))
+
+
+def test_cli_refuses_workers_with_scheduler(quick_series_dir, tmp_path, capsys):
+    """--workers starts a local cluster and --scheduler joins one: both at once is an input error, not a hang."""
+    from tl_devinterp.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["analyze", str(quick_series_dir), "--out", str(tmp_path), "--workers", "2", "--scheduler", "tcp://x:1"])
+    assert stop.value.code == 2 and "--workers" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -56,10 +57,12 @@ def map_steps(series, compute: Callable[[int, torch.nn.Module], pd.DataFrame], s
                 for future in sorted(finished, key=running.get):
                     step = running.pop(future)
                     try:
-                        frame = future.result()
+                        frame, caught = future.result()
                     except BrokenProcessPool:
                         lost.append(step)
                         continue
+                    for message, category in caught:  # the sampler's diagnostics reach the user, as in a serial run
+                        warnings.warn(message, category, stacklevel=2)
                     bar.update()
                     yield step, frame
                 if lost:
@@ -73,12 +76,16 @@ def map_steps(series, compute: Callable[[int, torch.nn.Module], pd.DataFrame], s
             future.cancel()
 
 
-def _job(series, compute: Callable, step: int, per_host: int) -> pd.DataFrame:
-    """One checkpoint on a worker: share the host's cores between its workers, pin a GPU, load, compute."""
+def _job(series, compute: Callable, step: int, per_host: int) -> tuple[pd.DataFrame, list[tuple[str, type]]]:
+    """One checkpoint on a worker: share the host's cores between its workers, pin a GPU, load, compute; the
+    frame comes back with the warnings raised, for the driver to show."""
     torch.set_num_threads(max(1, _cores() // per_host))
     if "CUDA_VISIBLE_DEVICES" not in os.environ and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         torch.cuda.set_device(_worker_index() % torch.cuda.device_count())  # "cuda" now means this GPU
-    return compute(step, series.load(step))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = compute(step, series.load(step))
+    return frame, [(str(w.message), w.category) for w in caught]
 
 
 def _cores() -> int:
