@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 JOBS_PER_SLOT = 2  # jobs in flight per worker thread: workers never wait, the driver holds few job payloads
+POLL_SECONDS = 10  # how often we look for workers that joined (a SLURM cluster starts while we run)
 
 
 class WorkersLostError(RuntimeError):
@@ -43,16 +44,16 @@ def map_steps(series, compute: Callable[[int, torch.nn.Module], pd.DataFrame], s
     `get_executor(retries=n)` to also retry jobs that raise). A `ProcessPoolExecutor` breaks for good, so we
     yield every finished result and then raise `WorkersLostError` naming the steps not done.
     """
-    per_host, slots = _slots(executor)
     todo, running = list(steps), {}
     try:
         with tqdm(total=len(todo), desc=desc, unit="ckpt", disable=not progress) as bar:
             while todo or running:
-                # keep every worker busy, then hand back whatever finished
+                # keep every worker busy (a cluster may grow while we run), then hand back whatever finished
+                per_host, slots = _slots(executor)
                 while todo and len(running) < JOBS_PER_SLOT * slots:
                     step = todo.pop(0)
                     running[executor.submit(_job, series, compute, step, per_host)] = step
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                finished, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
                 lost = []
                 for future in sorted(finished, key=running.get):
                     step = running.pop(future)
