@@ -4,7 +4,7 @@
 
 Trains the `quick` preset series (10 checkpoints) into a temporary folder, then times the whole-model LLC
 over all its checkpoints (a) serially in this process with torch at 1 thread and (b) on a running
-`LocalCluster(n_workers=2, threads_per_worker=1)` (started once, outside the timing: the start-up is paid
+`local_cluster(2)` (2 single-thread processes, started once, outside the timing: the start-up is paid
 once per analysis). Target on a 2-core machine: serial / parallel >= 1.5. Timings are medians over repeats;
 the machine's load average is printed, since other processes take cores from both runs.
 """
@@ -20,9 +20,10 @@ import warnings
 
 import pandas as pd
 import torch
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from tl_devinterp.data import make_data, token_tensor
+from tl_devinterp.parallel import local_cluster
 from tl_devinterp.sampling import llc_over_series
 from tl_devinterp.sampling.llc import SGLDConfig
 from tl_devinterp.training import train
@@ -37,7 +38,7 @@ def timed(fn) -> tuple[float, pd.DataFrame]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--num-draws", type=int, default=100)
+    ap.add_argument("--num-draws", type=int, default=40)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -48,8 +49,7 @@ def main() -> None:
         run = dict(data=tokens, config=config, progress=False)
         print(f"{series}, whole-model LLC, {config.num_chains} chains x {config.num_draws} draws; "
               f"load average before: {os.getloadavg()}")
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-                Client(cluster) as client:
+        with local_cluster(2) as cluster, Client(cluster) as client:
             executor = client.get_executor(pure=False)
             serial, parallel = [], []
             for _ in range(args.repeats):  # interleaved, so a change of load hits both
