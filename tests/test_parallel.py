@@ -102,7 +102,8 @@ def test_killed_worker_job_is_rerun_once(series, executor, tmp_path):
                            executor=executor, progress=False)
     assert len([w for w in caught if "summed" in str(w.message)]) == len(steps)
     assert (log / "died").exists()
-    assert list(frame["step"]) == steps and computed(log) == steps and store.steps() == steps
+    # a finished result still held by the dead worker is computed again (Dask), but reaches the store once
+    assert list(frame["step"]) == steps and set(computed(log)) == set(steps) and store.steps() == steps
 
 
 @pytest.mark.slow
