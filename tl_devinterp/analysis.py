@@ -21,6 +21,7 @@ import os
 import sys
 import typing
 import warnings
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,7 @@ def analyze(
     config: AnalysisConfig | dict | str | os.PathLike | None = None,
     data: Any = None,
     progress: bool = True,
+    executor: Executor | None = None,
     **overrides: Any,
 ) -> AnalysisResult:
     """Analyse a checkpoint series (or a series directory) into `out_dir`; see the module docstring.
@@ -200,7 +202,9 @@ def analyze(
     the series' own data, and is needed for series that do not record theirs: a token tensor `[n, seq]`, a
     dataset with `input_ids`, or text (a dataset with a `text` column, or text file paths) that the
     model's tokenizer cuts into `seq_len`-token rows. Rerunning into the same `out_dir` resumes: finished
-    checkpoints are read back, not recomputed.
+    checkpoints are read back, not recomputed. With an `executor`
+    (e.g. `distributed.Client(...).get_executor()`), the per-checkpoint passes run as parallel jobs, with the
+    same results (see `tl_devinterp.parallel`); it is how the work runs, not part of the analysis.
     """
     config = _as_config(config, overrides)
     series = _as_series(series, config)
@@ -209,11 +213,11 @@ def analyze(
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; give a directory for the report.")
     with folder_lock(out, "analyze"):
-        return _analyze(series, out, config, train_tokens, test_tokens, labels_of, progress)
+        return _analyze(series, out, config, train_tokens, test_tokens, labels_of, progress, executor)
 
 
 def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_tokens, test_tokens, labels_of,
-             progress: bool) -> AnalysisResult:
+             progress: bool, executor: Executor | None) -> AnalysisResult:
     """`analyze` once its inputs are checked and it holds `out`'s lock."""
     _keep_apart(out, series)
     store, results = out / "store", out / "results"
@@ -229,14 +233,14 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
     rest = [s for s in series.steps if s not in head_steps]
     llc = pd.concat([
         llc_over_series(series, train_tokens, sgld, heads=True, steps=head_steps, store_dir=store,
-                        device=config.device, progress=progress) if head_steps else None,
+                        device=config.device, progress=progress, executor=executor) if head_steps else None,
         llc_over_series(series, train_tokens, sgld, heads=False, steps=rest, store_dir=store,
-                        device=config.device, progress=progress) if rest else None,
+                        device=config.device, progress=progress, executor=executor) if rest else None,
     ]).sort_values(["step", "scope", "layer", "head"], ignore_index=True)
 
     say("head scores and behavioural metrics")
     metrics = metrics_over_series(series, tokens=test_tokens, data=train_tokens, store_dir=store,
-                                  n_seqs=config.n_seqs, seed=config.seed)
+                                  n_seqs=config.n_seqs, seed=config.seed, executor=executor, progress=progress)
     classes = classify_heads(metrics, thresholds=config.thresholds)
     n_heads = len(metrics.dropna(subset=["layer"])[["layer", "head"]].drop_duplicates())
     clusters = (cluster_heads([llc, metrics], n_clusters=config.n_clusters, classes=classes)
@@ -247,7 +251,8 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
                          min_prominence=config.stage_min_prominence)
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
     ed = essential_dynamics(series, test_tokens, n_components=config.n_components, sigma=config.ed_sigma,
-                            seed=config.seed, device=config.device, store_dir=store)
+                            seed=config.seed, device=config.device, store_dir=store, executor=executor,
+                            progress=progress)
 
     sample = test_tokens[config.sample_index]
     sample_labels = labels_of(sample)

@@ -73,6 +73,10 @@ def _add_analyze(sub) -> None:
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for results, figures and report")
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file of analysis options")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=int, metavar="N", help="run the checkpoints on a local Dask cluster of N "
+                   "single-thread processes (needs tl_devinterp[dask])")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run the checkpoints on the Dask cluster whose scheduler "
+                   "is at ADDRESS, e.g. tcp://10.0.0.1:8786")
     hints = typing.get_type_hints(AnalysisConfig)
     for f in dataclasses.fields(AnalysisConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -92,12 +96,14 @@ def _add_analyze(sub) -> None:
 
 def _run_analyze(args) -> None:
     from .analysis import AnalysisConfig, analyze
+    from .parallel import dask_executor
 
-    fixed = {"series", "out", "config", "data", "quiet", "run", "command"}
+    fixed = {"series", "out", "config", "data", "quiet", "workers", "scheduler", "run", "command"}
     overrides = {k: v for k, v in vars(args).items() if k not in fixed}
-    with _clear_errors("analyze"):
+    with _clear_errors("analyze"), dask_executor(workers=args.workers, scheduler=args.scheduler) as executor:
         config = AnalysisConfig.from_file(args.config) if args.config else None
         result = analyze(args.series, args.out, config=config, data=args.data, progress=not args.quiet,
+                         executor=executor,
                          **overrides)
     print(result.report)
 
@@ -133,7 +139,8 @@ class _clear_errors:
         from .sampling import LLCDivergenceError
         from .store import FolderInUseError
 
-        if kind is not None and issubclass(kind, (ValueError, TypeError, OSError, FolderInUseError, LLCDivergenceError)):
+        if kind is not None and issubclass(kind, (ValueError, TypeError, OSError, ImportError, FolderInUseError,
+                                                     LLCDivergenceError)):
             print(f"tl-devinterp {self.command}: error: {_one_line(error)}", file=sys.stderr)
             raise SystemExit(2)
 

@@ -9,12 +9,12 @@ a transformers `Trainer` output (`checkpoint-{N}/`). Nothing is unpickled: safet
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -130,16 +130,8 @@ class CheckpointSeries:
         files = _checkpoint_files(path, manifest, manifest_file)
         recorded = manifest.get("sha256", {})  # absent in series written before checksums were recorded
 
-        def load(step: int) -> nn.Module:
-            model = build_model(config)
-            _load_state(model, load_checkpoint_state(files[step], sha256=recorded.get(str(step)), step=step),
-                        files[step])
-            return model
-
-        def content_hash(step: int) -> str:
-            return recorded.get(str(step)) or file_sha256(files[step])
-
-        return cls(sorted(files), load, meta=manifest, fingerprint=content_hash)
+        return cls(sorted(files), partial(_load_checked, config, files, recorded), meta=manifest,
+                   fingerprint=partial(_recorded_hash, files, recorded))
 
     @classmethod
     def from_tl_save_dir(cls, path: str | os.PathLike, config: Any) -> CheckpointSeries:
@@ -159,14 +151,8 @@ class CheckpointSeries:
                 files[int(m.group(1))] = f
         if not files:
             raise SeriesError(f"No model_{{step}}.pt files in {path}: the series is empty.")
-        build = _builder(config)
-
-        def load(step: int) -> nn.Module:
-            model = build()
-            _load_state(model, _read_torch(files[step]), files[step])
-            return model
-
-        return cls(sorted(files), load, meta={"source": str(path)}, fingerprint=lambda step: file_sha256(files[step]))
+        return cls(sorted(files), partial(_load_file, _builder(config), _read_torch, files), meta={"source": str(path)},
+                   fingerprint=partial(_files_hash, {step: [file] for step, file in files.items()}))
 
     @classmethod
     def from_models(cls, models: Sequence[nn.Module], steps: Sequence[int]) -> CheckpointSeries:
@@ -183,8 +169,8 @@ class CheckpointSeries:
                     f"The model at step {s} has a different architecture from the one at step {steps[0]} "
                     f"({_shape_diff(shapes[0], sh)}); a series holds one architecture."
                 )
-        by_step = dict(zip(steps, models))  # fingerprinted on each call: a model in memory may change
-        return cls(steps, by_step.__getitem__, fingerprint=lambda step: _state_fingerprint(by_step[step]))
+        models = _InMemory(dict(zip(steps, models)))
+        return cls(steps, models, fingerprint=models.fingerprint)  # hashed on each call: a model in memory may change
 
     @classmethod
     def from_pretrained(
@@ -220,10 +206,7 @@ class CheckpointSeries:
         if unknown:
             raise SeriesError(f"{model_name} has no checkpoints {unknown}; available: {labels}.")
 
-        def load(step: int) -> nn.Module:
-            return _load_pretrained(model_name, step, **kwargs)
-
-        return cls(checkpoint_values, load, meta={"source": model_name})
+        return cls(checkpoint_values, partial(_load_pretrained, model_name, **kwargs), meta={"source": model_name})
 
     # ----------------------------------------------------------------------------------------------
     # Hugging Face checkpoints: each step is booted fresh with `TransformerBridge.boot_transformers`
@@ -252,18 +235,8 @@ class CheckpointSeries:
                               f"checkpoints with TrainingArguments(save_strategy='steps', save_steps=...)).")
         weights = {step: _hf_weight_files(folder) for step, folder in folders.items()}
         tokenizer = _hf_tokenizer(tokenizer, [run_dir, *(folders[s] for s in sorted(folders, reverse=True))])
-        from transformer_lens.model_bridge import TransformerBridge
-
-        def load(step: int) -> nn.Module:
-            folder, files = folders[step], weights[step]
-            hf_model = _hf_model_from_bin(folder, files[0]) if files[0].suffix == ".bin" else None  # else transformers
-            return TransformerBridge.boot_transformers(str(folder), hf_model=hf_model, tokenizer=tokenizer,
-                                                       device=device or "cpu")  # reads the safetensors itself
-
-        def content(step: int) -> str:
-            return hashlib.sha256("".join(file_sha256(f) for f in weights[step]).encode()).hexdigest()
-
-        return cls(sorted(folders), load, meta={"source": str(run_dir)}, fingerprint=content)
+        return cls(sorted(folders), partial(_boot_hf_checkpoint, folders, weights, tokenizer, device),
+                   meta={"source": str(run_dir)}, fingerprint=partial(_files_hash, weights))
 
     @classmethod
     def _from_hub_revisions(
@@ -277,31 +250,81 @@ class CheckpointSeries:
             raise SeriesError(f"Got {len(revisions)} revisions but {len(steps)} checkpoint_values; give one step "
                               f"per revision.")
         by_step = dict(zip((int(s) for s in steps), revisions))
-        from transformer_lens.model_bridge import TransformerBridge
-
-        def load(step: int) -> nn.Module:
-            return TransformerBridge.boot_transformers(model_name, revision=by_step[step], **kwargs)
-
-        return cls(steps, load, meta={"source": model_name, "revisions": by_step},
-                   fingerprint=functools.cache(lambda step: _hub_commit(model_name, by_step[step])))
+        return cls(steps, partial(_boot_revision, model_name, by_step, kwargs),
+                   meta={"source": model_name, "revisions": by_step}, fingerprint=partial(_hub_commit_at, model_name, by_step))
 
 
 # --------------------------------------------------------------------------------------------------
 def _builder(config: Any) -> Callable[[], nn.Module]:
     if isinstance(config, (ModelConfig, dict)):
-        return lambda: build_model(config)
+        return partial(build_model, config)
     kind = type(config).__name__
     if kind == "TransformerBridgeConfig":
         from transformer_lens.model_bridge import TransformerBridge
 
-        return lambda: TransformerBridge.boot_native(config)
+        return partial(TransformerBridge.boot_native, config)
     if kind == "HookedTransformerConfig":
         from transformer_lens import HookedTransformer
 
-        return lambda: HookedTransformer(config)
+        return partial(HookedTransformer, config)
     raise TypeError(
         f"config must be a ModelConfig, a dict of its fields, or a TransformerLens config; got {kind}."
     )
+
+
+def _load_file(build: Callable[[], nn.Module], read: Callable[[Path], dict], files: dict[int, Path],
+               step: int) -> nn.Module:
+    """Build a model and load the step's file into it. Loaders are partials of module-level functions, not
+    closures, so that a series pickles and its checkpoints can be loaded on another process or machine."""
+    model = build()
+    _load_state(model, read(files[step]), files[step])
+    return model
+
+
+class _InMemory:
+    """The loader of `from_models`. It pickles (to ship a series to parallel workers) through cloudpickle,
+    since TransformerBridge models hold local classes that plain pickle refuses."""
+
+    def __init__(self, models: dict[int, nn.Module]):
+        self.models = models
+
+    def __call__(self, step: int) -> nn.Module:
+        return self.models[step]
+
+    def fingerprint(self, step: int) -> str:
+        return _state_fingerprint(self.models[step])
+
+    def __reduce__(self):
+        try:
+            import cloudpickle
+        except ImportError:
+            raise ImportError("Shipping in-memory models to workers needs cloudpickle (pip install "
+                              "'tl_devinterp[dask]'), or save them and use CheckpointSeries.from_dir.") from None
+        return _unpickle_models, (cloudpickle.dumps(self.models),)
+
+
+def _unpickle_models(blob: bytes) -> _InMemory:
+    import pickle
+
+    return _InMemory(pickle.loads(blob))
+
+
+def _load_checked(config: ModelConfig, files: dict[int, Path], recorded: dict[str, str], step: int) -> nn.Module:
+    """A step of a series we wrote, its file checked against the recorded sha256 and the step stored in it."""
+    model = build_model(config)
+    _load_state(model, load_checkpoint_state(files[step], sha256=recorded.get(str(step)), step=step), files[step])
+    return model
+
+
+def _recorded_hash(files: dict[int, Path], recorded: dict[str, str], step: int) -> str:
+    return recorded.get(str(step)) or file_sha256(files[step])
+
+
+def _files_hash(files: dict[int, list[Path]], step: int) -> str:
+    """The sha256 of a step's weight files (all shards), each hashed once per process."""
+    if len(files[step]) == 1:
+        return file_sha256(files[step][0])
+    return hashlib.sha256("".join(file_sha256(f) for f in files[step]).encode()).hexdigest()
 
 
 def read_manifest(file: Path) -> dict[str, Any]:
@@ -530,3 +553,23 @@ def _hub_commit(model_name: str, revision: str) -> str:
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(model_name, "config.json", revision=revision)).parent.name
+
+
+def _boot_hf_checkpoint(folders: dict[int, Path], weights: dict[int, list[Path]], tokenizer: Any,
+                        device: str | torch.device | None, step: int) -> nn.Module:
+    """A Trainer checkpoint booted fresh (transformers reads its safetensors; a .bin is read weights-only)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    folder, files = folders[step], weights[step]
+    hf_model = _hf_model_from_bin(folder, files[0]) if files[0].suffix == ".bin" else None
+    return TransformerBridge.boot_transformers(str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device or "cpu")
+
+
+def _boot_revision(model_name: str, by_step: dict[int, str], kwargs: dict[str, Any], step: int) -> nn.Module:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(model_name, revision=by_step[step], **kwargs)
+
+
+def _hub_commit_at(model_name: str, by_step: dict[int, str], step: int) -> str:
+    return _hub_commit(model_name, by_step[step])

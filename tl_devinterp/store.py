@@ -24,6 +24,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -249,44 +250,67 @@ def map_series(
     store: ResultStore | None = None,
     steps: list[int] | None = None,
     desc: str = "checkpoints",
+    executor: Executor | None = None,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Run `compute(step, model)` on each checkpoint (one model in memory at a time) and concatenate.
 
     With a `store`, a step's stored result is read back instead of recomputed when it was computed for the
     same weights (`series.fingerprint(step)`) and is undamaged; otherwise it is recomputed, with a
-    `StoreWarning` saying why, and saved as soon as it is done. The returned frame has a `step` column first.
+    `StoreWarning` saying why. With an `executor` (see `tl_devinterp.parallel`), the steps to do run as
+    parallel jobs; each result is saved here, on the driver, as it arrives. The returned frame has a `step`
+    column first, rows in step order.
     """
     todo = list(series.steps if steps is None else steps)
     missing = [s for s in todo if s not in set(series.steps)]
     if missing:
         raise ValueError(f"Steps {missing} are not in the series; available steps: {series.steps}.")
-    frames, seen = [], {}
-    for step in tqdm(todo, desc=desc, unit="ckpt"):
-        if store is not None:
-            # 1. key the step's entry by the checkpoint's content; identical checkpoints are a known hazard
-            fp = series.fingerprint(step)
-            if fp in seen:
-                warnings.warn(f"The checkpoints at steps {seen[fp]} and {step} have identical weights "
-                              f"(fingerprint {fp[:16]}): check the series' source.", StoreWarning, stacklevel=2)
-            seen[fp] = step
-            store.fingerprints[step] = fp
-            # 2. reuse a whole, current entry; say why any other is not reused
-            problem = store.problem(step)
-            if problem is None:
-                frames.append(store.load(step))
-                continue
-            if problem:
-                warnings.warn(f"{problem}; recomputing step {step}.", StoreWarning, stacklevel=2)
-        # 3. compute, and save at once (the checkpoint's step is named if it fails)
-        try:
-            frame = compute(step, series.load(step))
-        except Exception as e:
-            if hasattr(e, "add_note"):  # Python >= 3.11
-                e.add_note(f"(at checkpoint step {step})")
-            raise
+    frames: dict[int, pd.DataFrame] = {}
+    seen: dict[str, int] = {}
+
+    def stored(step: int) -> bool:
+        """Whether the store holds a whole result for this checkpoint's weights (then read into `frames`)."""
+        if store is None:
+            return False
+        # 1. key the step's entry by the checkpoint's content; identical checkpoints are a known hazard
+        fp = series.fingerprint(step)
+        if fp in seen:
+            warnings.warn(f"The checkpoints at steps {seen[fp]} and {step} have identical weights "
+                          f"(fingerprint {fp[:16]}): check the series' source.", StoreWarning, stacklevel=3)
+        seen[fp] = step
+        store.fingerprints[step] = fp
+        # 2. reuse a whole, current entry; say why any other is not reused
+        problem = store.problem(step)
+        if problem is None:
+            frames[step] = store.load(step)
+        elif problem:
+            warnings.warn(f"{problem}; recomputing step {step}.", StoreWarning, stacklevel=3)
+        return problem is None
+
+    # 3. compute the rest, here (one model at a time, fingerprinted just before) or as jobs on the executor;
+    # each result is saved as it arrives
+    if executor is None:
+        results = ((step, _at_step(compute, step, series))
+                   for step in tqdm(todo, desc=desc, unit="ckpt", disable=not progress) if not stored(step))
+    else:
+        from .parallel import map_steps
+
+        results = map_steps(series, compute, [step for step in todo if not stored(step)], executor, desc=desc,
+                            progress=progress)
+    for step, frame in results:
         if "step" not in frame:
             frame.insert(0, "step", step)
         if store is not None:
             store.save(step, frame)
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"step": []})
+        frames[step] = frame
+    return pd.concat([frames[s] for s in todo], ignore_index=True) if todo else pd.DataFrame({"step": []})
+
+
+def _at_step(compute: Callable[[int, Any], pd.DataFrame], step: int, series) -> pd.DataFrame:
+    """`compute(step, model)`; an error says which checkpoint it came from."""
+    try:
+        return compute(step, series.load(step))
+    except Exception as e:
+        if hasattr(e, "add_note"):  # Python >= 3.11
+            e.add_note(f"(at checkpoint step {step})")
+        raise

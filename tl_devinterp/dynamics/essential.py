@@ -20,7 +20,9 @@ import itertools
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -98,60 +100,66 @@ def fixed_positions(
 
 
 def _proxy_features(proxy, tokens: torch.Tensor, pos: np.ndarray, batch_size: int, device) -> Callable:
-    """`features(model) -> np.ndarray [F]` for the chosen proxy."""
+    """`features(model) -> np.ndarray [F]` for the chosen proxy (a partial of module-level functions, so that
+    it pickles for parallel jobs)."""
     if callable(proxy):
-        return lambda model: torch.as_tensor(proxy(model, tokens.to(device))).detach().float().cpu().numpy().ravel()
+        return partial(_called_proxy, proxy, tokens, device)
     if proxy not in PROXIES:
         raise ValueError(f"proxy must be one of {PROXIES} or a callable(model, inputs) -> features; got {proxy!r}.")
-    pos_t = torch.as_tensor(pos)
-
-    @torch.no_grad()
-    def features(model) -> np.ndarray:
-        out = []
-        for b in range(0, len(tokens), batch_size):
-            toks, p = tokens[b : b + batch_size].to(device), pos_t[b : b + batch_size].to(device)
-            rows = torch.arange(len(toks), device=device)
-            logits = model(toks)[rows, p]  # [batch, vocab] at each sequence's position
-            out.append(logits[rows, toks[rows, p + 1]] if proxy == "true_logit" else logits)
-        return torch.cat(out).float().cpu().numpy().ravel()
-
-    return features
+    return partial(_logit_features, proxy, tokens, torch.as_tensor(pos), batch_size, device)
 
 
-def _stream_features(series, steps, features: Callable, path: Path, device,
-                     store: ResultStore | None) -> tuple[np.memmap, np.ndarray]:
+def _called_proxy(proxy: Callable, tokens: torch.Tensor, device, model) -> np.ndarray:
+    return torch.as_tensor(proxy(model, tokens.to(device))).detach().float().cpu().numpy().ravel()
+
+
+@torch.no_grad()
+def _logit_features(proxy: str, tokens: torch.Tensor, pos_t: torch.Tensor, batch_size: int, device,
+                    model) -> np.ndarray:
+    out = []
+    for b in range(0, len(tokens), batch_size):
+        toks, p = tokens[b : b + batch_size].to(device), pos_t[b : b + batch_size].to(device)
+        rows = torch.arange(len(toks), device=device)
+        logits = model(toks)[rows, p]  # [batch, vocab] at each sequence's position
+        out.append(logits[rows, toks[rows, p + 1]] if proxy == "true_logit" else logits)
+    return torch.cat(out).float().cpu().numpy().ravel()
+
+
+class _FeatureStore(ResultStore):
+    """A store whose steps carry their feature row (in `frame.attrs`), saved beside the step's CSV."""
+
+    def save(self, step: int, frame: pd.DataFrame) -> None:
+        self.save_array(step, frame.attrs.pop("features"))  # first: the CSV marks the step as done
+        super().save(step, frame)
+
+
+def _feature_row(features: Callable, device, step: int, model) -> pd.DataFrame:
+    """One checkpoint's features (a module-level function, so jobs pickle), carried to the store."""
+    f = features(model if device is None else model.to(device))
+    frame = pd.DataFrame({"proxy_mean": [f.mean()]})
+    frame.attrs["features"] = f
+    return frame
+
+
+def _stream_features(series, steps, features: Callable, path: Path, device, store: _FeatureStore,
+                     executor: Executor | None, progress: bool) -> tuple[np.memmap, np.ndarray]:
     """Write features(model) of each checkpoint as one row of a float32 memmap at `path`.
 
-    With a `store`, each row is also saved per step, and rows saved by an earlier run are read back
-    instead of recomputed.
+    Each row is first saved per step in `store`, and rows saved by an earlier run are read back instead of
+    recomputed; the memmap is then filled from the store, one row in memory at a time.
     """
+    map_series(series, partial(_feature_row, features, device), steps=steps, store=store, desc="essential dynamics",
+               executor=executor, progress=progress)
     X: np.memmap | None = None
     means = np.empty(len(steps))
-    row = {s: i for i, s in enumerate(steps)}
-    filled: set[int] = set()
-
-    def put(step: int, f: np.ndarray) -> None:
-        nonlocal X
+    for i, step in enumerate(steps):
+        f = store.load_array(step)
         if X is None:
             X = np.memmap(path, dtype=np.float32, mode="w+", shape=(len(steps), f.size))
         elif f.size != X.shape[1]:
             raise ValueError(f"The proxy gave {f.size} features at step {step} but {X.shape[1]} before; "
                              f"it must give the same number at every checkpoint.")
-        X[row[step]] = f
-        means[row[step]] = f.mean()
-        filled.add(step)
-
-    def compute(step: int, model) -> pd.DataFrame:
-        f = features(model if device is None else model.to(device))
-        if store is not None:
-            store.save_array(step, f)
-        put(step, f)
-        return pd.DataFrame({"proxy_mean": [means[row[step]]]})
-
-    map_series(series, compute, steps=steps, store=store, desc="essential dynamics")
-    for step in steps:
-        if step not in filled:
-            put(step, store.load_array(step))
+        X[i], means[i] = f, f.mean()
     X.flush()
     return X, means
 
@@ -320,6 +328,8 @@ def essential_dynamics(
     device: str | torch.device | None = None,
     features_dir: str | os.PathLike | None = None,
     store_dir: str | os.PathLike | None = None,
+    executor: Executor | None = None,
+    progress: bool = True,
 ) -> EDResult:
     """Essential dynamics of a checkpoint series on a fixed input set.
 
@@ -328,7 +338,8 @@ def essential_dynamics(
     random position per sequence drawn with `seed`), "outputs" (all logits at that position, flattened), or
     `callable(model, inputs) -> tensor` (flattened). Features go to `features_dir/features.f32` (kept) or a
     temporary file (deleted). With `store_dir`, each checkpoint's features are saved as it finishes and a
-    rerun reads them back. The rest is `essential_dynamics_of_features`.
+    rerun reads them back. With an `executor`, the checkpoints' features are parallel jobs (see
+    `tl_devinterp.parallel`). The rest is `essential_dynamics_of_features`.
     """
     tokens = token_tensor(inputs)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
@@ -338,14 +349,14 @@ def essential_dynamics(
     steps = list(series.steps if steps is None else steps)
     pos = fixed_positions(len(tokens), tokens.shape[1], position, seed=seed)
     features = _proxy_features(proxy, tokens, pos, batch_size, device)
-    store = None
-    if store_dir is not None:
-        name = proxy if isinstance(proxy, str) else getattr(proxy, "__qualname__", repr(proxy))
-        store = ResultStore(store_dir, "ed-features", {"proxy": name, "inputs": fingerprint(tokens, pos)})
+    name = proxy if isinstance(proxy, str) else getattr(proxy, "__qualname__", repr(proxy))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp if features_dir is None else features_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        X, means = _stream_features(series, steps, features, folder / "features.f32", device, store)
+        store = _FeatureStore(tmp if store_dir is None else store_dir, "ed-features",
+                              {"proxy": name, "inputs": fingerprint(tokens, pos)})
+        X, means = _stream_features(series, steps, features, folder / "features.f32", device, store, executor,
+                                    progress)
         result = essential_dynamics_of_features(
             X, steps, n_components=n_components, sigma=sigma, min_prominence=min_prominence, window=window,
             min_pairs=min_pairs, persistence=persistence, proxy_mean=means,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import Executor
+from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -49,6 +51,8 @@ def metrics_over_series(
     late: int | None = None,
     ngram_n: Sequence[int] = (2, 3),
     top_k: int = 100,
+    executor: Executor | None = None,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Compute `metrics` at each checkpoint -> one frame with columns step, metric, layer, head, value.
 
@@ -57,7 +61,8 @@ def metrics_over_series(
     `ngram_score` (`ngram_n`, `top_k`) also need `data`, whose bigram table and frequent n-grams are built
     once. Default `metrics`: the head metrics, plus loss and ICL score given `tokens`, plus bigram and
     n-gram scores given `data` too. With `store_dir`, each checkpoint's rows are saved as soon as they are
-    done, keyed by every option that changes the numbers, so rerunning resumes a stopped run.
+    done, keyed by every option that changes the numbers, so rerunning resumes a stopped run. With an
+    `executor`, the checkpoints are parallel jobs (see `tl_devinterp.parallel`).
     """
     if metrics is None:
         metrics = list(HEAD_METRICS) + (["loss", "icl_score"] if tokens is not None else []) + (
@@ -79,24 +84,8 @@ def metrics_over_series(
     ngrams = {n: frequent_ngrams(data, n, top_k=top_k) for n in ngram_n} if "ngram_score" in metrics else {}
     probe = dict(n_seqs=n_seqs, seq_len=seq_len, seed=seed, batch_size=batch_size)
 
-    def compute(step: int, model) -> pd.DataFrame:
-        rows = []
-        for name in metrics:
-            if name in HEAD_METRICS:
-                scores = HEAD_METRICS[name](model) if name == "copying" else HEAD_METRICS[name](model, **probe)
-                rows += [(name, layer, head, float(scores[layer, head]))
-                         for layer in range(scores.shape[0]) for head in range(scores.shape[1])]
-        if {"loss", "icl_score", "ngram_score"} & set(metrics):
-            loss = per_token_loss(model, tokens, batch_size=batch_size)
-            if "loss" in metrics:
-                rows.append(("loss", None, None, float(loss.mean())))
-            if "icl_score" in metrics:
-                rows.append(("icl_score", None, None, icl_from_loss(loss, early, late)))
-            rows += [(f"ngram_score_{n}", None, None, ngram_relative_loss(loss, tokens, g)) for n, g in ngrams.items()]
-        if "bigram_score" in metrics:
-            rows.append(("bigram_score", None, None, bigram_score(model, tokens, table, batch_size=batch_size)))
-        return pd.DataFrame(rows, columns=COLUMNS[1:])
-
+    compute = partial(_checkpoint_metrics, metrics=metrics, probe=probe, tokens=tokens, batch_size=batch_size,
+                      early=early, late=late, ngrams=ngrams, table=table)
     store = None
     if store_dir is not None:
         params = dict(metrics=metrics, n_seqs=n_seqs, seq_len=seq_len, seed=seed, early=early, late=late,
@@ -105,6 +94,28 @@ def metrics_over_series(
                       table=fingerprint(table) if table is not None else None,
                       ngrams={n: fingerprint(g) for n, g in ngrams.items()})
         store = ResultStore(store_dir, "metrics", params)
-    frame = map_series(series, compute, store=store, steps=None if steps is None else list(steps), desc="metrics")
+    frame = map_series(series, compute, store=store, steps=None if steps is None else list(steps), desc="metrics",
+                       executor=executor, progress=progress)
     frame = frame.reindex(columns=COLUMNS)
     return frame.astype({"step": "int64", "metric": "string", "layer": "Int64", "head": "Int64", "value": "float64"})
+
+
+def _checkpoint_metrics(step: int, model, *, metrics: list[str], probe: dict, tokens, batch_size: int, early, late,
+                        ngrams: dict, table) -> pd.DataFrame:
+    """One checkpoint's rows (a module-level function, so jobs pickle)."""
+    rows = []
+    for name in metrics:
+        if name in HEAD_METRICS:
+            scores = HEAD_METRICS[name](model) if name == "copying" else HEAD_METRICS[name](model, **probe)
+            rows += [(name, layer, head, float(scores[layer, head]))
+                     for layer in range(scores.shape[0]) for head in range(scores.shape[1])]
+    if {"loss", "icl_score", "ngram_score"} & set(metrics):
+        loss = per_token_loss(model, tokens, batch_size=batch_size)
+        if "loss" in metrics:
+            rows.append(("loss", None, None, float(loss.mean())))
+        if "icl_score" in metrics:
+            rows.append(("icl_score", None, None, icl_from_loss(loss, early, late)))
+        rows += [(f"ngram_score_{n}", None, None, ngram_relative_loss(loss, tokens, g)) for n, g in ngrams.items()]
+    if "bigram_score" in metrics:
+        rows.append(("bigram_score", None, None, bigram_score(model, tokens, table, batch_size=batch_size)))
+    return pd.DataFrame(rows, columns=COLUMNS[1:])
