@@ -119,7 +119,8 @@ def main() -> None:
         frames = [run(t) for t in tasks]
     # every task repeats the whole-model row (same seed, same batches: the same numbers): keep one per step
     frame = pd.concat(frames, ignore_index=True).drop_duplicates(["step", "scope", "layer", "head", "shift"])
-    frame = frame.merge(scores, on=["step", "layer", "head"], how="left").sort_values(["step", "scope", "layer", "head"])
+    frame = frame.merge(scores.astype({"layer": "Int64", "head": "Int64"}), on=["step", "layer", "head"], how="left") \
+        .sort_values(["step", "scope", "layer", "head"])
     print(f"{len(steps)} checkpoints in {time.perf_counter() - started:.0f} s")
 
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
