@@ -143,6 +143,7 @@ def test_head_susceptibilities_table(lm, tokens):
     assert len(frame) == 3 * 2 and set(frame.scope) == {"model", "head"}
     assert frame[frame.scope == "head"][["layer", "head"]].drop_duplicates().shape[0] == 2
     assert frame.susceptibility.notna().all()
+    assert set(frame.regime) <= {"likelihood", "prior"} and frame.likelihood_fraction.between(0, 1).all()  # diagnostics kept
 
 
 def test_susceptibility_figures(lm, tokens):

@@ -37,7 +37,9 @@ def susceptibilities(model: nn.Module, data, shifts: dict, config: SGLDConfig | 
                      heads: bool | list = False, loss_fn: Callable | None = None, trace_dir=None,
                      memory_limit: int = MEMORY_LIMIT, progress: bool = True, **options) -> pd.DataFrame:
     """One row per restriction × shift: `scope, restrict, layer, head, shift, susceptibility, susceptibility_se,
-    llc_mean, d` (χ as in the module docstring; SE across chains).
+    llc_mean, d` (χ as in the module docstring; SE across chains), and the diagnostics of the restriction's
+    chains (`loss_increase, distance, prior_radius, likelihood_fraction, acceptance, regime`): χ is about the
+    model only where `regime == "likelihood"`.
 
     `data` is the base distribution q (sampled, and evaluated at each draw); `shifts` maps a name to the
     shifted data q' (same form as `data`) or to per-token weights of the base data ([N, seq−1], or [N] for a
@@ -58,7 +60,8 @@ def susceptibilities(model: nn.Module, data, shifts: dict, config: SGLDConfig | 
             chi, se = susceptibility(t, q if _is_weighting(q) else f"shift/{name}")
             rows.append(dict(scope="model" if i == 0 else "head", restrict=t.restrict,
                              layer=pd.NA if head[0] is None else head[0], head=pd.NA if head[1] is None else head[1],
-                             shift=name, susceptibility=chi, susceptibility_se=se, llc_mean=t.llc.mean, d=t.llc.d))
+                             shift=name, susceptibility=chi, susceptibility_se=se, llc_mean=t.llc.mean, d=t.llc.d,
+                             **t.llc.diagnostics.as_row()))
     return pd.DataFrame(rows).astype({"layer": "Int64", "head": "Int64"})
 
 
