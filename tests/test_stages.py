@@ -13,7 +13,7 @@ from tl_devinterp.visualisation.dynamics import plot_llc_stages
 
 matplotlib.use("Agg")
 
-PAPER_LLC = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "paper_l2_llc.csv"
+PAPER_LLC = Path(__file__).parent / "data" / "paper_l2_llc.csv"
 STEPS = np.arange(0, 100_001, 100)
 
 
