@@ -32,9 +32,10 @@ import torch
 from torch import nn
 
 from tl_devinterp.data import repeated_random_tokens
-from tl_devinterp.models import ModelConfig, build_model, clone_model, head_slices, slice_masks
+from tl_devinterp.models import ModelConfig, build_model, clone_model, head_masks
 from tl_devinterp.sampling import default_nbeta, estimate_head_llcs, estimate_llc
-from tl_devinterp.sampling.llc import batch_stream, lm_loss
+from tl_devinterp.sampling.batches import batch_stream
+from tl_devinterp.sampling.llc import lm_loss
 
 
 class Copyable(nn.Module):
@@ -80,7 +81,7 @@ def step_overhead(model, tokens, hp, draws: int, repeats: int) -> tuple[list[flo
                 bare_model.zero_grad()
                 lm_loss(bare_model, batch).backward()
         w1, c1 = time.perf_counter(), time.process_time()
-        estimate_llc(model, tokens, seed=0, **dict(hp, num_draws=draws, num_burnin=0))
+        estimate_llc(model, tokens, seed=0, progress=False, **dict(hp, num_draws=draws, num_burnin=0))
         w2, c2 = time.perf_counter(), time.process_time()
         wall.append((w2 - w1) / (w1 - w0))
         cpu.append((c2 - c1) / (c1 - c0))
@@ -130,18 +131,18 @@ def main() -> None:
     ours_full, dev_full, ours_heads, dev_heads = [], [], [], []
     for rep in range(args.repeats):
         start = time.perf_counter()
-        ours_full.append(estimate_llc(model, tokens, seed=rep, **ours_hp).mean)
+        ours_full.append(estimate_llc(model, tokens, seed=rep, progress=False, **ours_hp).mean)
         ours_full_t.append(time.perf_counter() - start)
         est, t = devinterp_llc(model, dataset, hp, seed=1000 * (rep + 1))
         dev_full.append(est)
         dev_full_t.append(t)
 
         start = time.perf_counter()
-        ours_heads.append(estimate_head_llcs(model, tokens, seed=rep, **ours_hp).llc_mean.to_numpy())
+        ours_heads.append(estimate_head_llcs(model, tokens, seed=rep, progress=False, **ours_hp).llc_mean.to_numpy())
         ours_heads_t.append(time.perf_counter() - start)
         row, total = [], 0.0
         for layer, h in heads:
-            est, t = devinterp_llc(model, dataset, hp, seed=1000 * (rep + 1), masks=slice_masks(model, head_slices(model, layer, h)))
+            est, t = devinterp_llc(model, dataset, hp, seed=1000 * (rep + 1), masks=head_masks(model, layer, h))
             row.append(est)
             total += t
         dev_heads.append(np.array(row))
@@ -151,7 +152,7 @@ def main() -> None:
 
     start = time.perf_counter()  # our heads one by one, once: what sharing the pass saves
     for layer, h in heads:
-        estimate_llc(model, tokens, restrict=(layer, h), seed=0, **ours_hp)
+        estimate_llc(model, tokens, restrict=(layer, h), seed=0, progress=False, **ours_hp)
     one_by_one_t = time.perf_counter() - start
 
     med = statistics.median

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tl_devinterp.data import repeated_random_tokens
-from tl_devinterp.models import ModelConfig, build_model, head_slices, slice_masks
+from tl_devinterp.models import ModelConfig, build_model, head_masks
 from tl_devinterp.sampling import LLCDivergenceError, default_nbeta, estimate_llc, resolve_restriction
 
 FAST = dict(num_chains=2, num_draws=6, num_burnin=2, batch_size=8)
@@ -39,7 +39,7 @@ def test_result_fields_and_determinism(model, tokens):
     assert a.loss_trace.shape == (2, 6) and a.per_chain.shape == (2,)
     assert a.std == pytest.approx(a.per_chain.std(ddof=1))
     assert a.d == sum(p.numel() for p in model.parameters())
-    assert a.nbeta == default_nbeta(8) and a.hyperparameters()["epsilon"] == 1e-3
+    assert a.config.nbeta == default_nbeta(8) and a.config.epsilon == 1e-3 and a.config.seed == 3
     # lambda-hat is nbeta times the paired differences
     assert a.mean == pytest.approx(float(a.llc_trace.mean()), rel=1e-5)
     for k, v in model.state_dict().items():  # the caller's model is untouched
@@ -60,7 +60,7 @@ def test_input_forms_agree(model, tokens):
     assert estimate_llc(model, ds, **FAST).mean == pytest.approx(ref.mean)
     loader = torch.utils.data.DataLoader(tokens, batch_size=8)
     r = estimate_llc(model, loader, **FAST)
-    assert r.batch_size == 8 and math.isfinite(r.mean)
+    assert r.config.batch_size == 8 and math.isfinite(r.mean)
     with pytest.raises(TypeError, match="DataLoader"):
         estimate_llc(model, "text", **FAST)
     with pytest.raises(ValueError, match="batch_size"):
@@ -68,14 +68,14 @@ def test_input_forms_agree(model, tokens):
 
 
 def test_divergence_raises_with_advice(model, tokens):
-    with pytest.raises(LLCDivergenceError, match=r"chain \d+ diverged at step \d+.*Lower epsilon.*raise gamma"):
+    with pytest.raises(LLCDivergenceError, match=r"chain \d+ of restriction .* diverged at step \d+.*Lower epsilon.*raise gamma"):
         estimate_llc(model, tokens, epsilon=50.0, gamma=0.0, nbeta=1e4, **{**FAST, "num_draws": 50})
 
 
 def test_restriction_specs(model):
     head = resolve_restriction(model, "l1h1")
     assert resolve_restriction(model, (1, 1)).label == head.label == "l1h1"
-    expected = slice_masks(model, head_slices(model, 1, 1))
+    expected = head_masks(model, 1, 1)
     assert head.d == sum(int(m.sum()) for m in expected.values()) == 4 * 16 * 8 + 3 * 8
     layer = resolve_restriction(model, "layer1")
     assert layer.d == resolve_restriction(model, "blocks.1").d
@@ -92,7 +92,7 @@ def test_restriction_specs(model):
 def test_restricted_sampling_moves_only_its_coordinates(model, tokens):
     """Every forward pass sees w* outside the head; the head's own coordinates move."""
     wstar = {n: p.detach().clone() for n, p in model.named_parameters()}
-    mask = slice_masks(model, head_slices(model, 0, 1))
+    mask = head_masks(model, 0, 1)
     seen = []
 
     def loss_fn(m, batch):
@@ -104,7 +104,8 @@ def test_restricted_sampling_moves_only_its_coordinates(model, tokens):
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
 
     r = estimate_llc(model, tokens, restrict="l0h1", loss_fn=loss_fn, **FAST)
-    assert 16 < len(seen) <= 16 + 4  # 2 chains x 8 steps, and the checkpoint once per distinct batch (4)
+    # 2 chains x 8 steps, the checkpoint once per distinct batch (4), one check of the parameters used
+    assert 16 < len(seen) <= 16 + 4 + 1
     assert set(r.final_params) == set(mask)
     for n, final in r.final_params.items():
         assert torch.equal(final[:, ~mask[n]], wstar[n][~mask[n]].expand(2, -1))

@@ -81,3 +81,48 @@ def test_reduced_rank_regression(M, H, N, r):
     hp = dict(epsilon=1e-4, num_draws=2000, num_burnin=500) if r == 0 else dict(epsilon=2e-5, num_draws=4000, num_burnin=1000)
     est = estimate_llc(net, data, gamma=1.0, nbeta=1000.0, num_chains=8, batch_size=M, **hp)
     assert est.mean == pytest.approx(aoyagi(M, H, N, r), rel=0.15)
+
+
+# Every sampler against the same known answers, with short runs of its own step size. SGNHT's momentum
+# moves η/A = 100× farther per step than SGLD at the same ε, RMSprop's G ≈ 1/√(curvature) shrinks steps.
+SAMPLER_RUNS = {  # sampler -> {case: SGLD options}
+    "sgld": dict(regular=dict(epsilon=2e-5), rrr=dict(epsilon=5e-5)),
+    "sgnht": dict(regular=dict(epsilon=2e-5), crossing=dict(epsilon=1e-4), rrr=dict(epsilon=1e-5)),
+    "rmsprop_sgld": dict(regular=dict(epsilon=5e-4), crossing=dict(epsilon=5e-3), rrr=dict(epsilon=5e-4)),
+}
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLER_RUNS))
+def test_samplers_regular(sampler):
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    net.loss_fn = sum_mse
+    x = torch.cat([torch.eye(4), torch.zeros(1, 4)])
+    r = estimate_llc(net, (x, net(x).detach()), sampler=sampler, gamma=1.0, nbeta=1000.0, num_chains=4, num_draws=400,
+                     num_burnin=100, batch_size=5, progress=False, **SAMPLER_RUNS[sampler]["regular"])
+    assert r.mean == pytest.approx(7.5, rel=0.15)
+
+
+@pytest.mark.parametrize("sampler", ["rmsprop_sgld", "sgnht"])  # SGLD needs the longer run of test_normal_crossing
+def test_samplers_normal_crossing(sampler):
+    data = (torch.tensor([1.0, -1.0]), torch.zeros(2))
+    run = dict(num_chains=8, num_draws=600, num_burnin=200) | SAMPLER_RUNS[sampler]["crossing"]
+    r = estimate_llc(Crossing(), data, sampler=sampler, gamma=1.0, nbeta=1e4, batch_size=2, progress=False, **run)
+    assert r.mean == pytest.approx(0.25, rel=0.15)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLER_RUNS))
+def test_samplers_reduced_rank(sampler):
+    M, H, N, r = 5, 3, 5, 1  # a rank-1 truth: λ = 8
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(M, H, bias=False), nn.Linear(H, N, bias=False))
+    A, B = torch.zeros(H, M), torch.zeros(N, H)
+    A[:r], B[:, :r] = torch.randn(r, M, generator=g), torch.randn(N, r, generator=g)
+    with torch.no_grad():
+        net[0].weight.copy_(A)
+        net[1].weight.copy_(B)
+    net.loss_fn = sum_mse
+    x = torch.eye(M)
+    est = estimate_llc(net, (x, net(x).detach()), sampler=sampler, gamma=1.0, nbeta=1000.0, num_chains=4, num_draws=800,
+                       num_burnin=300, batch_size=M, progress=False, **SAMPLER_RUNS[sampler]["rrr"])
+    assert est.mean == pytest.approx(aoyagi(M, H, N, r), rel=0.15)

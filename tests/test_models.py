@@ -6,9 +6,8 @@ from tl_devinterp.models import (
     build_model,
     check_model,
     clone_model,
-    head_slices,
+    head_masks,
     head_weights,
-    slice_masks,
     tl_parameter_names,
     token_cross_entropy,
 )
@@ -37,7 +36,7 @@ def models_for(cfg):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
-def test_head_slices_match_the_models_own_per_head_views(cfg):
+def test_head_weights_are_the_models_own_per_head_views(cfg):
     for model in models_for(cfg):
         for layer in range(cfg.n_layers):
             for head in range(cfg.n_heads):
@@ -52,7 +51,7 @@ def test_head_slices_match_the_models_own_per_head_views(cfg):
 def test_head_masks_cover_exactly_one_heads_parameters():
     cfg = CONFIGS[0]
     model = build_model(cfg)
-    masks = slice_masks(model, head_slices(model, 1, 2))
+    masks = head_masks(model, 1, 2)
     per_head = 4 * cfg.d_model * cfg.d_head + 3 * cfg.d_head  # W_Q,K,V,O + b_Q,K,V; b_O belongs to no head
     assert sum(int(m.sum()) for m in masks.values()) == per_head
     # Perturbing the masked coordinates changes head 2's views and no other head's.
@@ -67,12 +66,12 @@ def test_head_masks_cover_exactly_one_heads_parameters():
         assert changed == ([] if h != 2 else list(after)), (h, changed)
 
 
-def test_head_slices_reject_missing_heads():
+def test_head_masks_reject_missing_heads():
     model = build_model(CONFIGS[0])
     with pytest.raises(ValueError, match="does not exist"):
-        head_slices(model, 2, 0)
+        head_masks(model, 2, 0)
     with pytest.raises(ValueError, match="does not exist"):
-        head_slices(model, 0, 4)
+        head_masks(model, 0, 4)
 
 
 def test_tl_names_map_to_own_parameters():

@@ -43,12 +43,18 @@ from .metrics import (
     prefix_matching_scores,
     previous_token_scores,
 )
-from .models import ModelConfig, build_model, clone_model, head_slices, head_weights, parse_head
+from .models import ModelConfig, build_model, clone_model, head_masks, head_weights, mlp_masks, parse_head
 
 # sampling
 from .sampling import (
+    BayesianInfluence,
     LLCDivergenceError,
     LLCResult,
+    ObservableTraces,
+    SamplerDiagnostics,
+    SamplerWarning,
+    SGLDConfig,
+    bayesian_influence,
     calibrate_llc,
     contains_repeated_span,
     default_nbeta,
@@ -57,6 +63,10 @@ from .sampling import (
     filter_dataset,
     llc_over_series,
     plot_calibration,
+    sample_observables,
+    susceptibilities,
+    susceptibilities_over_series,
+    top_influences,
 )
 from .series import CheckpointSeries, SeriesError
 from .store import ResultStore
@@ -67,16 +77,19 @@ from .visualisation.attention import AttentionView, attention_patterns, attentio
 from .visualisation.dynamics import plot_essential_dynamics, plot_llc_stages
 from .visualisation.heads import plot_head_llcs, plot_head_scores
 from .visualisation.report import analysis_report
+from .visualisation.susceptibilities import plot_susceptibilities
 from .visualisation.tokens import loss_difference_html
 
 __all__ = [
     # series
-    "ModelConfig", "build_model", "clone_model", "head_slices", "head_weights", "parse_head",
+    "ModelConfig", "build_model", "clone_model", "head_masks", "head_weights", "mlp_masks", "parse_head",
     "make_data", "markov_tokens", "pack_texts", "plant_repeats", "repeated_random_tokens", "stdlib_texts",
     "train_tokenizer", "PRESETS", "TrainConfig", "train", "CheckpointSeries", "SeriesError", "ResultStore",
     # sampling
-    "LLCDivergenceError", "LLCResult", "calibrate_llc", "contains_repeated_span", "default_nbeta",
+    "LLCDivergenceError", "LLCResult", "SGLDConfig", "SamplerDiagnostics", "SamplerWarning", "calibrate_llc", "contains_repeated_span", "default_nbeta",
     "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration",
+    "BayesianInfluence", "ObservableTraces", "sample_observables", "susceptibilities", "susceptibilities_over_series",
+    "bayesian_influence", "top_influences",
     # metrics
     "bigram_score", "bigram_table", "classify_heads", "copying_scores", "duplicate_token_scores",
     "frequent_ngrams", "icl_score", "loss_difference", "metrics_over_series", "ngram_scores", "per_token_loss",
@@ -85,6 +98,6 @@ __all__ = [
     "EDResult", "Stage", "essential_dynamics", "evolute_cusps", "find_stages", "osculating_circles", "stages_frame",
     # visualisation, report, analysis
     "AttentionView", "attention_patterns", "attention_view", "plot_essential_dynamics", "plot_llc_stages",
-    "plot_head_llcs", "plot_head_scores", "analysis_report", "loss_difference_html",
+    "plot_head_llcs", "plot_head_scores", "plot_susceptibilities", "analysis_report", "loss_difference_html",
     "AnalysisConfig", "AnalysisResult", "analyze", "demo",
 ]

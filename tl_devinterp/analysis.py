@@ -29,7 +29,7 @@ from .metrics import classify_heads, metrics_over_series, per_token_loss
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import head_name, parse_head
 from .sampling import llc_over_series
-from .sampling.llc import DEFAULTS as SGLD
+from .sampling.llc import SGLDConfig
 from .series import CheckpointSeries, SeriesError
 from .visualisation.attention import AttentionView, attention_view
 from .visualisation.report import analysis_report
@@ -59,13 +59,13 @@ class AnalysisConfig:
     seed: int = _opt(0, "seed of sampling, probes and positions")
     device: str | None = _opt(None, "torch device, e.g. cuda")
     # SGLD: the full model's LLC at every checkpoint, the heads' refined LLCs at `head_steps` of them
-    epsilon: float = _opt(SGLD["epsilon"], "SGLD step size")
-    gamma: float = _opt(SGLD["gamma"], "SGLD localization strength")
+    epsilon: float = _opt(SGLDConfig.epsilon, "SGLD step size")
+    gamma: float = _opt(SGLDConfig.gamma, "SGLD localization strength")
     nbeta: float | None = _opt(None, "effective inverse temperature n*beta (default: n/log n of the batch size)")
     num_chains: int = _opt(3, "SGLD chains")
     num_draws: int = _opt(60, "SGLD draws per chain after burn-in")
     num_burnin: int = _opt(20, "SGLD burn-in steps per chain")
-    batch_size: int = _opt(SGLD["batch_size"], "SGLD minibatch size")
+    batch_size: int = _opt(SGLDConfig.batch_size, "SGLD minibatch size")
     head_steps: int | None = _opt(4, "checkpoints, spread over the series, where every head's refined LLC is "
                                   "estimated (0: none; none: all)")
     # head scores and classes
@@ -169,16 +169,18 @@ def analyze(
     results.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
     say = (lambda msg: tqdm.write(f"[analyze] {msg}", file=sys.stderr)) if progress else (lambda msg: None)
-    sgld = dict(epsilon=config.epsilon, gamma=config.gamma, nbeta=config.nbeta, num_chains=config.num_chains,
-                num_draws=config.num_draws, num_burnin=config.num_burnin, batch_size=config.batch_size,
-                seed=config.seed, device=config.device)
+    sgld = SGLDConfig(epsilon=config.epsilon, gamma=config.gamma, nbeta=config.nbeta, num_chains=config.num_chains,
+                      num_draws=config.num_draws, num_burnin=config.num_burnin, batch_size=config.batch_size,
+                      seed=config.seed)
 
     head_steps = _head_steps(series.steps, config.head_steps)
     say(f"{series}: LLC at every checkpoint, head LLCs at steps {head_steps}")
     rest = [s for s in series.steps if s not in head_steps]
     llc = pd.concat([
-        llc_over_series(series, train_tokens, heads=True, steps=head_steps, store_dir=store, **sgld) if head_steps else None,
-        llc_over_series(series, train_tokens, heads=False, steps=rest, store_dir=store, **sgld) if rest else None,
+        llc_over_series(series, train_tokens, sgld, heads=True, steps=head_steps, store_dir=store,
+                        device=config.device, progress=progress) if head_steps else None,
+        llc_over_series(series, train_tokens, sgld, heads=False, steps=rest, store_dir=store,
+                        device=config.device, progress=progress) if rest else None,
     ]).sort_values(["step", "scope", "layer", "head"], ignore_index=True)
 
     say("head scores and behavioural metrics")

@@ -1,11 +1,11 @@
-"""TransformerLens models: build one from a small config, copy it, and map heads to parameter slices.
+"""TransformerLens models: build one from a small config, and map heads, MLPs and names to parameters.
 
-Everything that knows how a supported model stores its weights lives here. A `TransformerBridge`
-(TL >= 3.9) keeps each attention projection as one `nn.Linear`: head h of W_Q is the row block
-`q.weight[h*dh:(h+1)*dh]` (transposed), and head h of W_O the column block `o.weight[:, h*dh:(h+1)*dh]`.
-A 3.x `HookedTransformer` keeps `W_Q` as a leaf `[n_heads, d_model, d_head]`, so head h is index `[h]`.
-Callers see only `ParamSlice`s keyed by the model's own `named_parameters()` names, and TransformerLens
-names (`blocks.1.attn.q.weight`, `blocks.1.attn.W_Q`) for matching user patterns.
+Everything that knows how a supported model stores its weights lives here, and it asks TransformerLens
+rather than assuming a layout: a head's coordinates are read off TL's own per-head views
+(`blocks[l].attn.W_Q[h]`, `W_O[h]`, biases), which are right for a native bridge, GPT-2's Conv1D, NeoX's
+fused QKV, Llama's grouped-query attention and a 3.x `HookedTransformer` alike. Callers see boolean masks
+keyed by canonical parameter names (see `sampled_parameters`), and TransformerLens names
+(`blocks.1.attn.q.weight`, `blocks.1.attn.W_Q`) for matching user patterns.
 """
 
 from __future__ import annotations
@@ -135,38 +135,63 @@ def clone_model(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------------
-# Parameter names: the model's own (what named_parameters() and torch.func.functional_call use)
-# and TransformerLens's (what users write).
+# Parameters: the set a sampler moves, the slots a functional call fills, and TransformerLens names.
+#
+# A bridge registers each weight under several module paths (the HF module and its TL alias), may keep
+# weights its forward never reads (GPT-2's and NeoX's fused QKV besides the split q/k/v), and ties
+# GPT-2's embedding and unembedding into one Parameter. We therefore key everything by the Parameter
+# object: its canonical name is its first `named_parameters()` name, and a functional call fills every
+# (module, attribute) slot that holds it.
+
+
+def sampled_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Canonical name -> Parameter for every distinct trainable weight the forward uses, each once.
+
+    On a TransformerLens model these are the Parameters of `state_dict(keep_vars=True)`, which lists
+    exactly the weights the forward reads (no fused-QKV duplicate, a tied weight once). Any other module:
+    its trainable `named_parameters()`.
+    """
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    if is_supported_model(model):
+        tensors = model.state_dict(keep_vars=True).values()
+        used = {id(t): t for t in tensors if isinstance(t, nn.Parameter) and t.requires_grad and id(t) in canonical}
+    else:
+        used = {id(p): p for p in model.parameters() if p.requires_grad}
+    return {canonical[i]: p for i, p in used.items()}
+
+
+def parameter_slots(model: nn.Module) -> dict[str, str]:
+    """Slot name -> canonical name: one name per (module, attribute) holding a sampled Parameter.
+
+    `torch.func.functional_call(model, {slot: tensor}, ..., tie_weights=False)` must fill each slot once:
+    two aliases of one slot make torch restore the wrong tensor, and a tied weight has two slots.
+    """
+    canonical = {id(p): name for name, p in sampled_parameters(model).items()}
+    slots: dict[tuple[int, str], str] = {}
+    names: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in canonical:
+            continue
+        owner, _, attr = name.rpartition(".")
+        key = (id(model.get_submodule(owner)), attr)
+        if key not in slots:
+            slots[key] = name
+            names[name] = canonical[id(p)]
+    return names
 
 
 def tl_parameter_names(model: nn.Module) -> dict[str, str]:
-    """TransformerLens name -> own parameter name, for every trainable parameter.
+    """TransformerLens name -> canonical name, for every sampled parameter (matched by identity).
 
-    On a bridge the state-dict keys are TL names (`blocks.1.attn.q.weight`) and share storage with the
-    native parameters (`layers.1._original_component.attn...`); on a HookedTransformer they coincide.
+    On a bridge the state-dict keys are TL names (`blocks.1.attn.q.weight`); on a HookedTransformer they
+    coincide with the own names. A parameter with no state-dict key keeps its own name.
     """
-    own = {p.data_ptr(): name for name, p in model.named_parameters()}
-    out = {key: own[t.data_ptr()] for key, t in model.state_dict(keep_vars=True).items() if t.data_ptr() in own}
-    missing = set(own.values()) - set(out.values())
-    for name in missing:  # a parameter with no state-dict alias keeps its own name
+    sampled = sampled_parameters(model)
+    canonical = {id(p): name for name, p in sampled.items()}
+    out = {key: canonical[id(t)] for key, t in model.state_dict(keep_vars=True).items() if id(t) in canonical}
+    for name in set(sampled) - set(out.values()):
         out[name] = name
     return out
-
-
-@dataclass(frozen=True)
-class ParamSlice:
-    """A region of one parameter: `dict(model.named_parameters())[name][index]`."""
-
-    name: str
-    index: tuple[Any, ...]
-    label: str  # W_Q, b_K, ... or "" for a whole parameter
-
-
-def _param_name(model: nn.Module, tensor: torch.Tensor) -> str:
-    for name, p in model.named_parameters():
-        if p is tensor:
-            return name
-    raise KeyError("tensor is not a parameter of this model")
 
 
 _HEAD = re.compile(r"^[lL](\d+)[hH](\d+)$")
@@ -208,52 +233,71 @@ def check_head(model: nn.Module, layer: int, head: int) -> None:
         )
 
 
-def head_slices(model: nn.Module, layer: int, head: int) -> list[ParamSlice]:
-    """The slices holding W_Q, W_K, W_V, W_O and b_Q, b_K, b_V of head `head` in layer `layer`."""
-    check_head(model, layer, head)
-    cfg = model.cfg
-    attn = model.blocks[layer].attn
-    if HookedTransformer is not None and isinstance(model, HookedTransformer):
-        return [
-            ParamSlice(_param_name(model, getattr(attn, label)), (head,), label)
-            for label in HEAD_PARAMS
-            if isinstance(getattr(attn, label, None), nn.Parameter)
-        ]
-    if getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads):
-        raise NotImplementedError("Head slices for grouped-query attention are not supported yet.")
-    dh = cfg.d_head
-    rows = slice(head * dh, (head + 1) * dh)
-    out = []
-    for proj, wl, bl in (("q", "W_Q", "b_Q"), ("k", "W_K", "b_K"), ("v", "W_V", "b_V")):
-        lin = getattr(attn, proj)
-        out.append(ParamSlice(_param_name(model, lin.weight), (rows, slice(None)), wl))
-        if lin.bias is not None:
-            out.append(ParamSlice(_param_name(model, lin.bias), (rows,), bl))
-    out.append(ParamSlice(_param_name(model, attn.o.weight), (slice(None), rows), "W_O"))
-    return out
+def n_kv_heads(model: nn.Module) -> int:
+    """Key/value heads per layer: fewer than query heads under grouped-query attention."""
+    return getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+
+
+def kv_head(model: nn.Module, head: int) -> int:
+    """The key/value head that query head `head` reads: `head // (n_heads / n_kv)`."""
+    return head // (model.cfg.n_heads // n_kv_heads(model))
 
 
 def head_weights(model: nn.Module, layer: int, head: int) -> dict[str, torch.Tensor]:
-    """Head (layer, head)'s weights in TransformerLens orientation: W_Q `[d_model, d_head]`,
-    W_O `[d_head, d_model]`, b_Q `[d_head]` (views read through `head_slices`)."""
-    params = dict(model.named_parameters())
-    bridge_layout = not (HookedTransformer is not None and isinstance(model, HookedTransformer))
+    """Head (layer, head)'s weights as TransformerLens's own per-head views: W_Q `[d_model, d_head]`,
+    W_O `[d_head, d_model]`, b_Q `[d_head]`, ... (biases only where the model has them). Under
+    grouped-query attention W_K, W_V, b_K, b_V are those of the head's key/value group."""
+    check_head(model, layer, head)
+    attn = model.blocks[layer].attn
     out = {}
-    for s in head_slices(model, layer, head):
-        t = params[s.name][s.index]
-        out[s.label] = t.T if bridge_layout and s.label.startswith("W") else t
+    for label in HEAD_PARAMS:
+        view = getattr(attn, label, None)
+        if view is None:
+            continue
+        index = head if view.shape[0] == model.cfg.n_heads else kv_head(model, head)
+        out[label] = view[index]
     return out
 
 
-def slice_masks(model: nn.Module, slices: list[ParamSlice]) -> dict[str, torch.Tensor]:
-    """Boolean masks, one per parameter touched, that are True on the given slices."""
-    params = dict(model.named_parameters())
-    masks: dict[str, torch.Tensor] = {}
-    for s in slices:
-        if s.name not in masks:
-            masks[s.name] = torch.zeros_like(params[s.name], dtype=torch.bool)
-        masks[s.name][s.index] = True
-    return masks
+def head_masks(model: nn.Module, layer: int, head: int) -> dict[str, torch.Tensor]:
+    """Canonical name -> boolean mask of the coordinates behind `head_weights(model, layer, head)`.
+
+    Read off TransformerLens's views rather than any storage layout: the mask is where the gradient of
+    the head's views with respect to the sampled parameters is nonzero, so Linear, Conv1D, fused and
+    HookedTransformer layouts need no special case.
+    """
+    return _view_masks(model, lambda: head_weights(model, layer, head).values())
+
+
+def mlp_masks(model: nn.Module, layer: int, neurons: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Canonical name -> mask of the MLP of block `layer` (W_in, W_gate, b_in, W_out; b_out too when all
+    neurons), or of only the given hidden neurons' rows and columns."""
+    mlp = getattr(model.blocks[layer], "mlp", None)
+    if mlp is None or getattr(model.cfg, "attn_only", False):
+        raise ValueError(f"Block {layer} has no MLP (the model is attention-only).")
+    d_mlp = model.cfg.d_mlp
+    index = list(range(d_mlp)) if neurons is None else list(neurons)
+    bad = [n for n in index if not 0 <= n < d_mlp]
+    if bad:
+        raise ValueError(f"MLP neurons {bad} do not exist in block {layer}: it has d_mlp={d_mlp} (0-indexed).")
+
+    def views():
+        for label in ("W_in", "W_gate", "W_out", "b_in", "b_out"):
+            view = getattr(mlp, label, None)
+            if view is None or (label == "b_out" and neurons is not None):
+                continue
+            yield view[..., index] if label in ("W_in", "W_gate", "b_in") else view[index] if label == "W_out" else view
+
+    return _view_masks(model, views)
+
+
+def _view_masks(model: nn.Module, views) -> dict[str, torch.Tensor]:
+    params = sampled_parameters(model)
+    with torch.enable_grad():
+        total = sum(v.sum() for v in views())  # a view rearranges weights: slope 1 on each entry it reads
+        grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+    masks = {name: g != 0 for name, g in zip(params, grads, strict=True) if g is not None}
+    return {name: m for name, m in masks.items() if m.any()}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,13 +1,23 @@
-"""LLC estimation by SGLD: whole model, restricted to weights (heads, layers), on sub-distributions, over series."""
+"""Posterior sampling around a checkpoint: LLCs (whole model, heads, layers, over series), observables,
+susceptibilities and Bayesian influence; SGLD, SGNHT and RMSprop-SGLD."""
 
 from .calibration import calibrate_llc, plot_calibration
+from .diagnostics import SamplerDiagnostics, SamplerWarning
 from .heads import estimate_head_llcs
-from .llc import LLCDivergenceError, LLCResult, default_nbeta, estimate_llc
+from .influence import BayesianInfluence, bayesian_influence, top_influences
+from .llc import LLCDivergenceError, LLCResult, SGLDConfig, default_nbeta, estimate_llc
+from .observables import ObservableTraces, posterior_covariance, sample_observables
 from .over_series import llc_over_series
 from .refine import contains_repeated_span, filter_dataset
-from .restrict import resolve_restriction
+from .restrict import Restriction, resolve_restriction
+from .samplers import SAMPLERS, rmsprop_sgld_step, sgld_step, sgnht_step
+from .susceptibility import susceptibilities, susceptibilities_over_series, susceptibility
 
 __all__ = [
-    "LLCDivergenceError", "LLCResult", "calibrate_llc", "plot_calibration", "contains_repeated_span", "default_nbeta", "estimate_head_llcs",
-    "estimate_llc", "filter_dataset", "llc_over_series", "resolve_restriction",
+    "LLCDivergenceError", "LLCResult", "SGLDConfig", "SamplerDiagnostics", "SamplerWarning", "calibrate_llc",
+    "plot_calibration", "contains_repeated_span", "default_nbeta", "estimate_head_llcs", "estimate_llc",
+    "filter_dataset", "llc_over_series", "Restriction", "resolve_restriction", "sgld_step",
+    "SAMPLERS", "sgnht_step", "rmsprop_sgld_step", "ObservableTraces", "posterior_covariance", "sample_observables",
+    "susceptibilities", "susceptibilities_over_series", "susceptibility", "BayesianInfluence", "bayesian_influence",
+    "top_influences",
 ]

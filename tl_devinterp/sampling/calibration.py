@@ -11,12 +11,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 from torch import nn
 
 from .heads import summary
-from .llc import DEFAULTS, LLCDivergenceError, estimate_llc
+from .llc import LLCDivergenceError, SGLDConfig, estimate_llc
 
 
 def calibrate_llc(
@@ -25,15 +24,14 @@ def calibrate_llc(
     *,
     epsilons: Sequence[float] = (1e-4, 3e-4, 1e-3, 3e-3),
     nbetas: Sequence[float] = (3.0, 10.0, 30.0),
-    gamma: float = DEFAULTS["gamma"],
-    num_chains: int = DEFAULTS["num_chains"],
-    num_draws: int = DEFAULTS["num_draws"],
+    gamma: float = SGLDConfig.gamma,
+    num_chains: int = SGLDConfig.num_chains,
+    num_draws: int = SGLDConfig.num_draws,
     num_burnin: int = 0,
-    batch_size: int = DEFAULTS["batch_size"],
+    batch_size: int = SGLDConfig.batch_size,
     restrict=None,
     loss_fn: Callable | None = None,
     seed: int = 0,
-    device: str | torch.device | None = None,
 ) -> pd.DataFrame:
     """One row per (epsilon, nbeta): the estimate, `diverged`, and `llc_trace` (chains × draws array of
     nβ·(L_B(w_t) − L_B(w*))). A diverged setting is reported (NaN estimate, diverged=True), not raised."""
@@ -44,7 +42,7 @@ def calibrate_llc(
                 r = estimate_llc(
                     model, data, epsilon=epsilon, gamma=gamma, nbeta=nbeta, num_chains=num_chains,
                     num_draws=num_draws, num_burnin=num_burnin, batch_size=batch_size, restrict=restrict,
-                    loss_fn=loss_fn, seed=seed, device=device,
+                    loss_fn=loss_fn, seed=seed, progress=False,
                 )
                 rows.append(dict(epsilon=epsilon, nbeta=nbeta, diverged=False, **summary(r), llc_trace=r.llc_trace.numpy()))
             except LLCDivergenceError:

@@ -2,7 +2,7 @@
 
 All heads and chains see the same batch at each step, so batches are drawn once and each batch's
 checkpoint loss is computed once for every head; each head's chains move only that head's W_Q, W_K, W_V,
-W_O, b_Q, b_K, b_V, and no other parameter computes a gradient.
+W_O and biases (under grouped-query attention, with its group's K/V: see `LLCResult.note`).
 """
 
 from __future__ import annotations
@@ -10,44 +10,35 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pandas as pd
-import torch
 from torch import nn
 
-from ..models import all_heads, check_model
-from .llc import DEFAULTS, LLCResult, sample_llcs
+from ..models import all_heads, check_model, parse_head
+from .llc import LLCResult, SGLDConfig, sample_llcs
 from .restrict import resolve_restriction
 
 
-def estimate_head_llcs(
-    model: nn.Module,
-    data,
-    *,
-    heads: list[tuple[int, int]] | None = None,
-    epsilon: float = DEFAULTS["epsilon"],
-    gamma: float = DEFAULTS["gamma"],
-    nbeta: float | None = None,
-    num_chains: int = DEFAULTS["num_chains"],
-    num_draws: int = DEFAULTS["num_draws"],
-    num_burnin: int = DEFAULTS["num_burnin"],
-    batch_size: int = DEFAULTS["batch_size"],
-    loss_fn: Callable | None = None,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-) -> pd.DataFrame:
-    """One row per head (all heads by default): `layer, head, llc_mean, llc_std, llc_se, d, init_loss`.
-
-    Each row equals `estimate_llc(model, data, restrict=(layer, head), ...)` with the same seed.
+def estimate_head_llcs(model: nn.Module, data, config: SGLDConfig | None = None, *,
+                       heads: list[tuple[int, int] | str] | None = None, loss_fn: Callable | None = None,
+                       progress: bool = True, **options) -> pd.DataFrame:
+    """One row per head (all heads by default): `layer, head, llc_mean, llc_std, llc_se, d, init_loss`
+    and the sampler diagnostics (`loss_increase, distance, prior_radius, likelihood_fraction, acceptance,
+    regime`). Each row equals `estimate_llc(model, data, config, restrict=(layer, head))`.
     """
     check_model(model)
-    heads = all_heads(model) if heads is None else list(heads)
-    results = sample_llcs(
-        model, data, [resolve_restriction(model, head) for head in heads], epsilon=epsilon, gamma=gamma,
-        nbeta=nbeta, num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin, batch_size=batch_size,
-        loss_fn=loss_fn, seed=seed, device=device, desc=f"LLC ({len(heads)} heads)",
-    )
+    config = SGLDConfig.build(config, **options)
+    heads = all_heads(model) if heads is None else _head_list(heads)
+    results = sample_llcs(model, data, [resolve_restriction(model, head) for head in heads], config, loss_fn=loss_fn,
+                          desc=f"LLC ({len(heads)} heads)", progress=progress)
     return pd.DataFrame([dict(layer=layer, head=h, **summary(r)) for (layer, h), r in zip(heads, results, strict=True)])
+
+
+def _head_list(heads) -> list[tuple[int, int]]:
+    if isinstance(heads, str) or not hasattr(heads, "__iter__"):
+        raise TypeError(f"heads={heads!r} must be a list of heads, e.g. ['l0h0', (1, 2)]; for one head write [{heads!r}].")
+    return [parse_head(h) for h in heads]
 
 
 def summary(result: LLCResult) -> dict:
     """The columns a results table keeps of one estimate."""
-    return dict(llc_mean=result.mean, llc_std=result.std, llc_se=result.se, d=result.d, init_loss=result.init_loss)
+    return dict(llc_mean=result.mean, llc_std=result.std, llc_se=result.se, d=result.d, init_loss=result.init_loss,
+                **result.diagnostics.as_row())

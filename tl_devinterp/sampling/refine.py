@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .llc import as_tensors
+from .batches import as_tensors
 
 Predicate = Callable[[Sequence[int]], bool]
 
