@@ -58,7 +58,7 @@ def calibrate_llc(
     *,
     epsilons: Sequence[float] = (2.5e-5, 5e-5, 1e-4, 2e-4),
     gammas: Sequence[float] = (1.0, 10.0, 100.0),
-    nbetas: Sequence[float] = (30.0, 100.0, 300.0),
+    nbetas: Sequence[float] = (30.0, 100.0, 300.0, 1000.0),
     restrict=None,
     loss_fn: Callable | None = None,
     progress: bool = True,
