@@ -59,3 +59,11 @@ def test_rule_needs_every_step_and_prefers_small_gamma_then_large_epsilon():
     assert choose_setting(judge(pd.DataFrame(cells))) == {"epsilon": 2e-4, "gamma": 10.0, "nbeta": 100.0}
     cells = [_cell(1, e, 1.0, 10.0, drift=9.0) for e in (1e-4, 2e-4)]  # traces still rising: none
     assert choose_setting(judge(pd.DataFrame(cells))) is None
+
+
+def test_gamma_is_checked_before_sampling():
+    with pytest.raises(ValueError, match=r"SGLDConfig.gamma must be >= 0, got -1.0"):
+        SGLDConfig(gamma=-1.0)
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        calibrate_llc(Quadratic(), torch.zeros(8, 1), SGLDConfig(batch_size=4), epsilons=[1e-3], gammas=[-1.0],
+                      nbetas=[10.0], progress=False)

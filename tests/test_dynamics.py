@@ -206,8 +206,17 @@ def test_essential_dynamics_end_to_end(tmp_path):
     frame = r.frame()
     assert len(frame) == 3 * T and {"step", "pc_x", "pc_y", "curvature", "centre_x", "cusp"} <= set(frame.columns)
 
-    outputs = essential_dynamics(series, tokens, proxy="outputs", position=-2, sigma=0.0)
+    out_dir = tmp_path / "outputs"
+    outputs = essential_dynamics(series, tokens, proxy="outputs", position=-2, sigma=0.0, batch_size=7,
+                                 features_dir=out_dir)
     assert outputs.scores.shape == (T, 3)
+    # every logit at position seq - 2 of every sequence, sequence-major (batching must not reorder them)
+    V = models[0].cfg.d_vocab
+    X = np.memmap(out_dir / "features.f32", dtype=np.float32, mode="r", shape=(T, 24 * V))
+    for t in (0, T - 1):
+        with torch.no_grad():
+            logits = models[t](tokens)[:, -2]  # [24, vocab]
+        np.testing.assert_allclose(X[t], logits.flatten().numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="position must lie"):
         essential_dynamics(series, tokens, position=10)
     with pytest.raises(ValueError, match="proxy must be one of"):
