@@ -192,7 +192,7 @@ def analyze(
                           progress=progress)
     say("head scores and behavioural metrics")
     metrics = metrics_over_series(series, tokens=test_tokens, data=train_tokens, store_dir=store,
-                                  n_seqs=config.n_seqs, seed=config.seed)
+                                  n_seqs=config.n_seqs, seed=config.seed, progress=progress)
     classes = classify_heads(metrics, thresholds=config.thresholds)
     head_steps = _head_steps(series.steps, config.head_steps, llc, metrics)
     if head_steps:
@@ -207,7 +207,7 @@ def analyze(
                          sigma=config.stage_sigma, z=config.stage_z, min_prominence=config.stage_min_prominence)
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
     ed = essential_dynamics(series, test_tokens, n_components=config.n_components, sigma=config.ed_sigma,
-                            seed=config.seed, device=config.device, store_dir=store)
+                            seed=config.seed, device=config.device, store_dir=store, progress=progress)
 
     sample = test_tokens[config.sample_index]
     sample_labels = labels_of(sample)

@@ -98,6 +98,7 @@ def map_series(
     store: ResultStore | None = None,
     steps: list[int] | None = None,
     desc: str = "checkpoints",
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Run `compute(step, model)` on each checkpoint (one model in memory at a time) and concatenate.
 
@@ -109,7 +110,7 @@ def map_series(
     if missing:
         raise ValueError(f"Steps {missing} are not in the series; available steps: {series.steps}.")
     frames = []
-    for step in tqdm(todo, desc=desc, unit="ckpt"):
+    for step in tqdm(todo, desc=desc, unit="ckpt", disable=not progress):
         if store is not None and store.has(step):
             frames.append(store.load(step))
             continue

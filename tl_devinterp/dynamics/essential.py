@@ -119,7 +119,7 @@ def _proxy_features(proxy, tokens: torch.Tensor, pos: np.ndarray, batch_size: in
 
 
 def _stream_features(series, steps, features: Callable, path: Path, device,
-                     store: ResultStore | None) -> tuple[np.memmap, np.ndarray]:
+                     store: ResultStore | None, progress: bool = True) -> tuple[np.memmap, np.ndarray]:
     """Write features(model) of each checkpoint as one row of a float32 memmap at `path`.
 
     With a `store`, each row is also saved per step, and rows saved by an earlier run are read back
@@ -148,7 +148,7 @@ def _stream_features(series, steps, features: Callable, path: Path, device,
         put(step, f)
         return pd.DataFrame({"proxy_mean": [means[row[step]]]})
 
-    map_series(series, compute, steps=steps, store=store, desc="essential dynamics")
+    map_series(series, compute, steps=steps, store=store, desc="essential dynamics", progress=progress)
     for step in steps:
         if step not in filled:
             put(step, store.load_array(step))
@@ -320,6 +320,7 @@ def essential_dynamics(
     device: str | torch.device | None = None,
     features_dir: str | os.PathLike | None = None,
     store_dir: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> EDResult:
     """Essential dynamics of a checkpoint series on a fixed input set.
 
@@ -328,7 +329,7 @@ def essential_dynamics(
     random position per sequence drawn with `seed`), "outputs" (all logits at that position, flattened), or
     `callable(model, inputs) -> tensor` (flattened). Features go to `features_dir/features.f32` (kept) or a
     temporary file (deleted). With `store_dir`, each checkpoint's features are saved as it finishes and a
-    rerun reads them back. The rest is `essential_dynamics_of_features`.
+    rerun reads them back; `progress` shows a bar over checkpoints. The rest is `essential_dynamics_of_features`.
     """
     tokens = token_tensor(inputs)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
@@ -345,7 +346,7 @@ def essential_dynamics(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp if features_dir is None else features_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        X, means = _stream_features(series, steps, features, folder / "features.f32", device, store)
+        X, means = _stream_features(series, steps, features, folder / "features.f32", device, store, progress)
         result = essential_dynamics_of_features(
             X, steps, n_components=n_components, sigma=sigma, min_prominence=min_prominence, window=window,
             min_pairs=min_pairs, persistence=persistence, proxy_mean=means,

@@ -50,6 +50,7 @@ def metrics_over_series(
     late: int | None = None,
     ngram_n: Sequence[int] = (2, 3),
     top_k: int = 100,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Compute `metrics` at each checkpoint -> one frame with columns step, metric, layer, head, value.
 
@@ -59,7 +60,8 @@ def metrics_over_series(
     `ngram_score` (`ngram_n`, `top_k`) also need `data`, whose bigram table and frequent n-grams are built
     once. Default `metrics`: the head metrics, plus loss and ICL score given `tokens`, plus bigram and
     n-gram scores given `data` too. With `store_dir`, each checkpoint's rows are saved as soon as they are
-    done, keyed by every option that changes the numbers, so rerunning resumes a stopped run.
+    done, keyed by every option that changes the numbers, so rerunning resumes a stopped run. `progress`
+    shows a bar over checkpoints.
     """
     if metrics is None:
         metrics = list(HEAD_METRICS) + (["loss", "icl_score", "repeat_icl_score"] if tokens is not None else []) + (
@@ -109,6 +111,7 @@ def metrics_over_series(
                       table=fingerprint(table) if table is not None else None,
                       ngrams={n: fingerprint(g) for n, g in ngrams.items()})
         store = ResultStore(store_dir, "metrics", params)
-    frame = map_series(series, compute, store=store, steps=None if steps is None else list(steps), desc="metrics")
+    frame = map_series(series, compute, store=store, steps=None if steps is None else list(steps), desc="metrics",
+                       progress=progress)
     frame = frame.reindex(columns=COLUMNS)
     return frame.astype({"step": "int64", "metric": "string", "layer": "Int64", "head": "Int64", "value": "float64"})

@@ -45,5 +45,5 @@ def llc_over_series(series, data, config: SGLDConfig | None = None, *,
         key = dict(config.to_dict(), heads=head_spec, data=data_fingerprint(data),
                    loss_fn=getattr(loss_fn, "__qualname__", repr(loss_fn)))
         store = ResultStore(store_dir, "llc", key)
-    frame = map_series(series, compute, store=store, steps=steps, desc="LLC over checkpoints")
+    frame = map_series(series, compute, store=store, steps=steps, desc="LLC over checkpoints", progress=progress)
     return frame.astype({"layer": "Int64", "head": "Int64"})
