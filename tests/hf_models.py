@@ -37,13 +37,16 @@ def hf_model(arch: str, seed: int = 0):
 
 
 def tiny_tokenizer():
-    """A word-level tokenizer over `t0 … t63` (t0 is BOS/unknown, t1 EOS), as a transformers tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A word-level tokenizer over `t0 … t63` (t0 is BOS/unknown, t1 EOS), as a transformers tokenizer:
+    the text `tN` is token N."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t1", unk_token="t0")
+    word = lambda s: AddedToken(s, single_word=True, special=True, normalized=False)  # noqa: E731 (t1 ≠ t1x)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=word("t0"), eos_token=word("t1"),
+                                   unk_token=word("t0"))
 
 
 def save_tiny_hf(arch: str, path: str | os.PathLike, seed: int = 0, model=None) -> Path:
@@ -60,3 +63,20 @@ def boot(path: str | os.PathLike):
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     return TransformerBridge.boot_transformers(str(path), device="cpu").eval()
+
+
+def trainer_run(arch: str, out: str | os.PathLike, *, max_steps: int = 8, save_steps: int = 2, seed: int = 0) -> Path:
+    """A real (CPU) transformers `Trainer` run of `hf_model(arch)` on random tokens: checkpoint-{2,4,...}/
+    folders holding config, safetensors weights, tokenizer, optimizer and RNG state, as a user's run does."""
+    import datasets
+    import transformers as tf
+
+    ids = torch.randint(2, VOCAB, (32, 16), generator=torch.Generator().manual_seed(seed)).tolist()
+    args = tf.TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, save_steps=save_steps, per_device_train_batch_size=8,
+        learning_rate=1e-2, seed=seed, report_to=[], logging_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = tf.Trainer(model=hf_model(arch, seed), args=args, processing_class=tiny_tokenizer(),
+                         train_dataset=datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}),
+                         data_collator=tf.default_data_collator)
+    trainer.train()
+    return Path(out)

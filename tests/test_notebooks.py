@@ -10,7 +10,8 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 def test_notebooks_exist_without_outputs():
     assert [p.name for p in NOTEBOOKS] == [
-        "01_head_llcs.ipynb", "02_stage_analysis.ipynb", "03_attention_across_stages.ipynb"]
+        "01_head_llcs.ipynb", "02_stage_analysis.ipynb", "03_attention_across_stages.ipynb",
+        "04_interventions.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")

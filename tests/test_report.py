@@ -138,7 +138,7 @@ def test_config_from_files_and_overrides(tmp_path):
     assert b.thresholds == {"prefix_matching": 0.2} and a.num_chains == AnalysisConfig().num_chains
     with pytest.raises(ValueError, match=r"Unknown option\(s\) \['num_drawz'\].*valid options"):
         AnalysisConfig.from_dict({"num_drawz": 3})
-    with pytest.raises(ValueError, match="num_chains must be >= 1"):
+    with pytest.raises(ValueError, match="num_chains must be >= 2"):
         AnalysisConfig(num_chains=0)
     assert AnalysisConfig.quick(num_draws=5).num_draws == 5
 
@@ -155,3 +155,13 @@ def test_head_steps_and_top_heads():
     metrics = pd.DataFrame({"step": [5] * 4, "metric": ["previous_token"] * 2 + ["prefix_matching"] * 2,
                             "layer": [0, 1, 0, 1], "head": [1, 0, 1, 0], "value": [0.9, 0.1, 0.8, 0.7]})
     assert _top_heads(metrics) == ["L0H1", "L1H0"]  # the best induction head that is not already shown
+
+
+def test_report_shows_head_trajectory_clusters(tmp_path):
+    from tl_devinterp import cluster_heads
+
+    result = synthetic_result(tmp_path)
+    result.head_clusters = cluster_heads([result.llc, result.metrics], n_clusters=2, classes=result.head_classes)
+    page = analysis_report(result, tmp_path / "report.html").read_text()
+    ids = re.findall(r'<figure class="tl-figure" id="fig-([\w-]+)"', page)
+    assert ids.index("head-clusters") == ids.index("head-scores") + 1 and "Heads per cluster and class" in page

@@ -6,6 +6,9 @@ dynamics (essential dynamics, stages) -> visualisation and report -> command lin
 
 # series: models, data, training, checkpoint series
 from .analysis import AnalysisConfig, AnalysisResult, analyze, demo
+
+# dynamics
+from .compare import SeriesComparison, compare_series
 from .data import (
     make_data,
     markov_tokens,
@@ -13,19 +16,21 @@ from .data import (
     plant_repeats,
     repeated_random_tokens,
     stdlib_texts,
+    text_files,
     train_tokenizer,
 )
-
-# dynamics
 from .dynamics import (
     EDResult,
+    HeadClusters,
     Stage,
+    cluster_heads,
     essential_dynamics,
     evolute_cusps,
     find_stages,
     osculating_circles,
     stages_frame,
 )
+from .interventions import Intervention
 
 # metrics
 from .metrics import (
@@ -75,7 +80,7 @@ from .training import PRESETS, TrainConfig, train
 # visualisation, report, analysis
 from .visualisation.attention import AttentionView, attention_patterns, attention_view
 from .visualisation.dynamics import plot_essential_dynamics, plot_llc_stages
-from .visualisation.heads import plot_head_llcs, plot_head_scores
+from .visualisation.heads import plot_head_clusters, plot_head_llcs, plot_head_scores
 from .visualisation.report import analysis_report
 from .visualisation.susceptibilities import plot_susceptibilities
 from .visualisation.tokens import loss_difference_html
@@ -83,8 +88,8 @@ from .visualisation.tokens import loss_difference_html
 __all__ = [
     # series
     "ModelConfig", "build_model", "clone_model", "head_masks", "head_weights", "mlp_masks", "parse_head",
-    "make_data", "markov_tokens", "pack_texts", "plant_repeats", "repeated_random_tokens", "stdlib_texts",
-    "train_tokenizer", "PRESETS", "TrainConfig", "train", "CheckpointSeries", "SeriesError", "ResultStore",
+    "make_data", "markov_tokens", "pack_texts", "plant_repeats", "repeated_random_tokens", "stdlib_texts", "text_files",
+    "train_tokenizer", "PRESETS", "TrainConfig", "train", "Intervention", "CheckpointSeries", "SeriesError", "ResultStore",
     # sampling
     "LLCDivergenceError", "LLCResult", "SGLDConfig", "SamplerDiagnostics", "SamplerWarning", "calibrate_llc", "contains_repeated_span", "default_nbeta",
     "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration",
@@ -96,8 +101,9 @@ __all__ = [
     "prefix_matching_scores", "previous_token_scores",
     # dynamics
     "EDResult", "Stage", "essential_dynamics", "evolute_cusps", "find_stages", "osculating_circles", "stages_frame",
+    "HeadClusters", "cluster_heads",
     # visualisation, report, analysis
     "AttentionView", "attention_patterns", "attention_view", "plot_essential_dynamics", "plot_llc_stages",
-    "plot_head_llcs", "plot_head_scores", "plot_susceptibilities", "analysis_report", "loss_difference_html",
-    "AnalysisConfig", "AnalysisResult", "analyze", "demo",
+    "plot_head_llcs", "plot_head_scores", "plot_head_clusters", "plot_susceptibilities", "analysis_report",
+    "loss_difference_html", "AnalysisConfig", "AnalysisResult", "analyze", "demo", "SeriesComparison", "compare_series",
 ]

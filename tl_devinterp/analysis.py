@@ -6,7 +6,11 @@ then at each stage boundary the attention of chosen heads and the per-token loss
 sequence. Per-checkpoint results go through `ResultStore`s under `OUT/store/`, so a rerun after an
 interruption recomputes nothing that finished. Writes `OUT/results/*.csv`, `OUT/figures/*.png` and
 `OUT/report.html`. `AnalysisConfig` holds every option and its default; the command line and config
-files (JSON or TOML) set the same fields.
+files (JSON or TOML) set the same fields, all validated before any work.
+
+Stored results are keyed by each checkpoint's content, so they are never reused for other weights; when OUT
+holds the analysis of another series, its results, figures and report are moved to `OUT/previous-N/`
+(and the move is announced) before this one is written. One `analyze` at a time works in a folder.
 """
 
 from __future__ import annotations
@@ -15,23 +19,28 @@ import dataclasses
 import json
 import os
 import sys
+import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .data import BOS, make_data, spec_tokenizer, token_tensor
+from .data import BOS, make_data, pack_texts, spec_tokenizer, text_files, token_tensor
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
+from .dynamics.trajectories import HeadClusters, cluster_heads
 from .metrics import classify_heads, metrics_over_series, per_token_loss
 from .metrics.classify import LABELS as HEAD_LABELS
-from .models import head_name, parse_head
+from .models import bos_token_id, check_device, check_head, head_name, parse_head
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
 from .sampling.llc import SGLDConfig, default_nbeta
 from .series import CheckpointSeries, SeriesError
+from .store import StoreWarning, atomic_write, folder_lock
 from .visualisation.attention import AttentionView, attention_view
 from .visualisation.report import analysis_report
 
@@ -56,6 +65,8 @@ class AnalysisConfig:
 
     # data: the series' own data (its manifest's spec) unless `analyze(..., data=...)` is given
     n_sequences: int = _opt(256, "test sequences for behavioural metrics and essential dynamics")
+    seq_len: int | None = _opt(None, "tokens per sequence cut from text data, BOS included (default: the model's "
+                               "context, at most 128)")
     sample_index: int = _opt(0, "the test sequence shown in the token and attention pictures")
     seed: int = _opt(0, "seed of sampling, probes and positions")
     device: str | None = _opt(None, "torch device, e.g. cuda")
@@ -75,6 +86,7 @@ class AnalysisConfig:
     # head scores and classes
     n_seqs: int = _opt(64, "probe sequences of the head scores")
     thresholds: dict[str, float] = _opt({}, "classify_heads thresholds as JSON, e.g. '{\"prefix_matching\": 0.2}'")
+    n_clusters: int = _opt(3, "cluster_heads: groups of heads by their rLLC and score trajectories (0: none)")
     # dynamics
     n_components: int = _opt(3, "essential dynamics: principal components")
     ed_sigma: float | None = _opt(None, "essential dynamics: smoothing width in checkpoints (default: its own)")
@@ -85,9 +97,24 @@ class AnalysisConfig:
                                              "the top previous-token and induction heads)")
 
     def __post_init__(self):
-        for name in ("n_sequences", "num_chains", "num_draws", "batch_size", "n_seqs", "n_components"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        """The one validator of analyze's options: each field's type, then its range."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
+        for name, low in (("n_sequences", 1), ("num_chains", 2), ("num_draws", 1), ("num_burnin", 0),
+                          ("batch_size", 1), ("n_seqs", 1), ("n_components", 2), ("seed", 0), ("sample_index", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}.")
+        for name in ("epsilon", "nbeta", "ed_sigma", "stage_sigma"):
+            if getattr(self, name) is not None and not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
+        for name in ("gamma", "stage_min_prominence"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
+        if self.n_clusters < 0:
+            raise ValueError(f"n_clusters must be >= 0 (0: no head clustering), got {self.n_clusters}.")
         if self.head_steps is not None and self.head_steps < 0:
             raise ValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
         if self.attention_heads is not None:
@@ -95,6 +122,7 @@ class AnalysisConfig:
         unknown = sorted(set(self.thresholds) - set(HEAD_LABELS))
         if unknown:
             raise ValueError(f"Unknown thresholds {unknown}; classify_heads reads scores {list(HEAD_LABELS)}.")
+        check_device(self.device)
 
     @classmethod
     def quick(cls, **overrides: Any) -> AnalysisConfig:
@@ -108,27 +136,38 @@ class AnalysisConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"Unknown option(s) {unknown} in {source}; valid options: {sorted(known)}.")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} (in {source})") from None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> AnalysisConfig:
         """A JSON (`.json`) or TOML (`.toml`) file of option: value pairs."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Config file {path} not found.")
+        return cls.from_dict(read_config_file(path), source=str(path))
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The option: value table of a JSON (`.json`) or TOML (`.toml`) config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} not found.")
+    if path.suffix not in (".json", ".toml"):
+        raise ValueError(f"Config file {path} must end in .json or .toml.")
+    try:
         if path.suffix == ".json":
             d = json.loads(path.read_text())
-        elif path.suffix == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                raise ValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
-            d = tomllib.loads(path.read_text())
         else:
-            raise ValueError(f"Config file {path} must end in .json or .toml.")
-        if not isinstance(d, dict):
-            raise ValueError(f"Config file {path} must hold a table of option: value pairs.")
-        return cls.from_dict(d, source=str(path))
+            import tomllib  # Python >= 3.11
+
+            d = tomllib.loads(path.read_text())
+    except ImportError:
+        raise ValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
+    except ValueError as e:  # JSONDecodeError, TOMLDecodeError, bad UTF-8
+        raise ValueError(f"Config file {path} cannot be parsed ({e}); fix its syntax.") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"Config file {path} must hold a table of option: value pairs.")
+    return d
 
 
 @dataclass
@@ -147,6 +186,7 @@ class AnalysisResult:
     title: str = "tl_devinterp report"
     report: Path | None = None
     calibration: Calibration | None = None  # the sweep and its choice, with `calibrate=True`
+    head_clusters: HeadClusters | None = None  # heads grouped by trajectory (cluster_heads)
 
 
 def analyze(
@@ -160,10 +200,13 @@ def analyze(
 ) -> AnalysisResult:
     """Analyse a checkpoint series (or a series directory) into `out_dir`; see the module docstring.
 
-    `config` is an `AnalysisConfig`, a dict of its fields or a JSON/TOML file; `overrides` replace single
-    fields (`analyze(s, out, num_draws=200)`). `data` (token tensor `[n, seq]` or dataset with `input_ids`)
-    replaces the series' own data, and is needed for series that do not record theirs. Rerunning into the
-    same `out_dir` resumes: finished checkpoints are read back, not recomputed.
+    `series` is a `CheckpointSeries`, a series directory written by `tl_devinterp.train`, or a transformers
+    Trainer output_dir (`checkpoint-{N}/` folders). `config` is an `AnalysisConfig`, a dict of its fields or
+    a JSON/TOML file; `overrides` replace single fields (`analyze(s, out, num_draws=200)`). `data` replaces
+    the series' own data, and is needed for series that do not record theirs: a token tensor `[n, seq]`, a
+    dataset with `input_ids`, or text (a dataset with a `text` column, or text file paths) that the
+    model's tokenizer cuts into `seq_len`-token rows. Rerunning into the same `out_dir` resumes: finished
+    checkpoints are read back, not recomputed.
     """
     config = _as_config(config, overrides)
     series = _as_series(series, config)
@@ -171,9 +214,17 @@ def analyze(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; give a directory for the report.")
+    with folder_lock(out, "analyze"):
+        return _analyze(series, out, config, train_tokens, test_tokens, labels_of, progress)
+
+
+def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_tokens, test_tokens, labels_of,
+             progress: bool) -> AnalysisResult:
+    """`analyze` once its inputs are checked and it holds `out`'s lock."""
+    _keep_apart(out, series)
     store, results = out / "store", out / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    atomic_write(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     say = (lambda msg: tqdm.write(f"[analyze] {msg}", file=sys.stderr)) if progress else (lambda msg: None)
     sgld = SGLDConfig(epsilon=config.epsilon, gamma=config.gamma, nbeta=config.nbeta, num_chains=config.num_chains,
                       num_draws=config.num_draws, num_burnin=config.num_burnin, batch_size=config.batch_size,
@@ -183,9 +234,9 @@ def analyze(
         calibration = _calibrate(series, train_tokens, sgld, progress)
         say(f"calibration chose {calibration.choice} (rule: sampling.calibration)")
         sgld = calibration.config(sgld) if calibration.choice else sgld
-        calibration.table.drop(columns="llc_trace").to_csv(results / "calibration.csv", index=False)
-        (out / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "calibration": calibration.choice},
-                                                    indent=2))
+        atomic_write(results / "calibration.csv", calibration.table.drop(columns="llc_trace").to_csv(index=False))
+        atomic_write(out / "config.json", json.dumps({**dataclasses.asdict(config), "calibration": calibration.choice},
+                                                     indent=2))
 
     say(f"{series}: LLC at every checkpoint")
     llc = llc_over_series(series, train_tokens, sgld, heads=False, store_dir=store, device=config.device,
@@ -201,6 +252,9 @@ def analyze(
                                 device=config.device, progress=progress)
         llc = pd.concat([llc, heads[heads["scope"] == "head"]])
     llc = llc.sort_values(["step", "scope", "layer", "head"], ignore_index=True)
+    n_heads = len(metrics.dropna(subset=["layer"])[["layer", "head"]].drop_duplicates())
+    clusters = (cluster_heads([llc, metrics], n_clusters=config.n_clusters, classes=classes)
+                if config.n_clusters and n_heads >= 2 else None)
 
     model_llc = llc[llc["scope"] == "model"]
     stages = find_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), model_llc["llc_se"].to_numpy(),
@@ -226,11 +280,13 @@ def analyze(
 
     result = AnalysisResult(llc=llc, metrics=metrics, head_classes=classes, stages=stages, ed=ed,
                             loss_differences=loss_differences, attention=attention, sample_tokens=sample_labels,
-                            out_dir=out, title=f"tl_devinterp report: {series!r}", calibration=calibration)
+                            out_dir=out, title=f"tl_devinterp report: {series!r}",
+                            calibration=calibration, head_clusters=clusters)
     for name, frame in (("llc", llc), ("metrics", metrics), ("head_classes", classes),
                         ("stages", stages_frame(stages)), ("essential_dynamics", ed.frame()),
-                        ("loss_differences", loss_differences)):
-        frame.to_csv(results / f"{name}.csv", index=False)
+                        ("loss_differences", loss_differences),
+                        ("head_clusters", clusters.assignments if clusters else pd.DataFrame())):
+        atomic_write(results / f"{name}.csv", frame.to_csv(index=False))
     result.report = analysis_report(result, out / "report.html", figures_dir=out / "figures")
     say(f"report: {result.report}")
     return result
@@ -258,7 +314,34 @@ def _as_config(config, overrides: dict[str, Any]) -> AnalysisConfig:
         config = AnalysisConfig.from_file(config)
     elif not isinstance(config, AnalysisConfig):
         raise TypeError(f"config must be an AnalysisConfig, a dict or a config file path; got {type(config).__name__}.")
-    return AnalysisConfig.from_dict({**dataclasses.asdict(config), **overrides}, source="the overrides")
+    return AnalysisConfig.from_dict({**dataclasses.asdict(config), **overrides}, source="the arguments")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """`value` as the option's declared type (int, float, str, list[str], dict[str, float], or None where
+    allowed), or a TypeError naming the option and the expected type."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None and optional:
+        return None
+    kind = next(a for a in args if a is not type(None)) if optional else hint
+    origin = typing.get_origin(kind) or kind
+    ok, expected = {
+        int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+        float: (_is_number, "a number"),
+        str: (lambda v: isinstance(v, str), "a string"),
+        list: (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings"),
+        dict: (lambda v: isinstance(v, dict) and all(map(_is_number, v.values())), "a mapping of names to numbers"),
+    }[origin]
+    if value is None or not ok(value):
+        hint_ = f" (for one head: [{value!r}])" if origin is list and isinstance(value, str) else ""
+        raise TypeError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r} "
+                        f"({type(value).__name__}){hint_}.")
+    return float(value) if origin is float else list(value) if origin is list else value
 
 
 def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
@@ -266,36 +349,98 @@ def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
         path = Path(series)
         if not path.is_dir():
             raise SeriesError(f"{path} is not a directory. Give a series directory written by `tl-devinterp train` "
-                              f"(it holds manifest.json), e.g. `tl-devinterp train --out {path}` first.")
-        series = CheckpointSeries.from_dir(path)
+                              f"(it holds manifest.json), e.g. `tl-devinterp train --out {path}` first, or the "
+                              f"output_dir of a transformers Trainer run (checkpoint-N folders).")
+        trainer_run = not (path / "manifest.json").exists() and any(path.glob("checkpoint-*/config.json"))
+        series = (CheckpointSeries.from_hf_checkpoints(path, device=config.device) if trainer_run
+                  else CheckpointSeries.from_dir(path))
     if not isinstance(series, CheckpointSeries):
         raise TypeError(f"series must be a CheckpointSeries or a series directory; got {type(series).__name__}.")
     need = max(4, config.n_components + 1)  # find_stages needs 4 points, PCA n_components + 1
     if len(series) < need:
         raise SeriesError(f"The series has {len(series)} checkpoints; an analysis needs at least {need} "
                           f"(stages and essential dynamics are curves over checkpoints). Save more checkpoints.")
+    if config.attention_heads:  # heads must exist before minutes of sampling, not after
+        model = series.load(series.steps[0])
+        for h in config.attention_heads:
+            check_head(model, *parse_head(h))
     return series
+
+
+def _keep_apart(out: Path, series: CheckpointSeries) -> None:
+    """When `out` holds the analysis of another series, move its results, figures and report to
+    `out/previous-N/` and say so (its stored per-checkpoint results stay: they are keyed by weights);
+    then record which series `out` is about (each step's fingerprint in `out/series.json`)."""
+    record = out / "series.json"
+    ours = {str(s): series.fingerprint(s) for s in series.steps}
+    try:
+        theirs = json.loads(record.read_text())["fingerprints"] if record.exists() else None
+    except (ValueError, KeyError, TypeError):
+        theirs = {}  # damaged: treat as another series
+    outputs = [out / n for n in ("results", "figures", "report.html", "config.json", "series.json")]
+    if theirs is None and not (out / "results").exists():
+        other = False  # a new folder
+    else:
+        common = set(ours) & set(theirs or {})
+        other = not common or any(ours[s] != theirs[s] for s in common)
+    if other:
+        aside = next(out / f"previous-{k}" for k in range(1, 10**6) if not (out / f"previous-{k}").exists())
+        aside.mkdir()
+        for path in outputs:
+            if path.exists():
+                os.replace(path, aside / path.name)
+        warnings.warn(f"{out} held the analysis of another series (other checkpoint weights); its results, figures "
+                      f"and report are now in {aside}, and none of its numbers is used for this series.",
+                      StoreWarning, stacklevel=3)
+    atomic_write(record, json.dumps({"series": repr(series), "fingerprints": ours}, indent=2))
+
 
 
 def _data(series: CheckpointSeries, data, config: AnalysisConfig):
     """(train tokens for sampling and n-gram statistics, test tokens, tokens -> labels)."""
     spec = series.meta.get("data")
-    if data is not None:
-        train = test = token_tensor(data)
-    elif spec:
+    if data is None and not spec:
+        raise ValueError("The series records no data spec (it was not written by tl_devinterp.train): pass data= "
+                         "(a token tensor [n, seq], a dataset with input_ids or text, or text files), or --data "
+                         "FILE.txt on the command line.")
+    tokenizer, bos, n_ctx = _tokenizer(series)
+    if data is None:
         splits = make_data(spec)
         train, test = token_tensor(splits["train"]), token_tensor(splits["test"])
+    elif _is_text(data):
+        if tokenizer is None:
+            raise ValueError("Text data needs the models' tokenizer and this series has none: pass token data "
+                             "(a tensor [n, seq] or a dataset with input_ids).")
+        texts = data if isinstance(data, datasets.Dataset) else text_files(data)
+        seq_len = config.seq_len or min(n_ctx, 128)
+        train = test = token_tensor(pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos)["train"])
     else:
-        raise ValueError("The series records no data spec (it was not written by tl_devinterp.train): pass "
-                         "data=, a token tensor [n, seq] or a dataset with input_ids (--data is not available "
-                         "on the command line; use the Python API).")
+        train = test = token_tensor(data)
     test = test[: config.n_sequences]
     if not 0 <= config.sample_index < len(test):
         raise ValueError(f"sample_index={config.sample_index} is out of range: {len(test)} test sequences.")
-    if spec and spec.get("kind") == "stdlib":
-        tokenizer = spec_tokenizer(spec)
-        return train, test, lambda t: [tokenizer.decode([i]) if i != BOS else "<bos>" for i in t.tolist()]
-    return train, test, lambda t: ["<bos>" if i == BOS else str(i) for i in t.tolist()]
+    if tokenizer is None:
+        return train, test, lambda t: ["<bos>" if i == bos else str(i) for i in t.tolist()]
+    return train, test, lambda t: ["<bos>" if i == bos else tokenizer.decode([i]) for i in t.tolist()]
+
+
+def _tokenizer(series: CheckpointSeries):
+    """(tokenizer or None, BOS id, context length) of the series' models: from its manifest where it records
+    them, else from its first model (loaded and dropped)."""
+    spec, model_config = series.meta.get("data"), series.meta.get("model_config")
+    if spec and model_config:
+        return spec_tokenizer(spec), BOS, model_config["n_ctx"]
+    model = series.load(series.steps[0])
+    return getattr(model, "tokenizer", None), bos_token_id(model), model.cfg.n_ctx
+
+
+def _is_text(data) -> bool:
+    """Text files (a path or a list of paths) or a text dataset, rather than tokens."""
+    if isinstance(data, (str, os.PathLike)):
+        return True
+    if isinstance(data, (list, tuple)):
+        return bool(data) and all(isinstance(d, (str, os.PathLike)) for d in data)
+    return isinstance(data, datasets.Dataset) and "input_ids" not in data.column_names
 
 
 def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, progress: bool) -> Calibration:

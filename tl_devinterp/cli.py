@@ -1,9 +1,15 @@
-"""The `tl-devinterp` command: one subcommand per job (train, analyze, demo)."""
+"""The `tl-devinterp` command: one subcommand per job (train, analyze, demo).
+
+A library error (bad input, damaged file, full disk, read-only folder, busy folder, diverged sampler) ends a
+command with one line naming the problem, the file or option, and the fix, and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import warnings
 from functools import partialmethod
 
 from tqdm.std import tqdm
@@ -15,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     for add in (_add_train, _add_analyze, _add_demo):
         add(sub)
     args = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, *_, **__: f"tl-devinterp {args.command}: warning: {message}\n"
     if getattr(args, "quiet", False):  # every progress bar of every module, as tqdm's FAQ suggests
         tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)
     return args.run(args) or 0
@@ -26,6 +33,8 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model and write a checkpoint series")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="model, data and schedule (default: demo)")
     p.add_argument("--out", required=True, help="series directory to write (a rerun resumes it)")
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of TrainConfig fields replacing the preset's, "
+                   "e.g. interventions = [{hook = 'blocks.0.attn.hook_z', kind = 'zero', head = 1}]; flags win")
     p.add_argument("--n-steps", type=int, help="override the preset's number of training steps")
     p.add_argument("--lr", type=float, help="override the preset's learning rate")
     p.add_argument("--seed", type=int, help="override the preset's seed")
@@ -35,10 +44,14 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> None:
+    from .analysis import read_config_file
     from .training import train
 
-    overrides = {k: v for k, v in (("n_steps", args.n_steps), ("lr", args.lr), ("seed", args.seed)) if v is not None}
-    series = train(args.out, args.preset, overwrite=args.overwrite, device=args.device, **overrides)
+    with _clear_errors("train"):
+        overrides = read_config_file(args.config) if args.config else {}
+        overrides.update({k: v for k, v in (("n_steps", args.n_steps), ("lr", args.lr), ("seed", args.seed))
+                          if v is not None})
+        series = train(args.out, args.preset, overwrite=args.overwrite, device=args.device, **overrides)
     print(f"wrote {series} to {args.out}")
 
 
@@ -53,7 +66,10 @@ def _add_analyze(sub) -> None:
                        description="Analyse a checkpoint series into REPORT_DIR (results/*.csv, figures/*.png, "
                        "report.html). A rerun into the same directory resumes where the last one stopped. "
                        "Options come from --config FILE (JSON or TOML, keys as below with _), then the flags.")
-    p.add_argument("series", metavar="SERIES_DIR", help="a series directory written by `tl-devinterp train`")
+    p.add_argument("series", metavar="SERIES_DIR", help="a series directory written by `tl-devinterp train`, or "
+                   "the output_dir of a transformers Trainer run (checkpoint-N folders)")
+    p.add_argument("--data", action="append", metavar="FILE", help="a text file to analyse on, tokenized with the "
+                   "model's tokenizer (repeatable; default: the series' own data)")
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for results, figures and report")
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file of analysis options")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -79,11 +95,12 @@ def _add_analyze(sub) -> None:
 def _run_analyze(args) -> None:
     from .analysis import AnalysisConfig, analyze
 
-    fixed = {"series", "out", "config", "quiet", "run", "command"}
+    fixed = {"series", "out", "config", "data", "quiet", "run", "command"}
     overrides = {k: v for k, v in vars(args).items() if k not in fixed}
     with _clear_errors("analyze"):
         config = AnalysisConfig.from_file(args.config) if args.config else None
-        result = analyze(args.series, args.out, config=config, progress=not args.quiet, **overrides)
+        result = analyze(args.series, args.out, config=config, data=args.data, progress=not args.quiet,
+                         **overrides)
     print(result.report)
 
 
@@ -106,7 +123,7 @@ def _run_demo(args) -> None:
 
 
 class _clear_errors:
-    """Turn the library's input errors (which name the problem and the fix) into a message and exit 2."""
+    """Turn the library's errors (which name the problem and the fix) into one line on stderr and exit 2."""
 
     def __init__(self, command: str):
         self.command = command
@@ -115,9 +132,24 @@ class _clear_errors:
         return self
 
     def __exit__(self, kind, error, tb):
-        if kind is not None and issubclass(kind, (ValueError, TypeError, FileNotFoundError, NotADirectoryError)):
-            print(f"tl-devinterp {self.command}: error: {error}", file=sys.stderr)
+        from .sampling import LLCDivergenceError
+        from .store import FolderInUseError
+
+        if kind is not None and issubclass(kind, (ValueError, TypeError, OSError, FolderInUseError, LLCDivergenceError)):
+            print(f"tl-devinterp {self.command}: error: {_one_line(error)}", file=sys.stderr)
             raise SystemExit(2)
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message, with the fix for a full disk or an unwritable folder, and its notes (the step)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        text = f"no space left on the device writing {error.filename}: free some space, or choose another folder."
+    elif isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        text = (f"cannot write {error.filename} ({error.strerror}): choose a writable folder, or fix its "
+                f"permissions.")
+    else:
+        text = str(error)
+    return " ".join([text, *getattr(error, "__notes__", [])]).replace("\n", " ")
 
 
 if __name__ == "__main__":

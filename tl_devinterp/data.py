@@ -148,13 +148,25 @@ def train_tokenizer(texts: datasets.Dataset, vocab_size: int, *, cache_dir: str 
     return tok
 
 
+def text_files(paths: str | os.PathLike | list[str | os.PathLike]) -> datasets.Dataset:
+    """Text files as a `text` dataset, one document per file (what `tl-devinterp analyze --data` reads)."""
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    absent = [str(p) for p in paths if not p.is_file()]
+    if absent:
+        raise FileNotFoundError(f"Text data file(s) not found: {absent}. Give paths of plain text files.")
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+    return datasets.Dataset.from_dict({"text": texts, "path": [str(p) for p in paths]})
+
+
 def pack_texts(
     texts: datasets.Dataset, tokenizer, seq_len: int, *, text_column: str = "text", test_fraction: float = 0.1,
-    seed: int = 0,
+    seed: int = 0, bos: int = BOS,
 ) -> datasets.DatasetDict:
-    """Tokenize a text dataset and pack it into fixed-length `[BOS] + seq_len-1 tokens` rows.
+    """Tokenize a text dataset and pack it into fixed-length `[bos] + seq_len-1 tokens` rows.
 
-    Documents are assigned to train or test by a hash of their text, so the split is stable.
+    `tokenizer` is a `tokenizers.Tokenizer` or a transformers tokenizer (give its `bos`). Documents are
+    assigned to train or test by a hash of their text, so the split is stable; `test_fraction=0` puts every
+    row in train.
     """
     if text_column not in texts.column_names:
         raise ValueError(
@@ -163,12 +175,13 @@ def pack_texts(
     body = seq_len - 1
     rows: dict[str, list[list[int]]] = {"train": [], "test": []}
     for text in tqdm(texts[text_column], desc="tokenizing", unit="doc", leave=False):
-        ids = tokenizer.encode(text).ids
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = getattr(ids, "ids", ids)  # a tokenizers Encoding, or a transformers list of ids
         digest = int(hashlib.sha256(f"{seed}:{text}".encode("utf-8", "replace")).hexdigest()[:8], 16)
         split = "test" if digest / 0xFFFFFFFF < test_fraction else "train"
-        rows[split].extend([BOS, *ids[i : i + body]] for i in range(0, len(ids) - body + 1, body))
+        rows[split].extend([bos, *ids[i : i + body]] for i in range(0, len(ids) - body + 1, body))
     for split, r in rows.items():
-        if not r:
+        if not r and (split == "train" or test_fraction > 0):
             raise ValueError(f"No {split} sequences of length {seq_len}: the corpus is too small for that length.")
     return datasets.DatasetDict({s: datasets.Dataset.from_dict({"input_ids": r}) for s, r in rows.items()})
 

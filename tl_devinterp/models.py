@@ -317,3 +317,19 @@ def bos_token_id(model: nn.Module) -> int:
     tok = getattr(model, "tokenizer", None)
     bos = getattr(tok, "bos_token_id", None) if tok is not None else None
     return 0 if bos is None else int(bos)
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """Raise a ValueError naming the option and the fix when `device` is not a usable torch device here."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device ({e}); give e.g. 'cpu' or 'cuda'.") from None
+    usable = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(dev.type, lambda: True)
+    if not usable():
+        raise ValueError(f"device={device!r}, but this machine's torch has no usable {dev.type.upper()}; "
+                         f"use device='cpu' (--device cpu).")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s).")

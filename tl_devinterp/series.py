@@ -1,13 +1,16 @@
 """A checkpoint series: an ordered map training step -> model, loaded lazily one model at a time.
 
 Sources: a directory our trainer wrote (safetensors + `manifest.json`), TransformerLens's own training
-loop output (`model_{step}.pt` state dicts), models already in memory, and TransformerLens pretrained
-checkpoints (`checkpoint_index` / `checkpoint_value`, which need a hub). Nothing is unpickled:
-safetensors, or `torch.load(weights_only=True)`.
+loop output (`model_{step}.pt` state dicts), models already in memory, TransformerLens pretrained
+checkpoints (`checkpoint_index` / `checkpoint_value`) and hub revisions (both need a hub or its cache), and
+a transformers `Trainer` output (`checkpoint-{N}/`). Nothing is unpickled: safetensors, or
+`torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
@@ -16,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .models import ModelConfig, build_model, check_model, tl_parameter_names
+from .store import file_sha256, fingerprint
 
 MANIFEST = "manifest.json"
 FORMAT = "tl_devinterp.series/1"
@@ -37,7 +40,8 @@ class CheckpointSeries:
     keeps are in memory. Iterating yields `(step, model)` in step order.
     """
 
-    def __init__(self, steps: Sequence[int], loader: Callable[[int], nn.Module], *, meta: dict | None = None):
+    def __init__(self, steps: Sequence[int], loader: Callable[[int], nn.Module], *, meta: dict | None = None,
+                 fingerprint: Callable[[int], str] | None = None):
         steps = [int(s) for s in steps]
         if not steps:
             raise SeriesError("The checkpoint series is empty: give at least one checkpoint.")
@@ -45,6 +49,9 @@ class CheckpointSeries:
             raise SeriesError(f"Duplicate steps in the series: {sorted(steps)}.")
         self.steps: list[int] = sorted(steps)
         self._loader = loader
+        self._fingerprint = fingerprint
+        self._fingerprints: dict[int, str] = {}  # content hashes of loaded models, when no `fingerprint` is given
+        self._held: tuple[int, nn.Module] | None = None  # the model `fingerprint` loaded, until `load` takes it
         self.meta: dict[str, Any] = meta or {}
 
     def __len__(self) -> int:
@@ -58,18 +65,49 @@ class CheckpointSeries:
             yield step, self.load(step)
 
     def load(self, step: int) -> nn.Module:
-        if step not in self.steps:
-            raise KeyError(f"Step {step} is not in the series; available steps: {self.steps}.")
+        """The model at `step`; NaN or inf weights are refused, naming the step."""
+        self._check_step(step)
+        if self._held is not None and self._held[0] == step:  # loaded by `fingerprint` just before
+            model, self._held = self._held[1], None
+            return model
         model = self._loader(step)
+        params = dict(model.named_parameters())
+        bad = [name for name, own in tl_parameter_names(model).items() if not torch.isfinite(params[own]).all()]
+        if bad:
+            raise SeriesError(
+                f"The checkpoint at step {step} has NaN or inf weights ({', '.join(bad[:3])}): training diverged "
+                f"there or the file is damaged. Leave the step out (series.subset(...)) or retrain from an earlier one."
+            )
+        if self._fingerprint is None and step not in self._fingerprints:
+            self._fingerprints[step] = _state_fingerprint(model)
         model.eval()
         return model
+
+    def fingerprint(self, step: int) -> str:
+        """A hash of the checkpoint's contents: results are reused only for the weights they were computed for.
+
+        The source's own (the sha256 recorded in a manifest, a file's hash) or, by default, a hash of the loaded
+        model's tensors (computed once per step).
+        """
+        self._check_step(step)
+        if self._fingerprint is not None:
+            return self._fingerprint(step)
+        if step not in self._fingerprints:
+            self._held = None
+            self._held = (step, self.load(step))  # kept for the `load(step)` that usually follows
+        return self._fingerprints[step]
 
     def subset(self, steps: Sequence[int]) -> CheckpointSeries:
         """The same series restricted to `steps`."""
         for s in steps:
-            if s not in self.steps:
-                raise KeyError(f"Step {s} is not in the series; available steps: {self.steps}.")
-        return CheckpointSeries(steps, self._loader, meta=self.meta)
+            self._check_step(s)
+        sub = CheckpointSeries(steps, self._loader, meta=self.meta, fingerprint=self._fingerprint)
+        sub._fingerprints = self._fingerprints
+        return sub
+
+    def _check_step(self, step: int) -> None:
+        if step not in self.steps:
+            raise KeyError(f"Step {step} is not in the series; available steps: {self.steps}.")
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
@@ -84,32 +122,24 @@ class CheckpointSeries:
                 else ""
             )
             raise SeriesError(f"{manifest_file} not found: {path} is not a series written by tl_devinterp.{hint}")
-        try:
-            manifest = json.loads(manifest_file.read_text())
-        except json.JSONDecodeError as e:
-            raise SeriesError(f"{manifest_file} is not valid JSON ({e}); the series directory is damaged.") from e
-        if manifest.get("format") != FORMAT:
-            raise SeriesError(f"{manifest_file} has format {manifest.get('format')!r}; expected {FORMAT!r}.")
+        manifest = read_manifest(manifest_file)
         try:
             config = ModelConfig.from_dict(manifest["model_config"])
         except (KeyError, TypeError, ValueError) as e:
             raise SeriesError(f"{manifest_file}: bad or missing 'model_config' ({e}).") from e
-        files = {int(s): path / f for s, f in manifest.get("checkpoints", {}).items()}
-        if not files:
-            raise SeriesError(f"{manifest_file} lists no checkpoints: the series is empty.")
-        absent = [str(f) for f in files.values() if not f.exists()]
-        if absent:
-            raise SeriesError(
-                f"The manifest {manifest_file} lists checkpoints whose files are missing: {absent}. "
-                f"Restore them, or remove their entries from the manifest."
-            )
+        files = _checkpoint_files(path, manifest, manifest_file)
+        recorded = manifest.get("sha256", {})  # absent in series written before checksums were recorded
 
         def load(step: int) -> nn.Module:
             model = build_model(config)
-            _load_state(model, _read_safetensors(files[step]), files[step])
+            _load_state(model, load_checkpoint_state(files[step], sha256=recorded.get(str(step)), step=step),
+                        files[step])
             return model
 
-        return cls(sorted(files), load, meta=manifest)
+        def content_hash(step: int) -> str:
+            return recorded.get(str(step)) or file_sha256(files[step])
+
+        return cls(sorted(files), load, meta=manifest, fingerprint=content_hash)
 
     @classmethod
     def from_tl_save_dir(cls, path: str | os.PathLike, config: Any) -> CheckpointSeries:
@@ -136,7 +166,7 @@ class CheckpointSeries:
             _load_state(model, _read_torch(files[step]), files[step])
             return model
 
-        return cls(sorted(files), load, meta={"source": str(path)})
+        return cls(sorted(files), load, meta={"source": str(path)}, fingerprint=lambda step: file_sha256(files[step]))
 
     @classmethod
     def from_models(cls, models: Sequence[nn.Module], steps: Sequence[int]) -> CheckpointSeries:
@@ -153,8 +183,8 @@ class CheckpointSeries:
                     f"The model at step {s} has a different architecture from the one at step {steps[0]} "
                     f"({_shape_diff(shapes[0], sh)}); a series holds one architecture."
                 )
-        by_step = dict(zip(steps, models))
-        return cls(steps, by_step.__getitem__)
+        by_step = dict(zip(steps, models))  # fingerprinted on each call: a model in memory may change
+        return cls(steps, by_step.__getitem__, fingerprint=lambda step: _state_fingerprint(by_step[step]))
 
     @classmethod
     def from_pretrained(
@@ -162,16 +192,26 @@ class CheckpointSeries:
         model_name: str,
         checkpoint_indices: Sequence[int] | None = None,
         checkpoint_values: Sequence[int] | None = None,
+        *,
+        revisions: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> CheckpointSeries:
-        """TransformerLens pretrained training checkpoints (e.g. Pythia, `attn-only-2l`); needs a hub.
+        """TransformerLens pretrained training checkpoints (e.g. Pythia, `attn-only-2l`), or any hub
+        revisions of a model; needs a hub or its local cache.
 
         Give `checkpoint_values` (training steps) or `checkpoint_indices` (positions in the model
-        family's checkpoint list); with neither, every available checkpoint. Extra keyword arguments go
-        to TransformerLens's loader.
+        family's checkpoint list); with neither, every available checkpoint. Or give `revisions`, the hub
+        branches, tags or commits holding the checkpoints (Pythia's `step1000`, stanford-crfm's
+        `checkpoint-1000`), each step read from its name, or from `checkpoint_values` in the same order.
+        Extra keyword arguments go to TransformerLens's loader.
         """
         if checkpoint_indices is not None and checkpoint_values is not None:
             raise ValueError("Give checkpoint_indices or checkpoint_values, not both.")
+        if revisions is not None:
+            if checkpoint_indices is not None:
+                raise ValueError("Give revisions (with checkpoint_values as their steps) or checkpoint_indices, "
+                                 "not both.")
+            return cls._from_hub_revisions(model_name, revisions, checkpoint_values, **kwargs)
         labels = _checkpoint_labels(model_name)
         if checkpoint_values is None:
             idx = range(len(labels)) if checkpoint_indices is None else checkpoint_indices
@@ -184,6 +224,66 @@ class CheckpointSeries:
             return _load_pretrained(model_name, step, **kwargs)
 
         return cls(checkpoint_values, load, meta={"source": model_name})
+
+    # ----------------------------------------------------------------------------------------------
+    # Hugging Face checkpoints: each step is booted fresh with `TransformerBridge.boot_transformers`
+    # (loading new weights into a reused bridge would leave its split q/k/v stale).
+
+    @classmethod
+    def from_hf_checkpoints(
+        cls, run_dir: str | os.PathLike, tokenizer: Any = None, *, device: str | torch.device | None = None
+    ) -> CheckpointSeries:
+        """A transformers `Trainer` output directory: one `checkpoint-{N}/` folder per saved step N.
+
+        Each folder holds `config.json` and the weights (`model.safetensors`, sharded or not, or
+        `pytorch_model.bin`, read with `torch.load(weights_only=True)`); the optimizer, scheduler, RNG state
+        and training arguments beside them are never read. `tokenizer` is a name/path for `AutoTokenizer`, or
+        a tokenizer it loaded; default: the one saved in `run_dir` or its checkpoints. Models are
+        loaded on `device` (default CPU). `series.fingerprint(step)` is the sha256 of that step's weight
+        files (all shards), computed when first asked for.
+        """
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise SeriesError(f"{run_dir} is not a directory; give the output_dir of a transformers Trainer run.")
+        folders = {int(m.group(1)): f for f in run_dir.iterdir()
+                   if f.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", f.name))}
+        if not folders:
+            raise SeriesError(f"No checkpoint-{{N}} folders in {run_dir}: it is not a Trainer output_dir (save "
+                              f"checkpoints with TrainingArguments(save_strategy='steps', save_steps=...)).")
+        weights = {step: _hf_weight_files(folder) for step, folder in folders.items()}
+        tokenizer = _hf_tokenizer(tokenizer, [run_dir, *(folders[s] for s in sorted(folders, reverse=True))])
+        from transformer_lens.model_bridge import TransformerBridge
+
+        def load(step: int) -> nn.Module:
+            folder, files = folders[step], weights[step]
+            hf_model = _hf_model_from_bin(folder, files[0]) if files[0].suffix == ".bin" else None  # else transformers
+            return TransformerBridge.boot_transformers(str(folder), hf_model=hf_model, tokenizer=tokenizer,
+                                                       device=device or "cpu")  # reads the safetensors itself
+
+        def content(step: int) -> str:
+            return hashlib.sha256("".join(file_sha256(f) for f in weights[step]).encode()).hexdigest()
+
+        return cls(sorted(folders), load, meta={"source": str(run_dir)}, fingerprint=content)
+
+    @classmethod
+    def _from_hub_revisions(
+        cls, model_name: str, revisions: Sequence[str], steps: Sequence[int] | None, **kwargs: Any
+    ) -> CheckpointSeries:
+        """`from_pretrained(model_name, revisions=...)`: one hub revision (branch, tag or commit) per step."""
+        revisions = [str(r) for r in revisions]
+        if steps is None:
+            steps = [_revision_step(r) for r in revisions]
+        elif len(steps) != len(revisions):
+            raise SeriesError(f"Got {len(revisions)} revisions but {len(steps)} checkpoint_values; give one step "
+                              f"per revision.")
+        by_step = dict(zip((int(s) for s in steps), revisions))
+        from transformer_lens.model_bridge import TransformerBridge
+
+        def load(step: int) -> nn.Module:
+            return TransformerBridge.boot_transformers(model_name, revision=by_step[step], **kwargs)
+
+        return cls(steps, load, meta={"source": model_name, "revisions": by_step},
+                   fingerprint=functools.cache(lambda step: _hub_commit(model_name, by_step[step])))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,11 +304,82 @@ def _builder(config: Any) -> Callable[[], nn.Module]:
     )
 
 
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def read_manifest(file: Path) -> dict[str, Any]:
+    """A series manifest as a dict, refusing damage: invalid JSON, duplicate keys, another shape or format."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"duplicate entries {repeated}")
+        return dict(pairs)
+
     try:
-        return load_file(str(file))
+        manifest = json.loads(file.read_text(), object_pairs_hook=no_duplicates)
+    except (ValueError, UnicodeDecodeError) as e:
+        what = f"is not valid JSON ({e})" if isinstance(e, json.JSONDecodeError) else f"is damaged ({e})"
+        raise SeriesError(f"{file} {what}: restore it, or retrain the series.") from e
+    if not isinstance(manifest, dict):
+        raise SeriesError(f"{file} holds a JSON {type(manifest).__name__}, not the object of a series manifest: "
+                          f"restore it, or retrain the series.")
+    if manifest.get("format") != FORMAT:
+        raise SeriesError(f"{file} has format {manifest.get('format')!r}; expected {FORMAT!r}.")
+    for key in ("checkpoints", "sha256"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise SeriesError(f"{file}: {key!r} must map steps to {'file names' if key == 'checkpoints' else 'sha256'} "
+                              f"(got a {type(manifest[key]).__name__}); restore the manifest.")
+    return manifest
+
+
+def _checkpoint_files(path: Path, manifest: dict[str, Any], manifest_file: Path) -> dict[int, Path]:
+    """step -> checkpoint file, each inside the series folder, present, and listed once under its own step."""
+    files: dict[int, Path] = {}
+    for key, name in manifest.get("checkpoints", {}).items():
+        if not re.fullmatch(r"\d+", key) or not isinstance(name, str):
+            raise SeriesError(f"{manifest_file}: bad checkpoint entry {key!r}: {name!r}; entries map a step to a "
+                              f"file name in the folder. Restore the manifest.")
+        step, file = int(key), path / name
+        if path.resolve() not in file.resolve().parents:
+            raise SeriesError(f"{manifest_file}: step {step}'s checkpoint {name!r} lies outside the series folder "
+                              f"{path}; a manifest names files inside its folder. Fix the entry.")
+        own = re.fullmatch(r"step_(\d+)\.safetensors", file.name)
+        if own and int(own.group(1)) != step:
+            raise SeriesError(f"{manifest_file}: step {step} names {name}, the file of step {int(own.group(1))}: "
+                              f"entries are swapped or edited. Restore the manifest.")
+        files[step] = file
+    if not files:
+        raise SeriesError(f"{manifest_file} lists no checkpoints: the series is empty.")
+    by_file: dict[Path, list[int]] = {}
+    for step, file in files.items():
+        by_file.setdefault(file.resolve(), []).append(step)
+    shared = {str(f): s for f, s in by_file.items() if len(s) > 1}
+    if shared:
+        raise SeriesError(f"{manifest_file} lists one file for several steps ({shared}): entries are duplicated. "
+                          f"Restore the manifest.")
+    absent = [str(f) for f in files.values() if not f.exists()]
+    if absent:
+        raise SeriesError(
+            f"The manifest {manifest_file} lists checkpoints whose files are missing: {absent}. "
+            f"Restore them, or remove their entries from the manifest."
+        )
+    return files
+
+
+def load_checkpoint_state(file: Path, *, sha256: str | None = None, step: int | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors checkpoint, checked against the sha256 and the step its manifest records."""
+    if sha256 is not None and file_sha256(file) != sha256:
+        raise SeriesError(f"Checkpoint {file} (step {step}) is corrupt or was replaced: its sha256 differs from "
+                          f"the one its manifest records. Restore it, or retrain the series.")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            saved = (f.metadata() or {}).get("step")
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
     except (SafetensorError, OSError, ValueError) as e:
         raise SeriesError(f"Checkpoint {file} is corrupt or unreadable ({e}). Re-save or remove it.") from e
+    if step is not None and saved is not None and saved != str(step):
+        raise SeriesError(f"Checkpoint {file} holds step {saved} but its manifest lists it as step {step}: entries "
+                          f"are swapped or edited. Restore the manifest.")
+    return state
 
 
 def _read_torch(file: Path) -> dict[str, torch.Tensor]:
@@ -255,6 +426,12 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], file: Path) ->
     model.load_state_dict(state, strict=False)
 
 
+def _state_fingerprint(model: nn.Module) -> str:
+    """A hash of a model's tensors in name order."""
+    state = model.state_dict()
+    return fingerprint(*(state[k] for k in sorted(state)))
+
+
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
@@ -285,3 +462,71 @@ def _load_pretrained(model_name: str, step: int, **kwargs: Any) -> nn.Module:
     from transformer_lens import HookedTransformer  # pragma: no cover - TL 3.x
 
     return HookedTransformer.from_pretrained(model_name, checkpoint_value=step, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face sources
+
+
+def _hf_weight_files(folder: Path) -> list[Path]:
+    """The weight files of one saved transformers model, safetensors preferred; SeriesError if none."""
+    if not (folder / "config.json").is_file():
+        raise SeriesError(f"{folder} has no config.json: it is not a checkpoint saved by transformers.")
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            if single.endswith(".bin"):
+                raise SeriesError(f"{folder} holds a sharded pytorch_model.bin; re-save it as safetensors "
+                                  f"(model.save_pretrained(folder)) to load it here.")
+            return [folder / s for s in shards]
+    raise SeriesError(f"{folder} has no model.safetensors or pytorch_model.bin: the checkpoint's weights are "
+                      f"missing. Remove the folder or save the model into it again.")
+
+
+def _hf_model_from_bin(folder: Path, file: Path) -> nn.Module:
+    """A transformers model from `pytorch_model.bin`, unpickled with `weights_only=True` only."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    model_class = getattr(transformers, (config.architectures or [""])[0], None)
+    if model_class is None:
+        raise SeriesError(f"{folder}/config.json names no transformers model class in 'architectures' "
+                          f"({config.architectures}); re-save the model with save_pretrained.")
+    model, info = model_class.from_pretrained(None, config=config, state_dict=_read_torch(file),
+                                              output_loading_info=True)
+    if info["missing_keys"]:
+        raise SeriesError(f"Checkpoint {file} lacks weights {sorted(info['missing_keys'])[:5]}; it is incomplete.")
+    return model.eval()
+
+
+def _hf_tokenizer(tokenizer: Any, folders: list[Path]) -> Any:
+    """`tokenizer` as given, loaded from a name/path, or the first of `folders` that holds one."""
+    if tokenizer is None:
+        tokenizer = next((f for f in folders if (f / "tokenizer_config.json").is_file()), None)
+        if tokenizer is None:
+            raise SeriesError(f"No tokenizer saved in {folders[0]} or its checkpoints: pass tokenizer= (a "
+                              f"transformers tokenizer or its name/path), or tokenizer.save_pretrained({folders[0]}).")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    return tokenizer
+
+
+def _revision_step(revision: str) -> int:
+    """The training step in a revision's name: Pythia's `step143000`, stanford-crfm's `checkpoint-400000`."""
+    numbers = re.findall(r"\d+", revision)
+    if not numbers:
+        raise SeriesError(f"Cannot read a training step from revision {revision!r}: pass checkpoint_values=[...], "
+                          f"one step per revision.")
+    return int(numbers[-1])
+
+
+def _hub_commit(model_name: str, revision: str) -> str:
+    """The commit a hub revision resolves to (from the local cache when offline)."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(model_name, "config.json", revision=revision)).parent.name

@@ -1,17 +1,20 @@
 """Train a TransformerLens model and write a checkpoint series (safetensors + JSON manifest).
 
 Checkpoints follow the papers' schedule: log-spaced early, where structure forms fast, plus linear later.
-Batches are a function of (seed, step), and the optimizer state is saved beside the latest checkpoint, so
-a stopped run restarts from its last checkpoint and continues exactly. Files are written to temporary names
-and renamed, the manifest last, so the directory is always a readable series.
+Batches are a function of (seed, step), and each checkpoint is committed with its optimizer state: weights
+and optimizer files under new names, then the manifest naming them (with the weights' sha256), the one write
+that makes the checkpoint part of the series. A run stopped at any point restarts from its last committed
+checkpoint and continues exactly. Files are written whole or not at all (`store.atomic_write`), so the
+directory is always a readable series; `overwrite` removes only the files the series' manifest lists.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
-import shutil
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from .data import make_data, spec_tokenizer, token_tensor
-from .models import ModelConfig, build_model, token_cross_entropy
-from .series import FORMAT, MANIFEST, CheckpointSeries, SeriesError
+from .interventions import Intervener, Intervention, as_interventions
+from .models import ModelConfig, build_model, check_device, token_cross_entropy
+from .series import FORMAT, MANIFEST, CheckpointSeries, SeriesError, load_checkpoint_state, read_manifest
+from .store import LOCK, TMP_SUFFIX, atomic_write
 
 
 @dataclass
@@ -43,12 +48,30 @@ class TrainConfig:
     extra_steps: list[int] = field(default_factory=list)  # more checkpoints, e.g. dense inside a transition
     eval_batches: int = 4
     seed: int = 0
+    interventions: list[Intervention] = field(default_factory=list)  # see tl_devinterp.interventions
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):  # a config file's table
+            self.model = ModelConfig.from_dict(self.model)
+        self.interventions = as_interventions(self.interventions)
+        for name in ("n_steps", "batch_size", "eval_batches", "warmup_steps", "n_log_checkpoints",
+                     "n_linear_checkpoints", "seed"):
+            value, low = getattr(self, name), 1 if name in ("n_steps", "batch_size", "eval_batches") else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(dataclasses.replace(self, interventions=[]))
         d["model"] = self.model.to_dict()
         if not self.extra_steps:  # manifests written before the field existed still match (and resume)
             del d["extra_steps"]
+        del d["interventions"]
+        if self.interventions:  # only when present, so plain runs keep their manifests (and resume)
+            d["interventions"] = [i.to_dict() for i in self.interventions]
         return d
 
     @classmethod
@@ -108,7 +131,9 @@ def train(
 ) -> CheckpointSeries:
     """Train from a preset (`demo`, `quick`, `stdlib`) or a `TrainConfig` and return the written series.
 
-    `overrides` replace TrainConfig fields (e.g. `n_steps=500`). Rerunning into the same `out_dir` with
+    `overrides` replace TrainConfig fields (e.g. `n_steps=500`, `interventions=[Intervention(...)]`: with
+    the same seed, batches and initialisation as the run without them, so the pair is a controlled
+    experiment). Rerunning into the same `out_dir` with
     the same config resumes from the last checkpoint; a different config is refused unless `overwrite`.
     """
     if (preset is None) == (config is None):
@@ -117,24 +142,32 @@ def train(
         if preset not in PRESETS:
             raise ValueError(f"Unknown preset {preset!r}; known presets: {sorted(PRESETS)}.")
         config = PRESETS[preset]
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise TypeError(f"Unknown TrainConfig field(s) {unknown}; fields: {[f.name for f in dataclasses.fields(TrainConfig)]}.")
     config = dataclasses.replace(config, **overrides)
+    late = [i.to_dict() for i in config.interventions if i.start >= config.n_steps]
+    if late:
+        raise ValueError(f"Interventions {late} start at or after n_steps={config.n_steps}: they would never act.")
     if config.data.get("seq_len") != config.model.n_ctx:
         raise ValueError(f"data seq_len ({config.data.get('seq_len')}) must equal the model's n_ctx ({config.model.n_ctx}).")
-    out = Path(out_dir)
-    manifest = _start(out, config, overwrite)
+    check_device(device)
     tokenizer = spec_tokenizer(config.data)
-    if tokenizer is not None and manifest.get("tokenizer") is None:  # the series carries its tokenizer
-        tokenizer.save(str(out / "tokenizer.json"))
-        manifest["tokenizer"] = "tokenizer.json"
-        _write_json(out / MANIFEST, manifest)
     data = make_data(config.data)
     train_tokens, test_tokens = token_tensor(data["train"]), token_tensor(data["test"])
     vocab = int(max(train_tokens.max(), test_tokens.max())) + 1
     if vocab > config.model.d_vocab:
         raise ValueError(f"The data uses {vocab} token ids but the model's d_vocab is {config.model.d_vocab}.")
+    out = Path(out_dir)  # every check passed: only now is the folder touched
+    manifest = _start(out, config, overwrite)
+    if tokenizer is not None and manifest.get("tokenizer") is None:  # the series carries its tokenizer
+        atomic_write(out / "tokenizer.json", tokenizer.to_str())
+        manifest["tokenizer"] = "tokenizer.json"
+        _write_json(out / MANIFEST, manifest)
 
     model = build_model(config.model, device)
     model.train()
+    intervener = Intervener(model, config.interventions, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = checkpoint_schedule(config.n_steps, config.n_log_checkpoints, config.n_linear_checkpoints,
                                    config.extra_steps)
@@ -158,18 +191,21 @@ def train(
         if step == config.n_steps:
             break
         tokens = batch(step)
-        loss = token_cross_entropy(model(tokens), tokens).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in opt.param_groups:  # linear warmup, a function of the step alone
-            group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
-        opt.step()
+        with intervener(step, tokens):  # the interventions active at this step, for its whole update
+            loss = token_cross_entropy(model(tokens), tokens).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in opt.param_groups:  # linear warmup, a function of the step alone
+                group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+            opt.step()
         recent.append(loss.item())
         bar.update()
     bar.close()
     manifest["complete"] = True
+    optimizer = manifest.pop("optimizer", None)  # a complete series needs no optimizer state
     _write_json(out / MANIFEST, manifest)
-    (out / "optimizer.safetensors").unlink(missing_ok=True)
+    if optimizer:
+        _remove(out / optimizer)
     return CheckpointSeries.from_dir(out)
 
 
@@ -185,34 +221,70 @@ def _evaluate(model, tokens: torch.Tensor, config: TrainConfig, device) -> float
 
 
 def _start(out: Path, config: TrainConfig, overwrite: bool) -> dict[str, Any]:
+    """The manifest to continue: the folder's own when it holds this config's series, else a fresh one.
+
+    Another config's series is replaced only with `overwrite` (or when it saved no checkpoint), and only
+    the files it lists are removed: a folder holding anything else is refused, naming those files.
+    """
     file = out / MANIFEST
-    fresh = {"format": FORMAT, "model_config": config.model.to_dict(), "train_config": config.to_dict(),
-             "data": config.data, "tokenizer": None, "seed": config.seed, "checkpoints": {}, "losses": {}, "complete": False}
-    if file.exists():
-        old = json.loads(file.read_text())
-        if old.get("train_config") == config.to_dict():
-            return old
-        if not overwrite:
-            raise SeriesError(
-                f"{out} already holds a series trained with a different configuration. "
-                f"Choose another output directory, or pass overwrite=True (--overwrite) to replace it."
-            )
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise SeriesError(f"{out} exists and is not empty; choose an empty or new directory, or pass overwrite.")
+    old = read_manifest(file) if file.exists() else None
+    if old is not None and old.get("train_config") == config.to_dict():
+        for f in out.iterdir():  # a stopped run's leftovers: uncommitted checkpoints, temporary files
+            if _OWN_NAME.fullmatch(f.name) and f.name not in _listed(old):
+                _remove(f)
+        old.setdefault("sha256", {})
+        return old
+    if old is not None and old["checkpoints"] and not overwrite:
+        raise SeriesError(
+            f"{out} already holds a series trained with a different configuration. "
+            f"Choose another output directory, or pass overwrite=True (--overwrite) to replace it."
+        )
+    present = sorted(out.iterdir()) if out.is_dir() else []
+    listed = _listed(old) | {LOCK} if old is not None else {LOCK}
+    foreign = [f.name for f in present if not (f.is_file() and (f.name in listed or _OWN_NAME.fullmatch(f.name)))]
+    if foreign:
+        raise SeriesError(
+            f"{out} holds files tl_devinterp did not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); " + (
+                "--overwrite removes only the files its manifest lists: move the others away, or choose another "
+                "output directory." if old is not None else "choose an empty or new directory.")
+        )
+    for f in present:  # only the series' own files (the lock file stays: another process may hold it)
+        if f.name != LOCK:
+            _remove(f)
     out.mkdir(parents=True, exist_ok=True)
+    fresh = {"format": FORMAT, "model_config": config.model.to_dict(), "train_config": config.to_dict(),
+             "data": config.data, "tokenizer": None, "seed": config.seed, "checkpoints": {}, "sha256": {},
+             "losses": {}, "complete": False}
     _write_json(file, fresh)
     return fresh
 
 
+_OWN_NAME = re.compile(rf"(step|optimizer)_\d{{9}}\.safetensors|optimizer\.safetensors|\..+{re.escape(TMP_SUFFIX)}")
+"""Names only the trainer gives files: checkpoints and optimizer states (committed or not), temporary files."""
+
+
+def _listed(manifest: dict) -> set[str]:
+    """The files a series' manifest names, itself included."""
+    return {MANIFEST, *manifest["checkpoints"].values(), manifest.get("tokenizer"), manifest.get("optimizer")} - {None}
+
+
 def _save(out: Path, manifest: dict, step: int, model, opt, train_loss: float, test_loss: float) -> None:
-    name = f"step_{step:09d}.safetensors"
+    """Commit checkpoint `step`: weights and optimizer state under new names, then the manifest that names them,
+    then the superseded optimizer state is removed. A crash anywhere leaves the last commit whole."""
+    name, optimizer = f"step_{step:09d}.safetensors", f"optimizer_{step:09d}.safetensors"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic(out / name, lambda tmp: save_file(state, str(tmp)))
-    _atomic(out / "optimizer.safetensors", lambda tmp: save_file(_optimizer_tensors(model, opt), str(tmp)))
+    weights = save(state, metadata={"step": str(step)})
+    atomic_write(out / name, weights)
+    atomic_write(out / optimizer, save(_optimizer_tensors(model, opt), metadata={"step": str(step)}))
+    previous = manifest.get("optimizer")
     manifest["checkpoints"][str(step)] = name
+    manifest["sha256"][str(step)] = hashlib.sha256(weights).hexdigest()
+    manifest["optimizer"] = optimizer
     manifest["losses"][str(step)] = {"train": train_loss, "test": test_loss}
-    _write_json(out / MANIFEST, manifest)
+    _write_json(out / MANIFEST, manifest)  # the commit
+    if previous and previous != optimizer:
+        _remove(out / previous)
 
 
 def _optimizer_tensors(model, opt) -> dict[str, torch.Tensor]:
@@ -225,23 +297,22 @@ def _optimizer_tensors(model, opt) -> dict[str, torch.Tensor]:
 
 
 def _restore(out: Path, manifest: dict, model, opt) -> None:
+    """Weights and optimizer state of the last committed checkpoint, verified against the manifest."""
     last = max(map(int, manifest["checkpoints"]))
-    model.load_state_dict(load_file(str(out / manifest["checkpoints"][str(last)])), strict=False)
-    opt_file = out / "optimizer.safetensors"
-    if not opt_file.exists():
-        return  # a complete run, or one stopped before its first optimizer save: fresh optimizer state
-    saved = load_file(str(opt_file))
+    file = out / manifest["checkpoints"][str(last)]
+    model.load_state_dict(load_checkpoint_state(file, sha256=manifest["sha256"].get(str(last)), step=last), strict=False)
+    if not manifest.get("optimizer"):
+        return  # a complete run, or one from before optimizer states were committed: fresh optimizer state
+    saved = load_checkpoint_state(out / manifest["optimizer"], step=last)
     for name, p in model.named_parameters():
         state = {k.split("::")[1]: v for k, v in saved.items() if k.split("::")[0] == name}
         if state:
             opt.state[p] = state
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+    atomic_write(path, json.dumps(obj, indent=2))

@@ -121,13 +121,16 @@ def copying_scores(model: nn.Module) -> Float[torch.Tensor, "n_layers n_heads"]:
     -1 means it lowers it; a random circuit scores near 0. The circuit's nonzero eigenvalues are those of
     the small `[d_head, d_head]` matrix W_O W_U W_E W_V, so that is what is decomposed. Like the original,
     it ignores LayerNorm scales and positional embeddings; a head with a zero OV circuit scores 0.
+    Under grouped-query attention each head reads the W_V of its key/value group.
     Weights only: no inputs are needed.
     """
     check_model(model)
     with torch.no_grad():
         unembed_embed = (model.W_U @ model.W_E).double()  # [d_model, d_model]
+        W_V = model.W_V  # [layer, kv_head, d_model, d_head]: one per head, or one per group of heads
+        W_V = einops.repeat(W_V, "layer kv m d -> layer (kv rep) m d", rep=model.cfg.n_heads // W_V.shape[1])
         small = einops.einsum(
-            model.W_O.double(), unembed_embed, model.W_V.double(),
+            model.W_O.double(), unembed_embed, W_V.double(),
             "layer head dh_out m_out, m_out m_in, layer head m_in dh_in -> layer head dh_out dh_in",
         )
         eig = torch.linalg.eigvals(small)

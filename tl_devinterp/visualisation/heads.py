@@ -117,3 +117,41 @@ def plot_head_llcs(llc: pd.DataFrame, labels: pd.DataFrame | None = None, *, ban
     handles = [Line2D([], [], color=colors[k], lw=2, label=k) for k in colors if k in shown]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="head class")
     return fig
+
+
+def plot_head_clusters(clusters) -> Figure:
+    """A `cluster_heads` result: the dendrogram of heads (labels coloured by class) beside each cluster's
+    normalised curves over steps (one panel per cluster, line style per quantity, colour per class)."""
+    from scipy.cluster.hierarchy import dendrogram
+
+    heads = clusters.assignments
+    colors = class_colors([*CLASS_COLORS, *sorted(set(heads["label"].dropna()) - set(CLASS_COLORS))])
+    color_of = {(r.layer, r.head): colors[r.label if isinstance(r.label, str) else "other"] for r in heads.itertuples()}
+    n = int(heads["cluster"].max())
+    fig = Figure(figsize=(11, max(3.0, 2.2 * n)), layout="constrained")
+    grid = fig.add_gridspec(n, 2, width_ratios=[1, 2.2])
+    tree = fig.add_subplot(grid[:, 0])
+    dendrogram(clusters.linkage, ax=tree, labels=heads["name"].tolist(), orientation="left", color_threshold=0,
+               above_threshold_color="#555")
+    by_name = dict(zip(heads["name"], zip(heads["layer"], heads["head"])))
+    for label in tree.get_yticklabels():
+        label.set_color(color_of[by_name[label.get_text()]])
+    tree.set_title("heads by trajectory (Ward)")
+    styles = dict(zip(sorted(clusters.curves["quantity"].unique()), ["-", "--", ":", "-."] * 4))
+    steps = clusters.curves["step"].to_numpy()
+    for k in range(1, n + 1):
+        ax = fig.add_subplot(grid[k - 1, 1])
+        members = heads[heads["cluster"] == k]
+        for r in members.itertuples():
+            mine = clusters.curves[(clusters.curves["layer"] == r.layer) & (clusters.curves["head"] == r.head)]
+            for quantity, g in mine.groupby("quantity"):
+                ax.plot(g["step"], g["normalised"], styles[quantity], color=color_of[(r.layer, r.head)], lw=1.3)
+        ax.set_xscale("symlog", linthresh=float(steps[steps > 0].min(initial=1)))
+        ax.set_title(f"cluster {k}: {', '.join(members['name'])}", fontsize=9)
+        ax.set_ylabel("normalised", fontsize=8)
+    ax.set_xlabel("step")
+    handles = [Line2D([], [], color="#333", ls=s, label=q.replace("_", " ")) for q, s in styles.items()]
+    shown = dict.fromkeys(lab if isinstance(lab, str) else "other" for lab in heads["label"])
+    handles += [Line2D([], [], color=colors[k], lw=2, label=k) for k in shown]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    return fig

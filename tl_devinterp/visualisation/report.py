@@ -116,7 +116,7 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
     """The report of an `AnalysisResult` (see `tl_devinterp.analysis`): every part it holds, in pipeline
     order. PNGs also go to `figures_dir`."""
     from .dynamics import plot_essential_dynamics, plot_llc_stages
-    from .heads import plot_head_llcs, plot_head_scores
+    from .heads import plot_head_clusters, plot_head_llcs, plot_head_scores
     from .tokens import loss_difference_html
 
     def png(fig, fig_id, caption):
@@ -149,6 +149,13 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
     if result.metrics is not None and result.metrics["layer"].notna().any():
         sections.append(("Head scores", [png(
             plot_head_scores(result.metrics), "head-scores", "Head scores over training (rows: heads).")]))
+    if getattr(result, "head_clusters", None) is not None:
+        clusters = result.head_clusters
+        sections.append(("Head trajectories", [png(
+            plot_head_clusters(clusters), "head-clusters",
+            "Heads clustered by their normalised trajectories (rLLC and head scores over training, Ward linkage): "
+            "the dendrogram, then each cluster's curves coloured by head class."),
+            "<p>Heads per cluster and class:</p>" + table_html(clusters.table.reset_index())]))
     if result.ed is not None:
         sections.append(("Essential dynamics", [png(
             plot_essential_dynamics(result.ed, result.stages), "essential-dynamics",

@@ -1,0 +1,453 @@
+"""Fault injection: retrained series, crashes between writes, damaged checkpoints and stores, concurrent
+writers, full disks, read-only folders and bad options. Each case ends in a clear error or the right result,
+with nothing lost."""
+
+import errno
+import json
+import os
+import shutil
+import threading
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tl_devinterp.sampling.over_series as llc_module
+import tl_devinterp.store as store_module
+import tl_devinterp.training as training
+from tl_devinterp.analysis import AnalysisConfig, analyze
+from tl_devinterp.cli import main
+from tl_devinterp.dynamics import essential_dynamics
+from tl_devinterp.metrics import metrics_over_series
+from tl_devinterp.sampling import llc_over_series
+from tl_devinterp.series import CheckpointSeries, SeriesError
+from tl_devinterp.store import (
+    TMP_SUFFIX,
+    FolderInUseError,
+    ResultStore,
+    StoreWarning,
+    atomic_write,
+    file_sha256,
+    folder_lock,
+)
+from tl_devinterp.training import PRESETS, train
+
+TINY = dict(n_steps=4, data={**PRESETS["quick"].data, "n_train": 200, "n_test": 32})  # 5 checkpoints, ~0.3 s
+LLC = dict(num_chains=2, num_draws=3, num_burnin=1, batch_size=8)
+FAST = dict(LLC, head_steps=0, n_sequences=16, n_seqs=4, n_components=2)
+
+
+def tiny_series(path, **kw):
+    return train(path, "quick", progress=False, **{**TINY, **kw})
+
+
+def tokens_of(series):
+    return torch.randint(0, 32, (16, 32), generator=torch.Generator().manual_seed(0))
+
+
+def weights(series):
+    return {s: series.load(s).state_dict() for s in series.steps}
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for step in a:
+        assert all(torch.equal(a[step][k], b[step][k]) for k in a[step]), step
+
+
+def cli(argv, capsys):
+    """Exit status and stderr of `tl-devinterp argv`."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+# --- 1. stale results ---------------------------------------------------------------------------------------
+def test_a_retrained_series_never_gets_the_old_results(tmp_path):
+    a, b = tiny_series(tmp_path / "a"), tiny_series(tmp_path / "b", seed=1)  # same steps, other weights
+    tokens = tokens_of(a)
+    first = llc_over_series(a, tokens, store_dir=tmp_path / "store", **LLC)
+    with pytest.warns(StoreWarning, match="other weights; recomputing step 1"):  # step 0: same init, reused
+        retrained = llc_over_series(b, tokens, store_dir=tmp_path / "store", **LLC)
+    fresh = llc_over_series(b, tokens, **LLC)
+    pd.testing.assert_frame_equal(retrained, fresh)  # B's own numbers, not A's
+    assert not np.allclose(retrained.init_loss, first.init_loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both series' entries are kept: A is read back, nothing recomputed
+        pd.testing.assert_frame_equal(llc_over_series(a, tokens, store_dir=tmp_path / "store", **LLC), first)
+
+
+def test_a_checkpoint_replaced_in_place_is_recomputed(tmp_path):
+    """Same folder, same file names, new weights (a retrain with --overwrite): the store sees the new content."""
+    series = tiny_series(tmp_path / "s")
+    tokens = tokens_of(series)
+    before = metrics_over_series(series, tokens=tokens, store_dir=tmp_path / "store", n_seqs=4, seq_len=16)
+    series = tiny_series(tmp_path / "s", seed=1, overwrite=True)
+    with pytest.warns(StoreWarning, match="other weights"):
+        after = metrics_over_series(series, tokens=tokens, store_dir=tmp_path / "store", n_seqs=4, seq_len=16)
+    assert not np.allclose(before.value, after.value)
+
+
+def test_identical_checkpoints_at_different_steps_are_reported(tmp_path):
+    series = tiny_series(tmp_path / "s")
+    same = CheckpointSeries.from_models([series.load(0), series.load(0)], [0, 10])
+    with pytest.warns(StoreWarning, match="steps 0 and 10 have identical weights"):
+        metrics_over_series(same, tokens=tokens_of(series), store_dir=tmp_path / "store", n_seqs=4, seq_len=16)
+
+
+@pytest.mark.slow
+def test_analyze_into_a_folder_of_another_series_keeps_them_apart(tmp_path):
+    a = tiny_series(tmp_path / "a")
+    b = tiny_series(tmp_path / "b", seed=1)
+    out = tmp_path / "out"
+    first = analyze(a, out, progress=False, **FAST)
+    with pytest.warns(StoreWarning, match="held the analysis of another series"):
+        second = analyze(b, out, progress=False, **FAST)
+    clean = analyze(b, tmp_path / "clean", progress=False, **FAST)
+    pd.testing.assert_frame_equal(second.llc, clean.llc)  # never the old numbers
+    pd.testing.assert_frame_equal(second.metrics, clean.metrics)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "previous-1" / "results" / "llc.csv"),  # A's results kept apart
+                                  pd.read_csv(pd.io.common.StringIO(first.llc.to_csv(index=False))))
+    assert (out / "previous-1" / "report.html").exists()
+
+
+# --- 2. training: one atomic commit per checkpoint -----------------------------------------------------------
+class Crash(BaseException):
+    pass
+
+
+def crash_after(monkeypatch, n):
+    """Make the trainer's n-th write or removal (0-based) its last: the process 'dies' right after it."""
+    count = [0]
+
+    def counted(real):
+        def f(*args, **kwargs):
+            real(*args, **kwargs)
+            count[0] += 1
+            if count[0] > n:
+                raise Crash
+        return f
+
+    monkeypatch.setattr(training, "atomic_write", counted(store_module.atomic_write))
+    monkeypatch.setattr(training, "_remove", counted(lambda p: p.unlink(missing_ok=True)))
+    return count
+
+
+@pytest.mark.slow
+def test_resume_is_exact_after_a_crash_between_any_two_writes(tmp_path, monkeypatch):
+    """Equal sha256 of every checkpoint file (recorded and actual) means bit-identical weights."""
+    reference = tiny_series(tmp_path / "ref")
+    manifest = json.loads((tmp_path / "ref" / "manifest.json").read_text())
+    n_events = crash_after(monkeypatch, 10**9)
+    tiny_series(tmp_path / "count")
+    total = n_events[0]
+    # a fresh manifest; weights, optimizer, manifest per checkpoint; each superseded optimizer; the end
+    assert total == 1 + 3 * len(reference) + (len(reference) - 1) + 2
+    for n in range(total):
+        d = tmp_path / f"crash{n}"
+        crash_after(monkeypatch, n)
+        with pytest.raises(Crash):
+            tiny_series(d)
+        monkeypatch.undo()
+        resumed = tiny_series(d)
+        assert all(file_sha256(d / f) == manifest["sha256"][s] for s, f in resumed.meta["checkpoints"].items())
+        got = json.loads((d / "manifest.json").read_text())
+        assert got["sha256"] == manifest["sha256"] and got["losses"] == manifest["losses"], n
+        assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir()), n
+
+
+def test_optimizer_state_from_a_later_step_is_never_used(tmp_path, monkeypatch):
+    """The issue's case: a crash after the optimizer state of step k is written, before the manifest names it."""
+    reference = weights(tiny_series(tmp_path / "ref"))
+    crash_after(monkeypatch, 1 + 3 * 2 + 1 + 1)  # step 2's weights and optimizer written, manifest not
+    with pytest.raises(Crash):
+        tiny_series(tmp_path / "s")
+    monkeypatch.undo()
+    assert CheckpointSeries.from_dir(tmp_path / "s").steps == [0, 1]
+    assert_same_weights(weights(tiny_series(tmp_path / "s")), reference)
+
+
+# --- 3. --overwrite ------------------------------------------------------------------------------------------
+def test_overwrite_removes_only_the_series_files(tmp_path):
+    d = tmp_path / "s"
+    tiny_series(d)
+    (d / "notes.txt").write_text("my notes")
+    (d / "plots").mkdir()
+    with pytest.raises(SeriesError, match=r"did not write \(notes.txt, plots\)"):
+        tiny_series(d, seed=1, overwrite=True)
+    assert (d / "notes.txt").read_text() == "my notes" and len(CheckpointSeries.from_dir(d)) == 5  # untouched
+    (d / "notes.txt").unlink()
+    (d / "plots").rmdir()
+    series = tiny_series(d, seed=1, overwrite=True)
+    assert json.loads((d / "manifest.json").read_text())["seed"] == 1 and len(series) == 5
+
+
+def test_a_failed_train_does_not_block_the_corrected_retry(tmp_path, monkeypatch):
+    d = tmp_path / "s"
+    with pytest.raises(ValueError, match="d_vocab"):  # checked before the folder is touched
+        tiny_series(d, model=training.ModelConfig(**{**PRESETS["quick"].model.to_dict(), "d_vocab": 8}))
+    assert not d.exists()
+    crash_after(monkeypatch, 0)  # dies after writing the fresh manifest, before any checkpoint
+    with pytest.raises(Crash):
+        tiny_series(d, lr=1.0)
+    monkeypatch.undo()
+    assert len(tiny_series(d)) == 5  # another config, no --overwrite needed: nothing was saved
+
+
+def test_training_options_are_checked_first(tmp_path):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        tiny_series(tmp_path / "s", seed=-1)
+    with pytest.raises(TypeError, match="Unknown TrainConfig field.*n_step"):
+        tiny_series(tmp_path / "s", n_step=3)
+    assert not (tmp_path / "s").exists()
+
+
+# --- 4. damaged checkpoints and manifests ---------------------------------------------------------------------
+@pytest.fixture()
+def series_dir(tmp_path, quick_tiny_dir):
+    d = tmp_path / "s"
+    shutil.copytree(quick_tiny_dir, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def quick_tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny") / "s"
+    tiny_series(d)
+    return d
+
+
+def edit_manifest(d, edit):
+    m = json.loads((d / "manifest.json").read_text())
+    edit(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def test_flipped_tensor_bytes_are_refused(series_dir):
+    f = series_dir / "step_000000002.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x40  # a byte of the last tensor's data; the file still parses
+    f.write_bytes(bytes(data))
+    series = CheckpointSeries.from_dir(series_dir)
+    series.load(1)
+    with pytest.raises(SeriesError, match=r"step_000000002.safetensors \(step 2\) is corrupt or was replaced"):
+        series.load(2)
+
+
+def test_swapped_and_duplicated_manifest_entries_are_refused(series_dir):
+    original = (series_dir / "manifest.json").read_text()
+    edit_manifest(series_dir, lambda m: m["checkpoints"].update({"1": m["checkpoints"]["2"], "2": m["checkpoints"]["1"]}))
+    with pytest.raises(SeriesError, match="step 1 names step_000000002.safetensors.*swapped"):
+        CheckpointSeries.from_dir(series_dir)
+    # swapped consistently (files renamed too): the step stored inside each file tells
+    (series_dir / "manifest.json").write_text(original)
+    a, b = series_dir / "step_000000001.safetensors", series_dir / "step_000000002.safetensors"
+    a.rename(series_dir / "tmp")
+    b.rename(a)
+    (series_dir / "tmp").rename(b)
+    edit_manifest(series_dir, lambda m: m["sha256"].update({"1": m["sha256"]["2"], "2": m["sha256"]["1"]}))
+    with pytest.raises(SeriesError, match="holds step 2 but its manifest lists it as step 1"):
+        CheckpointSeries.from_dir(series_dir).load(1)
+    (series_dir / "manifest.json").write_text(original.replace('"checkpoints": {', '"checkpoints": {"1": "x", ', 1))
+    with pytest.raises(SeriesError, match=r"duplicate entries \['1'\]"):
+        CheckpointSeries.from_dir(series_dir)
+    (series_dir / "manifest.json").write_text(original)
+    edit_manifest(series_dir, lambda m: m["checkpoints"].update({"3": "ckpt.safetensors", "4": "./ckpt.safetensors"}))
+    with pytest.raises(SeriesError, match="one file for several steps"):
+        CheckpointSeries.from_dir(series_dir)
+
+
+def test_a_manifest_path_outside_the_folder_is_refused(series_dir, tmp_path):
+    shutil.copy(series_dir / "step_000000001.safetensors", tmp_path / "outside.safetensors")
+    edit_manifest(series_dir, lambda m: m["checkpoints"].update({"1": "../outside.safetensors"}))
+    with pytest.raises(SeriesError, match="outside the series folder"):
+        CheckpointSeries.from_dir(series_dir)
+
+
+def test_a_list_shaped_or_odd_manifest_is_refused(series_dir):
+    (series_dir / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(SeriesError, match="holds a JSON list"):
+        CheckpointSeries.from_dir(series_dir)
+    (series_dir / "manifest.json").write_text(json.dumps({"format": "tl_devinterp.series/1", "checkpoints": [1]}))
+    with pytest.raises(SeriesError, match="'checkpoints' must map steps"):
+        CheckpointSeries.from_dir(series_dir)
+
+
+def test_a_nan_checkpoint_is_refused_naming_the_step(series_dir):
+    f = series_dir / "step_000000003.safetensors"
+    state = load_file(f)
+    state["blocks.0.attn.q.weight"][0, 0] = float("nan")
+    save_file(state, f, metadata={"step": "3"})
+    edit_manifest(series_dir, lambda m: m["sha256"].pop("3"))
+    series = CheckpointSeries.from_dir(series_dir)
+    with pytest.raises(SeriesError, match=r"step 3 has NaN or inf weights \(blocks.0.attn.q.weight\)"):
+        series.load(3)
+    with pytest.raises(SeriesError, match="step 3"):
+        llc_over_series(series, tokens_of(series), **LLC)
+
+
+# --- 5. damaged store entries, concurrent writers ------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["empty", "cut", "record"])
+def test_damaged_store_entries_are_named_and_recomputed(quick_tiny_dir, tmp_path, damage):
+    series = CheckpointSeries.from_dir(quick_tiny_dir)
+    kw = dict(tokens=tokens_of(series), store_dir=tmp_path, n_seqs=4, seq_len=16)
+    first = metrics_over_series(series, **kw)
+    csv = sorted(tmp_path.rglob("step_000000002-*.csv"))[0]
+    if damage == "empty":
+        csv.write_text("")
+    elif damage == "cut":
+        csv.write_text(csv.read_text()[: len(csv.read_text()) // 2])  # cut mid-row
+    else:
+        csv.with_suffix(".json").write_text("{")
+    bad = csv if damage != "record" else csv.with_suffix(".json")
+    with pytest.warns(StoreWarning, match=f"{bad.name} is damaged.*recomputing step 2"):
+        again = metrics_over_series(series, **kw)
+    pd.testing.assert_frame_equal(again, first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics_over_series(series, **kw)  # repaired
+
+
+def test_a_damaged_feature_array_is_recomputed(quick_tiny_dir, tmp_path):
+    series = CheckpointSeries.from_dir(quick_tiny_dir)
+    first = essential_dynamics(series, tokens_of(series), n_components=2, sigma=1.0, store_dir=tmp_path)
+    npy = sorted(tmp_path.rglob("step_000000003-*.npy"))[0]
+    npy.write_bytes(npy.read_bytes()[:-8])
+    with pytest.warns(StoreWarning, match=f"{npy.name} is damaged"):
+        again = essential_dynamics(series, tokens_of(series), n_components=2, sigma=1.0, store_dir=tmp_path)
+    np.testing.assert_array_equal(again.scores, first.scores)
+
+
+def test_two_writers_and_a_reader_never_see_a_partial_file(tmp_path):
+    store = ResultStore(tmp_path, "x", {})
+    store.fingerprints[5] = "ab" * 8
+    frame = pd.DataFrame({"value": np.arange(2000.0)})
+    errors, reads = [], [0]
+
+    def write():
+        try:
+            for _ in range(40):
+                store.save(5, frame)
+        except Exception as e:  # noqa: BLE001 - any failure of a writer fails the test
+            errors.append(e)
+
+    def read():
+        while any(t.is_alive() for t in writers):
+            if store.has(5):
+                pd.testing.assert_frame_equal(store.load(5), frame)
+                reads[0] += 1
+
+    writers = [threading.Thread(target=write) for _ in range(2)]
+    for t in writers:
+        t.start()
+    read()
+    for t in writers:
+        t.join()
+    assert not errors and reads[0] > 0
+    assert not list(tmp_path.rglob(f"*{TMP_SUFFIX}"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_failed_write_leaves_no_file_under_its_name(tmp_path, monkeypatch, code):
+    (tmp_path / "f.csv").write_text("old")
+
+    def full(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(store_module.os, "fsync", full)
+    with pytest.raises(OSError, match="f.csv") as e:
+        atomic_write(tmp_path / "f.csv", "new")
+    assert e.value.errno == code and (tmp_path / "f.csv").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.csv"]
+
+
+def test_a_second_analyze_of_one_folder_is_refused(quick_tiny_dir, tmp_path, capsys):
+    with folder_lock(tmp_path / "out", "analyze"):
+        with pytest.raises(FolderInUseError, match=f"in use by tl_devinterp analyze \\(pid {os.getpid()}\\)"):
+            analyze(quick_tiny_dir, tmp_path / "out", progress=False, **FAST)
+        code, err = cli(["analyze", str(quick_tiny_dir), "--out", str(tmp_path / "out"), "--quiet"], capsys)
+        assert code == 2 and "in use" in err
+
+
+# --- 6. the command line: one line, exit 2 -------------------------------------------------------------------
+def one_line_error(code, err, *patterns):
+    assert code == 2 and err.count("\n") == 1 and err.startswith("tl-devinterp"), err
+    for p in patterns:
+        assert p in err, err
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_cli_disk_full_and_unwritable_folder(tmp_path, monkeypatch, capsys, code):
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(args[0]) if args else None)
+
+    monkeypatch.setattr(store_module.tempfile, "mkstemp", lambda **kw: refuse(kw["dir"]))
+    out = tmp_path / "s"
+    status, err = cli(["train", "--preset", "quick", "--n-steps", "2", "--out", str(out)], capsys)
+    one_line_error(status, err, "manifest.json", "no space left" if code == errno.ENOSPC else "writable folder")
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_cli_read_only_output_folder(quick_tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        status, err = cli(["analyze", str(quick_tiny_dir), "--out", str(out), "--quiet"], capsys)
+    finally:
+        out.chmod(0o755)
+    one_line_error(status, err, "writable folder")
+
+
+def test_cli_errors_of_train(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("x")
+    one_line_error(*cli(["train", "--preset", "quick", "--out", str(tmp_path)], capsys), "mine.txt")
+    one_line_error(*cli(["train", "--preset", "quick", "--seed", "-1", "--out", str(tmp_path / "s")], capsys), "seed")
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--seed", "-1"], "seed must be >= 0"),
+    (["--n-components", "1"], "n_components must be >= 2"),
+    (["--attention-heads", "l9h9"], "L9H9"),
+    (["--num-chains", "1"], "num_chains must be >= 2"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "device="),
+    (["--device", "potato"], "not a torch device"),
+])
+def test_cli_analyze_options_are_checked_before_any_work(quick_tiny_dir, tmp_path, monkeypatch, capsys, args, pattern):
+    calls = []
+    monkeypatch.setattr(llc_module, "sample_llcs", lambda *a, **k: calls.append(1))
+    one_line_error(*cli(["analyze", str(quick_tiny_dir), "--out", str(tmp_path / "out"), *args], capsys), pattern)
+    assert not calls and not (tmp_path / "out").exists()
+
+
+def test_cli_analyze_damaged_inputs(series_dir, tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text('{"num_draws": 3,')
+    one_line_error(*cli(["analyze", str(series_dir), "--out", str(tmp_path / "o"), "--config", str(config)], capsys),
+                   "c.json", "cannot be parsed")
+    config.write_text('{"num_draws": "3"}')
+    one_line_error(*cli(["analyze", str(series_dir), "--out", str(tmp_path / "o"), "--config", str(config)], capsys),
+                   "num_draws must be an integer", "c.json")
+    (series_dir / "manifest.json").write_text("[]")
+    one_line_error(*cli(["analyze", str(series_dir), "--out", str(tmp_path / "o")], capsys), "manifest.json",
+                   "JSON list")
+
+
+def test_cli_divergence_names_the_checkpoint(quick_tiny_dir, tmp_path, capsys):
+    status, err = cli(["analyze", str(quick_tiny_dir), "--out", str(tmp_path / "o"), "--quiet", "--epsilon", "1e6",
+                       "--head-steps", "0", "--num-chains", "2", "--num-draws", "2"], capsys)
+    one_line_error(status, err, "diverged", "Lower epsilon", "at checkpoint step 0")
+
+
+def test_wrong_types_name_the_option():
+    with pytest.raises(TypeError, match=r"attention_heads must be a list of strings or None, got 'l0h0'.*\['l0h0'\]"):
+        AnalysisConfig(attention_heads="l0h0")
+    with pytest.raises(TypeError, match="num_draws must be an integer, got 2.5"):
+        AnalysisConfig(num_draws=2.5)
+    with pytest.raises(TypeError, match="thresholds must be a mapping"):
+        AnalysisConfig.from_dict({"thresholds": {"induction": "high"}})
+    assert AnalysisConfig(epsilon=1).epsilon == 1.0 and isinstance(AnalysisConfig(epsilon=1).epsilon, float)
