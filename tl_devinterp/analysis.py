@@ -322,7 +322,7 @@ def _is_number(v: Any) -> bool:
 
 
 def _typed(name: str, value: Any, hint: Any) -> Any:
-    """`value` as the option's declared type (int, float, str, list[str], dict[str, float], or None where
+    """`value` as the option's declared type (bool, int, float, str, list[str], dict[str, float], or None where
     allowed), or a TypeError naming the option and the expected type."""
     args = typing.get_args(hint)
     optional = type(None) in args
@@ -331,6 +331,7 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
     kind = next(a for a in args if a is not type(None)) if optional else hint
     origin = typing.get_origin(kind) or kind
     ok, expected = {
+        bool: (lambda v: isinstance(v, bool), "true or false"),
         int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
         float: (_is_number, "a number"),
         str: (lambda v: isinstance(v, str), "a string"),
