@@ -64,6 +64,20 @@ def test_ellipse_evolute_cusps_sit_at_the_vertices():
     np.testing.assert_allclose(lhs, (a**2 - b**2) ** (2 / 3), rtol=1e-3)
 
 
+@pytest.mark.parametrize("at_end", [True, False])
+def test_evolute_cusp_near_an_end_is_found(at_end):
+    """One-sided rule: a vertex 5% of the points from either end, where k cannot fall back by the full
+    threshold before the curve stops, is still a cusp; a spiral (curvature monotone to its ends) has none."""
+    a, b, n = 2.0, 1.0, 720
+    span = (2 * np.pi + np.pi / 4) / 0.95  # vertices at 0, π/2, ..., 2π; the outer one 5% from an end
+    start = -np.pi / 4 if at_end else -0.05 * span
+    th = np.linspace(start, start + span, n)
+    cusps = evolute_cusps(np.stack([a * np.cos(th), b * np.sin(th)], 1))
+    assert list(cusps) == [np.argmin(np.abs(th - v)) for v in np.arange(5) * np.pi / 2]
+    r = 1 + th - th[0]  # Archimedean spiral: k falls monotonically, so neither end holds an extremum
+    assert len(evolute_cusps(np.stack([r * np.cos(th), r * np.sin(th)], 1))) == 0
+
+
 def test_geometry_validates_its_input():
     with pytest.raises(ValueError, match=r"shape \[T, 2\]"):
         osculating_circles(np.zeros((10, 3)))
@@ -192,8 +206,17 @@ def test_essential_dynamics_end_to_end(tmp_path):
     frame = r.frame()
     assert len(frame) == 3 * T and {"step", "pc_x", "pc_y", "curvature", "centre_x", "cusp"} <= set(frame.columns)
 
-    outputs = essential_dynamics(series, tokens, proxy="outputs", position=-2, sigma=0.0)
+    out_dir = tmp_path / "outputs"
+    outputs = essential_dynamics(series, tokens, proxy="outputs", position=-2, sigma=0.0, batch_size=7,
+                                 features_dir=out_dir)
     assert outputs.scores.shape == (T, 3)
+    # every logit at position seq - 2 of every sequence, sequence-major (batching must not reorder them)
+    V = models[0].cfg.d_vocab
+    X = np.memmap(out_dir / "features.f32", dtype=np.float32, mode="r", shape=(T, 24 * V))
+    for t in (0, T - 1):
+        with torch.no_grad():
+            logits = models[t](tokens)[:, -2]  # [24, vocab]
+        np.testing.assert_allclose(X[t], logits.flatten().numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="position must lie"):
         essential_dynamics(series, tokens, position=10)
     with pytest.raises(ValueError, match="proxy must be one of"):

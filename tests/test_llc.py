@@ -152,19 +152,6 @@ def test_head_llcs_match_single_head_runs(model, tokens):
     assert len(estimate_head_llcs(model, tokens, **{**FAST, "num_draws": 1})) == 4  # every head by default
 
 
-def test_calibration_grid_reports_divergence(model, tokens):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from tl_devinterp.sampling import calibrate_llc, plot_calibration
-
-    grid = calibrate_llc(model, tokens, epsilons=[1e-4, 50.0], nbetas=[5.0, 1e4], gamma=0.0, **{**FAST, "num_draws": 30})
-    assert len(grid) == 4 and grid.diverged.tolist() == [False, False, True, True]
-    assert grid.llc_trace[0].shape == (2, 30) and grid.llc_mean[:2].notna().all()
-    fig = plot_calibration(grid)
-    assert len(fig.axes) == 4 and "diverged" in fig.axes[3].texts[0].get_text()
-
-
 def test_shared_residual_prefix_matches_full_forward(model, tokens):
     """Head restrictions in block 1 run from the cached residual stream: same numbers as the full forward."""
     from tl_devinterp.sampling.llc import lm_loss

@@ -123,3 +123,24 @@ def test_token_validation():
         per_token_loss(model, torch.zeros(2, 4))
     with pytest.raises(ValueError, match="n_ctx"):
         per_token_loss(model, torch.zeros(2, 17, dtype=torch.long))
+
+
+def test_repeat_positions_find_planted_copies_and_score_the_second():
+    from tl_devinterp.data import plant_repeats
+    from tl_devinterp.metrics.behaviour import repeat_icl_score, repeat_positions
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 1000, (16, 40), generator=g)  # large vocabulary: no accidental repeats
+    tokens = plant_repeats(clean, min_len=6, max_len=9, seed=1)
+    first, second = repeat_positions(tokens, min_len=5)
+    changed = (tokens != clean).sum(1)  # the copy overwrote its span
+    assert (second.sum(1) == first.sum(1)).all() and (second.sum(1) >= changed - 1).all()
+    assert (second.sum(1) >= 5).all() and (second.sum(1) <= 8).all()  # length - 1 predictable tokens
+    assert repeat_positions(clean, min_len=5)[1].sum() == 0
+    assert not second[:, 0].any() and not (first & second).any()
+    loss = torch.ones(16, 39)
+    loss[second[:, 1:]] = 0.25  # a model that copies: low loss on the second copies only
+    assert repeat_icl_score(loss, tokens, min_len=5) == pytest.approx(-0.75)
+    assert math.isnan(repeat_icl_score(loss, clean, min_len=5))
+    with pytest.raises(ValueError, match="min_len must be >= 2"):
+        repeat_positions(tokens, min_len=1)

@@ -24,13 +24,16 @@ def counting_series(steps=(0, 10, 20)):
 
 def test_tidy_frame_with_all_metrics():
     series, _, models = counting_series()
-    tokens = torch.randint(0, 12, (6, 16), generator=torch.Generator().manual_seed(0))
+    from tl_devinterp.data import plant_repeats
+
+    tokens = plant_repeats(torch.randint(0, 12, (6, 16), generator=torch.Generator().manual_seed(0)), min_len=5,
+                           max_len=7)  # repeat_icl_score needs repeats
     frame = metrics_over_series(series, tokens=tokens, data=tokens, ngram_n=(2, 3), **PROBE)
     assert list(frame.columns) == ["step", "metric", "layer", "head", "value"]
     head_metrics = ["previous_token", "prefix_matching", "duplicate_token", "copying"]
-    model_metrics = ["loss", "icl_score", "ngram_score_2", "ngram_score_3", "bigram_score"]
+    model_metrics = ["loss", "icl_score", "repeat_icl_score", "ngram_score_2", "ngram_score_3", "bigram_score"]
     assert sorted(frame.metric.unique()) == sorted(head_metrics + model_metrics)
-    assert len(frame) == 3 * (4 * 4 + 5)
+    assert len(frame) == 3 * (4 * 4 + 6)
     assert frame[frame.metric.isin(model_metrics)][["layer", "head"]].isna().all().all()
     assert frame[frame.metric.isin(head_metrics)][["layer", "head"]].notna().all().all()
     assert frame.value.notna().all()

@@ -124,6 +124,10 @@ def test_head_plots_draw_one_line_per_head_coloured_by_class():
     assert heatmaps[0].get_images()[0].get_array().shape == (4, len(STEPS))
     with pytest.raises(ValueError, match="no per-head rows"):
         plot_head_llcs(result.llc[result.llc["scope"] == "model"])
+    assert {a.get_xscale() for a in plot_head_llcs(result.llc).axes} == {"symlog"}
+    assert {a.get_xscale() for a in plot_head_llcs(result.llc, xscale="linear").axes} == {"linear"}
+    with pytest.raises(ValueError, match="xscale must be 'log' or 'linear'"):
+        plot_head_llcs(result.llc, xscale="ln")
 
 
 def test_config_from_files_and_overrides(tmp_path):
@@ -140,8 +144,14 @@ def test_config_from_files_and_overrides(tmp_path):
 
 
 def test_head_steps_and_top_heads():
-    assert _head_steps(STEPS, None) == STEPS and _head_steps(STEPS, 0) == []
-    assert _head_steps(STEPS, 3) == [0, 30, 1000]
+    steps = [0, 10, 20, 30, 40, 50, 60, 70]
+    llc = pd.DataFrame({"step": steps, "scope": "model", "llc_mean": [1, 1, 1, 1, 5, 9, 9, 9.0]})
+    score = pd.DataFrame({"step": steps, "metric": "previous_token", "layer": 0, "head": 0,
+                          "value": [0, 0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9]})
+    assert _head_steps(steps, None, llc, score) == steps and _head_steps(steps, 0, llc, score) == []
+    # where the LLC (40, 50) and the head score (70, the last anyway; then 20) move, not spread over the index
+    assert _head_steps(steps, 4, llc, score) == [0, 40, 50, 70]
+    assert _head_steps(steps, 5, llc, score) == [0, 20, 40, 50, 70]
     metrics = pd.DataFrame({"step": [5] * 4, "metric": ["previous_token"] * 2 + ["prefix_matching"] * 2,
                             "layer": [0, 1, 0, 1], "head": [1, 0, 1, 0], "value": [0.9, 0.1, 0.8, 0.7]})
     assert _top_heads(metrics) == ["L0H1", "L1H0"]  # the best induction head that is not already shown

@@ -36,7 +36,7 @@ def test_analyze_resumes_without_recomputing(quick_series_dir, tmp_path, monkeyp
     monkeypatch.setattr(llc_module, "sample_llcs", lambda *a, **k: calls.append(1) or sample(*a, **k))
     out = tmp_path / "report"
 
-    with pytest.raises(Interrupt):  # stopped during the full-model LLCs: 2 head steps + 2 others done
+    with pytest.raises(Interrupt):  # stopped during the full-model LLCs: 4 checkpoints done
         analyze(counting_series(quick_series_dir, stop_after=5), out, progress=False, **FAST)
     done = {f: f.stat().st_mtime_ns for f in (out / "store").rglob("step_*.csv")}
     assert len(done) == 4 and len(calls) == 4
@@ -44,12 +44,12 @@ def test_analyze_resumes_without_recomputing(quick_series_dir, tmp_path, monkeyp
 
     series = counting_series(quick_series_dir)
     first = analyze(series, out, progress=False, **FAST)
-    assert len(calls) == 4 + len(series) - 4  # only the checkpoints that had not finished
+    assert len(calls) == 4 + len(series) - 4 + 2  # only the checkpoints that had not finished, then 2 head steps
     assert {f: f.stat().st_mtime_ns for f in done} == done  # finished results were not rewritten
 
     files = {f: f.stat().st_mtime_ns for f in (out / "store").rglob("step_*.csv")}
     again = analyze(counting_series(quick_series_dir), out, progress=False, **FAST)
-    assert len(calls) == len(series)  # nothing sampled the third time
+    assert len(calls) == len(series) + 2  # nothing sampled the third time
     assert {f: f.stat().st_mtime_ns for f in files} == files
     pd.testing.assert_frame_equal(first.llc, again.llc)
     pd.testing.assert_frame_equal(first.metrics, again.metrics)
@@ -81,3 +81,27 @@ def test_analyze_input_errors(quick_series_dir, tmp_path):
         analyze(CheckpointSeries.from_models(models, series.steps[:4]), tmp_path / "out")
     with pytest.raises(ValueError, match="sample_index=999 is out of range"):
         analyze(series, tmp_path / "out", sample_index=999)
+
+
+@pytest.mark.slow
+def test_cli_head_steps_none_and_calibrate(quick_series_dir, tmp_path):
+    """`--head-steps none` estimates every head at every checkpoint; `--calibrate` records its sweep and choice."""
+    import json
+
+    from tl_devinterp.cli import main
+
+    out = tmp_path / "report"
+    main(["analyze", str(quick_series_dir), "--out", str(out), "--quiet", "--head-steps", "none", "--calibrate",
+          "--num-chains", "2", "--num-draws", "4", "--num-burnin", "2", "--batch-size", "16", "--n-sequences", "32",
+          "--n-seqs", "8"])
+    llc = pd.read_csv(out / "results" / "llc.csv")
+    steps = sorted(llc["step"].unique())
+    assert sorted(llc.loc[llc["scope"] == "head", "step"].unique()) == steps
+    assert (llc.loc[llc["scope"] == "head"].groupby("step").size() == 4).all()
+    assert llc["llc_mean"].notna().all()
+    cells = pd.read_csv(out / "results" / "calibration.csv")
+    assert len(cells) == 3 * 4 * 3 * 4 and {"regime", "eps_change", "acceptable"} <= set(cells.columns)
+    config = json.loads((out / "config.json").read_text())
+    assert "calibration" in config and config["head_steps"] is None
+    page = (out / "report.html").read_text()
+    assert f"chose {config['calibration']}" in page and "sampler diagnostics per checkpoint" in page

@@ -14,6 +14,18 @@ def test_schedule_is_log_spaced_early_and_linear_late():
     assert len(early) >= 6  # dense early (log-spaced) ...
     assert set(range(0, 10_001, 1000)) <= set(s)  # ... and evenly spaced later
     assert max(b - a for a, b in zip(s, s[1:])) <= 1000
+    dense = checkpoint_schedule(10_000, 10, 10, extra_steps=range(1100, 2000, 100))
+    assert set(dense) - set(s) == set(range(1100, 2000, 100)) and set(s) <= set(dense)
+    with pytest.raises(ValueError, match=r"extra_steps \[10001\] lie outside"):
+        checkpoint_schedule(10_000, 10, 10, extra_steps=[5, 10_001])
+
+
+def test_extra_steps_reach_the_manifest_only_when_given():
+    from tl_devinterp.training import TrainConfig
+
+    assert "extra_steps" not in TrainConfig().to_dict()  # older manifests still match and resume
+    config = TrainConfig(extra_steps=[7])
+    assert TrainConfig.from_dict(config.to_dict()).extra_steps == [7]
 
 
 def test_a_stopped_run_resumes_exactly(tmp_path, monkeypatch, quick_series_dir):

@@ -38,7 +38,8 @@ from .metrics import classify_heads, metrics_over_series, per_token_loss
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import bos_token_id, check_device, check_head, head_name, parse_head
 from .sampling import llc_over_series
-from .sampling.llc import SGLDConfig
+from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
+from .sampling.llc import SGLDConfig, default_nbeta
 from .series import CheckpointSeries, SeriesError
 from .store import StoreWarning, atomic_write, folder_lock
 from .visualisation.attention import AttentionView, attention_view
@@ -78,8 +79,11 @@ class AnalysisConfig:
     num_draws: int = _opt(60, "SGLD draws per chain after burn-in")
     num_burnin: int = _opt(20, "SGLD burn-in steps per chain")
     batch_size: int = _opt(SGLDConfig.batch_size, "SGLD minibatch size")
-    head_steps: int | None = _opt(4, "checkpoints, spread over the series, where every head's refined LLC is "
-                                  "estimated (0: none; none: all)")
+    head_steps: int | None = _opt(None, "checkpoints where every head's refined LLC is estimated: none = all "
+                                  "(default); n = the first, the last and the n-2 where loss, LLC and head scores "
+                                  "change most; 0 = none")
+    calibrate: bool = _opt(False, "first sweep epsilon x gamma x nbeta (calibrate_llc) on 3 checkpoints and use "
+                           "the recommended setting (results/calibration.csv); else the settings above")
     # head scores and classes
     n_seqs: int = _opt(64, "probe sequences of the head scores")
     thresholds: dict[str, float] = _opt({}, "classify_heads thresholds as JSON, e.g. '{\"prefix_matching\": 0.2}'")
@@ -89,6 +93,7 @@ class AnalysisConfig:
     ed_sigma: float | None = _opt(None, "essential dynamics: smoothing width in checkpoints (default: its own)")
     stage_sigma: float = _opt(0.1, "find_stages: smoothing width in log-step units")
     stage_min_prominence: float = _opt(0.05, "find_stages: depth of a boundary, fraction of max |dLLC/dlog t|")
+    stage_z: float = _opt(4.0, "find_stages: standard errors by which the slope must move into a boundary")
     attention_heads: list[str] | None = _opt(None, "heads for the attention pictures, e.g. l0h1 l1h3 (default: "
                                              "the top previous-token and induction heads)")
 
@@ -181,6 +186,7 @@ class AnalysisResult:
     out_dir: Path
     title: str = "tl_devinterp report"
     report: Path | None = None
+    calibration: Calibration | None = None  # the sweep and its choice, with `calibrate=True`
     head_clusters: HeadClusters | None = None  # heads grouped by trajectory (cluster_heads)
 
 
@@ -227,28 +233,37 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
     sgld = SGLDConfig(epsilon=config.epsilon, gamma=config.gamma, nbeta=config.nbeta, num_chains=config.num_chains,
                       num_draws=config.num_draws, num_burnin=config.num_burnin, batch_size=config.batch_size,
                       seed=config.seed)
+    calibration = None
+    if config.calibrate:
+        calibration = _calibrate(series, train_tokens, sgld, progress)
+        say(f"calibration chose {calibration.choice} (rule: sampling.calibration)")
+        sgld = calibration.config(sgld) if calibration.choice else sgld
+        atomic_write(results / "calibration.csv", calibration.table.drop(columns="llc_trace").to_csv(index=False))
+        atomic_write(out / "config.json", json.dumps({**dataclasses.asdict(config), "calibration": calibration.choice},
+                                                     indent=2))
 
-    head_steps = _head_steps(series.steps, config.head_steps)
-    say(f"{series}: LLC at every checkpoint, head LLCs at steps {head_steps}")
-    rest = [s for s in series.steps if s not in head_steps]
-    llc = pd.concat([
-        llc_over_series(series, train_tokens, sgld, heads=True, steps=head_steps, store_dir=store,
-                        device=config.device, progress=progress, executor=executor) if head_steps else None,
-        llc_over_series(series, train_tokens, sgld, heads=False, steps=rest, store_dir=store,
-                        device=config.device, progress=progress, executor=executor) if rest else None,
-    ]).sort_values(["step", "scope", "layer", "head"], ignore_index=True)
-
+    # LLCs: every head at every checkpoint in one pass (sharing batches), or the model everywhere first and
+    # the heads where the curves say development happens
+    run = dict(store_dir=store, device=config.device, progress=progress, executor=executor)
+    say(f"{series}: LLC at every checkpoint" + (", with every head's" if config.head_steps is None else ""))
+    llc = llc_over_series(series, train_tokens, sgld, heads=config.head_steps is None, **run)
     say("head scores and behavioural metrics")
     metrics = metrics_over_series(series, tokens=test_tokens, data=train_tokens, store_dir=store,
                                   n_seqs=config.n_seqs, seed=config.seed, executor=executor, progress=progress)
     classes = classify_heads(metrics, thresholds=config.thresholds)
+    head_steps = _head_steps(series.steps, config.head_steps, llc, metrics)
+    if head_steps and config.head_steps is not None:
+        say(f"head LLCs at steps {head_steps}")
+        heads = llc_over_series(series, train_tokens, sgld, heads=True, steps=head_steps, **run)
+        llc = pd.concat([llc, heads[heads["scope"] == "head"]])
+    llc = llc.sort_values(["step", "scope", "layer", "head"], ignore_index=True)
     n_heads = len(metrics.dropna(subset=["layer"])[["layer", "head"]].drop_duplicates())
     clusters = (cluster_heads([llc, metrics], n_clusters=config.n_clusters, classes=classes)
                 if config.n_clusters and n_heads >= 2 else None)
 
     model_llc = llc[llc["scope"] == "model"]
-    stages = find_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), sigma=config.stage_sigma,
-                         min_prominence=config.stage_min_prominence)
+    stages = find_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), model_llc["llc_se"].to_numpy(),
+                         sigma=config.stage_sigma, z=config.stage_z, min_prominence=config.stage_min_prominence)
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
     ed = essential_dynamics(series, test_tokens, n_components=config.n_components, sigma=config.ed_sigma,
                             seed=config.seed, device=config.device, store_dir=store, executor=executor,
@@ -271,7 +286,8 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
 
     result = AnalysisResult(llc=llc, metrics=metrics, head_classes=classes, stages=stages, ed=ed,
                             loss_differences=loss_differences, attention=attention, sample_tokens=sample_labels,
-                            out_dir=out, title=f"tl_devinterp report: {series!r}", head_clusters=clusters)
+                            out_dir=out, title=f"tl_devinterp report: {series!r}",
+                            calibration=calibration, head_clusters=clusters)
     for name, frame in (("llc", llc), ("metrics", metrics), ("head_classes", classes),
                         ("stages", stages_frame(stages)), ("essential_dynamics", ed.frame()),
                         ("loss_differences", loss_differences),
@@ -312,7 +328,7 @@ def _is_number(v: Any) -> bool:
 
 
 def _typed(name: str, value: Any, hint: Any) -> Any:
-    """`value` as the option's declared type (int, float, str, list[str], dict[str, float], or None where
+    """`value` as the option's declared type (bool, int, float, str, list[str], dict[str, float], or None where
     allowed), or a TypeError naming the option and the expected type."""
     args = typing.get_args(hint)
     optional = type(None) in args
@@ -321,6 +337,7 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
     kind = next(a for a in args if a is not type(None)) if optional else hint
     origin = typing.get_origin(kind) or kind
     ok, expected = {
+        bool: (lambda v: isinstance(v, bool), "true or false"),
         int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
         float: (_is_number, "a number"),
         str: (lambda v: isinstance(v, str), "a string"),
@@ -433,12 +450,32 @@ def _is_text(data) -> bool:
     return isinstance(data, datasets.Dataset) and "input_ids" not in data.column_names
 
 
-def _head_steps(steps: list[int], n: int | None) -> list[int]:
-    """`n` checkpoints evenly spread over the series' index (so log-spaced early ones count), first and last
-    included; None: all."""
+def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, progress: bool) -> Calibration:
+    """`calibrate_llc` at 3 checkpoints (a third of the way through the series' index, two thirds, the last);
+    the chosen setting must pass the rule at all of them."""
+    steps = sorted({series.steps[round(f * (len(series) - 1))] for f in (1 / 3, 2 / 3, 1)})
+    tables = [calibrate_llc(series.load(step), data, sgld, progress=progress).table.assign(step=step)
+              for step in tqdm(steps, desc="calibration checkpoints", unit="ckpt", disable=not progress)]
+    table = judge(pd.concat(tables, ignore_index=True).drop(columns=["eps_change", "acceptable", "stable"]))
+    return Calibration(table, choose_setting(table, default_nbeta=default_nbeta(sgld.batch_size)))
+
+
+def _head_steps(steps: list[int], n: int | None, llc: pd.DataFrame, metrics: pd.DataFrame) -> list[int]:
+    """None: every checkpoint. Else the first, the last, and the n - 2 checkpoints reached by the largest
+    change: the sum over the loss, the model's LLC and each head score of |change since the previous
+    checkpoint| / the curve's range, so development, not the spacing of the schedule, draws them."""
     if n is None or n >= len(steps):
         return list(steps)
-    return [steps[i] for i in np.unique(np.linspace(0, len(steps) - 1, n).round().astype(int))] if n else []
+    if n <= 2:
+        return [steps[0], steps[-1]][:n]
+    curves = metrics.assign(curve=metrics["metric"].astype(str) + metrics["layer"].astype(str) + metrics["head"].astype(str))
+    curves = curves.pivot_table(index="step", columns="curve", values="value")
+    curves["llc"] = llc[llc["scope"] == "model"].set_index("step")["llc_mean"]
+    curves = curves.reindex(steps)
+    spread = (curves.max() - curves.min()).replace(0, np.nan)
+    change = (curves.diff().abs() / spread).sum(axis=1).to_numpy()[1:-1]  # the change arriving at each inner step
+    inner = np.argsort(-change, kind="stable")[: n - 2] + 1
+    return sorted({steps[0], steps[-1], *(steps[i] for i in inner)})
 
 
 def _top_heads(metrics: pd.DataFrame) -> list[str]:

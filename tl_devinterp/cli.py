@@ -82,7 +82,9 @@ def _add_analyze(sub) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind, opts = hints[f.name], {}
         args = typing.get_args(kind)
-        if typing.get_origin(kind) is dict:
+        if kind is bool:
+            opts["action"] = argparse.BooleanOptionalAction  # --calibrate / --no-calibrate
+        elif typing.get_origin(kind) is dict:
             opts["type"] = json.loads
         elif list[str] in args:
             opts["nargs"] = "+"

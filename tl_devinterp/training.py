@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class TrainConfig:
     warmup_steps: int = 0
     n_log_checkpoints: int = 20
     n_linear_checkpoints: int = 20
+    extra_steps: list[int] = field(default_factory=list)  # more checkpoints, e.g. dense inside a transition
     eval_batches: int = 4
     seed: int = 0
     interventions: list[Intervention] = field(default_factory=list)  # see tl_devinterp.interventions
@@ -65,6 +67,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(dataclasses.replace(self, interventions=[]))
         d["model"] = self.model.to_dict()
+        if not self.extra_steps:  # manifests written before the field existed still match (and resume)
+            del d["extra_steps"]
         del d["interventions"]
         if self.interventions:  # only when present, so plain runs keep their manifests (and resume)
             d["interventions"] = [i.to_dict() for i in self.interventions]
@@ -104,11 +108,15 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
-def checkpoint_schedule(n_steps: int, n_log: int, n_linear: int) -> list[int]:
-    """Steps 0 and n_steps, `n_log` log-spaced steps early and `n_linear` evenly spaced ones (deduplicated)."""
+def checkpoint_schedule(n_steps: int, n_log: int, n_linear: int, extra_steps: Sequence[int] = ()) -> list[int]:
+    """Steps 0 and n_steps, `n_log` log-spaced steps early, `n_linear` evenly spaced ones and `extra_steps`
+    (deduplicated)."""
+    outside = [s for s in extra_steps if not 0 <= s <= n_steps]
+    if outside:
+        raise ValueError(f"extra_steps {outside} lie outside the run's steps 0..{n_steps}; drop them or raise n_steps.")
     log = np.geomspace(1, n_steps, n_log) if n_log else []
     lin = np.linspace(0, n_steps, n_linear + 1) if n_linear else []
-    return sorted({0, n_steps, *map(int, np.round(log)), *map(int, np.round(lin))})
+    return sorted({0, n_steps, *map(int, np.round(log)), *map(int, np.round(lin)), *map(int, extra_steps)})
 
 
 def train(
@@ -161,7 +169,8 @@ def train(
     model.train()
     intervener = Intervener(model, config.interventions, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = checkpoint_schedule(config.n_steps, config.n_log_checkpoints, config.n_linear_checkpoints)
+    schedule = checkpoint_schedule(config.n_steps, config.n_log_checkpoints, config.n_linear_checkpoints,
+                                   config.extra_steps)
     start = max(map(int, manifest["checkpoints"]), default=-1)
     if start >= 0:
         _restore(out, manifest, model, opt)

@@ -13,6 +13,10 @@ minimal, which in the continuum is dR/ds = 0: an extremum of the signed curvatur
 kept only when their prominence (how far k must travel back before reaching a more extreme value) is at
 least `min_prominence` times the spread of k along the curve (its 5-95 percentile range). Small wiggles
 from sampling, rounding or leftover noise fall below that (a circle has no cusp); the main turns stay.
+Near an end the curve may stop before k has travelled back that far (an ellipse's vertex 5% of the way
+from its end), so a one-sided rule holds there: when the side toward the end reaches the end without a
+more extreme value, the extremum counts if k falls by the threshold on the inner side and by at least
+half of it toward the end.
 """
 
 from __future__ import annotations
@@ -78,9 +82,23 @@ def curvature_extrema(k: Float[np.ndarray, "T"], *, min_prominence: float = 0.5)
     kk = k[idx]
     spread = float(np.percentile(kk, 95) - np.percentile(kk, 5))
     threshold = max(min_prominence * spread, 1e-9 * float(np.abs(kk).max()))  # floor: rounding error
-    maxima, _ = find_peaks(kk, prominence=threshold)
-    minima, _ = find_peaks(-kk, prominence=threshold)
-    return np.sort(idx[np.concatenate([maxima, minima])])
+    found = [p for sign in (1, -1) for p in find_peaks(sign * kk)[0] if _prominent(sign * kk, p, threshold)]
+    return np.sort(idx[np.array(found, dtype=int)])
+
+
+def _prominent(x: np.ndarray, p: int, threshold: float) -> bool:
+    """Whether the peak x[p] descends by `threshold` on both sides before a higher value, or (one-sided
+    rule) on the inner side, with at least half of it toward an end that comes before any higher value."""
+    drops, cut = [], []
+    for side in (x[p::-1], x[p:]):  # from the peak outward, to the left and to the right
+        higher = np.flatnonzero(side > x[p])
+        stop = higher[0] if len(higher) else len(side)
+        drops.append(x[p] - side[:stop].min())
+        cut.append(not len(higher))
+    if min(drops) >= threshold:
+        return True
+    inner = int(np.argmax(drops))  # the side that falls further; the other one must run into the end
+    return cut[1 - inner] and drops[inner] >= threshold and drops[1 - inner] >= threshold / 2
 
 
 def evolute_cusps(curve: Float[np.ndarray, "T 2"], *, min_prominence: float = 0.5) -> np.ndarray:

@@ -8,6 +8,8 @@ from .behaviour import (
     loss_difference,
     ngram_scores,
     per_token_loss,
+    repeat_icl_score,
+    repeat_positions,
 )
 from .classify import classify_heads
 from .heads import (
@@ -22,6 +24,6 @@ from .over_series import metrics_over_series
 
 __all__ = [
     "bigram_score", "bigram_table", "classify_heads", "copying_scores", "duplicate_token_scores",
-    "frequent_ngrams", "icl_score", "loss_difference", "metrics_over_series", "ngram_scores",
+    "frequent_ngrams", "icl_score", "loss_difference", "repeat_icl_score", "repeat_positions", "metrics_over_series", "ngram_scores",
     "per_token_loss", "prefix_matching_scores", "previous_token_scores", "probe_tokens", "uniform_baseline",
 ]

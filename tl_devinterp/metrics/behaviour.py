@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import nn
 
 from ..models import check_model, token_cross_entropy
@@ -85,6 +85,47 @@ def icl_score(
     uses its context). Default positions: the paper's 500th vs 50th of 1024, scaled to the sequence length."""
     icl_positions(tokens.shape[-1], early, late)  # fail before running the model
     return icl_from_loss(per_token_loss(model, tokens, batch_size=batch_size), early, late)
+
+
+def repeat_positions(
+    tokens: Int[torch.Tensor, "batch pos"], *, min_len: int = 4
+) -> tuple[Bool[torch.Tensor, "batch pos"], Bool[torch.Tensor, "batch pos"]]:
+    """Where each sequence repeats a span of at least `min_len` tokens: (first copy, second copy) masks of
+    the tokens predictable from the copy's previous token (so each copy's first token is left out).
+
+    The second copy's tokens can be predicted from context (induction); the first copy's, the same tokens
+    after the same previous tokens, only from statistics. Planted repeats (`data.plant_repeats`) are found
+    this way, as are any natural ones."""
+    if min_len < 2:
+        raise ValueError(f"min_len must be >= 2 (a repeat needs a previous token to predict from), got {min_len}.")
+    n, seq = tokens.shape
+    first = torch.zeros(n, seq, dtype=torch.bool)
+    second = torch.zeros(n, seq, dtype=torch.bool)
+    t = tokens.cpu()
+    for lag in range(1, seq - min_len + 1):  # copies `lag` tokens apart: position p matches p - lag
+        same = t[:, lag:] == t[:, :-lag]
+        if same.shape[1] < min_len:
+            break
+        window = same.unfold(1, min_len, 1).all(-1)  # min_len matches in a row start here
+        run = torch.zeros_like(same)
+        for k in range(min_len):
+            run[:, k:k + window.shape[1]] |= window
+        second[:, lag:] |= run
+        first[:, :-lag] |= run
+    predictable = lambda m: m & torch.cat([torch.zeros(n, 1, dtype=torch.bool), m[:, :-1]], 1)  # noqa: E731
+    return predictable(first), predictable(second)
+
+
+def repeat_icl_score(loss: Float[torch.Tensor, "batch pos_minus_1"], tokens: Int[torch.Tensor, "batch pos"], *,
+                     min_len: int = 4) -> float:
+    """In-context learning on repeats: mean loss on the second copies' tokens minus on the first copies'
+    (`repeat_positions`), from a `per_token_loss` tensor. The tokens and their previous tokens are the same
+    in both copies, so only the use of context separates them: ≈ 0 for a bigram model, negative once
+    induction works. NaN when `tokens` hold no repeat."""
+    first, second = (m[:, 1:] for m in repeat_positions(tokens, min_len=min_len))  # loss[:, i-1] is token i
+    if not second.any():
+        return float("nan")
+    return float(loss[second].mean() - loss[first].mean())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from .behaviour import (
     icl_from_loss,
     ngram_relative_loss,
     per_token_loss,
+    repeat_icl_score,
+    repeat_positions,
 )
 from .heads import copying_scores, duplicate_token_scores, prefix_matching_scores, previous_token_scores
 
@@ -30,7 +32,7 @@ HEAD_METRICS = {
     "copying": copying_scores,
 }
 """Per-head metrics: one row per (layer, head)."""
-MODEL_METRICS = ("loss", "icl_score", "bigram_score", "ngram_score")
+MODEL_METRICS = ("loss", "icl_score", "repeat_icl_score", "bigram_score", "ngram_score")
 """Model-level metrics (layer and head empty); `ngram_score` gives one metric `ngram_score_{n}` per n."""
 COLUMNS = ["step", "metric", "layer", "head", "value"]
 
@@ -57,15 +59,17 @@ def metrics_over_series(
     """Compute `metrics` at each checkpoint -> one frame with columns step, metric, layer, head, value.
 
     Head metrics (`HEAD_METRICS`) use the library's seeded probes (`n_seqs`, `seq_len`, `seed`);
-    `loss` (mean per-token loss) and `icl_score` (`early`, `late`) need `tokens`; `bigram_score` and
+    `loss` (mean per-token loss), `icl_score` (`early`, `late`) and `repeat_icl_score` (second vs first
+    copy of the repeats in `tokens`, NaN without repeats) need `tokens`; `bigram_score` and
     `ngram_score` (`ngram_n`, `top_k`) also need `data`, whose bigram table and frequent n-grams are built
-    once. Default `metrics`: the head metrics, plus loss and ICL score given `tokens`, plus bigram and
-    n-gram scores given `data` too. With `store_dir`, each checkpoint's rows are saved as soon as they are
+    once. Default `metrics`: the head metrics, plus loss and ICL score given `tokens` (and the repeat ICL
+    score where they hold repeats), plus bigram and n-gram scores given `data` too. With `store_dir`, each checkpoint's rows are saved as soon as they are
     done, keyed by every option that changes the numbers, so rerunning resumes a stopped run. With an
     `executor`, the checkpoints are parallel jobs (see `tl_devinterp.parallel`).
     """
     if metrics is None:
         metrics = list(HEAD_METRICS) + (["loss", "icl_score"] if tokens is not None else []) + (
+            ["repeat_icl_score"] if tokens is not None and repeat_positions(tokens)[1].any() else []) + (
             ["bigram_score", "ngram_score"] if tokens is not None and data is not None else [])
     metrics = list(metrics)
     unknown = [m for m in metrics if m not in HEAD_METRICS and m not in MODEL_METRICS]
@@ -109,12 +113,14 @@ def _checkpoint_metrics(step: int, model, *, metrics: list[str], probe: dict, to
             scores = HEAD_METRICS[name](model) if name == "copying" else HEAD_METRICS[name](model, **probe)
             rows += [(name, layer, head, float(scores[layer, head]))
                      for layer in range(scores.shape[0]) for head in range(scores.shape[1])]
-    if {"loss", "icl_score", "ngram_score"} & set(metrics):
+    if {"loss", "icl_score", "repeat_icl_score", "ngram_score"} & set(metrics):
         loss = per_token_loss(model, tokens, batch_size=batch_size)
         if "loss" in metrics:
             rows.append(("loss", None, None, float(loss.mean())))
         if "icl_score" in metrics:
             rows.append(("icl_score", None, None, icl_from_loss(loss, early, late)))
+        if "repeat_icl_score" in metrics:
+            rows.append(("repeat_icl_score", None, None, repeat_icl_score(loss, tokens)))
         rows += [(f"ngram_score_{n}", None, None, ngram_relative_loss(loss, tokens, g)) for n, g in ngrams.items()]
     if "bigram_score" in metrics:
         rows.append(("bigram_score", None, None, bigram_score(model, tokens, table, batch_size=batch_size)))

@@ -74,12 +74,16 @@ def plot_head_scores(metrics: pd.DataFrame, *, metrics_shown: Sequence[str] | No
     return fig
 
 
-def plot_head_llcs(llc: pd.DataFrame, labels: pd.DataFrame | None = None, *, band: bool = True) -> Figure:
+def plot_head_llcs(llc: pd.DataFrame, labels: pd.DataFrame | None = None, *, band: bool = True,
+                   xscale: str = "log") -> Figure:
     """Refined LLC of each head over steps: one panel per layer, one line per head, coloured by class.
 
     `labels` (`layer, head, label`) colours the heads; without it every head is "other". `band` shades
-    ± one std across chains.
+    ± one std across chains. `xscale`: "log" (symlog, step 0 shown: early training) or "linear" (late
+    transitions keep their width).
     """
+    if xscale not in ("log", "linear"):
+        raise ValueError(f"xscale must be 'log' or 'linear', got {xscale!r}.")
     _require(llc, ["step", "scope", "layer", "head", "llc_mean", "llc_std"], "LLC")
     heads = llc[llc["scope"] == "head"]
     if heads.empty:
@@ -102,8 +106,9 @@ def plot_head_llcs(llc: pd.DataFrame, labels: pd.DataFrame | None = None, *, ban
                                 color=c, alpha=0.12, lw=0)
             ax.annotate(f"H{int(h)}", (g["step"].iloc[-1], g["llc_mean"].iloc[-1]), fontsize=7, color=c,
                         xytext=(3, 0), textcoords="offset points", va="center")
-        positive = heads["step"].to_numpy()[heads["step"].to_numpy() > 0]
-        ax.set_xscale("symlog", linthresh=float(positive.min(initial=1)))  # log steps, step 0 shown
+        if xscale == "log":
+            positive = heads["step"].to_numpy()[heads["step"].to_numpy() > 0]
+            ax.set_xscale("symlog", linthresh=float(positive.min(initial=1)))  # log steps, step 0 shown
         ax.set_xlabel("step")
         ax.set_title(f"layer {layer}")
     axes[0, 0].set_ylabel("refined LLC (head)")

@@ -82,6 +82,36 @@ def write_report(
     return path
 
 
+DIAGNOSTICS = ["loss_increase", "distance", "prior_radius", "likelihood_fraction", "acceptance", "regime"]
+"""The sampler diagnostics columns of an LLC frame (`sampling.heads.summary`), shown beside each curve."""
+
+
+def _regime_note(frame: pd.DataFrame, what: str) -> list[str]:
+    """A sentence on how many estimates were prior-dominated or negative (empty without diagnostics)."""
+    if "regime" not in frame:
+        return []
+    prior, negative = int((frame["regime"] == "prior").sum()), int((frame["llc_mean"] < 0).sum())
+    warn = ' style="color:#b00"' if prior or negative else ""
+    return [f"<p{warn}>Sampler regime ({what} estimates): {len(frame) - prior} of {len(frame)} likelihood-dominated, "
+            f"{prior} prior-dominated (λ̂ there reflects nβ and γ more than the model); {negative} negative.</p>"]
+
+
+def _sampler_parts(model_llc: pd.DataFrame, result) -> list[str]:
+    """The settings used, the calibration's choice and table, and each checkpoint's diagnostics."""
+    parts = _regime_note(model_llc, "model")
+    calibration = getattr(result, "calibration", None)
+    if calibration is not None:
+        parts.append(f"<p>Calibration (sampling.calibration rule) chose {html.escape(str(calibration.choice))}.</p>")
+        shown = [c for c in ("step", "epsilon", "gamma", "nbeta", "llc_mean", "likelihood_fraction", "regime",
+                             "eps_change", "acceptable") if c in calibration.table]
+        parts.append("<details><summary>calibration cells</summary>" + table_html(calibration.table[shown]) + "</details>")
+    shown = [c for c in ("step", "llc_mean", "llc_se", *DIAGNOSTICS) if c in model_llc]
+    if len(shown) > 3:
+        parts.append("<details><summary>sampler diagnostics per checkpoint</summary>"
+                     + table_html(model_llc[shown]) + "</details>")
+    return parts
+
+
 def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.PathLike | None = None) -> Path:
     """The report of an `AnalysisResult` (see `tl_devinterp.analysis`): every part it holds, in pipeline
     order. PNGs also go to `figures_dir`."""
@@ -97,8 +127,11 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
     summary = [f"<p>{len(model_llc)} checkpoints analysed, steps {model_llc['step'].min()}–{model_llc['step'].max()}."
                f" Results as CSV in <code>results/</code>, figures as PNG in <code>figures/</code>.</p>"]
     if result.stages:
-        summary.append(table_html(pd.DataFrame([{"stage": i + 1, "start": s.start, "end": s.end, "type": s.type}
-                                                for i, s in enumerate(result.stages)])))
+        level = model_llc.set_index("step").reindex(columns=["llc_mean", "llc_se"])  # raw values at the boundaries
+        summary.append(table_html(pd.DataFrame([
+            {"stage": i + 1, "start": s.start, "end": s.end, "type": s.type, "LLC at start": level.at[s.start, "llc_mean"],
+             "LLC at end": level.at[s.end, "llc_mean"], "SE at end": level.at[s.end, "llc_se"]}
+            for i, s in enumerate(result.stages)])))
     if result.head_classes is not None and not result.head_classes.empty:
         summary.append("<p>Head classes at the last checkpoint:</p>" + table_html(result.head_classes))
     sections.append(("Summary", summary))
@@ -106,11 +139,13 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
         plot_llc_stages(model_llc["step"], model_llc["llc_mean"], result.stages, llc_std=model_llc["llc_std"],
                         loss=model_llc["init_loss"]),
         "llc-stages", "Local learning coefficient over training (± std across chains) and the loss on the "
-        "sampled data; stages shaded (A: LLC rises, B: it falls).")]))
-    if (result.llc["scope"] == "head").any():
+        "sampled data; stages shaded (A: LLC rises, B: it falls)."), *_sampler_parts(model_llc, result)]))
+    heads = result.llc[result.llc["scope"] == "head"]
+    if not heads.empty:
         sections.append(("Per-head refined LLCs", [png(
-            plot_head_llcs(result.llc, result.head_classes), "head-llcs",
-            "Refined LLC of each head over training, one panel per layer, coloured by the head's class.")]))
+            plot_head_llcs(result.llc, result.head_classes, xscale="linear"), "head-llcs",
+            "Refined LLC of each head over training (linear steps, so late transitions keep their width), one "
+            "panel per layer, coloured by the head's class."), *_regime_note(heads, "head")]))
     if result.metrics is not None and result.metrics["layer"].notna().any():
         sections.append(("Head scores", [png(
             plot_head_scores(result.metrics), "head-scores", "Head scores over training (rows: heads).")]))
