@@ -447,7 +447,8 @@ def test_wrong_types_name_the_option():
     with pytest.raises(TypeError, match=r"attention_heads must be a list of strings or None, got 'l0h0'.*\['l0h0'\]"):
         AnalysisConfig(attention_heads="l0h0")
     with pytest.raises(TypeError, match="num_draws must be an integer, got 2.5"):
-        AnalysisConfig(num_draws=2.5)
+        AnalysisConfig.from_dict({"num_draws": 2.5})
     with pytest.raises(TypeError, match="thresholds must be a mapping"):
         AnalysisConfig.from_dict({"thresholds": {"induction": "high"}})
-    assert AnalysisConfig(epsilon=1).epsilon == 1.0 and isinstance(AnalysisConfig(epsilon=1).epsilon, float)
+    assert AnalysisConfig.from_dict({"epsilon": 1}).sgld.epsilon == 1.0
+    assert isinstance(AnalysisConfig.from_dict({"epsilon": 1}).sgld.epsilon, float)

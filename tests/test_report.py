@@ -134,13 +134,15 @@ def test_config_from_files_and_overrides(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"num_draws": 7, "attention_heads": ["l0h1"]}))
     (tmp_path / "a.toml").write_text('num_draws = 7\nattention_heads = ["L0H1"]\n[thresholds]\nprefix_matching = 0.2\n')
     a, b = AnalysisConfig.from_file(tmp_path / "a.json"), AnalysisConfig.from_file(tmp_path / "a.toml")
-    assert a.num_draws == b.num_draws == 7 and a.attention_heads == b.attention_heads == ["L0H1"]
-    assert b.thresholds == {"prefix_matching": 0.2} and a.num_chains == AnalysisConfig().num_chains
+    assert a.sgld.num_draws == b.sgld.num_draws == 7 and a.attention_heads == b.attention_heads == ["L0H1"]
+    assert b.thresholds == {"prefix_matching": 0.2} and a.sgld.num_chains == AnalysisConfig().sgld.num_chains
     with pytest.raises(ValueError, match=r"Unknown option\(s\) \['num_drawz'\].*valid options"):
         AnalysisConfig.from_dict({"num_drawz": 3})
     with pytest.raises(ValueError, match="num_chains must be >= 2"):
-        AnalysisConfig(num_chains=0)
-    assert AnalysisConfig.quick(num_draws=5).num_draws == 5
+        AnalysisConfig.from_dict({"num_chains": 0})
+    assert AnalysisConfig.quick(num_draws=5).sgld.num_draws == 5
+    nested = AnalysisConfig.from_dict({"sgld": {"epsilon": 3e-4, "num_draws": 9}, "num_draws": 11})
+    assert nested.sgld.epsilon == 3e-4 and nested.sgld.num_draws == 11  # flat options win over the table
 
 
 def test_head_steps_and_top_heads():

@@ -50,7 +50,13 @@ def _opt(default: Any, help: str) -> Any:
     """A config field with its help text (shown by `tl-devinterp analyze --help`)."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+SGLD_OPTIONS = {f.name for f in dataclasses.fields(SGLDConfig)} - {"seed"}
+"""The sampler's options, given flat to `analyze` and the command line; `AnalysisConfig.seed` is its seed."""
 
 
 @dataclass
@@ -61,7 +67,7 @@ class AnalysisConfig:
     `calibrate_llc`.
 
     The flags of `tl-devinterp analyze` (`--num-draws 200`) and the keys of a `--config` file are these
-    field names.
+    field names and those of `SGLDConfig` (all but its seed), which go into `sgld`.
     """
 
     # data: the series' own data (its manifest's spec) unless `analyze(..., data=...)` is given
@@ -71,14 +77,9 @@ class AnalysisConfig:
     sample_index: int = _opt(0, "the test sequence shown in the token and attention pictures")
     seed: int = _opt(0, "seed of sampling, probes and positions")
     device: str | None = _opt(None, "torch device, e.g. cuda")
-    # SGLD: the full model's LLC at every checkpoint, the heads' refined LLCs at `head_steps` of them
-    epsilon: float = _opt(SGLDConfig.epsilon, "SGLD step size")
-    gamma: float = _opt(SGLDConfig.gamma, "SGLD localization strength")
-    nbeta: float | None = _opt(None, "effective inverse temperature n*beta (default: n/log n of the batch size)")
-    num_chains: int = _opt(3, "SGLD chains")
-    num_draws: int = _opt(60, "SGLD draws per chain after burn-in")
-    num_burnin: int = _opt(20, "SGLD burn-in steps per chain")
-    batch_size: int = _opt(SGLDConfig.batch_size, "SGLD minibatch size")
+    # SGLD: the full model's LLC at every checkpoint, the heads' refined LLCs at `head_steps` of them; its
+    # fields are options too (`--num-draws 200`, or "num_draws" in a config file), its seed is `seed`
+    sgld: SGLDConfig = _opt(SGLDConfig(num_chains=3, num_draws=60, num_burnin=20), "the sampler's settings")
     head_steps: int | None = _opt(None, "checkpoints where every head's refined LLC is estimated: none = all "
                                   "(default); n = the first, the last and the n-2 where loss, LLC and head scores "
                                   "change most; 0 = none")
@@ -101,15 +102,17 @@ class AnalysisConfig:
         """The one validator of analyze's options: each field's type, then its range."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
-        for name, low in (("n_sequences", 1), ("num_chains", 2), ("num_draws", 1), ("num_burnin", 0),
-                          ("batch_size", 1), ("n_seqs", 1), ("n_components", 2), ("seed", 0), ("sample_index", 0)):
+            if f.name != "sgld":  # validated by SGLDConfig itself
+                setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
+        if not isinstance(self.sgld, SGLDConfig):
+            raise TypeError(f"sgld must be an SGLDConfig, got {type(self.sgld).__name__}.")
+        for name, low in (("n_sequences", 1), ("n_seqs", 1), ("n_components", 2), ("seed", 0), ("sample_index", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}.")
-        for name in ("epsilon", "nbeta", "ed_sigma", "stage_sigma"):
+        for name in ("ed_sigma", "stage_sigma"):
             if getattr(self, name) is not None and not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
-        for name in ("gamma", "stage_min_prominence"):
+        for name in ("stage_min_prominence",):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
         if self.seq_len is not None and self.seq_len < 2:
@@ -128,15 +131,27 @@ class AnalysisConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> AnalysisConfig:
         """Few draws, head LLCs at 3 checkpoints, small probes: a rough analysis in about a minute."""
-        return cls(**{**dict(num_chains=2, num_draws=20, num_burnin=10, head_steps=3, n_sequences=64, n_seqs=16),
-                      **overrides})
+        return cls.from_dict({**dict(num_chains=2, num_draws=20, num_burnin=10, head_steps=3, n_sequences=64,
+                                     n_seqs=16), **overrides}, source="the arguments")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "the config") -> AnalysisConfig:
+        """Options by name; the sampler's may be given flat (`num_draws`) or as an `sgld` table."""
+        d = dict(d)
+        sampler = {k: d.pop(k) for k in list(d) if k in SGLD_OPTIONS}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"Unknown option(s) {unknown} in {source}; valid options: {sorted(known)}.")
+            raise ValueError(f"Unknown option(s) {unknown} in {source}; valid options: {sorted(known | SGLD_OPTIONS)}.")
+        if sampler or "sgld" in d:
+            nested = d.get("sgld", {})
+            nested = dataclasses.asdict(nested) if isinstance(nested, SGLDConfig) else nested
+            if not isinstance(nested, dict):
+                raise TypeError(f"sgld in {source} must be a table of SGLD options, got {nested!r}.")
+            try:
+                d["sgld"] = SGLDConfig.build(cls().sgld, **{**nested, **sampler})
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{e} (in {source})") from None
         try:
             return cls(**d)
         except (TypeError, ValueError) as e:
@@ -230,9 +245,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
     results.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     say = (lambda msg: tqdm.write(f"[analyze] {msg}", file=sys.stderr)) if progress else (lambda msg: None)
-    sgld = SGLDConfig(epsilon=config.epsilon, gamma=config.gamma, nbeta=config.nbeta, num_chains=config.num_chains,
-                      num_draws=config.num_draws, num_burnin=config.num_burnin, batch_size=config.batch_size,
-                      seed=config.seed)
+    sgld = dataclasses.replace(config.sgld, seed=config.seed)
     calibration = None
     if config.calibrate:
         calibration = _calibrate(series, train_tokens, sgld, progress)

@@ -60,7 +60,8 @@ def _add_analyze(sub) -> None:
     import json
     import typing
 
-    from .analysis import AnalysisConfig
+    from .analysis import SGLD_OPTIONS, AnalysisConfig
+    from .sampling import SGLDConfig
 
     p = sub.add_parser("analyze", help="LLCs, head scores, stages, essential dynamics and a report of a series",
                        description="Analyse a checkpoint series into REPORT_DIR (results/*.csv, figures/*.png, "
@@ -77,9 +78,12 @@ def _add_analyze(sub) -> None:
                    "single-thread processes (needs tl_devinterp[dask])")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run the checkpoints on the Dask cluster whose scheduler "
                    "is at ADDRESS, e.g. tcp://10.0.0.1:8786")
-    hints = typing.get_type_hints(AnalysisConfig)
-    for f in dataclasses.fields(AnalysisConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    hints = typing.get_type_hints(AnalysisConfig) | typing.get_type_hints(SGLDConfig)
+    sgld = AnalysisConfig().sgld  # the analysis's own sampler defaults
+    options = [(f, getattr(sgld, f.name)) for f in dataclasses.fields(SGLDConfig) if f.name in SGLD_OPTIONS]
+    options += [(f, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(AnalysisConfig) if f.name != "sgld"]
+    for f, default in options:
         kind, opts = hints[f.name], {}
         args = typing.get_args(kind)
         if kind is bool:

@@ -63,19 +63,20 @@ class SGLDConfig:
     `nbeta=None` means n/log n of the batch size in use (`resolve`); a DataLoader's own batch size wins.
     """
 
-    epsilon: float = 1e-3  # step size ε
-    gamma: float = 200.0  # localisation γ
-    nbeta: float | None = None  # inverse temperature nβ
-    num_chains: int = 4
-    num_draws: int = 100  # post-burn-in draws per chain
-    num_burnin: int = 50
-    batch_size: int = 32
-    seed: int = 0
-    sampler: str = "sgld"  # the update rule: "sgld" | "sgnht" | "rmsprop_sgld" (see samplers.py)
-    diffusion: float = 0.01  # SGNHT's diffusion A (the thermostat's starting friction)
-    rmsprop_decay: float = 0.999  # RMSprop's α, the running mean's decay
-    rmsprop_delta: float = 1.0  # RMSprop's δ: the preconditioner G = 1/(δ + √V) is at most 1/δ
-    draws_every: int = 1  # observables are evaluated on every k-th draw (thinning); the LLC uses every draw
+    epsilon: float = field(default=1e-3, metadata={"help": "SGLD step size epsilon"})
+    gamma: float = field(default=200.0, metadata={"help": "localisation strength gamma"})
+    nbeta: float | None = field(default=None, metadata={"help": "inverse temperature n*beta (default: n/log n "
+                                                        "of the batch size)"})
+    num_chains: int = field(default=4, metadata={"help": "chains"})
+    num_draws: int = field(default=100, metadata={"help": "draws per chain after burn-in"})
+    num_burnin: int = field(default=50, metadata={"help": "burn-in steps per chain"})
+    batch_size: int = field(default=32, metadata={"help": "minibatch size"})
+    seed: int = field(default=0, metadata={"help": "seed of the batches and the chains' noise"})
+    sampler: str = field(default="sgld", metadata={"help": "update rule: sgld, sgnht or rmsprop_sgld"})
+    diffusion: float = field(default=0.01, metadata={"help": "SGNHT's diffusion A (the thermostat's start)"})
+    rmsprop_decay: float = field(default=0.999, metadata={"help": "RMSprop-SGLD's running-mean decay alpha"})
+    rmsprop_delta: float = field(default=1.0, metadata={"help": "RMSprop-SGLD's delta: preconditioner <= 1/delta"})
+    draws_every: int = field(default=1, metadata={"help": "observables on every k-th draw (thinning)"})
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -84,6 +85,8 @@ class SGLDConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                 raise TypeError(f"SGLDConfig.{name} must be a finite number, got {v!r}.")
+            if v is not None:
+                object.__setattr__(self, name, float(v))  # 1 and 1.0 are one setting (and one store key)
         for name in ("num_chains", "num_draws", "num_burnin", "batch_size", "seed", "draws_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
