@@ -165,21 +165,22 @@ def compare_series(
     store_dir: str | os.PathLike | None = None,
     n_sequences: int = 256,
     n_seqs: int = 64,
+    progress: bool = True,
 ) -> SeriesComparison:
     """Align two series' results on their common steps (see the module docstring).
 
     `a`, `b`: `AnalysisResult`s, `analyze` output folders, or series / series folders. For series: `data`
     replaces their own data; `sgld` (keyword arguments of `llc_over_series`, e.g. `dict(num_draws=40,
     heads=True)`) also estimates LLCs; `store_dir` keeps per-checkpoint results for reruns; `n_sequences`
-    test sequences for the loss, `n_seqs` probe sequences for the head scores. The phase change is the first
-    step where max over heads of `metric` >= `threshold`.
+    test sequences for the loss, `n_seqs` probe sequences for the head scores; `progress` shows their bars.
+    The phase change is the first step where max over heads of `metric` >= `threshold`.
     """
     if metric not in HEAD_METRICS:
         raise ValueError(f"metric must be a head score, one of {list(HEAD_METRICS)}; got {metric!r}.")
     if len(labels) != 2 or labels[0] == labels[1]:
         raise ValueError(f"labels must be two different names, got {labels!r}.")
-    sides = [_results(x, label, data=data, sgld=sgld, store_dir=store_dir, n_sequences=n_sequences, n_seqs=n_seqs)
-             for x, label in zip((a, b), labels)]
+    sides = [_results(x, label, data=data, sgld=sgld, store_dir=store_dir, n_sequences=n_sequences, n_seqs=n_seqs,
+                      progress=progress) for x, label in zip((a, b), labels)]
     long = [_long(llc, metrics) for llc, metrics, _ in sides]
     aligned = long[0].merge(long[1], on=["step", "quantity", "layer", "head"], suffixes=("_a", "_b"))
     if aligned.empty:
@@ -214,7 +215,7 @@ def phase_change(metrics: pd.DataFrame, *, metric: str = "prefix_matching", thre
 
 
 # --------------------------------------------------------------------------------------------------
-def _results(x, label: str, *, data, sgld, store_dir, n_sequences: int, n_seqs: int):
+def _results(x, label: str, *, data, sgld, store_dir, n_sequences: int, n_seqs: int, progress: bool):
     """(LLC frame or None, metrics frame, stages) of one side."""
     if isinstance(x, AnalysisResult):
         return x.llc, x.metrics, x.stages
@@ -235,12 +236,13 @@ def _results(x, label: str, *, data, sgld, store_dir, n_sequences: int, n_seqs: 
     # one store folder per series (its manifest, so another series under the same label never reuses results)
     store = None if store_dir is None or not x.meta else Path(store_dir) / f"{label}-{_meta_hash(x.meta)}"
     metrics = metrics_over_series(x, metrics=[*HEAD_METRICS, "loss"], tokens=test_tokens, n_seqs=n_seqs,
-                                  store_dir=store)
+                                  store_dir=store, progress=progress)
     if sgld is None:
         return None, metrics, []
-    llc = llc_over_series(x, train_tokens, store_dir=store, **sgld)
+    llc = llc_over_series(x, train_tokens, store_dir=store, progress=progress, **sgld)
     model = llc[llc["scope"] == "model"].sort_values("step")
-    stages = find_stages(model["step"].to_numpy(), model["llc_mean"].to_numpy()) if len(model) >= 4 else []
+    stages = (find_stages(model["step"].to_numpy(), model["llc_mean"].to_numpy(), model["llc_se"].to_numpy())
+              if len(model) >= 4 else [])
     return llc, metrics, stages
 
 
