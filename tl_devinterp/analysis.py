@@ -149,7 +149,8 @@ class AnalysisConfig:
             if not isinstance(nested, dict):
                 raise TypeError(f"sgld in {source} must be a table of SGLD options, got {nested!r}.")
             try:
-                d["sgld"] = SGLDConfig.build(cls().sgld, **{**nested, **sampler})
+                default = cls.__dataclass_fields__["sgld"].default_factory()
+                d["sgld"] = SGLDConfig.build(default, **{**nested, **sampler})
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{e} (in {source})") from None
         try:

@@ -250,13 +250,13 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     objective = Objective(model, resolve_loss(model, loss_fn))
     w_star = {n: p.detach() for n, p in params.items()}
     batches = batch_stream(data, config.batch_size, config.seed, device)
-    restrictions = _drop_unused(objective, slots, w_star, restrictions, next(batch_stream(data, config.batch_size, config.seed, device))[1])
+    first = next(batch_stream(data, config.batch_size, config.seed, device))[1]  # for the one-time checks below
+    restrictions = _drop_unused(objective, slots, w_star, restrictions, first)
 
     # With the LM loss, a restriction to blocks >= l shares the residual stream before block l: computed
     # once per batch at w*, its chains run only blocks l and up (where the model really skips the rest).
     starts = [r.first_layer for r in restrictions]
-    if loss_fn is not None or not is_supported_model(model) or not any(starts) or not skips_lower_blocks(
-            model, next(batch_stream(data, config.batch_size, config.seed, device))[1]):
+    if loss_fn is not None or not is_supported_model(model) or not any(starts) or not skips_lower_blocks(model, first):
         starts = [0] * len(restrictions)
     objectives = {layer: Objective(model, lm_loss_from_layer) if layer else objective for layer in set(starts)}
 
