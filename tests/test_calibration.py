@@ -46,8 +46,8 @@ def test_calibration_recommends_the_rules_cell():
     assert len(fig.axes) == 10 and any("diverged" in t.get_text() for ax in fig.axes for t in ax.texts)
 
 
-def _cell(step, epsilon, gamma, llc, regime="likelihood", drift=0.0):
-    return dict(step=step, epsilon=epsilon, gamma=gamma, nbeta=100.0, diverged=False, llc_mean=llc, regime=regime,
+def _cell(step, epsilon, gamma, llc, regime="likelihood", drift=0.0, nbeta=100.0):
+    return dict(step=step, epsilon=epsilon, gamma=gamma, nbeta=nbeta, diverged=False, llc_mean=llc, regime=regime,
                 trace_drift=drift, acceptance=0.9)
 
 
@@ -59,6 +59,19 @@ def test_rule_needs_every_step_and_prefers_small_gamma_then_large_epsilon():
     assert choose_setting(judge(pd.DataFrame(cells))) == {"epsilon": 2e-4, "gamma": 10.0, "nbeta": 100.0}
     cells = [_cell(1, e, 1.0, 10.0, drift=9.0) for e in (1e-4, 2e-4)]  # traces still rising: none
     assert choose_setting(judge(pd.DataFrame(cells))) is None
+
+
+def test_rule_rejects_llcs_that_follow_nbeta():
+    """λ̂ ∝ nβ (the demo's case: 9.9× for nβ × 10) is the prior's or the diffusion's answer, not the model's,
+    whatever the norm-based regime says; λ̂ flat in nβ passes."""
+    follows = [_cell(1, e, 1.0, 0.2 * nbeta * (1 + e), nbeta=nbeta) for e in (1e-4, 2e-4) for nbeta in (30.0, 300.0)]
+    table = judge(pd.DataFrame(follows))
+    assert table["nbeta_elasticity"].to_numpy() == pytest.approx(1.0)
+    assert not table["acceptable"].any() and choose_setting(table) is None
+    flat = [_cell(1, e, 1.0, 10.0 * nbeta**0.05, nbeta=nbeta) for e in (1e-4, 2e-4) for nbeta in (30.0, 300.0)]
+    table = judge(pd.DataFrame(flat))
+    assert table["nbeta_elasticity"].to_numpy() == pytest.approx(0.05)
+    assert choose_setting(table, default_nbeta=30.0) == {"epsilon": 2e-4, "gamma": 1.0, "nbeta": 30.0}
 
 
 def test_gamma_is_checked_before_sampling():

@@ -4,7 +4,12 @@ and sampler diagnostics, and recommend one setting by a fixed rule.
 The rule (`choose_setting`). A cell (ε, γ, nβ) is acceptable when
 1. its chains are stable: no divergence, λ̂ > 0, a flat trace after burn-in (|trace_drift| < DRIFT_T) and,
    for SGLD, a MALA acceptance of at least LOW_ACCEPTANCE;
-2. they are likelihood-dominated (`regime == "likelihood"`): the loss, not the prior, shapes the chains;
+2. they are likelihood-dominated: the diagnostics' `regime` says so (the loss, not the prior, pulls the
+   chains) and, where the sweep holds a larger nβ at the same (ε, γ), λ̂ is not proportional to nβ:
+   its elasticity d log λ̂ / d log nβ (`nbeta_elasticity`, from neighbouring nβ cells) is below
+   MAX_ELASTICITY. The elasticity is the direct test: ≈ 0 when the likelihood sets the loss increase
+   (λ̂ is a property of the model), ≈ 1 when the prior or the chains' diffusion does; the norm-based
+   `regime` alone misses prior-dominated chains in models whose few stiff directions carry large gradients;
 3. λ̂ is settled in ε: the cell at ε/2 (same γ, nβ; it must be in the sweep and stable) gives a λ̂ within
    EPS_TOLERANCE (10%) of this one, so the step size no longer sets the answer.
 Swept over several checkpoints, a setting must be acceptable at every one. Among acceptable settings the
@@ -33,6 +38,7 @@ from .heads import summary
 from .llc import LLCDivergenceError, SGLDConfig, default_nbeta, estimate_llc
 
 EPS_TOLERANCE = 0.1  # λ̂ may change by at most this fraction when ε halves
+MAX_ELASTICITY = 0.5  # d log λ̂ / d log nβ above this: λ̂ follows nβ, not the model
 SETTING = ["epsilon", "gamma", "nbeta"]
 
 
@@ -88,9 +94,10 @@ def calibrate_llc(
 
 
 def judge(table: pd.DataFrame) -> pd.DataFrame:
-    """Add the rule's verdicts per cell: `stable`, `eps_change` (relative change of λ̂ from ε/2 to ε) and
-    `acceptable` (stable, likelihood-dominated, eps_change < EPS_TOLERANCE). Cells of several checkpoints
-    carry a `step` column and are judged per step."""
+    """Add the rule's verdicts per cell: `stable`, `eps_change` (relative change of λ̂ from ε/2 to ε),
+    `nbeta_elasticity` (d log λ̂ / d log nβ towards the next larger nβ of the same ε, γ, else from the next
+    smaller; NaN with one nβ) and `acceptable` (stable, likelihood-dominated, eps_change < EPS_TOLERANCE).
+    Cells of several checkpoints carry a `step` column and are judged per step."""
     t = table.copy()
     for column, fill in (("regime", "prior"), ("trace_drift", math.inf), ("acceptance", math.nan)):
         t[column] = t[column].fillna(fill) if column in t else fill  # diverged cells have no diagnostics
@@ -103,8 +110,24 @@ def judge(table: pd.DataFrame) -> pd.DataFrame:
     half["epsilon_key"] = half.pop("epsilon").round(15)
     t = t.merge(half, on=[*keys, "epsilon_key"], how="left").drop(columns="epsilon_key")
     t["eps_change"] = ((t["llc_mean"] - t["llc_half"]) / t["llc_half"].abs()).abs().where(t["stable_half"] == True)  # noqa: E712
-    t["acceptable"] = t["stable"] & (t["regime"] == "likelihood") & (t["eps_change"] < EPS_TOLERANCE)
+    t["nbeta_elasticity"] = _elasticity(t, [*keys[:-2], "epsilon", "gamma"])
+    likelihood = (t["regime"] == "likelihood") & ~(t["nbeta_elasticity"] >= MAX_ELASTICITY)
+    t["acceptable"] = t["stable"] & likelihood & (t["eps_change"] < EPS_TOLERANCE)
     return t.drop(columns=["llc_half", "stable_half"])
+
+
+def _elasticity(t: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """d log λ̂ / d log nβ between each cell and its neighbour in nβ (the next larger; the last cell of a
+    group uses the next smaller), within groups of equal `keys`; NaN where λ̂ ≤ 0 or the group has one nβ."""
+    out = pd.Series(math.nan, index=t.index)
+    for _, g in t.groupby(keys):
+        g = g.sort_values("nbeta")
+        log_llc = np.log(g["llc_mean"].where(g["llc_mean"] > 0)).to_numpy()
+        log_nbeta = np.log(g["nbeta"].to_numpy())
+        slopes = np.diff(log_llc) / np.diff(log_nbeta)
+        if len(slopes):
+            out[g.index] = np.append(slopes, slopes[-1])
+    return out
 
 
 def choose_setting(table: pd.DataFrame, *, default_nbeta: float | None = None) -> dict[str, float] | None:
