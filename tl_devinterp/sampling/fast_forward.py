@@ -124,9 +124,9 @@ def fast_forward(model: nn.Module) -> Callable | None:
                 resid: Float[torch.Tensor, "batch pos d_model"] | None = None) -> Float[torch.Tensor, "batch pos vocab"]:
         # 1. The residual stream: embeddings (+ learned positions), or the given stream before block start_at_layer.
         if start_at_layer is None:
-            x = model.W_E[tokens]
+            x = _view(model.embed, "W_E")[tokens]
             if cfg.positional_embedding_type == "standard":
-                x = x + model.W_pos[: tokens.shape[-1]]
+                x = x + _view(model.pos_embed, "W_pos")[: tokens.shape[-1]]
         else:
             x = resid
         cos_sin = rotary(x) if rotary is not None else None
@@ -142,7 +142,9 @@ def fast_forward(model: nn.Module) -> Callable | None:
                 x = x + a
                 x = x + mlp(block, norm(block.ln2, x))
         # 3. Final norm and unembedding; logits in float32 whatever the autocast.
-        return (norm(model.ln_final, x) @ model.W_U + model.b_U).float()
+        b_U = _view(model.unembed, "b_U")
+        logits = norm(model.ln_final, x) @ _view(model.unembed, "W_U")
+        return (logits if b_U is None else logits + b_U).float()
 
     return forward
 
