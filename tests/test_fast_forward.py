@@ -123,6 +123,15 @@ def test_vmap_over_stacked_chains_gives_each_chains_gradient(model, tokens):
             torch.testing.assert_close(batched[n][c], g, rtol=1e-4, atol=1e-6 * max(1.0, g.abs().max().item()), msg=n)
 
 
+@pytest.mark.parametrize("norm, act", [("LNPre", "relu"), ("RMS", "silu"), (None, "gelu_new")])
+def test_other_norms_and_activations(norm, act, tokens):
+    """Catches a weightless LNPre given weights, RMSNorm's eps or mean misplaced, a wrong activation map."""
+    model = build_model(ModelConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=16, d_vocab=64, attn_only=False,
+                                    normalization_type=norm, act_fn=act))
+    forward, reason = verified_fast_forward(model, tokens)
+    assert forward is not None and reason == ""
+
+
 def test_unsupported_architectures_fall_back_with_the_reason(tokens, monkeypatch):
     model = build_model(ModelConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=32, d_vocab=64, attn_only=False))
     assert verified_fast_forward(model, tokens)[1] == ""
