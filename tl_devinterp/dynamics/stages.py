@@ -2,38 +2,39 @@
 the checkpoints' standard errors.
 
 1. Fit. λ̂ is fitted by a continuous piecewise-linear function of x = log(step + offset), by weighted least
-   squares (weights 1/se²). Knots may sit anywhere between checkpoints (an even grid of candidates in x),
-   at most one per gap between neighbouring checkpoints (two would bend the line where no checkpoint
-   constrains it). They are added greedily, each where it lowers χ² most, while it lowers χ² by more than
-   4 (Akaike's price of its two parameters, position and bend), moved to their best places, and dropped
-   again while one costs less than 4. The fit describes the curve; whether a bend is a boundary is step 2.
-2. Boundaries. Each segment between knots starts as a stage; the change of λ̂ over a stage and its slope
-   (change / width in x) are linear in the data, so their SEs follow from the fit. A boundary between
-   stages L and R holds when, by more than `z` standard errors, either
+   squares (weights 1/se²). Knots may sit anywhere (an even grid of candidates in x), at least `min_width`
+   apart and from the ends, and at most one per gap between neighbouring checkpoints (two would bend the
+   line where no checkpoint constrains it; a merged log + linear grid's close pairs cannot make a zigzag).
+   They are added greedily where they lower χ² most, while they lower it by more than KNOT_COST = 4
+   (Akaike's price of a knot's two parameters), moved in turn to their best places, and dropped while one
+   costs less. The fit only describes the curve; whether a bend is a boundary is step 2.
+2. Boundaries. Each piece between knots starts as a stage; a stage's change of λ̂ and its chord slope are
+   linear in the data, so their SEs follow from the fit. A boundary between stages L and R holds when, by
+   more than `z` standard errors, either
      - λ̂ turns (a critical point): L and R change in opposite directions, each significantly, or
      - the speed changes (a burst's onset or end, a rise's pause): the faster side's |slope| exceeds
        `ratio` × the slower side's.
-   The weakest boundary is removed (its stages merged, the merged stage's slope is its chord) and the
-   others re-tested until all hold; stages narrower than `min_width` in x are merged first, into the
-   neighbour across their weaker boundary. A monotone curve whose slope varies by less than `ratio` has
-   no boundary.
-3. Plateaus. A stage whose change is within `z` SEs of 0, or that is `ratio` times slower than two
-   neighbours changing in its direction (a pause), is not a stage of its own: inside the run its
-   boundary with the previous stage moves to its middle (in steps) and the next boundary goes, so a pause
-   becomes one boundary (Hoogland et al. 2024 put boundaries at plateaus); at either end of the run it
-   joins its neighbour. So every stage's change is significant, except when the whole run is one stage.
-4. Types. A stage whose fitted λ̂ rises over it is type A (new structure), one where it falls type B
-   (compression). Boundaries come out at the checkpoint nearest in x.
+   The weakest boundary is removed (its stages merged) and the others re-tested until all hold. A
+   monotone curve whose slope varies by less than `ratio` has no boundary.
+3. Plateaus. A stage whose change is within `z` SEs of 0 or below `min_change` × the fitted curve's range,
+   or that changes in the direction of both neighbours `ratio` times slower than each (a pause), is not a
+   stage of its own (no third type): inside the run it becomes one boundary, at the middle (in steps) of
+   its flattest pieces (Hoogland et al. 2024 put boundaries at plateaus); at an end of the run it joins
+   its neighbour. So each stage's change is significant, unless the whole run is one stage.
+4. Types and places. A stage over which the fitted λ̂ rises is type A (new structure), one where it falls
+   type B (compression). A boundary between two checkpoints goes to the one whose fitted λ̂ is closer to
+   λ̂ at the boundary (a burst's last checkpoint stays in the burst).
 
-`se` (one standard error per checkpoint, e.g. the std across chains / √chains) defaults to the scatter of
-each checkpoint about the line through its two neighbours (a robust, median-based estimate). With the
-defaults (z = 4, ratio = 3, min_width = 0.1) the demo run (`tests/data/demo_llc.csv`, its 3 chains' SEs)
-gives A 0–8, B 8–122 (the fall of λ̂ 3.22 → 2.36), A 122–1286, A 1286–1714 (the burst 7.7 → 18.9, where the
-previous-token and induction heads form), A 1714–3000; the paper's two-layer language model
-(`tests/data/paper_l2_llc.csv`, SE from the scatter) gives boundaries at 800, 6.5k, 8.8k and 15.9k, types
-A, A, B, A, A; the published ones are 900, 6.5k, 8.5k and 17.5k. Its published std across chains (≈ 20) is far
-above the checkpoint-to-checkpoint scatter (the chains' errors are shared between checkpoints), and with
-it as SE no boundary is significant: pass the SE that describes differences along the curve.
+`se` (one standard error per checkpoint, e.g. the std across chains / √chains) defaults to each
+checkpoint's scatter about the line through its neighbours (median over the 21 nearest, / 0.6745). With the
+defaults (z = 4, ratio = 3, min_width = 0.1, min_change = 0.02) the demo run (`tests/data/demo_llc.csv`,
+its SEs) gives A 0–8, B 8–122 (λ̂ 3.22 → 2.36), A 122–1286, A 1286–1714 (the burst 7.7 → 18.9 where the
+previous-token and induction heads form), A 1714–3000. The paper's two-layer language model
+(`tests/data/paper_l2_llc.csv`, SE from the scatter) gives boundaries at 800, 6.1k, 8.6k and 15.9k, types
+A, A, B, A, A; the published ones are 900, 6.5k, 8.5k and 17.5k. Without `min_change` its small wiggles
+after 15.9k (significant against the scatter, whose errors are correlated along the curve) become stages.
+Its published std across chains (≈ 20) is far above the checkpoint-to-checkpoint scatter, and with it as
+SE no boundary is significant: pass the SE that describes differences along the curve.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-KNOT_COST = None
+KNOT_COST = 4.0  # χ² a knot must save to enter the fit (Akaike: 2 per parameter, its place and its bend)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def fit_piecewise_linear(
     knots: list[float] = []
     while len(knots) < len(x) - 3:  # add the best knot while it pays for itself
         at, gain = best(knots)
-        if gain <= 4.0:
+        if gain <= KNOT_COST:
             break
         knots = sorted([*knots, at])
     for _ in range(3):  # move each knot in turn to its best place given the others (χ² can only fall)
@@ -124,7 +125,7 @@ def fit_piecewise_linear(
     while knots:  # drop knots that no longer pay for themselves
         cost = [chi2(knots[:k] + knots[k + 1:]) for k in range(len(knots))]
         k = int(np.argmin(cost))
-        if cost[k] - chi2(knots) > 4.0:
+        if cost[k] - chi2(knots) > KNOT_COST:
             break
         knots.pop(k)
     X = _hinges(x, knots)
@@ -148,9 +149,10 @@ def find_stages(
 
     `se`: each checkpoint's standard error (default: the curve's scatter); `z`: standard errors by which a
     boundary's turn or change of speed must exceed the noise; `ratio`: how many times faster one side must
-    change than the other for a change of speed; `min_width`: the narrowest stage in log-step (0.1 ≈ a 10%
-    change of step); `offset`: x = log(step + offset), default the first positive step when the run starts
-    at 0, else 0. Stages cover steps[0]..steps[-1], boundaries at checkpoints.
+    change than the other for a change of speed; `min_width`: the closest two bends of the fit in log-step
+    (0.1 ≈ a 10% change of step); `min_change`: the smallest change of a stage, as a fraction of the fitted
+    λ̂'s range; `offset`: x = log(step + offset), default the first positive step when the run starts at 0,
+    else 0. Stages cover steps[0]..steps[-1], boundaries at checkpoints.
     """
     steps, llc = np.asarray(steps, dtype=float), np.asarray(llc, dtype=float)
     if steps.ndim != 1 or steps.shape != llc.shape or len(steps) < 4:
@@ -243,14 +245,14 @@ def find_stages(
 
 
 def _flattest_middle(fit: PiecewiseFit, a: float, b: float) -> float:
-    """The middle, in steps, of the run of the fit's pieces in [a, b] whose |slope| is within one SE of the
-    flattest piece's: where a plateau is flattest, its whole length when it is flat throughout."""
+    """The middle, in steps, of the run of the fit's pieces in [a, b] whose |slope| is within 2 SEs (a knot's
+    price, √KNOT_COST) of the flattest piece's: where a plateau is flattest, its whole length when it is flat throughout."""
     ends = np.array([a, *fit.knots[(fit.knots > a) & (fit.knots < b)], b])
     rows = np.diff(fit.rows(ends), axis=0) / np.diff(ends)[:, None]  # β -> each piece's slope
     slope = rows @ fit.beta
     k = int(np.argmin(np.abs(slope)))
     diff = np.sign(slope)[:, None] * rows - np.sign(slope[k]) * rows[k]  # β -> |slope_j| - |slope_k|
-    close = diff @ fit.beta <= np.sqrt(np.einsum("jp,pq,jq->j", diff, fit.cov, diff))
+    close = diff @ fit.beta <= np.sqrt(KNOT_COST * np.einsum("jp,pq,jq->j", diff, fit.cov, diff))
     lo, hi = k, k
     while lo > 0 and close[lo - 1]:
         lo -= 1
