@@ -92,9 +92,12 @@ class AnalysisConfig:
     # dynamics
     n_components: int = _opt(3, "essential dynamics: principal components")
     ed_sigma: float | None = _opt(None, "essential dynamics: smoothing width in checkpoints (default: its own)")
-    stage_sigma: float = _opt(0.1, "find_stages: smoothing width in log-step units")
-    stage_min_prominence: float = _opt(0.05, "find_stages: depth of a boundary, fraction of max |dLLC/dlog t|")
-    stage_z: float = _opt(4.0, "find_stages: standard errors by which the slope must move into a boundary")
+    stage_z: float = _opt(4.0, "find_stages: standard errors by which a boundary's turn or change of speed must "
+                          "exceed the noise")
+    stage_ratio: float = _opt(3.0, "find_stages: speed-up or slow-down of the LLC (|dLLC/dlog t|) that makes a "
+                              "boundary")
+    stage_min_width: float = _opt(0.1, "find_stages: closest two bends of the LLC fit, in log-step units")
+    stage_min_change: float = _opt(0.02, "find_stages: smallest change of a stage, fraction of the LLC's range")
     attention_heads: list[str] | None = _opt(None, "heads for the attention pictures, e.g. l0h1 l1h3 (default: "
                                              "the top previous-token and induction heads)")
 
@@ -109,12 +112,16 @@ class AnalysisConfig:
         for name, low in (("n_sequences", 1), ("n_seqs", 1), ("n_components", 2), ("seed", 0), ("sample_index", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}.")
-        for name in ("ed_sigma", "stage_sigma"):
+        for name in ("ed_sigma",):
             if getattr(self, name) is not None and not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
-        for name in ("stage_min_prominence",):
+        for name in ("stage_min_width", "stage_z"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
+        if not 1 < self.stage_ratio < float("inf"):
+            raise ValueError(f"stage_ratio must be a finite number > 1, got {self.stage_ratio}.")
+        if not 0 <= self.stage_min_change < 1:
+            raise ValueError(f"stage_min_change must be in [0, 1), got {self.stage_min_change}.")
         if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
         if self.n_clusters < 0:
@@ -277,7 +284,8 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
 
     model_llc = llc[llc["scope"] == "model"]
     stages = find_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), model_llc["llc_se"].to_numpy(),
-                         sigma=config.stage_sigma, z=config.stage_z, min_prominence=config.stage_min_prominence)
+                         z=config.stage_z, ratio=config.stage_ratio, min_width=config.stage_min_width,
+                         min_change=config.stage_min_change)
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
     ed = essential_dynamics(series, test_tokens, n_components=config.n_components, sigma=config.ed_sigma,
                             seed=config.seed, device=config.device, store_dir=store, executor=executor,

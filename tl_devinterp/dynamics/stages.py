@@ -1,33 +1,40 @@
-"""Developmental stages from the LLC curve, defined on the curve (not on the checkpoint grid) and its noise.
+"""Developmental stages from the LLC curve: a piecewise-linear fit in log-step, then boundaries tested against
+the checkpoints' standard errors.
 
-1. Smooth in log-step with one fixed width. At each point g of an even grid in x = log(step + offset), a
-   line is fitted to the checkpoints by weighted least squares, weights exp(−(x_i − g)²/2σ²) / se_i²
-   (a local-linear kernel smoother). Its value is the smoothed λ̂(g) and its slope dλ̂/dx(g); both are
-   linear in the data, so their standard errors follow from the checkpoints' SEs. Where checkpoints are
-   sparser than σ the fit is the straight line through the nearest ones; where they crowd (the close pairs
-   a merged log + linear schedule makes, 208/214) their noisy slope carries its large SE: neither the
-   width nor the rule depends on the spacing.
-2. Boundaries. Candidates are the local minima of |dλ̂/dx| on the grid: critical points (λ̂ peaks or
-   troughs) and plateaus (a rise or fall pauses), at least 2σ from either end. A candidate stays only
-   when, on each side (up to the neighbouring candidate), some point's slope differs from the candidate's
-   by more than `z` standard errors and by `min_prominence` × max|slope|: where the slope's sign flips,
-   its distance from 0; else the fall of |slope| down to the candidate. The weakest candidate is dropped
-   and its neighbours re-tested until every boundary passes; a boundary sits at the middle of the run of
-   points whose |slope| is within one SE of its minimum (a plateau's middle). On a monotone curve the
-   slope never dips significantly: one stage. z = 4 because the slope is tested at many correlated grid
-   points: at z = 3 about 1 in 9 noisy monotone curves on the demo's 30-checkpoint grid got a boundary.
-3. Types. A stage where the smoothed λ̂ rises from its start to its end is type A (new structure), where
-   it falls type B (compression). With the rule above each stage's change exceeds the noise in the
-   direction of its type.
+1. Fit. λ̂ is fitted by a continuous piecewise-linear function of x = log(step + offset), by weighted least
+   squares (weights 1/se²). Knots may sit anywhere (an even grid of candidates in x), at least `min_width`
+   apart and from the ends, and at most one per gap between neighbouring checkpoints (two would bend the
+   line where no checkpoint constrains it; a merged log + linear grid's close pairs cannot make a zigzag).
+   They are added greedily where they lower χ² most, while they lower it by more than KNOT_COST = 4
+   (Akaike's price of a knot's two parameters), moved in turn to their best places, and dropped while one
+   costs less. The fit only describes the curve; whether a bend is a boundary is step 2.
+2. Boundaries. Each piece between knots starts as a stage; a stage's change of λ̂ and its chord slope are
+   linear in the data, so their SEs follow from the fit. A boundary between stages L and R holds when, by
+   more than `z` standard errors, either
+     - λ̂ turns (a critical point): L and R change in opposite directions, each significantly, or
+     - the speed changes (a burst's onset or end, a rise's pause): the faster side's |slope| exceeds
+       `ratio` × the slower side's.
+   The weakest boundary is removed (its stages merged) and the others re-tested until all hold. A
+   monotone curve whose slope varies by less than `ratio` has no boundary.
+3. Plateaus. A stage whose change is within `z` SEs of 0 or below `min_change` × the fitted curve's range,
+   or that changes in the direction of both neighbours `ratio` times slower than each (a pause), is not a
+   stage of its own (no third type): inside the run it becomes one boundary, at the middle (in steps) of
+   its flattest pieces (Hoogland et al. 2024 put boundaries at plateaus); at an end of the run it joins
+   its neighbour. So each stage's change is significant, unless the whole run is one stage.
+4. Types and places. A stage over which the fitted λ̂ rises is type A (new structure), one where it falls
+   type B (compression). A boundary between two checkpoints goes to the one whose fitted λ̂ is closer to
+   λ̂ at the boundary (a burst's last checkpoint stays in the burst).
 
-`se` (one standard error per checkpoint, e.g. the std across chains / √chains) defaults to the scatter of
-the checkpoints about the smoothed curve. Boundaries come out at the nearest checkpoint.
-
-On the paper's two-layer language model (`tests/data/paper_l2_llc.csv`, 500 checkpoints 0..49.9k, SE from
-the scatter) the defaults give boundaries at 800, 6.3k, 8.5k and 18.3k steps, types A, A, B, A, A; the
-published ones are 900, 6.5k, 8.5k and 17.5k. Its published std across chains (≈ 20) is far above the
-checkpoint-to-checkpoint scatter (the chains' errors are shared between checkpoints), and with it as SE no
-boundary is significant: pass the SE that describes differences along the curve.
+`se` (one standard error per checkpoint, e.g. the std across chains / √chains) defaults to each
+checkpoint's scatter about the line through its neighbours (median over the 21 nearest, / 0.6745). With the
+defaults (z = 4, ratio = 3, min_width = 0.1, min_change = 0.02) the demo run (`tests/data/demo_llc.csv`,
+its SEs) gives A 0–8, B 8–122 (λ̂ 3.22 → 2.36), A 122–1286, A 1286–1714 (the burst 7.7 → 18.9 where the
+previous-token and induction heads form), A 1714–3000. The paper's two-layer language model
+(`tests/data/paper_l2_llc.csv`, SE from the scatter) gives boundaries at 800, 6.1k, 8.6k and 15.9k, types
+A, A, B, A, A; the published ones are 900, 6.5k, 8.5k and 17.5k. Without `min_change` its small wiggles
+after 15.9k (significant against the scatter, whose errors are correlated along the curve) become stages.
+Its published std across chains (≈ 20) is far above the checkpoint-to-checkpoint scatter, and with it as
+SE no boundary is significant: pass the SE that describes differences along the curve.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 from jaxtyping import Float
-from scipy.signal import find_peaks
+
+KNOT_COST = 4.0  # χ² a knot must save to enter the fit (Akaike: 2 per parameter, its place and its bend)
 
 
 @dataclass(frozen=True)
@@ -58,73 +66,72 @@ def stages_frame(stages: Sequence[Stage]) -> pd.DataFrame:
 
 
 @dataclass
-class LogCurve:
-    """A curve smoothed on an even grid in x = log(step + offset), with standard errors."""
+class PiecewiseFit:
+    """λ̂ ≈ β₀ + β₁x + Σₖ βₖ₊₂ max(0, x − knotₖ), fitted by weighted least squares; `cov` is β's covariance."""
 
-    steps: Float[np.ndarray, "G"]
-    logt: Float[np.ndarray, "G"]
-    smooth: Float[np.ndarray, "G"]
-    smooth_se: Float[np.ndarray, "G"]
-    slope: Float[np.ndarray, "G"]  # d smooth / d logt
-    slope_se: Float[np.ndarray, "G"]
-    noise: Float[np.ndarray, "N"]  # the SE used for each checkpoint
+    knots: Float[np.ndarray, "K"]
+    beta: Float[np.ndarray, "K+2"]
+    cov: Float[np.ndarray, "K+2 K+2"]
+
+    def rows(self, at: np.ndarray) -> np.ndarray:
+        """The linear maps β -> fitted λ̂ at the points `at` (so value = rows @ beta, its SE from cov)."""
+        return _hinges(np.asarray(at, dtype=float), self.knots)
 
 
-def smooth_log_curve(
-    steps: Sequence[int], values: Sequence[float], se: Sequence[float] | None = None, *, sigma: float = 0.1,
-    offset: float | None = None, n_grid: int = 512,
-) -> LogCurve:
-    """`values` smoothed by a local-linear Gaussian kernel of fixed width `sigma` in log-step (step 1 of the
-    module docstring). `offset` defaults to the first positive step when the series starts at step 0 (so
-    step 0 sits one checkpoint spacing before it in log space), else 0."""
-    steps, values = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
-    if steps.ndim != 1 or steps.shape != values.shape or len(steps) < 4:
-        raise ValueError(f"steps and values must be 1-D of equal length >= 4; got {steps.shape} and {values.shape}.")
-    if not np.isfinite(values).all():
-        raise ValueError("values contain NaN or inf; drop those checkpoints first.")
-    if (np.diff(steps) <= 0).any():
-        raise ValueError("steps must be strictly increasing.")
-    if sigma <= 0:
-        raise ValueError(f"sigma (smoothing width in log-step units) must be > 0, got {sigma}.")
-    if se is not None:
-        se = np.asarray(se, dtype=float)
-        if se.shape != values.shape or not (np.isfinite(se) & (se > 0)).all():
-            raise ValueError(f"se must hold one finite, positive standard error per checkpoint ({len(values)}).")
-    if offset is None:
-        offset = steps[1] if steps[0] == 0 else 0.0
-    if steps[0] + offset <= 0:
-        raise ValueError(f"log(step + offset) needs step + offset > 0; got first step {steps[0]}, offset {offset}.")
-    x = np.log(steps + offset)
-    grid = np.linspace(x[0], x[-1], n_grid)
+def _hinges(x: np.ndarray, knots: Sequence[float]) -> np.ndarray:
+    return np.column_stack([np.ones_like(x), x, *(np.maximum(0.0, x - k) for k in knots)])
 
-    def fit(at: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of the linear maps data -> value and data -> slope of the local line at each point `at`.
-        Coordinates are taken from the nearest checkpoint, so far ones keep their (tiny) weight exactly."""
-        logw = -0.5 * ((x[None, :] - at[:, None]) / sigma) ** 2
-        near = logw.argmax(1)
-        w = np.exp(logw - logw[np.arange(len(at)), near][:, None]) / noise**2  # scaled per row: same fit
-        v = x[None, :] - x[near][:, None]
-        s0 = w.sum(1, keepdims=True)
-        u = v - (w * v).sum(1, keepdims=True) / s0  # centred on the weighted mean
-        suu = (w * u**2).sum(1, keepdims=True)
-        if not (suu > 0).all():
-            raise ValueError(f"sigma={sigma} is too narrow for the gaps between checkpoints (the local line "
-                             f"rests on one of them); raise sigma.")
-        slope = w * u / suu
-        at_v = (at - x[near])[:, None] - (w * v).sum(1, keepdims=True) / s0  # the point, in centred coordinates
-        return w / s0 + at_v * slope, slope
 
-    noise = se
-    if noise is None:  # the scatter of the checkpoints about a unit-weight fit, one SE for all
-        value_rows, _ = fit(x, np.ones_like(x))
-        resid = values - value_rows @ values
-        dof = max(1.0, len(x) - np.trace(value_rows))
-        noise = np.full_like(x, max(np.sqrt(resid @ resid / dof), 1e-12 * np.abs(values).max()))
-    value_rows, slope_rows = fit(grid, noise)
-    return LogCurve(
-        steps=np.exp(grid) - offset, logt=grid, smooth=value_rows @ values, smooth_se=np.sqrt(value_rows**2 @ noise**2),
-        slope=slope_rows @ values, slope_se=np.sqrt(slope_rows**2 @ noise**2), noise=noise,
-    )
+def fit_piecewise_linear(
+    x: Float[np.ndarray, "N"], y: Float[np.ndarray, "N"], se: Float[np.ndarray, "N"], *, min_width: float = 0.1,
+    n_grid: int = 512,
+) -> PiecewiseFit:
+    """Continuous piecewise-linear weighted least-squares fit of y(x) with knots chosen by χ² (step 1 of the
+    module docstring); `x` increasing."""
+    grid = np.linspace(x[0], x[-1], n_grid)[1:-1]
+    gap = np.searchsorted(x, grid)  # the gap between checkpoints each candidate knot lies in
+    cand = np.maximum(0.0, x[:, None] - grid[None, :]) / se[:, None]  # candidates' hinge columns, weighted
+    cand_norm = (cand**2).sum(0)
+
+    def chi2(knots: list[float]) -> float:
+        X = _hinges(x, knots) / se[:, None]
+        return float(np.sum((y / se - X @ np.linalg.lstsq(X, y / se, rcond=None)[0]) ** 2))
+
+    def best(knots: list[float]) -> tuple[float, float]:
+        """The candidate knot that lowers χ² most given `knots`, and by how much: the squared projection of
+        the (weighted) residual on its hinge column, made orthogonal to the current fit's columns."""
+        q = np.linalg.qr(_hinges(x, knots) / se[:, None])[0]
+        resid = y / se - q @ (q.T @ (y / se))
+        norm = cand_norm - ((q.T @ cand) ** 2).sum(0)
+        apart = np.abs(grid[:, None] - np.r_[x[0], knots, x[-1]][None, :]).min(1) >= min_width
+        free = apart & ~np.isin(gap, np.searchsorted(x, knots)) & (norm > 1e-9 * cand_norm)
+        gain = np.where(free, resid @ cand, 0.0) ** 2 / np.where(free, norm, 1.0)
+        i = int(np.argmax(gain))
+        return float(grid[i]), float(gain[i])
+
+    knots: list[float] = []
+    while len(knots) < len(x) - 3:  # add the best knot while it pays for itself
+        at, gain = best(knots)
+        if gain <= KNOT_COST:
+            break
+        knots = sorted([*knots, at])
+    for _ in range(3):  # move each knot in turn to its best place given the others (χ² can only fall)
+        before = list(knots)
+        for k in range(len(knots)):
+            knots[k] = best(knots[:k] + knots[k + 1:])[0]
+        knots.sort()
+        if knots == before:
+            break
+    while knots:  # drop knots that no longer pay for themselves
+        cost = [chi2(knots[:k] + knots[k + 1:]) for k in range(len(knots))]
+        k = int(np.argmin(cost))
+        if cost[k] - chi2(knots) > KNOT_COST:
+            break
+        knots.pop(k)
+    X = _hinges(x, knots)
+    w = 1 / se**2
+    cov = np.linalg.inv(X.T @ (w[:, None] * X))
+    return PiecewiseFit(np.array(knots), cov @ X.T @ (w * y), cov)
 
 
 def find_stages(
@@ -132,58 +139,123 @@ def find_stages(
     llc: Sequence[float],
     se: Sequence[float] | None = None,
     *,
-    sigma: float = 0.1,
     z: float = 4.0,
-    min_prominence: float = 0.05,
+    ratio: float = 3.0,
+    min_width: float = 0.1,
+    min_change: float = 0.02,
     offset: float | None = None,
 ) -> list[Stage]:
     """Stages of a training run from its LLC curve (see the module docstring for the rule).
 
-    `se`: each checkpoint's standard error (default: the curve's scatter); `sigma`: the smoothing width in
-    log-step units (0.1 ≈ a 10% change of step); `z`: how many standard errors |dλ̂/dlog t| must fall to
-    a boundary from each side. Stages cover steps[0]..steps[-1], boundaries at the nearest checkpoint.
+    `se`: each checkpoint's standard error (default: the curve's scatter); `z`: standard errors by which a
+    boundary's turn or change of speed must exceed the noise; `ratio`: how many times faster one side must
+    change than the other for a change of speed; `min_width`: the closest two bends of the fit in log-step
+    (0.1 ≈ a 10% change of step); `min_change`: the smallest change of a stage, as a fraction of the fitted
+    λ̂'s range; `offset`: x = log(step + offset), default the first positive step when the run starts at 0,
+    else 0. Stages cover steps[0]..steps[-1], boundaries at checkpoints.
     """
+    steps, llc = np.asarray(steps, dtype=float), np.asarray(llc, dtype=float)
+    if steps.ndim != 1 or steps.shape != llc.shape or len(steps) < 4:
+        raise ValueError(f"steps and llc must be 1-D of equal length >= 4; got {steps.shape} and {llc.shape}.")
+    if not np.isfinite(llc).all():
+        raise ValueError("llc contains NaN or inf; drop those checkpoints first.")
+    if (np.diff(steps) <= 0).any():
+        raise ValueError("steps must be strictly increasing.")
     if z < 0:
-        raise ValueError(f"z (standard errors a boundary's dip must exceed) must be >= 0, got {z}.")
-    steps = np.asarray(steps)
-    c = smooth_log_curve(steps, llc, se, sigma=sigma, offset=offset)
-    speed = np.abs(c.slope)
-    inside = (c.logt - c.logt[0] >= 2 * sigma) & (c.logt[-1] - c.logt >= 2 * sigma)  # a stage spans 2 widths
-    cuts = [b for b in find_peaks(-speed)[0] if inside[b]]
-    floor = min_prominence * speed.max()
+        raise ValueError(f"z (standard errors a boundary must exceed the noise by) must be >= 0, got {z}.")
+    if not ratio > 1:
+        raise ValueError(f"ratio (speed-up or slow-down that makes a boundary) must be > 1, got {ratio}.")
+    if not min_width >= 0:
+        raise ValueError(f"min_width (narrowest stage in log-step) must be >= 0, got {min_width}.")
+    if not 0 <= min_change < 1:
+        raise ValueError(f"min_change (smallest change of a stage, fraction of λ̂'s range) must be in [0, 1), got "
+                         f"{min_change}.")
+    if offset is None:
+        offset = steps[1] if steps[0] == 0 else 0.0
+    if steps[0] + offset <= 0:
+        raise ValueError(f"log(step + offset) needs step + offset > 0; got first step {steps[0]}, offset {offset}.")
+    x = np.log(steps + offset)
+    if se is None:  # each checkpoint's scatter about the line through its neighbours, robustly pooled
+        a = (x[2:] - x[1:-1]) / (x[2:] - x[:-2])
+        resid = np.abs(llc[1:-1] - a * llc[:-2] - (1 - a) * llc[2:]) / np.sqrt(1 + a**2 + (1 - a) ** 2)
+        resid = np.r_[resid[0], resid, resid[-1]]
+        se = np.array([np.median(resid[max(0, i - 10): i + 11]) / 0.6745 for i in range(len(x))])
+        se = np.maximum(se, max(1e-9 * np.abs(llc).max(), 1e-300))
+    se = np.asarray(se, dtype=float)
+    if se.shape != llc.shape or not (np.isfinite(se) & (se > 0)).all():
+        raise ValueError(f"se must hold one finite, positive standard error per checkpoint ({len(llc)}).")
 
-    def evidence(i: int) -> float:
-        """How many SEs the slope moves between boundary i and the most significant point on each side
-        (up to the neighbouring boundaries), the smaller of the two. Where the slope's sign flips across
-        i, the move is the slope's distance from 0; else the fall of |slope| down to i."""
-        b, edges = cuts[i], [0, *cuts, len(speed) - 1]
-        sides = [np.arange(edges[i], b), np.arange(b + 1, edges[i + 2] + 1)]
-        score = np.inf
-        for side, other in (sides, sides[::-1]):
-            flips = np.sign(c.slope[side]) != np.sign(c.slope[other][np.argmax(speed[other] / c.slope_se[other])])
-            dip = speed[side] - np.where(flips, 0.0, speed[b])
-            z_side = dip / np.where(flips, c.slope_se[side], np.hypot(c.slope_se[side], c.slope_se[b]))
-            score = min(score, float(np.max(np.where(dip >= floor, z_side, 0.0))))
-        return score
+    fit = fit_piecewise_linear(x, llc, se, min_width=min_width)
+    edges = [x[0], *fit.knots, x[-1]]  # stage boundaries in x; stage i is edges[i]..edges[i + 1]
 
-    while cuts:  # drop the weakest boundary until every one rests on a dip larger than the noise
-        scores = [evidence(i) for i in range(len(cuts))]
+    def change(i: int) -> tuple[np.ndarray, float, float]:
+        """Stage i's change of λ̂: the map β -> change, the change and its SE."""
+        row = fit.rows(edges[i + 1:i + 2])[0] - fit.rows(edges[i:i + 1])[0]
+        return row, float(row @ fit.beta), float(np.sqrt(row @ fit.cov @ row))
+
+    def speed(i: int) -> tuple[np.ndarray, float]:
+        """Stage i's |slope| (its chord's): the map β -> |slope| (signed by the change) and its value."""
+        row, d, _ = change(i)
+        width = edges[i + 1] - edges[i]
+        return np.sign(d) * row / width, abs(d) / width
+
+    def strength(i: int) -> float:
+        """How many SEs the boundary between stages i - 1 and i clears the noise by: the larger of its turn
+        (each side's change, when they have opposite signs) and its change of speed (fast − ratio × slow)."""
+        (_, dl, sl), (_, dr, sr) = change(i - 1), change(i)
+        turn = min(abs(dl) / sl, abs(dr) / sr) if dl * dr < 0 else 0.0
+        (rl, vl), (rr, vr) = speed(i - 1), speed(i)
+        contrast = rl - ratio * rr if vl >= vr else rr - ratio * rl
+        return max(turn, float(contrast @ fit.beta / np.sqrt(contrast @ fit.cov @ contrast)))
+
+    while len(edges) > 2:  # merge across the weakest boundary until all hold
+        scores = [strength(i) for i in range(1, len(edges) - 1)]
         if min(scores) >= z:
             break
-        cuts.pop(int(np.argmin(scores)))
-    cuts = [_valley_middle(speed, c.slope_se, b) for b in cuts]
-    idx = np.unique([0, *(int(np.abs(steps - c.steps[b]).argmin()) for b in cuts), len(steps) - 1])
-    level = np.interp(steps, c.steps, c.smooth)
+        edges.pop(int(np.argmin(scores)) + 1)
+
+    floor = min_change * np.ptp(fit.rows(x) @ fit.beta)
+
+    def flat(i: int) -> bool:
+        """Stage i changes λ̂ by less than z SEs or `min_change` of its range, or is a pause: it changes in
+        the direction of both neighbours, `ratio` times slower than each."""
+        _, d, s = change(i)
+        if abs(d) < max(z * s, floor):
+            return True
+        if i == 0 or i == len(edges) - 2:
+            return False
+        signs = {np.sign(change(k)[1]) for k in (i - 1, i, i + 1)}
+        return len(signs) == 1 and min(speed(i - 1)[1], speed(i + 1)[1]) > ratio * speed(i)[1]
+
+    i = 0
+    while i < len(edges) - 1 and len(edges) > 2:  # a plateau or pause: one boundary at its middle, or none
+        if not flat(i):
+            i += 1
+        elif 0 < i < len(edges) - 2:
+            edges[i:i + 2] = [_flattest_middle(fit, edges[i], edges[i + 1])]
+        else:
+            edges.pop(max(i, 1))  # at an end of the run: joins its neighbour
+
+    # a boundary between two checkpoints goes to the one whose fitted λ̂ is closer to λ̂ at the boundary
+    level, at = fit.rows(x) @ fit.beta, fit.rows(edges[1:-1]) @ fit.beta
+    right = np.searchsorted(x, edges[1:-1]).clip(1, len(x) - 1)
+    idx = np.unique([0, *np.where(np.abs(level[right] - at) < np.abs(level[right - 1] - at), right, right - 1),
+                     len(x) - 1])
     return [Stage(int(steps[a]), int(steps[b]), "A" if level[b] > level[a] else "B") for a, b in zip(idx[:-1], idx[1:])]
 
 
-def _valley_middle(speed: np.ndarray, se: np.ndarray, b: int) -> int:
-    """The middle of the run of grid points around minimum `b` whose |slope| is within one SE of it: a
-    plateau's boundary sits at the plateau's middle, a sharp peak's at the peak."""
-    close = speed - speed[b] <= np.hypot(se, se[b])
-    lo = hi = b
+def _flattest_middle(fit: PiecewiseFit, a: float, b: float) -> float:
+    """The middle, in steps, of the run of the fit's pieces in [a, b] whose |slope| is within 2 SEs (a knot's
+    price, √KNOT_COST) of the flattest piece's: where a plateau is flattest, its whole length when it is flat throughout."""
+    ends = np.array([a, *fit.knots[(fit.knots > a) & (fit.knots < b)], b])
+    rows = np.diff(fit.rows(ends), axis=0) / np.diff(ends)[:, None]  # β -> each piece's slope
+    slope = rows @ fit.beta
+    k = int(np.argmin(np.abs(slope)))
+    diff = np.sign(slope)[:, None] * rows - np.sign(slope[k]) * rows[k]  # β -> |slope_j| - |slope_k|
+    close = diff @ fit.beta <= np.sqrt(KNOT_COST * np.einsum("jp,pq,jq->j", diff, fit.cov, diff))
+    lo, hi = k, k
     while lo > 0 and close[lo - 1]:
         lo -= 1
-    while hi < len(speed) - 1 and close[hi + 1]:
+    while hi < len(close) - 1 and close[hi + 1]:
         hi += 1
-    return (lo + hi) // 2
+    return float(np.log(np.exp(ends[[lo, hi + 1]]).mean()))
