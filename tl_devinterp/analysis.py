@@ -101,6 +101,11 @@ class AnalysisConfig:
     attention_heads: list[str] | None = _opt(None, "heads for the attention pictures, e.g. l0h1 l1h3 (default: "
                                              "the top previous-token and induction heads)")
 
+    def stage_options(self) -> dict[str, float]:
+        """The `stage_*` fields as `find_stages` keywords: `find_stages(steps, llc, se, **config.stage_options())`."""
+        return dict(z=self.stage_z, ratio=self.stage_ratio, min_width=self.stage_min_width,
+                    min_change=self.stage_min_change)
+
     def __post_init__(self):
         """The one validator of analyze's options: each field's type, then its range."""
         hints = typing.get_type_hints(type(self))
@@ -284,8 +289,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
 
     model_llc = llc[llc["scope"] == "model"]
     stages = find_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), model_llc["llc_se"].to_numpy(),
-                         z=config.stage_z, ratio=config.stage_ratio, min_width=config.stage_min_width,
-                         min_change=config.stage_min_change)
+                         **config.stage_options())
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
     ed = essential_dynamics(series, test_tokens, n_components=config.n_components, sigma=config.ed_sigma,
                             seed=config.seed, device=config.device, store_dir=store, executor=executor,
