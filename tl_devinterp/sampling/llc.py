@@ -413,17 +413,21 @@ def _losses_and_grads(objective: Objective, stack: _Stack, w_star: dict[str, tor
     def loss(row):  # one chain: its coordinates in the stack's parameters, w* elsewhere
         return objective.at(w_star | stack.unflat(row), batch, *extra)
 
-    one = torch.func.grad_and_value(loss)
     if stack.batched is not False:
         try:
-            grad, losses = torch.func.vmap(one)(stack.chains.weights)
+            grad, losses = torch.func.vmap(torch.func.grad_and_value(loss))(stack.chains.weights)
             stack.batched = True
-            return losses, grad
+            return losses.detach(), grad
         except Exception:  # an op without a batching rule (or a real error, which the loop below raises again)
             if stack.batched:
                 raise
             stack.batched = False
-    grads, losses = zip(*(one(row) for row in stack.chains.weights), strict=True)
+    losses, grads = [], []
+    for row in stack.chains.weights:  # plain autograd, one chain's graph at a time
+        row = row.detach().requires_grad_(True)
+        value = loss(row)
+        losses.append(value.detach())
+        grads.append(torch.autograd.grad(value, row)[0])
     return torch.stack(losses), torch.stack(grads)
 
 
