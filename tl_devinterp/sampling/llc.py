@@ -7,10 +7,13 @@ L_B(w*) is the checkpoint's loss on the same minibatch as the draw (pairing), wh
 noise from λ̂. All chains (and, in `estimate_head_llcs`, all restrictions) see the same batch at each
 step, so each batch's checkpoint loss is computed once.
 
-Sampling runs on the caller's model itself, never a copy: a chain's state is a set of plain tensors,
-evaluated through `torch.func.functional_call` (one tensor per parameter slot, `tie_weights=False`), so
-the model's parameters, buffers and hooks are untouched, also when sampling fails midway. The sampled set
-is `models.sampled_parameters`: each weight the forward uses, once.
+Sampling runs on the caller's model itself, never a copy: a chain's state is a plain tensor, evaluated
+through `torch.func.functional_call` (`Objective.at`: one tensor per parameter slot, `tie_weights=False`),
+so the model's parameters, buffers and hooks are untouched, also when sampling fails midway. Chains that
+sample the same parameters (a restriction's chains, the heads of one layer) are stacked and evaluated in
+one `torch.func.vmap`-ed forward+backward, `SGLDConfig.max_batched` at a time; each keeps its own noise
+generator, so the numbers are those of the chains run one at a time (the path taken where vmap cannot
+batch the model). The sampled set is `models.sampled_parameters`: each weight the forward uses, once.
 
 Hyperparameters of the papers: full-model LLC (ICL paper, 3M LM) ε=0.003, γ=300, nβ≈21.7 (batch 100),
 20 chains × 200 draws; per-head rLLC ε=0.001, γ=200, nβ=30, 4 chains × 200 draws, batch 32. The defaults
@@ -77,7 +80,7 @@ class SGLDConfig:
     rmsprop_decay: float = field(default=0.999, metadata={"help": "RMSprop-SGLD's running-mean decay alpha"})
     rmsprop_delta: float = field(default=1.0, metadata={"help": "RMSprop-SGLD's delta: preconditioner <= 1/delta"})
     draws_every: int = field(default=1, metadata={"help": "observables on every k-th draw (thinning)"})
-    max_batched: int = field(default=16, metadata={"help": "chains evaluated together in one batched forward+backward "
+    max_batched: int = field(default=8, metadata={"help": "chains evaluated together in one batched forward+backward "
                                                    "(1: one at a time; lower it if memory runs out)"})
 
     def __post_init__(self):
@@ -302,7 +305,7 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
         with torch.no_grad():  # 2. the shared residual streams at w*
             extra = {layer: () if layer == 0 else (model(_tokens(batch), stop_at_layer=layer), layer) for layer in objectives}
         for stack in stacks:
-            chains, (rows, cols) = stack.chains, zip(*stack.members)
+            chains = stack.chains
             # 3. Every chain's loss and gradient in one batched call: its coordinates in its restriction's
             #    parameters, w* elsewhere.
             losses, grad = _losses_and_grads(objectives[stack.start], stack, w_star, batch, extra[stack.start])
@@ -316,7 +319,7 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
                     f"the checkpoint. Lower epsilon (now {config.epsilon:g}) or raise gamma (now {config.gamma:g})."
                 )
             if draw >= 0:
-                trace[list(rows), list(cols), draw] = losses.float().cpu()
+                trace[(*stack.index, draw)] = torch.from_numpy(values).float()
                 if observe is not None and draw % config.draws_every == 0:
                     with torch.no_grad():
                         for (r, c), row in zip(stack.members, chains.weights, strict=True):
@@ -336,11 +339,10 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     per_chain = {k: np.empty((len(restrictions), config.num_chains)) for k in ("distance", "likelihood_fraction", "acceptance")}
     finals, unflat, batched = {}, {}, {}
     for stack in stacks:
-        rows, cols = (list(x) for x in zip(*stack.members))
         for k, v in stack.chains.stats.means().items():
-            per_chain[k][rows, cols] = v
+            per_chain[k][stack.index] = v
         finals.update(zip(stack.members, stack.chains.weights, strict=True))
-        for r in rows:
+        for r, _ in stack.members:
             unflat[r], batched[r] = stack.unflat, batched.get(r, True) and stack.batched
     results = []
     for r, restriction in enumerate(restrictions):
@@ -372,6 +374,11 @@ class _Stack:
     mask: torch.Tensor | None  # [chains, coords]: the coordinates each chain moves (None: all)
     chains: Chains
     batched: bool | None  # whether vmap runs the stack; None until its first call tries
+
+    @property
+    def index(self) -> tuple[list[int], list[int]]:
+        """(restrictions, chains) of the rows, to index [restriction, chain] arrays."""
+        return [r for r, _ in self.members], [c for _, c in self.members]
 
     def unflat(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Name -> view of `rows` ([coords] or [chains, coords]) as that parameter."""
