@@ -53,47 +53,53 @@ class SamplerDiagnostics:
 
 
 class ChainStats:
-    """Running sums for one chain, fed once per post-burn-in step by the sampler."""
+    """Running sums for a stack of G chains ([G] arrays), fed once per post-burn-in step by the sampler;
+    each chain's numbers are those it would have alone."""
 
-    def __init__(self, mala: bool = True):
+    def __init__(self, n_chains: int, mala: bool = True):
         self.mala = mala  # score steps as MALA proposals (SGLD's update only; other samplers report NaN)
-        self.distance = self.likelihood_fraction = self.acceptance = 0.0
+        self.distance, self.likelihood_fraction, self.acceptance = (np.zeros(n_chains) for _ in range(3))
         self.n = self.n_accept = 0
-        self.previous: tuple[float, list[torch.Tensor], list[torch.Tensor]] | None = None  # U, drift, noise
+        self.previous: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None  # U, drift, noise
 
-    def update(self, *, loss: float, distance: float, grad_norm: float, drift: list[torch.Tensor],
-               noise: list[torch.Tensor], config) -> None:
-        """One step from w: L_B(w), ‖w − w*‖, ‖∇L_B(w)‖, the drift ∇U(w) and the noise ξ that move it on."""
+    def update(self, *, loss: np.ndarray, distance: np.ndarray, grad_norm: np.ndarray, drift: torch.Tensor,
+               noise: torch.Tensor, config) -> None:
+        """One step from w, per chain: L_B(w), ‖w − w*‖, ‖∇L_B(w)‖, the drift ∇U(w) and the noise ξ that move it on."""
         lik, pri = config.nbeta * grad_norm, config.gamma * distance
-        self.likelihood_fraction += lik / (lik + pri) if lik + pri > 0 else 0.0
+        self.likelihood_fraction += np.divide(lik, lik + pri, out=np.zeros_like(lik), where=lik + pri > 0)
         self.distance += distance
         self.n += 1
         potential = config.nbeta * loss + config.gamma * distance**2 / 2  # U(w)
         if self.mala and self.previous is not None:  # the step w_prev → w just taken, scored as a MALA proposal
             eps = config.epsilon
             u_prev, drift_prev, noise_prev = self.previous
-            back = torch._foreach_sub(drift, drift_prev)  # w_prev − w + (ε/2)∇U(w) = (ε/2)(∇U(w) − ∇U(w_prev)) − √ε ξ
-            torch._foreach_mul_(back, eps / 2)
-            torch._foreach_add_(back, noise_prev, alpha=-math.sqrt(eps))
-            log_q_back = -(norm(back) ** 2) / (2 * eps)
-            log_q_forward = -(norm(noise_prev) ** 2) / 2
+            back = torch.add((eps / 2) * (drift - drift_prev), noise_prev, alpha=-math.sqrt(eps))  # w_prev − w + (ε/2)∇U(w)
+            log_q_back = -(norms(back) ** 2) / (2 * eps)
+            log_q_forward = -(norms(noise_prev) ** 2) / 2
             log_alpha = u_prev - potential + log_q_back - log_q_forward
-            self.acceptance += math.exp(min(0.0, log_alpha))
+            self.acceptance += np.exp(np.minimum(0.0, log_alpha))
             self.n_accept += 1
         self.previous = (potential, drift, noise)
 
+    def means(self) -> dict[str, np.ndarray]:
+        """Per chain: mean ‖w − w*‖, likelihood fraction and acceptance (NaN without MALA scores)."""
+        acceptance = self.acceptance / self.n_accept if self.n_accept else np.full_like(self.acceptance, math.nan)
+        return dict(distance=self.distance / max(self.n, 1), likelihood_fraction=self.likelihood_fraction / max(self.n, 1),
+                    acceptance=acceptance)
 
-def norm(tensors: list[torch.Tensor]) -> float:
-    """The Euclidean norm of a list of tensors taken as one vector."""
-    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))) if tensors else 0.0
+
+def norms(rows: torch.Tensor) -> np.ndarray:
+    """The Euclidean norm of each row (chain) of a [chains, coords] tensor, as float64."""
+    return torch.linalg.vector_norm(rows, dim=1).double().cpu().numpy()
 
 
-def summarise(stats: list[ChainStats], llc_trace: np.ndarray, *, loss_increase: float, init_loss: float,
+def summarise(per_chain: dict[str, np.ndarray], llc_trace: np.ndarray, *, loss_increase: float, init_loss: float,
               d: int, gamma: float, label: str) -> SamplerDiagnostics:
-    """The chains' diagnostics, with a `SamplerWarning` for each sign of an untrustworthy estimate."""
-    distance = float(np.mean([s.distance / max(s.n, 1) for s in stats]))
-    fraction = float(np.mean([s.likelihood_fraction / max(s.n, 1) for s in stats]))
-    acceptance = float(np.mean([s.acceptance / s.n_accept for s in stats if s.n_accept])) if stats[0].n_accept else math.nan
+    """The chains' diagnostics (`per_chain`: `ChainStats.means()` of a restriction's chains), with a
+    `SamplerWarning` for each sign of an untrustworthy estimate."""
+    distance = float(per_chain["distance"].mean())
+    fraction = float(per_chain["likelihood_fraction"].mean())
+    acceptance = float(per_chain["acceptance"].mean())
     third = max(llc_trace.shape[1] // 3, 1)
     change = llc_trace[:, -third:].mean(1) - llc_trace[:, :third].mean(1)  # per chain
     spread = change.std(ddof=1) / math.sqrt(len(change)) if len(change) > 1 else math.inf

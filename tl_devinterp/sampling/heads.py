@@ -2,7 +2,9 @@
 
 All heads and chains see the same batch at each step, so batches are drawn once and each batch's
 checkpoint loss is computed once for every head; each head's chains move only that head's W_Q, W_K, W_V,
-W_O and biases (under grouped-query attention, with its group's K/V: see `LLCResult.note`).
+W_O and biases (under grouped-query attention, with its group's K/V: see `LLCResult.note`). The chains of
+all heads of a layer run stacked in one batched forward+backward (`SGLDConfig.max_batched` at a time), from
+the residual stream below the layer where the model can start there.
 """
 
 from __future__ import annotations

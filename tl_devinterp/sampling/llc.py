@@ -7,10 +7,13 @@ L_B(w*) is the checkpoint's loss on the same minibatch as the draw (pairing), wh
 noise from λ̂. All chains (and, in `estimate_head_llcs`, all restrictions) see the same batch at each
 step, so each batch's checkpoint loss is computed once.
 
-Sampling runs on the caller's model itself, never a copy: a chain's state is a set of plain tensors,
-evaluated through `torch.func.functional_call` (one tensor per parameter slot, `tie_weights=False`), so
-the model's parameters, buffers and hooks are untouched, also when sampling fails midway. The sampled set
-is `models.sampled_parameters`: each weight the forward uses, once.
+Sampling runs on the caller's model itself, never a copy: a chain's state is a plain tensor, evaluated
+through `torch.func.functional_call` (`Objective.at`: one tensor per parameter slot, `tie_weights=False`),
+so the model's parameters, buffers and hooks are untouched, also when sampling fails midway. Chains that
+sample the same parameters (a restriction's chains, the heads of one layer) are stacked and evaluated in
+one `torch.func.vmap`-ed forward+backward, `SGLDConfig.max_batched` at a time; each keeps its own noise
+generator, so the numbers are those of the chains run one at a time (the path taken where vmap cannot
+batch the model). The sampled set is `models.sampled_parameters`: each weight the forward uses, once.
 
 Hyperparameters of the papers: full-model LLC (ICL paper, 3M LM) ε=0.003, γ=300, nβ≈21.7 (batch 100),
 20 chains × 200 draws; per-head rLLC ε=0.001, γ=200, nβ=30, 4 chains × 200 draws, batch 32. The defaults
@@ -37,9 +40,9 @@ from tqdm.auto import tqdm
 
 from ..models import is_supported_model, parameter_slots, sampled_parameters, token_cross_entropy
 from .batches import as_tensors, batch_stream
-from .diagnostics import ChainStats, SamplerDiagnostics, SamplerWarning, norm, summarise
+from .diagnostics import ChainStats, SamplerDiagnostics, SamplerWarning, norms, summarise
 from .restrict import Restriction, resolve_restriction
-from .samplers import SAMPLERS, Chain
+from .samplers import SAMPLERS, Chains
 
 EXPLODE = 100.0
 """A chain has diverged when its loss exceeds L(w*) + EXPLODE·max(1, |L(w*)|) (or is NaN/inf)."""
@@ -77,6 +80,8 @@ class SGLDConfig:
     rmsprop_decay: float = field(default=0.999, metadata={"help": "RMSprop-SGLD's running-mean decay alpha"})
     rmsprop_delta: float = field(default=1.0, metadata={"help": "RMSprop-SGLD's delta: preconditioner <= 1/delta"})
     draws_every: int = field(default=1, metadata={"help": "observables on every k-th draw (thinning)"})
+    max_batched: int = field(default=8, metadata={"help": "chains evaluated together in one batched forward+backward "
+                                                   "(1: one at a time; lower it if memory runs out)"})
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -87,7 +92,7 @@ class SGLDConfig:
                 raise TypeError(f"SGLDConfig.{name} must be a finite number, got {v!r}.")
             if v is not None:
                 object.__setattr__(self, name, float(v))  # 1 and 1.0 are one setting (and one store key)
-        for name in ("num_chains", "num_draws", "num_burnin", "batch_size", "seed", "draws_every"):
+        for name in ("num_chains", "num_draws", "num_burnin", "batch_size", "seed", "draws_every", "max_batched"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"SGLDConfig.{name} must be an integer, got {v!r}.")
@@ -106,6 +111,8 @@ class SGLDConfig:
             )
         if self.draws_every < 1:
             raise ValueError(f"SGLDConfig.draws_every must be >= 1 (1 = every draw), got {self.draws_every}.")
+        if self.max_batched < 1:
+            raise ValueError(f"SGLDConfig.max_batched must be >= 1 (1 = one chain at a time), got {self.max_batched}.")
         if not (self.diffusion > 0 and 0 <= self.rmsprop_decay < 1 and self.rmsprop_delta > 0):
             raise ValueError(f"SGLDConfig needs diffusion > 0, 0 <= rmsprop_decay < 1, rmsprop_delta > 0; got "
                              f"{self.diffusion}, {self.rmsprop_decay}, {self.rmsprop_delta}.")
@@ -129,7 +136,9 @@ class SGLDConfig:
         return dataclasses.replace(self, batch_size=batch_size, nbeta=nbeta)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings that determine the numbers (a stored result's key): all but `max_batched`, which only
+        groups the work."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "max_batched"}
 
 
 @dataclass
@@ -147,6 +156,8 @@ class LLCResult:
     config: SGLDConfig  # resolved: nbeta and batch_size as used
     diagnostics: SamplerDiagnostics
     note: str = ""  # e.g. K/V shared by the heads of a group
+    batched: bool = False  # its chains ran in batched (vmapped) forwards; False with max_batched=1 or where
+    # the model has an op torch.func.vmap cannot batch (the chains then run one at a time, to the same numbers)
     final_params: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # name -> [chains, ...]
 
     @property
@@ -212,15 +223,22 @@ def resolve_loss(model: nn.Module, loss_fn: Callable | None) -> Callable[[nn.Mod
 
 
 class Objective(nn.Module):
-    """`loss(model, batch, *extra)` as a module, so a functional call can swap the model's weights for a
-    chain's tensors whatever the loss does with the model."""
+    """`loss(model, batch, *extra)` as a module, evaluated at any weights by `at`: the one place where the
+    sampler runs the model, whatever the loss does with it."""
 
     def __init__(self, model: nn.Module, loss: Callable):
         super().__init__()
         self.model, self.loss = model, loss
+        self.slots = parameter_slots(model)
 
     def forward(self, batch, *extra):
         return self.loss(self.model, batch, *extra)
+
+    def at(self, weights: dict[str, torch.Tensor], batch, *extra) -> torch.Tensor:
+        """The loss with the model's weights replaced by `weights` (canonical name -> tensor, every sampled
+        parameter), through a functional call that leaves the model untouched (and works under vmap)."""
+        return functional_call(self, {f"model.{s}": weights[n] for s, n in self.slots.items()}, (batch, *extra),
+                               tie_weights=False, strict=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,7 +255,8 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
                 loss_fn: Callable | None = None, desc: str = "SGLD", progress: bool = True,
                 observe: Callable[[int, int, int, dict[str, torch.Tensor]], None] | None = None) -> list[LLCResult]:
     """One LLC estimate per restriction, in one pass over the batches (shared by every chain and
-    restriction, with each batch's checkpoint loss computed once).
+    restriction, with each batch's checkpoint loss computed once). Chains that sample the same parameters
+    (a restriction's chains; the heads of one layer) run stacked, up to `config.max_batched` per batched call.
 
     `observe(restriction, chain, draw, weights)`, if given, is called without grad on every
     `config.draws_every`-th post-burn-in draw (draw counted in thinned draws), with the draw's weights
@@ -246,12 +265,11 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     config = config.resolve(data)
     params = sampled_parameters(model)
     device = next(iter(params.values())).device
-    slots = parameter_slots(model)
     objective = Objective(model, resolve_loss(model, loss_fn))
     w_star = {n: p.detach() for n, p in params.items()}
     batches = batch_stream(data, config.batch_size, config.seed, device)
     first = next(batch_stream(data, config.batch_size, config.seed, device))[1]  # for the one-time checks below
-    restrictions = _drop_unused(objective, slots, w_star, restrictions, first)
+    restrictions = _drop_unused(objective, w_star, restrictions, first)
 
     # With the LM loss, a restriction to blocks >= l shares the residual stream before block l: computed
     # once per batch at w*, its chains run only blocks l and up (where the model really skips the rest).
@@ -260,12 +278,7 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
         starts = [0] * len(restrictions)
     objectives = {layer: Objective(model, lm_loss_from_layer) if layer else objective for layer in set(starts)}
 
-    names = [list(r.masks) for r in restrictions]
-    masks = [[r.masks[n] if r.masks[n] is None else r.masks[n].to(device) for n in ns] for r, ns in zip(restrictions, names)]
-    stars = [[w_star[n] for n in ns] for ns in names]
-    chains = [[Chain([w_star[n].clone().requires_grad_(True) for n in ns], _generator(config.seed, r.label, c, device),
-                     r.d, ChainStats(mala=config.sampler == "sgld"))
-               for c in range(config.num_chains)] for r, ns in zip(restrictions, names)]
+    stacks = _stacks(restrictions, starts, w_star, config, device)
     step_rule = SAMPLERS[config.sampler]
     trace = torch.empty(len(restrictions), config.num_chains, config.num_draws)
     init_losses = torch.empty(config.num_draws)
@@ -291,70 +304,151 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
             init_losses[draw] = l_star
         with torch.no_grad():  # 2. the shared residual streams at w*
             extra = {layer: () if layer == 0 else (model(_tokens(batch), stop_at_layer=layer), layer) for layer in objectives}
-        for r, restriction in enumerate(restrictions):
-            for c, chain in enumerate(chains[r]):
-                # 3. The chain's loss and gradient: its tensors in the restriction's slots, w* elsewhere.
-                values = dict(w_star) | dict(zip(names[r], chain.weights, strict=True))
-                loss = functional_call(objectives[starts[r]], {f"model.{s}": values[n] for s, n in slots.items()},
-                                       (batch, *extra[starts[r]]), tie_weights=False, strict=False)
-                grad = torch.autograd.grad(loss, chain.weights)
-                value = loss.item()
-                if not value < limit:  # also catches NaN
-                    raise LLCDivergenceError(
-                        f"{desc}: SGLD chain {c} of restriction {restriction.label!r} diverged at step {step} "
-                        f"({'burn-in' if draw < 0 else f'draw {draw}'}): loss {value:.4g} vs {reference:.4g} at the "
-                        f"checkpoint. Lower epsilon (now {config.epsilon:g}) or raise gamma (now {config.gamma:g})."
-                    )
+        for stack in stacks:
+            chains = stack.chains
+            # 3. Every chain's loss and gradient in one batched call: its coordinates in its restriction's
+            #    parameters, w* elsewhere.
+            losses, grad = _losses_and_grads(objectives[stack.start], stack, w_star, batch, extra[stack.start])
+            values = losses.double().cpu().numpy()
+            if not (values < limit).all():  # also catches NaN
+                g = int(np.argmin(values < limit))
+                r, c = stack.members[g]
+                raise LLCDivergenceError(
+                    f"{desc}: SGLD chain {c} of restriction {restrictions[r].label!r} diverged at step {step} "
+                    f"({'burn-in' if draw < 0 else f'draw {draw}'}): loss {values[g]:.4g} vs {reference:.4g} at "
+                    f"the checkpoint. Lower epsilon (now {config.epsilon:g}) or raise gamma (now {config.gamma:g})."
+                )
+            if draw >= 0:
+                trace[(*stack.index, draw)] = torch.from_numpy(values).float()
+                if observe is not None and draw % config.draws_every == 0:
+                    with torch.no_grad():
+                        for (r, c), row in zip(stack.members, chains.weights, strict=True):
+                            observe(r, c, draw // config.draws_every, w_star | stack.unflat(row))
+            with torch.no_grad():
+                # 4. Each chain's noise from its own generator; gradient and noise masked to its restriction.
+                noise = torch.stack([torch.randn(stack.star.numel(), generator=g, device=device) for g in chains.generators])
+                if stack.mask is not None:
+                    grad, noise = grad * stack.mask, noise * stack.mask
+                if draw >= 0:  # 5. diagnostics of the state about to be left (norms only: cheap)
+                    distance, grad_norm = norms(chains.weights - stack.star), norms(grad)  # ‖w − w*‖, ‖∇L_B(w)‖
+                drift = step_rule(chains, stack.star, grad, noise, config)  # 6. the sampler's update
                 if draw >= 0:
-                    trace[r, c, draw] = value
-                    if observe is not None and draw % config.draws_every == 0:
-                        with torch.no_grad():
-                            observe(r, c, draw // config.draws_every, values)
-                with torch.no_grad():  # 4. gradient and noise, masked to the restriction
-                    sizes = [t.numel() for t in chain.weights]
-                    flat = torch.randn(sum(sizes), generator=chain.generator, device=device)
-                    noise = [z.view_as(t) for z, t in zip(flat.split(sizes), chain.weights, strict=True)]
-                    grad = list(grad)
-                    for i, m in enumerate(masks[r]):
-                        if m is not None:
-                            grad[i], noise[i] = grad[i] * m, noise[i] * m
-                    if draw >= 0:  # 5. diagnostics of the state about to be left (norms only: cheap)
-                        distance = norm(torch._foreach_sub(chain.weights, stars[r]))  # ‖w − w*‖
-                        grad_norm = norm(grad)  # ‖∇L_B(w)‖
-                    drift = step_rule(chain, stars[r], grad, noise, config)  # 6. the sampler's update
-                    if draw >= 0:
-                        chain.stats.update(loss=value, distance=distance, grad_norm=grad_norm, drift=drift, noise=noise,
-                                           config=config)
+                    chains.stats.update(loss=values, distance=distance, grad_norm=grad_norm, drift=drift, noise=noise,
+                                        config=config)
 
+    per_chain = {k: np.empty((len(restrictions), config.num_chains)) for k in ("distance", "likelihood_fraction", "acceptance")}
+    finals, unflat, batched = {}, {}, {}
+    for stack in stacks:
+        for k, v in stack.chains.stats.means().items():
+            per_chain[k][stack.index] = v
+        finals.update(zip(stack.members, stack.chains.weights, strict=True))
+        for r, _ in stack.members:
+            unflat[r], batched[r] = stack.unflat, batched.get(r, True) and stack.batched
     results = []
     for r, restriction in enumerate(restrictions):
-        loss_increase = float((trace[r] - init_losses).mean())
-        per_chain = (config.nbeta * (trace[r] - init_losses).mean(1)).double().numpy()
-        diagnostics = summarise([ch.stats for ch in chains[r]], config.nbeta * (trace[r] - init_losses).numpy(),
-                                loss_increase=loss_increase, init_loss=float(init_losses.mean()), d=restriction.d,
-                                gamma=config.gamma, label=f"{restriction.label} ({desc})")
+        increase = trace[r] - init_losses
+        llcs = (config.nbeta * increase.mean(1)).double().numpy()
+        diagnostics = summarise({k: v[r] for k, v in per_chain.items()}, config.nbeta * increase.numpy(),
+                                loss_increase=float(increase.mean()), init_loss=float(init_losses.mean()),
+                                d=restriction.d, gamma=config.gamma, label=f"{restriction.label} ({desc})")
+        final = unflat[r](torch.stack([finals[r, c] for c in range(config.num_chains)]))
         results.append(LLCResult(
-            mean=float(per_chain.mean()), std=float(per_chain.std(ddof=1)), per_chain=per_chain,
-            loss_trace=trace[r].clone(), init_losses=init_losses.clone(), init_loss=float(init_losses.mean()),
-            d=restriction.d, restrict=restriction.label, config=config, diagnostics=diagnostics, note=restriction.note,
-            final_params={n: torch.stack([ch.weights[i].detach() for ch in chains[r]]).cpu() for i, n in enumerate(names[r])},
+            mean=float(llcs.mean()), std=float(llcs.std(ddof=1)), per_chain=llcs, loss_trace=trace[r].clone(),
+            init_losses=init_losses.clone(), init_loss=float(init_losses.mean()), d=restriction.d,
+            restrict=restriction.label, config=config, diagnostics=diagnostics, note=restriction.note,
+            batched=batched[r], final_params={n: t.cpu() for n, t in final.items()},
         ))
     return results
+
+
+@dataclass
+class _Stack:
+    """Chains run together: (restriction, chain) pairs that sample the same parameters from the same start
+    layer, each chain's coordinates one flat row (the parameters' coordinates concatenated)."""
+
+    members: list[tuple[int, int]]  # (restriction, chain) of each row
+    names: list[str]  # the parameters, in the restrictions' order (the noise's order)
+    shapes: list[torch.Size]
+    start: int  # the block the forward starts at
+    star: Float[torch.Tensor, " coords"]  # w*
+    mask: torch.Tensor | None  # [chains, coords]: the coordinates each chain moves (None: all)
+    chains: Chains
+    batched: bool | None  # whether vmap runs the stack; None until its first call tries
+
+    @property
+    def index(self) -> tuple[list[int], list[int]]:
+        """(restrictions, chains) of the rows, to index [restriction, chain] arrays."""
+        return [r for r, _ in self.members], [c for _, c in self.members]
+
+    def unflat(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Name -> view of `rows` ([coords] or [chains, coords]) as that parameter."""
+        parts = rows.split([math.prod(s) for s in self.shapes], dim=-1)
+        return {n: z.view(*rows.shape[:-1], *s) for n, z, s in zip(self.names, parts, self.shapes, strict=True)}
+
+
+def _stacks(restrictions: list[Restriction], starts: list[int], w_star: dict[str, torch.Tensor], config: SGLDConfig,
+            device) -> list[_Stack]:
+    """Every (restriction, chain) pair in a stack with the pairs of the same parameters and start layer, at
+    most `config.max_batched` per stack; each chain at w*, with its own generator."""
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for r, restriction in enumerate(restrictions):
+        for c in range(config.num_chains):
+            groups.setdefault((starts[r], tuple(restriction.masks)), []).append((r, c))
+    stacks = []
+    for (start, names), pairs in groups.items():
+        star = torch.cat([w_star[n].flatten() for n in names])
+        for i in range(0, len(pairs), config.max_batched):
+            members = pairs[i:i + config.max_batched]
+            masks = [restrictions[r].masks for r, _ in members]
+            mask = None if all(m[n] is None for m in masks for n in names) else torch.stack([torch.cat([
+                (torch.ones_like(w_star[n], dtype=torch.bool) if m[n] is None else m[n].to(device)).flatten() for n in names
+            ]) for m in masks])
+            chains = Chains(star.expand(len(members), -1).clone(),
+                            [_generator(config.seed, restrictions[r].label, c, device) for r, c in members],
+                            torch.tensor([float(restrictions[r].d) for r, _ in members], device=device),
+                            ChainStats(len(members), mala=config.sampler == "sgld"))
+            stacks.append(_Stack(members, list(names), [w_star[n].shape for n in names], start, star, mask, chains,
+                                 None if len(members) > 1 else False))
+    return stacks
+
+
+def _losses_and_grads(objective: Objective, stack: _Stack, w_star: dict[str, torch.Tensor], batch,
+                      extra: tuple) -> tuple[Float[torch.Tensor, " chains"], Float[torch.Tensor, "chains coords"]]:
+    """L_B(w) and ∇L_B(w) of every chain of the stack: one vmapped forward+backward, or chain by chain
+    where vmap cannot batch the model (found on the stack's first call, then kept; same numbers)."""
+
+    def loss(row):  # one chain: its coordinates in the stack's parameters, w* elsewhere
+        return objective.at(w_star | stack.unflat(row), batch, *extra)
+
+    if stack.batched is not False:
+        try:
+            grad, losses = torch.func.vmap(torch.func.grad_and_value(loss))(stack.chains.weights)
+            stack.batched = True
+            return losses.detach(), grad
+        except Exception:  # an op without a batching rule (or a real error, which the loop below raises again)
+            if stack.batched:
+                raise
+            stack.batched = False
+    losses, grads = [], []
+    for row in stack.chains.weights:  # plain autograd, one chain's graph at a time
+        row = row.detach().requires_grad_(True)
+        value = loss(row)
+        losses.append(value.detach())
+        grads.append(torch.autograd.grad(value, row)[0])
+    return torch.stack(losses), torch.stack(grads)
 
 
 def _tokens(batch):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def _drop_unused(objective: Objective, slots: dict[str, str], w_star: dict[str, torch.Tensor],
-                 restrictions: list[Restriction], batch) -> list[Restriction]:
+def _drop_unused(objective: Objective, w_star: dict[str, torch.Tensor], restrictions: list[Restriction],
+                 batch) -> list[Restriction]:
     """One fwd+bwd at w*: a sampled parameter the forward does not use is named (`SamplerWarning`) and
     dropped, so d counts only coordinates the loss depends on."""
     wanted = sorted({n for r in restrictions for n in r.masks})
     leaves = {n: w_star[n].clone().requires_grad_(True) for n in wanted}
-    values = dict(w_star) | leaves
-    loss = functional_call(objective, {f"model.{s}": values[n] for s, n in slots.items()}, (batch,),
-                           tie_weights=False, strict=False)
+    loss = objective.at(w_star | leaves, batch)
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     unused = {n for n, g in zip(leaves, grads, strict=True) if g is None}
     if not unused:

@@ -4,8 +4,10 @@ Each rule targets the same localised tempered posterior p(w) ∝ exp(−U(w)) on
 
     U(w) = nβ·L_B(w) + (γ/2)·‖w − w*‖²,      ∇U(w) = nβ·∇L_B(w) + γ·(w − w*)   (the "drift"),
 
-and moves the chain's weights in place, returning the drift (the diagnostics read its two terms).
-`grad` and `noise` arrive already zero outside the restriction, so no rule moves a masked coordinate.
+and moves the chains' weights in place, returning the drift (the diagnostics read its two terms). The
+rules act elementwise on a stack of chains (`Chains`: one flat row of coordinates per chain), so each chain
+moves as it would alone. `grad` and `noise` arrive already zero outside the restriction, so no
+rule moves a masked coordinate.
 
 - "sgld" (Welling & Teh 2011): w ← w − (ε/2)·∇U + √ε·ζ.
 - "sgnht" (Ding et al. 2014, Alg. 2; momentum u, thermostat ξ, diffusion A, step η = ε):
@@ -17,10 +19,11 @@ and moves the chain's weights in place, returning the drift (the diagnostics rea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from jaxtyping import Float
 
 from .diagnostics import ChainStats
 
@@ -29,76 +32,68 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Chain:
-    """One chain of one restriction: its current weights (the restriction's parameters, full shape,
-    requiring grad), its noise generator, its diagnostics, and the state its sampler carries."""
+class Chains:
+    """A stack of G chains on the same parameters (of one restriction or several): their current weights,
+    one flat row per chain (the parameters' coordinates concatenated), one noise generator per chain,
+    their diagnostics, and the state their sampler carries, per chain."""
 
-    weights: list[torch.Tensor]
-    generator: torch.Generator
-    d: int  # sampled coordinates: SGNHT's temperature is per coordinate
-    stats: ChainStats = field(default_factory=ChainStats)
-    momentum: list[torch.Tensor] | None = None  # SGNHT's u
-    thermostat: float = 0.0  # SGNHT's ξ
-    square_avg: list[torch.Tensor] | None = None  # RMSprop's V
+    weights: Float[torch.Tensor, "chains coords"]
+    generators: list[torch.Generator]
+    d: Float[torch.Tensor, " chains"]  # sampled coordinates per chain: SGNHT's temperature is per coordinate
+    stats: ChainStats
+    momentum: torch.Tensor | None = None  # SGNHT's u
+    thermostat: torch.Tensor | None = None  # SGNHT's ξ, [chains]
+    square_avg: torch.Tensor | None = None  # RMSprop's V
 
 
-def drift(w: list[torch.Tensor], w_star: list[torch.Tensor], grad: list[torch.Tensor],
-          config: SGLDConfig) -> list[torch.Tensor]:
+def drift(w: torch.Tensor, w_star: torch.Tensor, grad: torch.Tensor, config: SGLDConfig) -> torch.Tensor:
     """∇U(w) = nβ·∇L_B(w) + γ·(w − w*)."""
-    out = torch._foreach_sub(w, w_star)  # w − w*
-    torch._foreach_mul_(out, config.gamma)  # γ·(w − w*)
-    torch._foreach_add_(out, grad, alpha=config.nbeta)  # + nβ·∇L_B(w)
-    return out
+    return torch.add(config.gamma * (w - w_star), grad, alpha=config.nbeta)
 
 
-def sgld_step(chain: Chain, w_star, grad, noise, config: SGLDConfig) -> list[torch.Tensor]:
+def sgld_step(chains: Chains, w_star, grad, noise, config: SGLDConfig) -> torch.Tensor:
     """w ← w − (ε/2)·∇U(w) + √ε·ζ."""
-    du = drift(chain.weights, w_star, grad, config)
-    torch._foreach_add_(chain.weights, du, alpha=-config.epsilon / 2)  # drift step
-    torch._foreach_add_(chain.weights, noise, alpha=math.sqrt(config.epsilon))  # Gaussian step of variance ε
+    du = drift(chains.weights, w_star, grad, config)
+    chains.weights.add_(du, alpha=-config.epsilon / 2)  # drift step
+    chains.weights.add_(noise, alpha=math.sqrt(config.epsilon))  # Gaussian step of variance ε
     return du
 
 
-def sgnht_step(chain: Chain, w_star, grad, noise, config: SGLDConfig) -> list[torch.Tensor]:
+def sgnht_step(chains: Chains, w_star, grad, noise, config: SGLDConfig) -> torch.Tensor:
     """u ← u − ξ·u − ε·∇U + √(2Aε)·ζ;  w ← w + u;  ξ ← ξ + (uᵀu/d − ε).
 
     The thermostat ξ adds friction while the momenta run hotter than the target uᵀu/d = ε and removes
-    it while they run colder, absorbing the minibatch gradient noise. Starts at u = 0, ξ = A.
+    it while they run colder, absorbing the minibatch gradient noise. Starts at u = 0, ξ = A; one ξ per chain.
     """
-    du = drift(chain.weights, w_star, grad, config)
-    if chain.momentum is None:
-        chain.momentum, chain.thermostat = [torch.zeros_like(t) for t in chain.weights], config.diffusion
-    u = chain.momentum
-    torch._foreach_mul_(u, 1 - chain.thermostat)  # friction −ξ·u
-    torch._foreach_add_(u, du, alpha=-config.epsilon)  # force −η·∇U
-    torch._foreach_add_(u, noise, alpha=math.sqrt(2 * config.diffusion * config.epsilon))  # diffusion A
-    torch._foreach_add_(chain.weights, u)
-    kinetic = sum(float(t.square().sum()) for t in u) / chain.d  # uᵀu/d
-    chain.thermostat += kinetic - config.epsilon
+    du = drift(chains.weights, w_star, grad, config)
+    if chains.momentum is None:
+        chains.momentum = torch.zeros_like(chains.weights)
+        chains.thermostat = torch.full_like(chains.d, config.diffusion)
+    u = chains.momentum
+    u.mul_((1 - chains.thermostat)[:, None])  # friction −ξ·u
+    u.add_(du, alpha=-config.epsilon)  # force −η·∇U
+    u.add_(noise, alpha=math.sqrt(2 * config.diffusion * config.epsilon))  # diffusion A
+    chains.weights.add_(u)
+    chains.thermostat += u.square().sum(1) / chains.d - config.epsilon  # uᵀu/d − η
     return du
 
 
-def rmsprop_sgld_step(chain: Chain, w_star, grad, noise, config: SGLDConfig) -> list[torch.Tensor]:
+def rmsprop_sgld_step(chains: Chains, w_star, grad, noise, config: SGLDConfig) -> torch.Tensor:
     """V ← α·V + (1−α)·∇U²;  G = 1/(δ + √V);  w ← w − (ε/2)·G⊙∇U + √(ε·G)⊙ζ.
 
     V starts at the first ∇U². G ≤ 1/δ: steep coordinates take smaller steps than SGLD's, so ε can be
     larger. The term from G's own change is dropped, as in the paper.
     """
-    du = drift(chain.weights, w_star, grad, config)
-    squared = torch._foreach_mul(du, du)
-    if chain.square_avg is None:
-        chain.square_avg = squared
+    du = drift(chains.weights, w_star, grad, config)
+    if chains.square_avg is None:
+        chains.square_avg = du.square()
     else:
-        torch._foreach_mul_(chain.square_avg, config.rmsprop_decay)
-        torch._foreach_add_(chain.square_avg, squared, alpha=1 - config.rmsprop_decay)
-    g = torch._foreach_sqrt(chain.square_avg)
-    torch._foreach_add_(g, config.rmsprop_delta)
-    torch._foreach_reciprocal_(g)  # G = 1/(δ + √V)
-    torch._foreach_add_(chain.weights, torch._foreach_mul(du, g), alpha=-config.epsilon / 2)
-    torch._foreach_sqrt_(g)
-    torch._foreach_add_(chain.weights, torch._foreach_mul(noise, g), alpha=math.sqrt(config.epsilon))  # N(0, εG)
+        chains.square_avg.mul_(config.rmsprop_decay).add_(du.square(), alpha=1 - config.rmsprop_decay)
+    g = (chains.square_avg.sqrt() + config.rmsprop_delta).reciprocal()  # G = 1/(δ + √V)
+    chains.weights.add_(du * g, alpha=-config.epsilon / 2)
+    chains.weights.add_(noise * g.sqrt(), alpha=math.sqrt(config.epsilon))  # N(0, εG)
     return du
 
 
 SAMPLERS = {"sgld": sgld_step, "sgnht": sgnht_step, "rmsprop_sgld": rmsprop_sgld_step}
-"""Name → update rule `step(chain, w_star, grad, noise, config) -> ∇U(w)`."""
+"""Name → update rule `step(chains, w_star, grad, noise, config) -> ∇U(w)`."""
