@@ -114,3 +114,13 @@ def test_max_batched_is_validated_and_no_part_of_the_results_key():
     config = SGLDConfig()
     assert config.to_dict() == dataclasses.replace(config, max_batched=1).to_dict()  # stored results stay valid
     assert "max_batched" not in config.to_dict()
+
+
+def test_fast_forward_and_precision_are_validated_and_only_precision_keys_results():
+    with pytest.raises(ValueError, match=r"precision='fp16' is unknown.*SGLDConfig.precision"):
+        SGLDConfig(precision="fp16")
+    with pytest.raises(TypeError, match=r"fast_forward must be True or False"):
+        SGLDConfig(fast_forward="yes")
+    config = SGLDConfig()
+    assert config.to_dict() == dataclasses.replace(config, fast_forward=False).to_dict()  # same numbers
+    assert config.to_dict() != dataclasses.replace(config, precision="bf16").to_dict()  # other numbers on a GPU

@@ -207,3 +207,22 @@ def test_likelihood_dominated_chains_are_reported_so():
     assert r.diagnostics.regime == "likelihood" and r.diagnostics.likelihood_fraction > 0.9
     assert r.diagnostics.distance < 0.2 * r.diagnostics.prior_radius
     assert 0.5 < r.diagnostics.acceptance <= 1.0 and r.mean == pytest.approx(12.5, rel=0.25)
+
+
+def test_sampling_runs_the_fast_forward_to_the_tl_forwards_numbers(family, tokens):
+    """On every family the sampler takes the fast forward (a family it silently misses would keep the slow
+    path) and gives the TL forward's numbers, full model and a head of the upper layer (the cached-residual
+    shortcut); a hook on a hook point sends sampling back to the TL forward, which runs it."""
+    _, model, _ = family
+    for restrict in (None, "l1h1"):
+        fast = estimate_llc(model, tokens, restrict=restrict, progress=False, **FAST)
+        slow = estimate_llc(model, tokens, restrict=restrict, fast_forward=False, progress=False, **FAST)
+        assert fast.forward == "fast" and slow.forward == "model: fast_forward=False"
+        assert torch.allclose(fast.loss_trace, slow.loss_trace, rtol=1e-4, atol=1e-5)
+    calls = []
+    model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: calls.append(1))
+    try:
+        hooked = estimate_llc(model, tokens, progress=False, **FAST)
+    finally:
+        model.reset_hooks()
+    assert hooked.forward.startswith("model: hooks") and calls

@@ -77,9 +77,11 @@ def unsupported(model: nn.Module) -> str | None:
     return f"fast forward unsupported: {', '.join(bad)}" if bad else None
 
 
-def fast_forward(model: nn.Module) -> Callable | None:
+def fast_forward(model: nn.Module, sdpa: bool = True) -> Callable | None:
     """`forward(tokens, start_at_layer=None, resid=None) -> logits` equal to `model(tokens)` (or to
-    `model(resid, start_at_layer=layer)`), or None when `unsupported(model)`."""
+    `model(resid, start_at_layer=layer)`), or None when `unsupported(model)`. `sdpa=False` writes attention
+    out (scores, causal mask, softmax): what `torch.func.vmap` batches on a CPU, where the fused kernel has
+    no batching rule."""
     if unsupported(model) is not None:
         return None
     cfg = model.cfg
@@ -109,7 +111,12 @@ def fast_forward(model: nn.Module) -> Callable | None:
             q, k = _rotate(q, *cos_sin), _rotate(k, *cos_sin)
         if group > 1:  # grouped-query attention: each key/value head serves `group` query heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        if sdpa:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            scores = (q @ k.transpose(-1, -2)) * scale
+            future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+            z = scores.masked_fill(future, float("-inf")).softmax(-1) @ v
         out = einops.rearrange(z, "b h p e -> b p (h e)") @ einops.rearrange(_view(attn, "W_O"), "h e d -> (h e) d")
         b_O = _view(attn, "b_O")
         return out if b_O is None else out + b_O
@@ -223,11 +230,11 @@ def check_fast_forward(model: nn.Module, forward: Callable, tokens: Int[torch.Te
     return f"fast forward mismatch: {'; '.join(problems)}" if problems else None
 
 
-def verified_fast_forward(model: nn.Module, tokens: Int[torch.Tensor, "batch pos"],
-                          rtol: float = 1e-4) -> tuple[Callable | None, str]:
+def verified_fast_forward(model: nn.Module, tokens: Int[torch.Tensor, "batch pos"], rtol: float = 1e-4,
+                          sdpa: bool = True) -> tuple[Callable | None, str]:
     """`(forward, "")` when the fast forward reproduces `model` on `tokens` (`check_fast_forward`), else
-    `(None, reason)`: the caller keeps the TL forward and may record the reason (e.g. in LLCResult.note)."""
-    forward = fast_forward(model)
+    `(None, reason)`: the caller keeps the TL forward and records the reason (LLCResult.forward)."""
+    forward = fast_forward(model, sdpa)
     if forward is None:
         return None, unsupported(model)
     problem = check_fast_forward(model, forward, tokens, rtol)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from ..models import is_supported_model, parameter_slots, sampled_parameters, token_cross_entropy
 from .batches import as_tensors, batch_stream
 from .diagnostics import ChainStats, SamplerDiagnostics, SamplerWarning, norms, summarise
+from .fast_forward import check_precision, precision_context, verified_fast_forward
 from .restrict import Restriction, resolve_restriction
 from .samplers import SAMPLERS, Chains
 
@@ -82,8 +83,16 @@ class SGLDConfig:
     draws_every: int = field(default=1, metadata={"help": "observables on every k-th draw (thinning)"})
     max_batched: int = field(default=8, metadata={"help": "chains evaluated together in one batched forward+backward "
                                                    "(1: one at a time; lower it if memory runs out)"})
+    fast_forward: bool = field(default=True, metadata={"help": "sample through sampling.fast_forward (plain torch "
+                                                       "from TL's weight views, fused attention) where it reproduces "
+                                                       "the TL forward and no hook point holds a hook; False: the TL forward"})
+    precision: str = field(default="fp32", metadata={"help": "fp32, tf32 (TF32 matmuls) or bf16 (autocast): CUDA "
+                                                     "only, a CPU always samples in float32"})
 
     def __post_init__(self):
+        check_precision(self.precision)
+        if not isinstance(self.fast_forward, bool):
+            raise TypeError(f"SGLDConfig.fast_forward must be True or False, got {self.fast_forward!r}.")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"SGLDConfig.sampler={self.sampler!r} is unknown; choose one of {sorted(SAMPLERS)}.")
         for name in ("epsilon", "gamma", "nbeta", "diffusion", "rmsprop_decay", "rmsprop_delta"):
@@ -136,9 +145,9 @@ class SGLDConfig:
         return dataclasses.replace(self, batch_size=batch_size, nbeta=nbeta)
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings that determine the numbers (a stored result's key): all but `max_batched`, which only
-        groups the work."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "max_batched"}
+        """The settings that determine the numbers (a stored result's key): all but `max_batched` and
+        `fast_forward`, which only change how the same numbers are computed (to float rounding)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("max_batched", "fast_forward")}
 
 
 @dataclass
@@ -158,6 +167,7 @@ class LLCResult:
     note: str = ""  # e.g. K/V shared by the heads of a group
     batched: bool = False  # its chains ran in batched (vmapped) forwards; False with max_batched=1 or where
     # the model has an op torch.func.vmap cannot batch (the chains then run one at a time, to the same numbers)
+    forward: str = "model"  # "fast" (sampling.fast_forward) or why the model's own forward ran
     final_params: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # name -> [chains, ...]
 
     @property
@@ -185,6 +195,33 @@ def lm_loss_from_layer(model: nn.Module, batch, resid: torch.Tensor, layer: int)
     """`lm_loss` computed from the residual stream before block `layer`."""
     tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
     return token_cross_entropy(model(resid, start_at_layer=layer), tokens).mean()
+
+
+def fast_lm_loss(forward: Callable) -> Callable:
+    """`lm_loss` and `lm_loss_from_layer` in one, through a fast forward `forward(tokens, start_at_layer,
+    resid)` (`sampling.fast_forward`) instead of the model's own."""
+
+    def loss(model: nn.Module, batch, resid: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
+        tokens = _tokens(batch)
+        return token_cross_entropy(forward(tokens, layer, resid), tokens).mean()
+
+    return loss
+
+
+def _sampling_forward(model: nn.Module, loss_fn: Callable | None, config: SGLDConfig, batch) -> tuple[Callable | None, str]:
+    """(the fast forward, "fast") where it may replace the TL forward in the LM loss (`config.fast_forward`,
+    the default loss, no hook on a hook point that it would skip, and `verified_fast_forward` finds equal logits
+    and gradients on `batch`); else (None, why not). Attention is fused on a GPU and written out on a CPU,
+    where vmap has no batching rule for the fused kernel."""
+    if not config.fast_forward:
+        return None, "model: fast_forward=False"
+    if loss_fn is not None or not is_supported_model(model):
+        return None, "model: a custom loss or a model TransformerLens does not describe"
+    if any(h._forward_hooks or h._forward_pre_hooks or h._backward_hooks for h in model.hook_dict.values()):
+        return None, "model: hooks attached (the fast forward would skip them)"
+    device = next(model.parameters()).device
+    forward, problem = verified_fast_forward(model, _tokens(batch), sdpa=device.type == "cuda")
+    return (forward, "fast") if forward is not None else (None, f"model: {problem}")
 
 
 def skips_lower_blocks(model: nn.Module, batch) -> bool:
@@ -224,15 +261,17 @@ def resolve_loss(model: nn.Module, loss_fn: Callable | None) -> Callable[[nn.Mod
 
 class Objective(nn.Module):
     """`loss(model, batch, *extra)` as a module, evaluated at any weights by `at`: the one place where the
-    sampler runs the model, whatever the loss does with it."""
+    sampler runs the model, whatever the loss does with it, at `precision` (`fast_forward.precision_context`)."""
 
-    def __init__(self, model: nn.Module, loss: Callable):
+    def __init__(self, model: nn.Module, loss: Callable, precision: str = "fp32"):
         super().__init__()
-        self.model, self.loss = model, loss
+        self.model, self.loss, self.precision = model, loss, precision
         self.slots = parameter_slots(model)
+        self.device = next(model.parameters()).device
 
     def forward(self, batch, *extra):
-        return self.loss(self.model, batch, *extra)
+        with precision_context(self.precision, self.device):
+            return self.loss(self.model, batch, *extra)
 
     def at(self, weights: dict[str, torch.Tensor], batch, *extra) -> torch.Tensor:
         """The loss with the model's weights replaced by `weights` (canonical name -> tensor, every sampled
@@ -265,10 +304,11 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     config = config.resolve(data)
     params = sampled_parameters(model)
     device = next(iter(params.values())).device
-    objective = Objective(model, resolve_loss(model, loss_fn))
     w_star = {n: p.detach() for n, p in params.items()}
     batches = batch_stream(data, config.batch_size, config.seed, device)
     first = next(batch_stream(data, config.batch_size, config.seed, device))[1]  # for the one-time checks below
+    forward, how = _sampling_forward(model, loss_fn, config, first)
+    objective = Objective(model, fast_lm_loss(forward) if forward else resolve_loss(model, loss_fn), config.precision)
     restrictions = _drop_unused(objective, w_star, restrictions, first)
 
     # With the LM loss, a restriction to blocks >= l shares the residual stream before block l: computed
@@ -276,7 +316,8 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     starts = [r.first_layer for r in restrictions]
     if loss_fn is not None or not is_supported_model(model) or not any(starts) or not skips_lower_blocks(model, first):
         starts = [0] * len(restrictions)
-    objectives = {layer: Objective(model, lm_loss_from_layer) if layer else objective for layer in set(starts)}
+    from_layer = fast_lm_loss(forward) if forward else lm_loss_from_layer
+    objectives = {layer: Objective(model, from_layer, config.precision) if layer else objective for layer in set(starts)}
 
     stacks = _stacks(restrictions, starts, w_star, config, device)
     step_rule = SAMPLERS[config.sampler]
@@ -356,7 +397,7 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
             mean=float(llcs.mean()), std=float(llcs.std(ddof=1)), per_chain=llcs, loss_trace=trace[r].clone(),
             init_losses=init_losses.clone(), init_loss=float(init_losses.mean()), d=restriction.d,
             restrict=restriction.label, config=config, diagnostics=diagnostics, note=restriction.note,
-            batched=batched[r], final_params={n: t.cpu() for n, t in final.items()},
+            batched=batched[r], forward=how, final_params={n: t.cpu() for n, t in final.items()},
         ))
     return results
 
