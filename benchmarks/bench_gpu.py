@@ -17,6 +17,8 @@ batch 32, random induction sequences. Columns, each a median over repeats of the
       update of the stacks, in plain torch.
 Targets: all heads >= 10x faster than devinterp at both scales, within 2x of the 32-chain limit; the paper's
 per-head protocol (16 heads x 4 chains x 200 draws) <= 60 s per checkpoint, extrapolated from `--draws`.
+Precision: λ̂ at tf32 and bf16 minus λ̂ at fp32 with the same seed (same batches and noise), full model
+and every head at demo scale, in units of fp32's standard error; a precision is acceptable within 1 SE.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def bare(model, tokens, precision, device, repeats) -> float:
 def limit(model, tokens, precision, n_chains, device, repeats) -> float:
     """Per chain-step time of vmap(grad) of the fast forward over `n_chains` stacked weight sets, plus the
     SGLD update of the stacks: what batched chains could reach in plain torch."""
-    forward = fast_forward(model)
+    forward = fast_forward(model, sdpa=device.type == "cuda")  # as the sampler: vmap batches no fused CPU kernel
     slots = parameter_slots(model)
     star = {n: p.detach() for n, p in sampled_parameters(model).items()}
     stacked = {n: p.expand(n_chains, *p.shape).clone() for n, p in star.items()}
@@ -141,6 +143,25 @@ def limit(model, tokens, precision, n_chains, device, repeats) -> float:
     if fallbacks:
         print(f"    note: vmap falls back to a loop for {sorted(fallbacks)}", flush=True)
     return t
+
+
+def precision_bias(model, tokens, device, draws) -> list[dict]:
+    """λ̂ at each precision against fp32 with the same seed (same batches and noise, so the difference is the
+    precision's bias, not sampling noise), in units of fp32's standard error: full model and every head."""
+    hp = dict(num_chains=CHAINS, num_draws=draws, num_burnin=draws // 2, batch_size=BATCH, progress=False)
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for precision in PRECISIONS:
+            options, context = library_options(precision)
+            with precision_context(context, device):
+                full = estimate_llc(model, tokens, **hp, **options)
+                heads = estimate_head_llcs(model, tokens, **hp, **options)
+            rows.append({"precision": precision, "all": (full.mean, full.se)}
+                        | {f"l{r.layer}h{r.head}": (r.llc_mean, r.llc_se) for r in heads.itertuples()})
+    reference = rows[0]
+    return [{k: (v[0] - reference[k][0]) / reference[k][1] for k, v in r.items() if k != "precision"}
+            | {"precision": r["precision"]} for r in rows[1:]]
 
 
 def devinterp_times(model, tokens, device, draws) -> dict[str, float]:
@@ -186,7 +207,7 @@ def main() -> None:
         device, scales = torch.device("cuda"), SCALES
         print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
 
-    rows = []
+    rows, biases = [], []
     for scale, cfg in scales.items():
         model = build_model(cfg, device)
         tokens = repeated_random_tokens(4 * BATCH, cfg.n_ctx // 2, cfg.d_vocab, bos=None)
@@ -204,6 +225,11 @@ def main() -> None:
             rows.append(row)
             print(f"  {precision}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in row.items()
                                                  if isinstance(v, float) and k != "protocol s"), flush=True)
+
+        if scale != "paper":  # the bias of each precision, where whole estimates are cheap
+            for r in precision_bias(model, tokens, device, 4 * args.draws if args.dry_run else 100):
+                worst = max((k for k in r if k not in ("precision", "all")), key=lambda k: abs(r[k]))
+                biases.append((scale, r["precision"], r["all"], worst, r[worst]))
 
     columns = ["bare TL", "ours full", "ours heads", "devinterp full", "devinterp heads", "limit x4", "limit x32"]
     print("\nper chain-step, ms (median)")
@@ -225,6 +251,12 @@ def main() -> None:
         line(f"{tag}: all heads, ours / limit (32 stacked chains)", f"{gap:.2f}x", "<= 2", gap <= 2)
         if r["scale"] == "paper":
             line(f"{tag}: per-head protocol, s per checkpoint", f"{r['protocol s']:.0f}", "<= 60", r["protocol s"] <= 60)
+
+
+    print(f"\n{'bias of λ̂ against fp32, same seed, in fp32 SEs (accept within 1)':<66} {'value':>10} {'target':>8}")
+    for scale, precision, full, worst, value in biases:
+        line(f"{scale} {precision}: full model", f"{full:+.2f}", "|.| <= 1", abs(full) <= 1)
+        line(f"{scale} {precision}: worst head ({worst})", f"{value:+.2f}", "|.| <= 1", abs(value) <= 1)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from .data import BOS, make_data, pack_texts, spec_tokenizer, text_files, token_tensor
@@ -329,12 +330,14 @@ def demo(out_dir: str | os.PathLike = "tl_devinterp_demo", *, quick: bool = Fals
     """Train the demo series (`train(preset="demo")`, or `"quick"`) into `out_dir/series` and analyse it into
     `out_dir/report`. Both steps resume when rerun. To fit about 10 minutes on 2 CPU cores, the heads'
     refined LLCs are estimated at the 10 checkpoints where the curves change most (`head_steps=10`; every
-    checkpoint costs about 3 times as long)."""
+    checkpoint costs about 3 times as long); on a GPU (`device="cuda"`) at every checkpoint."""
     from .training import train
 
     out = Path(out_dir)
     series = train(out / "series", "quick" if quick else "demo", progress=progress, device=device)
-    config = AnalysisConfig.quick(device=device) if quick else AnalysisConfig(device=device, head_steps=10)
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    config = (AnalysisConfig.quick(device=device) if quick
+              else AnalysisConfig(device=device, head_steps=None if on_gpu else 10))
     return analyze(series, out / "report", config=config, progress=progress)
 
 

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import nn
-from torch.func import functional_call
 
-from ..models import is_supported_model, parameter_slots, sampled_parameters, token_cross_entropy
+from ..models import is_supported_model, sampled_parameters, token_cross_entropy
 from .batches import as_tensors
 from .llc import LLCResult, Objective, SGLDConfig, resolve_loss, sample_llcs
 from .restrict import Restriction, resolve_restriction
@@ -97,11 +96,10 @@ def sample_traces(model: nn.Module, data, restrictions: list[Restriction], obser
     if not observables:
         raise ValueError("observables is empty: pass a dict name -> callable f(model) or evaluation dataset.")
     config = config.resolve(data)
-    slots = parameter_slots(model)
     evaluate = {name: _evaluator(model, obs, loss_fn, config.batch_size, name) for name, obs in observables.items()}
     at_star = {n: p.detach() for n, p in sampled_parameters(model).items()}
     with torch.no_grad():
-        shapes = {name: tuple(f(slots, at_star).shape) for name, f in evaluate.items()}
+        shapes = {name: tuple(f(at_star).shape) for name, f in evaluate.items()}
     draws = len(range(0, config.num_draws, config.draws_every))
     budget = [memory_limit]
     traces = [{name: _allocate((config.num_chains, draws, *shape), budget, trace_dir, f"{r.label}-{name}")
@@ -109,17 +107,17 @@ def sample_traces(model: nn.Module, data, restrictions: list[Restriction], obser
 
     def observe(r: int, c: int, k: int, values: dict[str, torch.Tensor]) -> None:
         for name, f in evaluate.items():
-            traces[r][name][c, k] = f(slots, values).float().cpu().numpy()
+            traces[r][name][c, k] = f(values).float().cpu().numpy()
 
     results = sample_llcs(model, data, restrictions, config, loss_fn=loss_fn, desc=desc, progress=progress, observe=observe)
     return [ObservableTraces(t, res, r.label, shapes) for t, res, r in zip(traces, results, restrictions, strict=True)]
 
 
 def _evaluator(model: nn.Module, observable, loss_fn: Callable | None, batch_size: int, name: str):
-    """`f(slots, values) -> tensor`: the observable at the weights `values` (canonical name -> tensor)."""
+    """`f(values) -> tensor`: the observable at the weights `values` (canonical name -> tensor)."""
     if callable(observable) and not isinstance(observable, (torch.Tensor, torch.utils.data.DataLoader)):
         target = Objective(model, lambda m, _: observable(m))
-        return lambda slots, values: torch.as_tensor(_call(target, slots, values, None))
+        return lambda values: torch.as_tensor(target.at(values, None))
     try:
         rows = as_tensors(observable)
     except TypeError as e:
@@ -130,18 +128,13 @@ def _evaluator(model: nn.Module, observable, loss_fn: Callable | None, batch_siz
     rows = tuple(t.to(device) for t in rows)
     if loss_fn is None and is_supported_model(model):  # per-token next-token losses
         target = Objective(model, lambda m, tokens: token_cross_entropy(m(tokens), tokens))
-        return lambda slots, values: torch.cat([_call(target, slots, values, rows[0][i:i + batch_size])
-                                                for i in range(0, len(rows[0]), batch_size)])
+        return lambda values: torch.cat([target.at(values, rows[0][i:i + batch_size])
+                                        for i in range(0, len(rows[0]), batch_size)])
     target = Objective(model, resolve_loss(model, loss_fn))  # per-row losses of the model's own loss
 
     def row(i: int):
         return rows[0][i:i + 1] if len(rows) == 1 else tuple(t[i:i + 1] for t in rows)
-    return lambda slots, values: torch.stack([_call(target, slots, values, row(i)) for i in range(len(rows[0]))])
-
-
-def _call(target: Objective, slots: dict[str, str], values: dict[str, torch.Tensor], batch):
-    return functional_call(target, {f"model.{s}": values[n] for s, n in slots.items()}, (batch,),
-                           tie_weights=False, strict=False)
+    return lambda values: torch.stack([target.at(values, row(i)) for i in range(len(rows[0]))])
 
 
 def _allocate(shape: tuple[int, ...], budget: list[int], trace_dir, label: str) -> np.ndarray:
