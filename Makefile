@@ -46,7 +46,7 @@ $(BIN_TL3)/pytest: pyproject.toml
 test-tl3: $(BIN_TL3)/pytest
 	$(BIN_TL3)/python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_models.py tests/test_series.py \
 	    tests/test_metrics_heads.py tests/test_metrics_behaviour.py tests/test_llc.py tests/test_dynamics.py \
-	    tests/test_series_hf.py tests/test_hf_downstream.py tests/test_sampler_models.py
+	    tests/test_series_hf.py tests/test_hf_downstream.py tests/test_sampler_models.py tests/test_fast_forward.py
 
 lint: setup
 	$(BIN)/ruff check tl_devinterp tests benchmarks

@@ -167,3 +167,17 @@ def test_report_shows_head_trajectory_clusters(tmp_path):
     page = analysis_report(result, tmp_path / "report.html").read_text()
     ids = re.findall(r'<figure class="tl-figure" id="fig-([\w-]+)"', page)
     assert ids.index("head-clusters") == ids.index("head-scores") + 1 and "Heads per cluster and class" in page
+
+
+def test_stage_table_names_the_head_score_that_moved_most():
+    """A stage's row names what formed in it: the largest head-score change between its ends (a fall counts),
+    with the values at both ends; model-level metrics and steps outside the stage are ignored."""
+    from tl_devinterp.visualisation.report import stage_head_change
+
+    rows = [(0, "previous_token", 0, 1, 0.1), (10, "previous_token", 0, 1, 0.2), (20, "previous_token", 0, 1, 0.9),
+            (0, "prefix_matching", 1, 2, 0.5), (10, "prefix_matching", 1, 2, 0.05), (20, "prefix_matching", 1, 2, 0.1),
+            (0, "loss", None, None, 9.0), (10, "loss", None, None, 1.0)]
+    metrics = pd.DataFrame(rows, columns=["step", "metric", "layer", "head", "value"])
+    assert stage_head_change(metrics, 0, 10) == "prefix_matching L1H2 0.50 → 0.05"
+    assert stage_head_change(metrics, 10, 20) == "previous_token L0H1 0.20 → 0.90"
+    assert stage_head_change(metrics, 0, 5) == "" and stage_head_change(None, 0, 10) == ""

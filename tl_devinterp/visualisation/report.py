@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..models import head_name
 from .attention import circuitsvis_script
 
 _CSS = """
@@ -112,6 +113,23 @@ def _sampler_parts(model_llc: pd.DataFrame, result) -> list[str]:
     return parts
 
 
+def stage_head_change(metrics: pd.DataFrame | None, start: int, end: int) -> str:
+    """The head score that moved most over [start, end], e.g. "prefix_matching L1H2 0.09 → 0.70": what
+    forms during a stage ("" without head scores at both ends)."""
+    if metrics is None:
+        return ""
+    heads = metrics[metrics["layer"].notna() & metrics["step"].isin([start, end])]
+    wide = heads.pivot_table(index=["metric", "layer", "head"], columns="step", values="value")
+    if start not in wide or end not in wide or start == end:
+        return ""
+    change = (wide[end] - wide[start]).dropna()
+    if change.empty:
+        return ""
+    metric, layer, head = change.abs().idxmax()
+    return f"{metric} {head_name(int(layer), int(head))} {wide.at[(metric, layer, head), start]:.2f} → " \
+           f"{wide.at[(metric, layer, head), end]:.2f}"
+
+
 def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.PathLike | None = None) -> Path:
     """The report of an `AnalysisResult` (see `tl_devinterp.analysis`): every part it holds, in pipeline
     order. PNGs also go to `figures_dir`."""
@@ -130,7 +148,8 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
         level = model_llc.set_index("step").reindex(columns=["llc_mean", "llc_se"])  # raw values at the boundaries
         summary.append(table_html(pd.DataFrame([
             {"stage": i + 1, "start": s.start, "end": s.end, "type": s.type, "LLC at start": level.at[s.start, "llc_mean"],
-             "LLC at end": level.at[s.end, "llc_mean"], "SE at end": level.at[s.end, "llc_se"]}
+             "LLC at end": level.at[s.end, "llc_mean"], "SE at end": level.at[s.end, "llc_se"],
+             "largest head-score change": stage_head_change(result.metrics, s.start, s.end)}
             for i, s in enumerate(result.stages)])))
     if result.head_classes is not None and not result.head_classes.empty:
         summary.append("<p>Head classes at the last checkpoint:</p>" + table_html(result.head_classes))
