@@ -80,3 +80,27 @@ def trainer_run(arch: str, out: str | os.PathLike, *, max_steps: int = 8, save_s
                          data_collator=tf.default_data_collator)
     trainer.train()
     return Path(out)
+
+
+FAMILIES = ["native", "native-mlp", "hooked", "gpt2", "neox", "llama"]
+"""Every architecture family the library supports: native bridges (attention-only, with MLPs), TL 3.x's
+HookedTransformer, and HF bridges of GPT-2, GPT-NeoX and Llama (grouped-query attention)."""
+
+
+def family_model(name: str, tmp_dir: Path):
+    """A small model of family `name` (2 layers, 4 heads), in eval mode; pytest.skip for HookedTransformer on
+    a TransformerLens without it (4.x). HF families are saved under `tmp_dir` and booted offline."""
+    import pytest
+
+    from tl_devinterp.models import HookedTransformer, ModelConfig, build_model
+
+    cfg = ModelConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=32, d_vocab=64, attn_only=name == "native")
+    if name == "hooked":
+        if HookedTransformer is None:
+            pytest.skip("this TransformerLens has no HookedTransformer (4.x)")
+        from transformer_lens import HookedTransformerConfig
+
+        return HookedTransformer(HookedTransformerConfig(**cfg.tl_kwargs())).eval()
+    if name.startswith("native"):
+        return build_model(cfg)
+    return boot(save_tiny_hf(name, tmp_dir))

@@ -4,12 +4,11 @@ and vmapped over stacked chains; unsupported architectures fall back (None, with
 
 import pytest
 import torch
-from hf_models import boot, save_tiny_hf
+from hf_models import FAMILIES, family_model
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tl_devinterp.models import (
-    HookedTransformer,
     ModelConfig,
     build_model,
     parameter_slots,
@@ -24,23 +23,10 @@ from tl_devinterp.sampling.fast_forward import (
     verified_fast_forward,
 )
 
-FAMILIES = ["native", "native-mlp", "hooked", "gpt2", "neox", "llama"]
-
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request, tmp_path_factory):
-    name = request.param
-    if name == "hooked":  # TransformerLens 3.x's HookedTransformer (absent from 4.x)
-        if HookedTransformer is None:
-            pytest.skip("this TransformerLens has no HookedTransformer (4.x)")
-        from transformer_lens import HookedTransformerConfig
-
-        cfg = ModelConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=32, d_vocab=64, attn_only=False)
-        return HookedTransformer(HookedTransformerConfig(**cfg.tl_kwargs())).eval()
-    if name.startswith("native"):
-        return build_model(ModelConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=32, d_vocab=64,
-                                       attn_only=name == "native"))
-    return boot(save_tiny_hf(name, tmp_path_factory.mktemp(name)))
+    return family_model(request.param, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")

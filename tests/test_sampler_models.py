@@ -6,13 +6,11 @@ import math
 
 import pytest
 import torch
-from hf_models import boot, hf_model, save_tiny_hf
+from hf_models import FAMILIES, family_model, hf_model
 from torch import nn
 
 from tl_devinterp.models import (
     HookedTransformer,
-    ModelConfig,
-    build_model,
     head_masks,
     head_weights,
     kv_head,
@@ -22,25 +20,15 @@ from tl_devinterp.models import (
 from tl_devinterp.sampling import SamplerWarning, estimate_head_llcs, estimate_llc, resolve_restriction
 
 FAST = dict(num_chains=2, num_draws=4, num_burnin=1, batch_size=8)
-FAMILIES = ["native", "native-mlp", "hooked", "gpt2", "neox", "llama"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
     """(name, TL model, its HF model's parameter count or None)."""
     name = request.param
-    if name == "hooked":  # TransformerLens 3.x's HookedTransformer (absent from 4.x)
-        if HookedTransformer is None:
-            pytest.skip("this TransformerLens has no HookedTransformer (4.x)")
-        from transformer_lens import HookedTransformerConfig
-
-        cfg = ModelConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=32, d_vocab=64, attn_only=False)
-        return name, HookedTransformer(HookedTransformerConfig(**cfg.tl_kwargs())), None
-    if name.startswith("native"):
-        cfg = ModelConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=32, d_vocab=64, attn_only=name == "native")
-        return name, build_model(cfg), None
-    path = save_tiny_hf(name, tmp_path_factory.mktemp(name))
-    return name, boot(path), sum(p.numel() for p in hf_model(name).parameters())
+    model = family_model(name, tmp_path_factory.mktemp(name))
+    return name, model, None if name in ("native", "native-mlp", "hooked") else sum(
+        p.numel() for p in hf_model(name).parameters())
 
 
 @pytest.fixture(scope="module")
