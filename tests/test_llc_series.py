@@ -36,6 +36,12 @@ def test_over_series_tidy_frame(series, tokens):
     assert frame[frame.scope == "head"][["layer", "head"]].values.tolist() == [[0, 0], [0, 1]] * 3
     # different checkpoints, different estimates
     assert model_rows.init_loss.nunique() == 3
+    # heads alone (analyze's second pass): the same head numbers without sampling the model again
+    heads = llc_over_series(series, tokens, heads=True, model=False, **FAST)
+    assert (heads.scope == "head").all()
+    assert heads.llc_mean.tolist() == frame[frame.scope == "head"].llc_mean.tolist()
+    with pytest.raises(ValueError, match="model=False needs heads"):
+        llc_over_series(series, tokens, model=False, **FAST)
 
 
 def test_over_series_resumes_and_never_reuses_stale_results(series, tokens, tmp_path, monkeypatch):

@@ -281,8 +281,8 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
     head_steps = _head_steps(series.steps, config.head_steps, llc, metrics)
     if head_steps and config.head_steps is not None:
         say(f"head LLCs at steps {head_steps}")
-        heads = llc_over_series(series, train_tokens, sgld, heads=True, steps=head_steps, **run)
-        llc = pd.concat([llc, heads[heads["scope"] == "head"]])
+        llc = pd.concat([llc, llc_over_series(series, train_tokens, sgld, heads=True, model=False, steps=head_steps,
+                                              **run)])
     llc = llc.sort_values(["step", "scope", "layer", "head"], ignore_index=True)
     n_heads = len(metrics.dropna(subset=["layer"])[["layer", "head"]].drop_duplicates())
     clusters = (cluster_heads([llc, metrics], n_clusters=config.n_clusters, classes=classes)

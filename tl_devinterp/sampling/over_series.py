@@ -19,40 +19,45 @@ from .restrict import resolve_restriction
 
 
 def llc_over_series(series, data, config: SGLDConfig | None = None, *,
-                    heads: bool | list[tuple[int, int] | str] = False, store_dir: str | os.PathLike | None = None,
+                    heads: bool | list[tuple[int, int] | str] = False, model: bool = True, store_dir: str | os.PathLike | None = None,
                     steps: list[int] | None = None, loss_fn: Callable | None = None,
                     device: str | torch.device | None = None, progress: bool = True,
                     executor: Executor | None = None, **options) -> pd.DataFrame:
     """Tidy frame: `step, scope ("model" | "head"), layer, head, llc_mean, llc_std, llc_se, d, init_loss`
     and the sampler diagnostics (see `estimate_head_llcs`).
 
-    The whole model and the heads of one checkpoint share batches and checkpoint losses. Each checkpoint
+    The whole model (unless `model=False`) and the heads of one checkpoint share batches and checkpoint
+    losses; a head's numbers do not depend on whether the model is sampled beside it. Each checkpoint
     is loaded (onto `device`), sampled and released before the next. With `store_dir`, each checkpoint is
     saved when done and read back on a rerun with the same settings and data. With an `executor`, the
     checkpoints are parallel jobs (see `tl_devinterp.parallel`), with the same results.
     """
     config = SGLDConfig.build(config, **options).resolve(data)
     head_spec = heads if isinstance(heads, bool) else _head_list(heads)
-    compute = partial(_checkpoint_llcs, data=data, config=config, head_spec=head_spec, loss_fn=loss_fn,
+    if not model and not head_spec:
+        raise ValueError("llc_over_series with model=False needs heads (True or a list): nothing to sample.")
+    compute = partial(_checkpoint_llcs, data=data, config=config, head_spec=head_spec, with_model=model, loss_fn=loss_fn,
                       device=device, progress=progress and executor is None)  # one bar per checkpoint, if serial
     store = None
     if store_dir is not None:
         key = dict(config.to_dict(), heads=head_spec, data=data_fingerprint(data),
-                   loss_fn=getattr(loss_fn, "__qualname__", repr(loss_fn)))
+                   loss_fn=getattr(loss_fn, "__qualname__", repr(loss_fn)), **({} if model else {"model": False}))
         store = ResultStore(store_dir, "llc", key)
     frame = map_series(series, compute, store=store, steps=steps, desc="LLC over checkpoints", executor=executor,
                        progress=progress)
     return frame.astype({"layer": "Int64", "head": "Int64"})
 
 
-def _checkpoint_llcs(step: int, model, *, data, config: SGLDConfig, head_spec, loss_fn, device,
+def _checkpoint_llcs(step: int, model, *, data, config: SGLDConfig, head_spec, with_model: bool, loss_fn, device,
                      progress: bool) -> pd.DataFrame:
-    """One checkpoint's rows: the whole model, then each head (a module-level function, so jobs pickle)."""
+    """One checkpoint's rows: the whole model (if `with_model`), then each head (a module-level function, so
+    jobs pickle)."""
     if device is not None:
         model = model.to(device)
     head_list = all_heads(model) if head_spec is True else list(head_spec or [])
-    restrictions = [resolve_restriction(model, None)] + [resolve_restriction(model, h) for h in head_list]
+    restrictions = [resolve_restriction(model, None)] * with_model + [resolve_restriction(model, h) for h in head_list]
     results = sample_llcs(model, data, restrictions, config, loss_fn=loss_fn, desc=f"step {step}", progress=progress)
-    rows = [dict(scope="model", layer=pd.NA, head=pd.NA, **summary(results[0]))]
-    rows += [dict(scope="head", layer=layer, head=h, **summary(r)) for (layer, h), r in zip(head_list, results[1:], strict=True)]
+    rows = [dict(scope="model", layer=pd.NA, head=pd.NA, **summary(results[0]))] * with_model
+    rows += [dict(scope="head", layer=layer, head=h, **summary(r))
+             for (layer, h), r in zip(head_list, results[with_model:], strict=True)]
     return pd.DataFrame(rows)
