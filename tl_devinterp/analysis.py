@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .data import BOS, make_data, pack_texts, spec_tokenizer, text_files, token_tensor
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
+from .dynamics.stages import check_stage_options
 from .dynamics.trajectories import HeadClusters, cluster_heads
 from .metrics import classify_heads, metrics_over_series, per_token_loss
 from .metrics.classify import LABELS as HEAD_LABELS
@@ -121,13 +122,7 @@ class AnalysisConfig:
         for name in ("ed_sigma",):
             if getattr(self, name) is not None and not 0 < getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
-        for name in ("stage_min_width", "stage_z"):
-            if not 0 <= getattr(self, name) < float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
-        if not 1 < self.stage_ratio < float("inf"):
-            raise ValueError(f"stage_ratio must be a finite number > 1, got {self.stage_ratio}.")
-        if not 0 <= self.stage_min_change < 1:
-            raise ValueError(f"stage_min_change must be in [0, 1), got {self.stage_min_change}.")
+        check_stage_options(**self.stage_options(), prefix="stage_")
         if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
         if self.n_clusters < 0:

@@ -134,6 +134,22 @@ def fit_piecewise_linear(
     return PiecewiseFit(np.array(knots), cov @ X.T @ (w * y), cov)
 
 
+def check_stage_options(z: float, ratio: float, min_width: float, min_change: float, *, prefix: str = "") -> None:
+    """The one check of `find_stages`' options; `prefix` names them as the caller does (`stage_` in
+    AnalysisConfig)."""
+    if not 0 <= z < np.inf:
+        raise ValueError(f"{prefix}z (standard errors a boundary must exceed the noise by) must be >= 0 and finite, "
+                         f"got {z}.")
+    if not 1 < ratio < np.inf:
+        raise ValueError(f"{prefix}ratio (speed-up or slow-down that makes a boundary) must be > 1 and finite, got "
+                         f"{ratio}.")
+    if not 0 <= min_width < np.inf:
+        raise ValueError(f"{prefix}min_width (narrowest stage in log-step) must be >= 0 and finite, got {min_width}.")
+    if not 0 <= min_change < 1:
+        raise ValueError(f"{prefix}min_change (smallest change of a stage, fraction of λ̂'s range) must be in [0, 1), "
+                         f"got {min_change}.")
+
+
 def find_stages(
     steps: Sequence[int],
     llc: Sequence[float],
@@ -161,15 +177,7 @@ def find_stages(
         raise ValueError("llc contains NaN or inf; drop those checkpoints first.")
     if (np.diff(steps) <= 0).any():
         raise ValueError("steps must be strictly increasing.")
-    if z < 0:
-        raise ValueError(f"z (standard errors a boundary must exceed the noise by) must be >= 0, got {z}.")
-    if not ratio > 1:
-        raise ValueError(f"ratio (speed-up or slow-down that makes a boundary) must be > 1, got {ratio}.")
-    if not min_width >= 0:
-        raise ValueError(f"min_width (narrowest stage in log-step) must be >= 0, got {min_width}.")
-    if not 0 <= min_change < 1:
-        raise ValueError(f"min_change (smallest change of a stage, fraction of λ̂'s range) must be in [0, 1), got "
-                         f"{min_change}.")
+    check_stage_options(z, ratio, min_width, min_change)
     if offset is None:
         offset = steps[1] if steps[0] == 0 else 0.0
     if steps[0] + offset <= 0:
