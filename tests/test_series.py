@@ -134,3 +134,15 @@ def test_from_models_and_lookup_errors():
         series.load(3)
     with pytest.raises(SeriesError, match="one step per model"):
         CheckpointSeries.from_models(models, [0])
+
+
+def _fresh_model(step):
+    return build_model(CFG)
+
+
+def test_a_pickled_series_leaves_the_model_fingerprint_held_behind():
+    """A parallel job ships the series: the model `fingerprint` keeps for the next `load` must not travel
+    (a TransformerBridge does not pickle)."""
+    series = CheckpointSeries([0], _fresh_model)  # no fingerprint of its own
+    series.fingerprint(0)
+    assert series._held is not None and pickle.loads(pickle.dumps(series))._held is None

@@ -27,6 +27,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .store import _at_step
+
 JOBS_PER_SLOT = 2  # jobs in flight per worker thread: workers never wait, the driver holds few job payloads
 POLL_SECONDS = 10  # how often we look for workers that joined (a SLURM cluster starts while we run)
 
@@ -85,7 +87,7 @@ def _job(series, compute: Callable, step: int, per_host: int) -> tuple[pd.DataFr
         torch.cuda.set_device(_worker_index() % torch.cuda.device_count())  # "cuda" now means this GPU
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        frame = compute(step, series.load(step))
+        frame = _at_step(compute, step, series)
     return frame, [(str(w.message), w.category) for w in caught]
 
 

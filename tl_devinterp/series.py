@@ -54,6 +54,11 @@ class CheckpointSeries:
         self._held: tuple[int, nn.Module] | None = None  # the model `fingerprint` loaded, until `load` takes it
         self.meta: dict[str, Any] = meta or {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (a parallel job) without the model `fingerprint` holds for the next `load`: a model may not
+        pickle, and each job loads its own checkpoint anyway."""
+        return {**self.__dict__, "_held": None}
+
     def __len__(self) -> int:
         return len(self.steps)
 
