@@ -24,7 +24,6 @@ and every head at demo scale, in units of fp32's standard error; a precision is 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import statistics
 import sys
@@ -48,7 +47,7 @@ from tl_devinterp.models import (
 )
 from tl_devinterp.sampling import default_nbeta, estimate_head_llcs, estimate_llc
 from tl_devinterp.sampling.fast_forward import PRECISIONS, fast_forward, precision_context
-from tl_devinterp.sampling.llc import SGLDConfig, lm_loss
+from tl_devinterp.sampling.llc import lm_loss
 
 SCALES = {
     "demo": ModelConfig(n_layers=2, n_heads=4, d_model=64, n_ctx=64, d_vocab=128, attn_only=True),
@@ -72,20 +71,11 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
     return statistics.median(times[warmup:])
 
 
-def library_options(precision: str) -> tuple[dict, str]:
-    """Keyword options for our estimators, and the precision the context must apply: SGLDConfig's own
-    `precision` field where the library has it, else the whole call runs inside `precision_context`."""
-    if "precision" in {f.name for f in dataclasses.fields(SGLDConfig)}:
-        return dict(precision=precision), "fp32"
-    return {}, precision
-
-
 def ours(model, tokens, precision, draws, device, repeats) -> dict[str, float]:
     """Per chain-step times of a full-model and an all-heads estimate through the library API."""
-    options, context = library_options(precision)
-    hp = dict(num_chains=CHAINS, num_draws=draws, num_burnin=0, batch_size=BATCH, progress=False, **options)
+    hp = dict(num_chains=CHAINS, num_draws=draws, num_burnin=0, batch_size=BATCH, progress=False, precision=precision)
     n_heads = len(all_heads(model))
-    with precision_context(context, device), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a few draws from an untrained model: the diagnostics complain
         full = timed(lambda: estimate_llc(model, tokens, **hp), device, repeats)
         heads = timed(lambda: estimate_head_llcs(model, tokens, **hp), device, repeats)
@@ -153,10 +143,8 @@ def precision_bias(model, tokens, device, draws) -> list[dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for precision in PRECISIONS:
-            options, context = library_options(precision)
-            with precision_context(context, device):
-                full = estimate_llc(model, tokens, **hp, **options)
-                heads = estimate_head_llcs(model, tokens, **hp, **options)
+            full = estimate_llc(model, tokens, **hp, precision=precision)
+            heads = estimate_head_llcs(model, tokens, **hp, precision=precision)
             rows.append({"precision": precision, "all": (full.mean, full.se)}
                         | {f"l{r.layer}h{r.head}": (r.llc_mean, r.llc_se) for r in heads.itertuples()})
     reference = rows[0]

@@ -1,7 +1,7 @@
 """Everything about one checkpoint series, computed, saved and shown: `analyze(series, out_dir)`.
 
 The pipeline of the package, run in order: the LLC at every checkpoint (and each head's refined LLC at
-some), head scores and behavioural metrics, head classes, stages from the LLC curve, essential dynamics,
+every checkpoint, or at the `head_steps` where the curves change most), head scores and behavioural metrics, head classes, stages from the LLC curve, essential dynamics,
 then at each stage boundary the attention of chosen heads and the per-token loss change on a sample
 sequence. Per-checkpoint results go through `ResultStore`s under `OUT/store/`, so a rerun after an
 interruption recomputes nothing that finished. Writes `OUT/results/*.csv`, `OUT/figures/*.png` and
@@ -63,10 +63,9 @@ SGLD_OPTIONS = {f.name for f in dataclasses.fields(SGLDConfig)} - {"seed"}
 
 @dataclass
 class AnalysisConfig:
-    """Every option of `analyze` and its default, sized so that the demo series (30 checkpoints of a 2-layer,
-    4-head model) is analysed in about 5 minutes on 2 CPU cores: fewer SGLD draws than the papers (4 chains x
-    200), head LLCs at 4 checkpoints. For a careful run raise them after checking the sampler with
-    `calibrate_llc`.
+    """Every option of `analyze` and its default: fewer SGLD draws than the papers (4 chains x 200) and every
+    head's LLC at every checkpoint (`demo` sets head_steps=10 to fit about 10 minutes on 2 CPU cores). For a
+    careful run raise the draws after checking the sampler with `calibrate_llc`.
 
     The flags of `tl-devinterp analyze` (`--num-draws 200`) and the keys of a `--config` file are these
     field names and those of `SGLDConfig` (all but its seed), which go into `sgld`.
