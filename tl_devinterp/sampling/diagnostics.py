@@ -29,6 +29,10 @@ LOW_ACCEPTANCE = 0.5  # MALA acceptance below this: ε too large for the local c
 DRIFT_T, DRIFT_REL = 4.0, 0.1  # a trace still moving: |t| above DRIFT_T and a change above DRIFT_REL·|λ̂|
 
 
+ROW = ("loss_increase", "distance", "prior_radius", "likelihood_fraction", "acceptance", "regime")
+"""The diagnostics a results table keeps, one column each (`SamplerDiagnostics.as_row`)."""
+
+
 class SamplerWarning(UserWarning):
     """An LLC estimate whose chains are prior-dominated, negative, far from the checkpoint or not flat."""
 
@@ -47,9 +51,8 @@ class SamplerDiagnostics:
     warnings: tuple[str, ...] = ()
 
     def as_row(self) -> dict:
-        """The columns a results table keeps."""
-        return dict(loss_increase=self.loss_increase, distance=self.distance, prior_radius=self.prior_radius,
-                    likelihood_fraction=self.likelihood_fraction, acceptance=self.acceptance, regime=self.regime)
+        """The columns a results table keeps (`ROW`)."""
+        return {k: getattr(self, k) for k in ROW}
 
 
 class ChainStats:

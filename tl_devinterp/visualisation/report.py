@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..models import head_name
+from ..sampling.diagnostics import ROW as DIAGNOSTIC_COLUMNS
 from .attention import circuitsvis_script
 
 _CSS = """
@@ -83,10 +84,6 @@ def write_report(
     return path
 
 
-DIAGNOSTICS = ["loss_increase", "distance", "prior_radius", "likelihood_fraction", "acceptance", "regime"]
-"""The sampler diagnostics columns of an LLC frame (`sampling.heads.summary`), shown beside each curve."""
-
-
 def _regime_note(frame: pd.DataFrame, what: str) -> list[str]:
     """A sentence on how many estimates were prior-dominated or negative (empty without diagnostics)."""
     if "regime" not in frame:
@@ -106,7 +103,7 @@ def _sampler_parts(model_llc: pd.DataFrame, result) -> list[str]:
         shown = [c for c in ("step", "epsilon", "gamma", "nbeta", "llc_mean", "likelihood_fraction", "regime",
                              "eps_change", "acceptable") if c in calibration.table]
         parts.append("<details><summary>calibration cells</summary>" + table_html(calibration.table[shown]) + "</details>")
-    shown = [c for c in ("step", "llc_mean", "llc_se", *DIAGNOSTICS) if c in model_llc]
+    shown = [c for c in ("step", "llc_mean", "llc_se", *DIAGNOSTIC_COLUMNS) if c in model_llc]
     if len(shown) > 3:
         parts.append("<details><summary>sampler diagnostics per checkpoint</summary>"
                      + table_html(model_llc[shown]) + "</details>")
