@@ -76,7 +76,8 @@ class ChainStats:
         if self.mala and self.previous is not None:  # the step w_prev → w just taken, scored as a MALA proposal
             eps = config.epsilon
             u_prev, drift_prev, noise_prev = self.previous
-            back = torch.add((eps / 2) * (drift - drift_prev), noise_prev, alpha=-math.sqrt(eps))  # w_prev − w + (ε/2)∇U(w)
+            # w_prev − w + (ε/2)∇U(w), with w − w_prev = −(ε/2)∇U(w_prev) + √ε·ξ_prev
+            back = torch.add((eps / 2) * (drift + drift_prev), noise_prev, alpha=-math.sqrt(eps))
             log_q_back = -(norms(back) ** 2) / (2 * eps)
             log_q_forward = -(norms(noise_prev) ** 2) / 2
             log_alpha = u_prev - potential + log_q_back - log_q_forward
