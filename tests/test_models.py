@@ -110,3 +110,11 @@ def test_config_validation_and_model_check():
     with pytest.raises(TypeError, match="TransformerLens model"):
         check_model(torch.nn.Linear(2, 2))
     assert ModelConfig.from_dict(CONFIGS[1].to_dict()) == CONFIGS[1]
+
+
+def test_a_restrictions_label_is_the_same_for_a_list_and_a_tuple_of_specs():
+    """The label seeds the chains' noise: the same restriction written as a tuple or a list samples alike."""
+    from tl_devinterp.sampling.restrict import restriction_label
+
+    assert restriction_label(("l0h0", "l1h1")) == restriction_label(["l0h0", "l1h1"]) == "l0h0+l1h1"
+    assert restriction_label((1, 3)) == "l1h3"  # a tuple of two ints is one head

@@ -90,7 +90,7 @@ def calibrate_llc(
         rows.append(dict(setting, diverged=False, **summary(r), trace_drift=r.diagnostics.trace_drift,
                          llc_trace=r.llc_trace.numpy()))
     table = judge(pd.DataFrame(rows))
-    return Calibration(table, choose_setting(table, default_nbeta=default_nbeta(config.batch_size)))
+    return Calibration(table, choose_setting(table, default_nbeta=default_nbeta(config.resolve(data).batch_size)))
 
 
 def judge(table: pd.DataFrame) -> pd.DataFrame:

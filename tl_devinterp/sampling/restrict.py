@@ -90,9 +90,9 @@ def restriction_label(restrict) -> str:
     """A canonical, stable text for a spec: heads become `l1h3`, so `(1, 3)` and `"l1h3"` agree."""
     if restrict is None:
         return "all"
-    if isinstance(restrict, list):
-        return "+".join(restriction_label(s) for s in restrict)
     head = as_head(restrict)
+    if head is None and isinstance(restrict, (list, tuple)):  # several specs, as resolve_restriction reads them
+        return "+".join(restriction_label(s) for s in restrict)
     if head is not None:
         return f"l{head[0]}h{head[1]}"
     layer = _LAYER.match(restrict) if isinstance(restrict, str) else None
