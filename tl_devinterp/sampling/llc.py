@@ -185,21 +185,17 @@ class LLCResult:
 # The loss: explicit loss_fn, else the model's own `loss_fn`, else next-token cross-entropy.
 
 
-def lm_loss(model: nn.Module, batch) -> torch.Tensor:
-    """Mean next-token cross-entropy of a TransformerLens model on a token batch."""
-    tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return token_cross_entropy(model(tokens), tokens).mean()
-
-
-def lm_loss_from_layer(model: nn.Module, batch, resid: torch.Tensor, layer: int) -> torch.Tensor:
-    """`lm_loss` computed from the residual stream before block `layer`."""
-    tokens = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return token_cross_entropy(model(resid, start_at_layer=layer), tokens).mean()
+def lm_loss(model: nn.Module, batch, resid: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of a TransformerLens model on a token batch; with `resid` and `layer`,
+    computed from that residual stream before block `layer`."""
+    tokens = _tokens(batch)
+    logits = model(tokens) if layer is None else model(resid, start_at_layer=layer)
+    return token_cross_entropy(logits, tokens).mean()
 
 
 def fast_lm_loss(forward: Callable) -> Callable:
-    """`lm_loss` and `lm_loss_from_layer` in one, through a fast forward `forward(tokens, start_at_layer,
-    resid)` (`sampling.fast_forward`) instead of the model's own."""
+    """`lm_loss` through a fast forward `forward(tokens, start_at_layer, resid)` (`sampling.fast_forward`)
+    instead of the model's own."""
 
     def loss(model: nn.Module, batch, resid: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
         tokens = _tokens(batch)
@@ -225,9 +221,9 @@ def _sampling_forward(model: nn.Module, loss_fn: Callable | None, config: SGLDCo
 
 
 def skips_lower_blocks(model: nn.Module, batch) -> bool:
-    """Whether `model(resid, start_at_layer=1)` really skips block 0 (native bridges and HookedTransformer
-    do; HF bridges run the lower blocks anyway, so a cached residual stream would save nothing)."""
-    tokens = (batch[0] if isinstance(batch, (tuple, list)) else batch)[:1]
+    """Whether `model(resid, start_at_layer=1)` really skips block 0: where a model runs the lower blocks
+    anyway, a cached residual stream would save nothing."""
+    tokens = _tokens(batch)[:1]
     calls = []
     try:
         with torch.no_grad():
@@ -316,8 +312,6 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     starts = [r.first_layer for r in restrictions]
     if loss_fn is not None or not is_supported_model(model) or not any(starts) or not skips_lower_blocks(model, first):
         starts = [0] * len(restrictions)
-    from_layer = fast_lm_loss(forward) if forward else lm_loss_from_layer
-    objectives = {layer: Objective(model, from_layer, config.precision) if layer else objective for layer in set(starts)}
 
     stacks = _stacks(restrictions, starts, w_star, config, device)
     step_rule = SAMPLERS[config.sampler]
@@ -344,12 +338,12 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
         if draw >= 0:
             init_losses[draw] = l_star
         with torch.no_grad():  # 2. the shared residual streams at w*
-            extra = {layer: () if layer == 0 else (model(_tokens(batch), stop_at_layer=layer), layer) for layer in objectives}
+            extra = {layer: () if layer == 0 else (model(_tokens(batch), stop_at_layer=layer), layer) for layer in set(starts)}
         for stack in stacks:
             chains = stack.chains
             # 3. Every chain's loss and gradient in one batched call: its coordinates in its restriction's
             #    parameters, w* elsewhere.
-            losses, grad = _losses_and_grads(objectives[stack.start], stack, w_star, batch, extra[stack.start])
+            losses, grad = _losses_and_grads(objective, stack, w_star, batch, extra[stack.start])
             values = losses.double().cpu().numpy()
             if not (values < limit).all():  # also catches NaN
                 g = int(np.argmin(values < limit))
