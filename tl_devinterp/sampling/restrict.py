@@ -52,8 +52,8 @@ class Restriction:
 
 def resolve_restriction(model: nn.Module, restrict=None) -> Restriction:
     """The coordinates that `restrict` names in `model` (None: every sampled parameter)."""
-    params = sampled_parameters(model)
     if restrict is None:
+        params = sampled_parameters(model)
         return Restriction("all", {name: None for name in params}, sum(p.numel() for p in params.values()))
     if isinstance(restrict, str) or as_head(restrict) is not None:
         specs = [restrict]
