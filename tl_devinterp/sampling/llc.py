@@ -204,7 +204,7 @@ def fast_lm_loss(forward: Callable) -> Callable:
     return loss
 
 
-def _sampling_forward(model: nn.Module, loss_fn: Callable | None, config: SGLDConfig, batch) -> tuple[Callable | None, str]:
+def choose_forward(model: nn.Module, loss_fn: Callable | None, config: SGLDConfig, batch) -> tuple[Callable | None, str]:
     """(the fast forward, "fast") where it may replace the TL forward in the LM loss (`config.fast_forward`,
     the default loss, no hook on a hook point that it would skip, and `verified_fast_forward` finds equal logits
     and gradients on `batch`); else (None, why not). Attention is fused on a GPU and written out on a CPU,
@@ -288,7 +288,8 @@ def _generator(seed: int, label: str, chain: int, device) -> torch.Generator:
 
 def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config: SGLDConfig, *,
                 loss_fn: Callable | None = None, desc: str = "SGLD", progress: bool = True,
-                observe: Callable[[int, int, int, dict[str, torch.Tensor]], None] | None = None) -> list[LLCResult]:
+                observe: Callable[[int, int, int, dict[str, torch.Tensor]], None] | None = None,
+                sampling_forward: tuple[Callable | None, str] | None = None) -> list[LLCResult]:
     """One LLC estimate per restriction, in one pass over the batches (shared by every chain and
     restriction, with each batch's checkpoint loss computed once). Chains that sample the same parameters
     (a restriction's chains; the heads of one layer) run stacked, up to `config.max_batched` per batched call.
@@ -296,6 +297,8 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     `observe(restriction, chain, draw, weights)`, if given, is called without grad on every
     `config.draws_every`-th post-burn-in draw (draw counted in thinned draws), with the draw's weights
     (canonical name -> tensor, w* outside the restriction): the hook that observables use.
+    `sampling_forward`: `choose_forward`'s choice where the caller made it already (observables evaluate
+    through the same forward).
     """
     config = config.resolve(data)
     params = sampled_parameters(model)
@@ -303,7 +306,7 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     w_star = {n: p.detach() for n, p in params.items()}
     batches = batch_stream(data, config.batch_size, config.seed, device)
     first = next(batch_stream(data, config.batch_size, config.seed, device))[1]  # for the one-time checks below
-    forward, how = _sampling_forward(model, loss_fn, config, first)
+    forward, how = sampling_forward or choose_forward(model, loss_fn, config, first)
     objective = Objective(model, fast_lm_loss(forward) if forward else resolve_loss(model, loss_fn), config.precision)
     restrictions = _drop_unused(objective, w_star, restrictions, first)
 

@@ -25,8 +25,8 @@ from jaxtyping import Float
 from torch import nn
 
 from ..models import is_supported_model, sampled_parameters, token_cross_entropy
-from .batches import as_tensors
-from .llc import LLCResult, Objective, SGLDConfig, resolve_loss, sample_llcs
+from .batches import as_tensors, batch_stream
+from .llc import LLCResult, Objective, SGLDConfig, choose_forward, resolve_loss, sample_llcs
 from .restrict import Restriction, resolve_restriction
 
 MEMORY_LIMIT = 2**28
@@ -96,7 +96,10 @@ def sample_traces(model: nn.Module, data, restrictions: list[Restriction], obser
     if not observables:
         raise ValueError("observables is empty: pass a dict name -> callable f(model) or evaluation dataset.")
     config = config.resolve(data)
-    evaluate = {name: _evaluator(model, obs, loss_fn, config.batch_size, name) for name, obs in observables.items()}
+    device = next(model.parameters()).device
+    sampling = choose_forward(model, loss_fn, config, next(batch_stream(data, config.batch_size, config.seed, device))[1])
+    evaluate = {name: _evaluator(model, obs, loss_fn, config.batch_size, name, sampling[0])
+                for name, obs in observables.items()}
     at_star = {n: p.detach() for n, p in sampled_parameters(model).items()}
     with torch.no_grad():
         shapes = {name: tuple(f(at_star).shape) for name, f in evaluate.items()}
@@ -109,12 +112,15 @@ def sample_traces(model: nn.Module, data, restrictions: list[Restriction], obser
         for name, f in evaluate.items():
             traces[r][name][c, k] = f(values).float().cpu().numpy()
 
-    results = sample_llcs(model, data, restrictions, config, loss_fn=loss_fn, desc=desc, progress=progress, observe=observe)
+    results = sample_llcs(model, data, restrictions, config, loss_fn=loss_fn, desc=desc, progress=progress, observe=observe,
+                          sampling_forward=sampling)
     return [ObservableTraces(t, res, r.label, shapes) for t, res, r in zip(traces, results, restrictions, strict=True)]
 
 
-def _evaluator(model: nn.Module, observable, loss_fn: Callable | None, batch_size: int, name: str):
-    """`f(values) -> tensor`: the observable at the weights `values` (canonical name -> tensor)."""
+def _evaluator(model: nn.Module, observable, loss_fn: Callable | None, batch_size: int, name: str,
+               forward: Callable | None = None):
+    """`f(values) -> tensor`: the observable at the weights `values` (canonical name -> tensor); per-token
+    losses through `forward` (the sampler's fast forward) where given."""
     if callable(observable) and not isinstance(observable, (torch.Tensor, torch.utils.data.DataLoader)):
         target = Objective(model, lambda m, _: observable(m))
         return lambda values: torch.as_tensor(target.at(values, None))
@@ -127,7 +133,7 @@ def _evaluator(model: nn.Module, observable, loss_fn: Callable | None, batch_siz
     device = next(model.parameters()).device
     rows = tuple(t.to(device) for t in rows)
     if loss_fn is None and is_supported_model(model):  # per-token next-token losses
-        target = Objective(model, lambda m, tokens: token_cross_entropy(m(tokens), tokens))
+        target = Objective(model, lambda m, tokens: token_cross_entropy(forward(tokens) if forward else m(tokens), tokens))
         return lambda values: torch.cat([target.at(values, rows[0][i:i + batch_size])
                                         for i in range(0, len(rows[0]), batch_size)])
     target = Objective(model, resolve_loss(model, loss_fn))  # per-row losses of the model's own loss
