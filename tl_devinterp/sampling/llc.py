@@ -88,6 +88,17 @@ class SGLDConfig:
                                                        "the TL forward and no hook point holds a hook; False: the TL forward"})
     precision: str = field(default="fp32", metadata={"help": "fp32, tf32 (TF32 matmuls) or bf16 (autocast): CUDA "
                                                      "only, a CPU always samples in float32"})
+    # devinterp's chain options (its names); at their defaults they change nothing (nor a stored result's key)
+    steps_between_draws: int = field(default=1, metadata={"help": "SGLD steps per draw after burn-in: lambda-hat "
+                                                          "averages every k-th step (thinning)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches of batch_size per step: "
+                                                                  "one step sees batch_size x k rows, as one batch would"})
+    weight_decay: float = field(default=0.0, metadata={"help": "adds weight_decay*w to the drift (a Gaussian prior "
+                                                       "at 0 on top of the localisation)"})
+    init_noise: float = field(default=0.0, metadata={"help": "chains start at w* + init_noise*N(0, 1) (on the "
+                                                     "sampled coordinates)"})
+    bounding_box_size: float | None = field(default=None, metadata={"help": "chains kept within w* +- this in every "
+                                                                    "coordinate (None: no box)"})
 
     def __post_init__(self):
         check_precision(self.precision)
@@ -95,13 +106,15 @@ class SGLDConfig:
             raise TypeError(f"SGLDConfig.fast_forward must be True or False, got {self.fast_forward!r}.")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"SGLDConfig.sampler={self.sampler!r} is unknown; choose one of {sorted(SAMPLERS)}.")
-        for name in ("epsilon", "gamma", "nbeta", "diffusion", "rmsprop_decay", "rmsprop_delta"):
+        for name in ("epsilon", "gamma", "nbeta", "diffusion", "rmsprop_decay", "rmsprop_delta", "weight_decay",
+                     "init_noise", "bounding_box_size"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                 raise TypeError(f"SGLDConfig.{name} must be a finite number, got {v!r}.")
             if v is not None:
                 object.__setattr__(self, name, float(v))  # 1 and 1.0 are one setting (and one store key)
-        for name in ("num_chains", "num_draws", "num_burnin", "batch_size", "seed", "draws_every", "max_batched"):
+        for name in ("num_chains", "num_draws", "num_burnin", "batch_size", "seed", "draws_every", "max_batched",
+                     "steps_between_draws", "gradient_accumulation_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"SGLDConfig.{name} must be an integer, got {v!r}.")
@@ -120,6 +133,12 @@ class SGLDConfig:
             )
         if self.draws_every < 1:
             raise ValueError(f"SGLDConfig.draws_every must be >= 1 (1 = every draw), got {self.draws_every}.")
+        if self.steps_between_draws < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError(f"SGLDConfig needs steps_between_draws >= 1 and gradient_accumulation_steps >= 1; got "
+                             f"{self.steps_between_draws}, {self.gradient_accumulation_steps}.")
+        if self.weight_decay < 0 or self.init_noise < 0 or (self.bounding_box_size is not None and not self.bounding_box_size > 0):
+            raise ValueError(f"SGLDConfig needs weight_decay >= 0, init_noise >= 0, bounding_box_size > 0 (or None); "
+                             f"got {self.weight_decay}, {self.init_noise}, {self.bounding_box_size}.")
         if self.max_batched < 1:
             raise ValueError(f"SGLDConfig.max_batched must be >= 1 (1 = one chain at a time), got {self.max_batched}.")
         if not (self.diffusion > 0 and 0 <= self.rmsprop_decay < 1 and self.rmsprop_delta > 0):
@@ -141,13 +160,20 @@ class SGLDConfig:
         batch_size = self.batch_size
         if isinstance(loader, torch.utils.data.DataLoader) and loader.batch_size is not None:
             batch_size = loader.batch_size
-        nbeta = default_nbeta(batch_size) if self.nbeta is None else float(self.nbeta)
+        nbeta = default_nbeta(batch_size * self.gradient_accumulation_steps) if self.nbeta is None else float(self.nbeta)
         return dataclasses.replace(self, batch_size=batch_size, nbeta=nbeta)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings that determine the numbers (a stored result's key): all but `max_batched` and
-        `fast_forward`, which only change how the same numbers are computed (to float rounding)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("max_batched", "fast_forward")}
+        `fast_forward`, which only change how the same numbers are computed (to float rounding); devinterp's
+        chain options only where they are not at their defaults (results stored before they existed still match)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in _CHAIN_OPTIONS}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("max_batched", "fast_forward") and not (k in defaults and v == defaults[k])}
+
+
+_CHAIN_OPTIONS = ("steps_between_draws", "gradient_accumulation_steps", "weight_decay", "init_noise",
+                  "bounding_box_size")
 
 
 @dataclass
@@ -355,7 +381,9 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     params = sampled_parameters(model)
     device = next(iter(params.values())).device
     w_star = {n: p.detach() for n, p in params.items()}
-    batches = batch_stream(data, config.batch_size, config.seed, device)
+    accumulate, thin = config.gradient_accumulation_steps, config.steps_between_draws
+    loader = isinstance(as_tensors(data), torch.utils.data.DataLoader)  # a loader's batches are taken k at a time
+    batches = batch_stream(data, config.batch_size * (1 if loader else accumulate), config.seed, device)
     first = next(batch_stream(data, config.batch_size, config.seed, device))[1]  # for the one-time checks below
     forward, how = sampling_forward or choose_forward(model, loss_fn, config, first)
     objective = Objective(model, fast_lm_loss(forward) if forward else resolve_loss(model, loss_fn), config.precision)
@@ -368,20 +396,28 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
         starts = [0] * len(restrictions)
 
     stacks = _stacks(restrictions, starts, w_star, config, device)
+    if config.init_noise:  # chains start at w* + init_noise·N(0, 1) on their coordinates
+        for stack in stacks:
+            stack.chains.weights.add_(_noise(stack, device), alpha=config.init_noise)
     step_rule = SAMPLERS[config.sampler]
     trace = torch.empty(len(restrictions), config.num_chains, config.num_draws)
     init_losses = torch.empty(config.num_draws)
     checkpoint_losses: dict[int, float] = {}  # batch key -> L_B(w*)
     reference = limit = None  # the checkpoint's loss on the first batch, and the loss a chain may not exceed
 
-    for step in tqdm(range(config.num_burnin + config.num_draws), desc=desc, unit="step", leave=False, disable=not progress):
+    for step in tqdm(range(config.num_burnin + config.num_draws * thin), desc=desc, unit="step", leave=False,
+                     disable=not progress):
+        # A step's batch: `accumulate` micro-batches of batch_size (the rows of one batch of batch_size × k).
         key, batch = next(batches)
-        draw = step - config.num_burnin
+        micro = (_split(batch, accumulate) if not loader else [batch, *(next(batches)[1] for _ in range(accumulate - 1))]
+                 ) if accumulate > 1 else [batch]
+        since = step - config.num_burnin  # steps after burn-in; every `thin`-th is a draw
+        draw, recorded = since // thin, since >= 0 and since % thin == 0
         # 1. The checkpoint's loss on this batch (once per batch), the reference every draw is paired with.
         l_star = checkpoint_losses.get(key) if key is not None else None
-        if l_star is None and (draw >= 0 or limit is None):
+        if l_star is None and (recorded or limit is None):
             with torch.no_grad():
-                l_star = objective(batch).item()
+                l_star = sum(objective(b).item() for b in micro) / len(micro)
             if not math.isfinite(l_star):
                 raise ValueError(f"{desc}: the checkpoint's own loss is {l_star} on the sampled data, so its weights "
                                  f"are damaged (NaN/inf); reload or retrain the checkpoint.")
@@ -389,15 +425,18 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
                 checkpoint_losses[key] = l_star
         if limit is None:
             reference, limit = l_star, l_star + EXPLODE * max(1.0, abs(l_star))
-        if draw >= 0:
+        if recorded:
             init_losses[draw] = l_star
         with torch.no_grad():  # 2. the shared residual streams at w*
-            extra = {layer: () if layer == 0 else (model(_tokens(batch), stop_at_layer=layer), layer) for layer in set(starts)}
+            extra = [{layer: () if layer == 0 else (model(_tokens(b), stop_at_layer=layer), layer) for layer in set(starts)}
+                     for b in micro]
         for stack in stacks:
             chains = stack.chains
             # 3. Every chain's loss and gradient in one batched call: its coordinates in its restriction's
-            #    parameters, w* elsewhere.
-            losses, grad = _losses_and_grads(objective, stack, w_star, batch, extra[stack.start])
+            #    parameters, w* elsewhere (averaged over the micro-batches).
+            parts = [_losses_and_grads(objective, stack, w_star, b, e[stack.start]) for b, e in zip(micro, extra)]
+            losses, grad = (parts[0] if len(parts) == 1 else
+                            (sum(p[0] for p in parts) / len(parts), sum(p[1] for p in parts) / len(parts)))
             values = losses.double().cpu().numpy()
             if not (values < limit).all():  # also catches NaN
                 g = int(np.argmin(values < limit))
@@ -407,7 +446,7 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
                     f"({'burn-in' if draw < 0 else f'draw {draw}'}): loss {values[g]:.4g} vs {reference:.4g} at "
                     f"the checkpoint. Lower epsilon (now {config.epsilon:g}) or raise gamma (now {config.gamma:g})."
                 )
-            if draw >= 0:
+            if recorded:
                 trace[(*stack.index, draw)] = torch.from_numpy(values).float()
                 if observe is not None and draw % config.draws_every == 0:
                     with torch.no_grad():
@@ -415,13 +454,19 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
                             observe(r, c, draw // config.draws_every, w_star | stack.unflat(row))
             with torch.no_grad():
                 # 4. Each chain's noise from its own generator; gradient and noise masked to its restriction.
-                noise = torch.stack([torch.randn(stack.star.numel(), generator=g, device=device) for g in chains.generators])
+                noise = _noise(stack, device)
                 if stack.mask is not None:
-                    grad, noise = grad * stack.mask, noise * stack.mask
-                if draw >= 0:  # 5. diagnostics of the state about to be left (norms only: cheap)
+                    grad = grad * stack.mask
+                if since >= 0:  # 5. diagnostics of the state about to be left (norms only: cheap)
                     distance, grad_norm = norms(chains.weights - stack.star), norms(grad)  # ‖w − w*‖, ‖∇L_B(w)‖
+                if config.weight_decay:  # devinterp's weight decay: + weight_decay·w in the drift
+                    decay = chains.weights if stack.mask is None else chains.weights * stack.mask
+                    grad = grad.add(decay, alpha=config.weight_decay / config.nbeta)
                 drift = step_rule(chains, stack.star, grad, noise, config)  # 6. the sampler's update
-                if draw >= 0:
+                if config.bounding_box_size is not None:  # devinterp's box: w* ± bounding_box_size
+                    box = config.bounding_box_size
+                    torch.clamp(chains.weights, stack.star - box, stack.star + box, out=chains.weights)
+                if since >= 0:
                     chains.stats.update(loss=values, distance=distance, grad_norm=grad_norm, drift=drift, noise=noise,
                                         config=config)
 
@@ -525,6 +570,19 @@ def _losses_and_grads(objective: Objective, stack: _Stack, w_star: dict[str, tor
         losses.append(value.detach())
         grads.append(torch.autograd.grad(value, row)[0])
     return torch.stack(losses), torch.stack(grads)
+
+
+def _noise(stack: _Stack, device) -> Float[torch.Tensor, "chains coords"]:
+    """N(0, 1) per chain from its own generator, zero outside its restriction."""
+    noise = torch.stack([torch.randn(stack.star.numel(), generator=g, device=device) for g in stack.chains.generators])
+    return noise if stack.mask is None else noise * stack.mask
+
+
+def _split(batch, k: int) -> list:
+    """A batch (a tensor or a tuple of tensors) as k equal micro-batches along its rows."""
+    if isinstance(batch, torch.Tensor):
+        return list(batch.tensor_split(k))
+    return [type(batch)(parts) for parts in zip(*(t.tensor_split(k) for t in batch))]
 
 
 def _tokens(batch):
