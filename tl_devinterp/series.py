@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .models import ModelConfig, build_model, check_model, tl_parameter_names
+from .models import ModelConfig, build_model, tl_parameter_names
 from .store import file_sha256, fingerprint
 
 MANIFEST = "manifest.json"
@@ -161,12 +161,14 @@ class CheckpointSeries:
 
     @classmethod
     def from_models(cls, models: Sequence[nn.Module], steps: Sequence[int]) -> CheckpointSeries:
-        """Models already in memory, with the training step of each."""
+        """Models already in memory, with the training step of each: TransformerLens models, or any torch
+        module (e.g. `tasks.tms.TMS`), whose LLCs, stages and essential dynamics need only its loss."""
         models, steps = list(models), [int(s) for s in steps]
         if len(models) != len(steps):
             raise SeriesError(f"Got {len(models)} models but {len(steps)} steps; give one step per model.")
         for m in models:
-            check_model(m)
+            if not isinstance(m, nn.Module):
+                raise SeriesError(f"from_models takes torch modules; got a {type(m).__name__}.")
         shapes = [_shapes(m) for m in models]
         for s, sh in zip(steps[1:], shapes[1:]):
             if sh != shapes[0]:

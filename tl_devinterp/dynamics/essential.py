@@ -333,7 +333,8 @@ def essential_dynamics(
 ) -> EDResult:
     """Essential dynamics of a checkpoint series on a fixed input set.
 
-    `inputs`: token tensor `[n, seq]` or a dataset with `input_ids`. `proxy`: "true_logit" (the logit of the
+    `inputs`: token tensor `[n, seq]` or a dataset with `input_ids`; with a callable `proxy`, any tensor the
+    model takes (a model that is no language model, e.g. `tasks.tms.TMS`, with its outputs as proxy). `proxy`: "true_logit" (the logit of the
     true next token at one fixed position per sequence; `position` as in `fixed_positions`, default one
     random position per sequence drawn with `seed`), "outputs" (all logits at that position, flattened), or
     `callable(model, inputs) -> tensor` (flattened). Features go to `features_dir/features.f32` (kept) or a
@@ -341,13 +342,16 @@ def essential_dynamics(
     rerun reads them back. With an `executor`, the checkpoints' features are parallel jobs (see
     `tl_devinterp.parallel`). The rest is `essential_dynamics_of_features`.
     """
-    tokens = token_tensor(inputs)
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"inputs must be token sequences [n, seq] with seq >= 2; got shape {tuple(tokens.shape)}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     steps = list(series.steps if steps is None else steps)
-    pos = fixed_positions(len(tokens), tokens.shape[1], position, seed=seed)
+    if callable(proxy) and isinstance(inputs, torch.Tensor):  # any model's inputs, e.g. floats
+        tokens, pos = inputs, np.zeros(0, dtype=int)
+    else:
+        tokens = token_tensor(inputs)
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"inputs must be token sequences [n, seq] with seq >= 2; got shape {tuple(tokens.shape)}.")
+        pos = fixed_positions(len(tokens), tokens.shape[1], position, seed=seed)
     features = _proxy_features(proxy, tokens, pos, batch_size, device)
     name = proxy if isinstance(proxy, str) else getattr(proxy, "__qualname__", repr(proxy))
     with tempfile.TemporaryDirectory() as tmp:
