@@ -36,13 +36,14 @@ from .data import BOS, make_data, pack_texts, spec_tokenizer, text_files, token_
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
 from .dynamics.stages import check_stage_options
 from .dynamics.trajectories import HeadClusters, cluster_heads
+from .errors import InvalidTypeError, InvalidValueError, MissingFileError, NotAFolderError, SeriesError
 from .metrics import classify_heads, metrics_over_series, per_token_loss
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import bos_token_id, check_device, check_head, head_name, parse_head
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
 from .sampling.llc import SGLDConfig, default_nbeta
-from .series import CheckpointSeries, SeriesError
+from .series import CheckpointSeries
 from .store import StoreWarning, atomic_write, folder_lock
 from .visualisation.attention import AttentionView, attention_view
 from .visualisation.report import analysis_report
@@ -114,25 +115,25 @@ class AnalysisConfig:
             if f.name != "sgld":  # validated by SGLDConfig itself
                 setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
         if not isinstance(self.sgld, SGLDConfig):
-            raise TypeError(f"sgld must be an SGLDConfig, got {type(self.sgld).__name__}.")
+            raise InvalidTypeError(f"sgld must be an SGLDConfig, got {type(self.sgld).__name__}.")
         for name, low in (("n_sequences", 1), ("n_seqs", 1), ("n_components", 2), ("seed", 0), ("sample_index", 0)):
             if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}.")
+                raise InvalidValueError(f"{name} must be >= {low}, got {getattr(self, name)}.")
         for name in ("ed_sigma",):
             if getattr(self, name) is not None and not 0 < getattr(self, name) < float("inf"):
-                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
+                raise InvalidValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
         check_stage_options(**self.stage_options(), prefix="stage_")
         if self.seq_len is not None and self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
+            raise InvalidValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
         if self.n_clusters < 0:
-            raise ValueError(f"n_clusters must be >= 0 (0: no head clustering), got {self.n_clusters}.")
+            raise InvalidValueError(f"n_clusters must be >= 0 (0: no head clustering), got {self.n_clusters}.")
         if self.head_steps is not None and self.head_steps < 0:
-            raise ValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
+            raise InvalidValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
         if self.attention_heads is not None:
             self.attention_heads = [head_name(*parse_head(h)) for h in self.attention_heads]
         unknown = sorted(set(self.thresholds) - set(HEAD_LABELS))
         if unknown:
-            raise ValueError(f"Unknown thresholds {unknown}; classify_heads reads scores {list(HEAD_LABELS)}.")
+            raise InvalidValueError(f"Unknown thresholds {unknown}; classify_heads reads scores {list(HEAD_LABELS)}.")
         check_device(self.device)
 
     @classmethod
@@ -149,12 +150,12 @@ class AnalysisConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"Unknown option(s) {unknown} in {source}; valid options: {sorted(known | SGLD_OPTIONS)}.")
+            raise InvalidValueError(f"Unknown option(s) {unknown} in {source}; valid options: {sorted(known | SGLD_OPTIONS)}.")
         if sampler or "sgld" in d:
             nested = d.get("sgld", {})
             nested = dataclasses.asdict(nested) if isinstance(nested, SGLDConfig) else nested
             if not isinstance(nested, dict):
-                raise TypeError(f"sgld in {source} must be a table of SGLD options, got {nested!r}.")
+                raise InvalidTypeError(f"sgld in {source} must be a table of SGLD options, got {nested!r}.")
             try:
                 default = cls.__dataclass_fields__["sgld"].default_factory()
                 d["sgld"] = SGLDConfig.build(default, **{**nested, **sampler})
@@ -175,9 +176,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The option: value table of a JSON (`.json`) or TOML (`.toml`) config file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Config file {path} not found.")
+        raise MissingFileError(f"Config file {path} not found.")
     if path.suffix not in (".json", ".toml"):
-        raise ValueError(f"Config file {path} must end in .json or .toml.")
+        raise InvalidValueError(f"Config file {path} must end in .json or .toml.")
     try:
         if path.suffix == ".json":
             d = json.loads(path.read_text())
@@ -186,11 +187,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
             d = tomllib.loads(path.read_text())
     except ImportError:
-        raise ValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
+        raise InvalidValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
     except ValueError as e:  # JSONDecodeError, TOMLDecodeError, bad UTF-8
-        raise ValueError(f"Config file {path} cannot be parsed ({e}); fix its syntax.") from None
+        raise InvalidValueError(f"Config file {path} cannot be parsed ({e}); fix its syntax.") from None
     if not isinstance(d, dict):
-        raise ValueError(f"Config file {path} must hold a table of option: value pairs.")
+        raise InvalidValueError(f"Config file {path} must hold a table of option: value pairs.")
     return d
 
 
@@ -237,10 +238,10 @@ def analyze(
     """
     config = _as_config(config, overrides)
     series = _as_series(series, config)
-    train_tokens, test_tokens, labels_of = _data(series, data, config)
+    train_tokens, test_tokens, labels_of = _data(series, data, config, progress)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; give a directory for the report.")
+        raise NotAFolderError(f"--out {out} is a file; give a directory for the report.")
     with folder_lock(out, "analyze"):
         return _analyze(series, out, config, train_tokens, test_tokens, labels_of, progress, executor)
 
@@ -344,7 +345,7 @@ def _as_config(config, overrides: dict[str, Any]) -> AnalysisConfig:
     elif isinstance(config, (str, os.PathLike)):
         config = AnalysisConfig.from_file(config)
     elif not isinstance(config, AnalysisConfig):
-        raise TypeError(f"config must be an AnalysisConfig, a dict or a config file path; got {type(config).__name__}.")
+        raise InvalidTypeError(f"config must be an AnalysisConfig, a dict or a config file path; got {type(config).__name__}.")
     return AnalysisConfig.from_dict({**dataclasses.asdict(config), **overrides}, source="the arguments")
 
 
@@ -371,8 +372,8 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
     }[origin]
     if value is None or not ok(value):
         hint_ = f" (for one head: [{value!r}])" if origin is list and isinstance(value, str) else ""
-        raise TypeError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r} "
-                        f"({type(value).__name__}){hint_}.")
+        raise InvalidTypeError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r} "
+                               f"({type(value).__name__}){hint_}.")
     return float(value) if origin is float else list(value) if origin is list else value
 
 
@@ -387,7 +388,7 @@ def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
         series = (CheckpointSeries.from_hf_checkpoints(path, device=config.device) if trainer_run
                   else CheckpointSeries.from_dir(path))
     if not isinstance(series, CheckpointSeries):
-        raise TypeError(f"series must be a CheckpointSeries or a series directory; got {type(series).__name__}.")
+        raise InvalidTypeError(f"series must be a CheckpointSeries or a series directory; got {type(series).__name__}.")
     need = max(4, config.n_components + 1)  # find_stages needs 4 points, PCA n_components + 1
     if len(series) < need:
         raise SeriesError(f"The series has {len(series)} checkpoints; an analysis needs at least {need} "
@@ -428,29 +429,30 @@ def _keep_apart(out: Path, series: CheckpointSeries) -> None:
 
 
 
-def _data(series: CheckpointSeries, data, config: AnalysisConfig):
+def _data(series: CheckpointSeries, data, config: AnalysisConfig, progress: bool):
     """(train tokens for sampling and n-gram statistics, test tokens, tokens -> labels)."""
     spec = series.meta.get("data")
     if data is None and not spec:
-        raise ValueError("The series records no data spec (it was not written by tl_devinterp.train): pass data= "
-                         "(a token tensor [n, seq], a dataset with input_ids or text, or text files), or --data "
-                         "FILE.txt on the command line.")
+        raise InvalidValueError("The series records no data spec (it was not written by tl_devinterp.train): pass data= "
+                                "(a token tensor [n, seq], a dataset with input_ids or text, or text files), or --data "
+                                "FILE.txt on the command line.")
     tokenizer, bos, n_ctx = _tokenizer(series)
     if data is None:
         splits = make_data(spec)
         train, test = token_tensor(splits["train"]), token_tensor(splits["test"])
     elif _is_text(data):
         if tokenizer is None:
-            raise ValueError("Text data needs the models' tokenizer and this series has none: pass token data "
-                             "(a tensor [n, seq] or a dataset with input_ids).")
+            raise InvalidValueError("Text data needs the models' tokenizer and this series has none: pass token data "
+                                    "(a tensor [n, seq] or a dataset with input_ids).")
         texts = data if isinstance(data, datasets.Dataset) else text_files(data)
         seq_len = config.seq_len or min(n_ctx, 128)
-        train = test = token_tensor(pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos)["train"])
+        train = test = token_tensor(pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos,
+                                               progress=progress)["train"])
     else:
         train = test = token_tensor(data)
     test = test[: config.n_sequences]
     if not 0 <= config.sample_index < len(test):
-        raise ValueError(f"sample_index={config.sample_index} is out of range: {len(test)} test sequences.")
+        raise InvalidValueError(f"sample_index={config.sample_index} is out of range: {len(test)} test sequences.")
     if tokenizer is None:
         return train, test, lambda t: ["<bos>" if i == bos else str(i) for i in t.tolist()]
     return train, test, lambda t: ["<bos>" if i == bos else tokenizer.decode([i]) for i in t.tolist()]

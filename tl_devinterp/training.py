@@ -26,9 +26,10 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from .data import make_data, spec_tokenizer, token_tensor
+from .errors import InvalidTypeError, InvalidValueError, SeriesError
 from .interventions import Intervener, Intervention, as_interventions
 from .models import ModelConfig, build_model, check_device, token_cross_entropy
-from .series import FORMAT, MANIFEST, CheckpointSeries, SeriesError, load_checkpoint_state, read_manifest
+from .series import FORMAT, MANIFEST, CheckpointSeries, load_checkpoint_state, read_manifest
 from .store import LOCK, TMP_SUFFIX, atomic_write
 
 
@@ -58,11 +59,11 @@ class TrainConfig:
                      "n_linear_checkpoints", "seed"):
             value, low = getattr(self, name), 1 if name in ("n_steps", "batch_size", "eval_batches") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+                raise InvalidValueError(f"{name} must be an integer >= {low}, got {value!r}.")
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+                raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(dataclasses.replace(self, interventions=[]))
@@ -113,7 +114,7 @@ def checkpoint_schedule(n_steps: int, n_log: int, n_linear: int, extra_steps: Se
     (deduplicated)."""
     outside = [s for s in extra_steps if not 0 <= s <= n_steps]
     if outside:
-        raise ValueError(f"extra_steps {outside} lie outside the run's steps 0..{n_steps}; drop them or raise n_steps.")
+        raise InvalidValueError(f"extra_steps {outside} lie outside the run's steps 0..{n_steps}; drop them or raise n_steps.")
     log = np.geomspace(1, n_steps, n_log) if n_log else []
     lin = np.linspace(0, n_steps, n_linear + 1) if n_linear else []
     return sorted({0, n_steps, *map(int, np.round(log)), *map(int, np.round(lin)), *map(int, extra_steps)})
@@ -137,27 +138,27 @@ def train(
     the same config resumes from the last checkpoint; a different config is refused unless `overwrite`.
     """
     if (preset is None) == (config is None):
-        raise ValueError(f"Give exactly one of preset (one of {sorted(PRESETS)}) or config.")
+        raise InvalidValueError(f"Give exactly one of preset (one of {sorted(PRESETS)}) or config.")
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; known presets: {sorted(PRESETS)}.")
+            raise InvalidValueError(f"Unknown preset {preset!r}; known presets: {sorted(PRESETS)}.")
         config = PRESETS[preset]
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
-        raise TypeError(f"Unknown TrainConfig field(s) {unknown}; fields: {[f.name for f in dataclasses.fields(TrainConfig)]}.")
+        raise InvalidTypeError(f"Unknown TrainConfig field(s) {unknown}; fields: {[f.name for f in dataclasses.fields(TrainConfig)]}.")
     config = dataclasses.replace(config, **overrides)
     late = [i.to_dict() for i in config.interventions if i.start >= config.n_steps]
     if late:
-        raise ValueError(f"Interventions {late} start at or after n_steps={config.n_steps}: they would never act.")
+        raise InvalidValueError(f"Interventions {late} start at or after n_steps={config.n_steps}: they would never act.")
     if config.data.get("seq_len") != config.model.n_ctx:
-        raise ValueError(f"data seq_len ({config.data.get('seq_len')}) must equal the model's n_ctx ({config.model.n_ctx}).")
+        raise InvalidValueError(f"data seq_len ({config.data.get('seq_len')}) must equal the model's n_ctx ({config.model.n_ctx}).")
     check_device(device)
     tokenizer = spec_tokenizer(config.data)
     data = make_data(config.data)
     train_tokens, test_tokens = token_tensor(data["train"]), token_tensor(data["test"])
     vocab = int(max(train_tokens.max(), test_tokens.max())) + 1
     if vocab > config.model.d_vocab:
-        raise ValueError(f"The data uses {vocab} token ids but the model's d_vocab is {config.model.d_vocab}.")
+        raise InvalidValueError(f"The data uses {vocab} token ids but the model's d_vocab is {config.model.d_vocab}.")
     out = Path(out_dir)  # every check passed: only now is the folder touched
     manifest = _start(out, config, overwrite)
     if tokenizer is not None and manifest.get("tokenizer") is None:  # the series carries its tokenizer

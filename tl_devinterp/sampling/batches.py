@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import InvalidTypeError, InvalidValueError
 from ..store import fingerprint
 
 
@@ -21,16 +22,16 @@ def as_tensors(data) -> tuple[torch.Tensor, ...] | torch.utils.data.DataLoader:
         return (data,)
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         if len({len(t) for t in data}) != 1:
-            raise ValueError(f"The tensors in data have different lengths {[len(t) for t in data]}.")
+            raise InvalidValueError(f"The tensors in data have different lengths {[len(t) for t in data]}.")
         return tuple(data)
     if hasattr(data, "column_names"):  # a datasets.Dataset
         if "input_ids" not in data.column_names:
-            raise ValueError(f"The dataset has no 'input_ids' column (columns: {data.column_names}).")
+            raise InvalidValueError(f"The dataset has no 'input_ids' column (columns: {data.column_names}).")
         try:
             return (torch.as_tensor(np.asarray(data.with_format("numpy")["input_ids"])),)
         except ValueError as e:
-            raise ValueError("The dataset's input_ids have different lengths: chunk or pad them to one length.") from e
-    raise TypeError(
+            raise InvalidValueError("The dataset's input_ids have different lengths: chunk or pad them to one length.") from e
+    raise InvalidTypeError(
         f"Cannot sample from data of type {type(data).__name__}: pass a datasets.Dataset with 'input_ids', "
         f"a token tensor [N, seq], a tuple of tensors (x, y), or a torch DataLoader."
     )
@@ -47,7 +48,7 @@ def batch_stream(data, batch_size: int, seed: int, device) -> Iterator[tuple[int
                 yield None, _to(batch, device)
     n = len(source[0])
     if batch_size > n:
-        raise ValueError(f"batch_size={batch_size} is larger than the data ({n} rows); lower batch_size.")
+        raise InvalidValueError(f"batch_size={batch_size} is larger than the data ({n} rows); lower batch_size.")
     source = tuple(t.to(device) for t in source)
     g = torch.Generator().manual_seed(seed)
     chunks = torch.randperm(n, generator=g)[: n - n % batch_size].to(device).split(batch_size)

@@ -19,6 +19,7 @@ from circuitsvis.utils.convert_props import convert_props
 from jaxtyping import Float, Int
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..models import check_head, head_name, parse_head
 
 _ids = itertools.count()
@@ -30,7 +31,7 @@ def attention_patterns(
 ) -> Float[torch.Tensor, "head q k"]:
     """The attention pattern (`blocks.{l}.attn.hook_pattern`) of each chosen head on one sequence."""
     if tokens.ndim != 1:
-        raise ValueError(f"tokens must be one sequence [seq]; got shape {tuple(tokens.shape)}.")
+        raise InvalidValueError(f"tokens must be one sequence [seq]; got shape {tuple(tokens.shape)}.")
     heads = [parse_head(h) for h in heads]
     for layer, h in heads:
         check_head(model, layer, h)
@@ -61,8 +62,8 @@ class AttentionView:
     def __post_init__(self):
         n, q, k = self.patterns.shape
         if q != k or q != len(self.tokens) or n != len(self.head_names):
-            raise ValueError(f"patterns {tuple(self.patterns.shape)} need {q} tokens and {n} head names; got "
-                             f"{len(self.tokens)} tokens and {len(self.head_names)} names.")
+            raise InvalidValueError(f"patterns {tuple(self.patterns.shape)} need {q} tokens and {n} head names; got "
+                                    f"{len(self.tokens)} tokens and {len(self.head_names)} names.")
 
     def html(self, *, include_js: bool = True, element_id: str | None = None) -> str:
         """An offline circuitsvis `AttentionHeads` view; `include_js=False` when the page already has
