@@ -25,8 +25,8 @@ class SeriesError(TLDevinterpError, ValueError):
     """A checkpoint series that cannot be used as given (the message names the file or step and the fix)."""
 
 
-class StepNotInSeriesError(TLDevinterpError, KeyError):
-    """A step that is not in the series was asked for."""
+class UnknownKeyError(TLDevinterpError, KeyError):
+    """A step that is not in the series, or a key a result does not hold, was asked for."""
 
     def __str__(self) -> str:  # KeyError quotes its message
         return str(self.args[0]) if self.args else ""
