@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int
 
+from ..data import token_column, token_tensor
 from ..store import fingerprint
 
 LM_COLUMNS = ("input_ids", "attention_mask", "labels")
@@ -42,19 +43,19 @@ def as_tensors(data) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor] | tor
             raise ValueError(f"The tensors in data have different lengths {[len(t) for t in data]}.")
         return tuple(data)
     if hasattr(data, "column_names"):  # a datasets.Dataset
-        if "input_ids" not in data.column_names:
-            raise ValueError(f"The dataset has no 'input_ids' column (columns: {data.column_names}).")
+        column = token_column(data)
         try:
-            columns = [k for k in LM_COLUMNS if k in data.column_names]
-            out = {k: torch.as_tensor(np.asarray(data.with_format("numpy")[k])) for k in columns}
+            out = {"input_ids": token_tensor(data)}
+            out |= {k: torch.as_tensor(np.asarray(data.with_format("numpy")[k])) for k in LM_COLUMNS[1:]
+                    if k in data.column_names}
         except ValueError as e:
-            raise ValueError("The dataset's input_ids have different lengths: pad them to one length (with an "
-                             "attention_mask, as tokenizer(..., padding='max_length') gives) or chunk them.") from e
+            raise ValueError(f"The dataset's {column!r} rows have different lengths: pad them to one length (with an "
+                             f"attention_mask, as tokenizer(..., padding='max_length') gives) or chunk them.") from e
         return out if len(out) > 1 else (out["input_ids"],)
     raise TypeError(
-        f"Cannot sample from data of type {type(data).__name__}: pass a datasets.Dataset with 'input_ids', "
-        f"a token tensor [N, seq], a tuple of tensors (x, y), a dict with 'input_ids' (and 'attention_mask'), "
-        f"or a torch DataLoader."
+        f"Cannot sample from data of type {type(data).__name__}: pass a datasets.Dataset with 'input_ids' (or "
+        f"TransformerLens's 'tokens'), a token tensor [N, seq], a tuple of tensors (x, y), a dict with 'input_ids' "
+        f"(and 'attention_mask'), or a torch DataLoader."
     )
 
 

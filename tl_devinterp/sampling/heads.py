@@ -42,6 +42,7 @@ def _head_list(heads) -> list[tuple[int, int]]:
 
 def summary(result: LLCResult) -> dict:
     """The columns a results table keeps of one estimate: the LLC, its diagnostics, the forward that ran
-    ("fast", or why the model's own) and the restriction's note (e.g. a GQA head's shared K/V)."""
+    ("fast", or why the model's own) and the restriction's note (e.g. a GQA head's shared K/V; "none": nothing
+    to say, so a stored table reads back as written)."""
     return dict(llc_mean=result.mean, llc_std=result.std, llc_se=result.se, d=result.d, init_loss=result.init_loss,
-                **result.diagnostics.as_row(), forward=result.forward, note=result.note)
+                **result.diagnostics.as_row(), forward=result.forward, note=result.note or "none")
