@@ -335,6 +335,7 @@ def map_series(
     missing = [s for s in todo if s not in set(series.steps)]
     if missing:
         raise ValueError(f"Steps {missing} are not in the series; available steps: {series.steps}.")
+    series.verify(todo)  # every file checked before the first result: a damaged one fails now, not hours in
     frames: dict[int, pd.DataFrame] = {}
     seen: dict[str, int] = {}
 
