@@ -32,6 +32,7 @@ from .dynamics import (
 )
 from .errors import FolderInUseError, LLCDivergenceError, SeriesError, TLDevinterpError, WorkersLostError
 from .interventions import Intervention
+from .llc_callback import LLCCallback, llc_now
 
 # metrics
 from .metrics import (
@@ -91,7 +92,7 @@ __all__ = [
     # series
     "ModelConfig", "build_model", "clone_model", "head_masks", "head_weights", "mlp_masks", "parse_head",
     "make_data", "markov_tokens", "pack_texts", "plant_repeats", "repeated_random_tokens", "stdlib_texts", "text_files",
-    "train_tokenizer", "PRESETS", "TrainConfig", "train", "Intervention", "CheckpointSeries", "ResultStore",
+    "train_tokenizer", "PRESETS", "TrainConfig", "train", "LLCCallback", "llc_now", "Intervention", "CheckpointSeries", "ResultStore",
     # sampling
     "LLCResult", "SGLDConfig", "SamplerDiagnostics", "SamplerWarning", "calibrate_llc", "contains_repeated_span", "default_nbeta",
     "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration",

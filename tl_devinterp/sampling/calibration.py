@@ -33,10 +33,10 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import InvalidValueError
+from ..errors import InvalidValueError, LLCDivergenceError
 from .diagnostics import DRIFT_T, LOW_ACCEPTANCE
 from .heads import summary
-from .llc import LLCDivergenceError, SGLDConfig, default_nbeta, estimate_llc
+from .llc import SGLDConfig, default_nbeta, estimate_llc
 
 EPS_TOLERANCE = 0.1  # λ̂ may change by at most this fraction when ε halves
 MAX_ELASTICITY = 0.5  # d log λ̂ / d log nβ above this: λ̂ follows nβ, not the model
