@@ -397,6 +397,7 @@ def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
                   else CheckpointSeries.from_dir(path))
     if not isinstance(series, CheckpointSeries):
         raise TypeError(f"series must be a CheckpointSeries or a series directory; got {type(series).__name__}.")
+    series.verify()  # every checkpoint's file checked before any estimate (calibration included)
     need = max(4, config.n_components + 1)  # find_stages needs 4 points, PCA n_components + 1
     if len(series) < need:
         raise SeriesError(f"The series has {len(series)} checkpoints; an analysis needs at least {need} "

@@ -26,6 +26,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from .interventions import Intervener, Intervention, as_interventions
+from .llc_callback import llc_now
 from .models import ModelConfig, check_device
 from .series import FORMAT, MANIFEST, CheckpointSeries, SeriesError, load_checkpoint_state, read_manifest
 from .store import LOCK, TMP_SUFFIX, atomic_write
@@ -128,6 +129,8 @@ def train(
     overwrite: bool = False,
     device: str | torch.device | None = None,
     progress: bool = True,
+    llc_every: int = 0,
+    llc_options: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> CheckpointSeries:
     """Train from a preset (`demo`, `quick`, `stdlib`) or a `TrainConfig` and return the written series.
@@ -136,7 +139,11 @@ def train(
     the same seed, batches and initialisation as the run without them, so the pair is a controlled
     experiment). Rerunning into the same `out_dir` with
     the same config resumes from the last checkpoint; a different config is refused unless `overwrite`.
+    `llc_every=N` estimates the LLC on the test split every N steps (`llc_callback.llc_now`, SGLD options
+    `llc_options`), without changing the run, into the manifest's `llc_during_training` {step: {llc, llc_se}}.
     """
+    if isinstance(llc_every, bool) or not isinstance(llc_every, int) or llc_every < 0:
+        raise ValueError(f"llc_every must be an integer >= 0 (0: never), got {llc_every!r}.")
     if (preset is None) == (config is None):
         raise ValueError(f"Give exactly one of preset (one of {sorted(PRESETS)}) or config.")
     if preset is not None:
@@ -200,6 +207,10 @@ def train(
                 group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
             opt.step()
         recent.append(loss.item())
+        if llc_every and (step + 1) % llc_every == 0:  # the weights after step + 1 updates
+            estimate = llc_now(model, test_data, loss_fn=task.sampler_loss, **(llc_options or {}))
+            manifest.setdefault("llc_during_training", {})[str(step + 1)] = estimate
+            bar.set_postfix(llc=f"{estimate['llc']:.3g}")
         bar.update()
     bar.close()
     manifest["complete"] = True

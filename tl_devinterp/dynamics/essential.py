@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float, Int
 
 from ..data import token_tensor
-from ..store import ResultStore, fingerprint, map_series
+from ..store import ResultStore, callable_key, fingerprint, map_series
 from .geometry import curvature_extrema, osculating_circles
 
 PROXIES = ("true_logit", "outputs")
@@ -332,6 +332,7 @@ def essential_dynamics(
     store_dir: str | os.PathLike | None = None,
     executor: Executor | None = None,
     progress: bool = True,
+    key: str | None = None,
 ) -> EDResult:
     """Essential dynamics of a checkpoint series on a fixed input set.
 
@@ -341,7 +342,8 @@ def essential_dynamics(
     random position per sequence drawn with `seed`), "outputs" (all logits at that position, flattened), or
     `callable(model, inputs) -> tensor` (flattened). Features go to `features_dir/features.f32` (kept) or a
     temporary file (deleted). With `store_dir`, each checkpoint's features are saved as it finishes and a
-    rerun reads them back. With an `executor`, the checkpoints' features are parallel jobs (see
+    rerun reads them back; a callable proxy is keyed by its module-level name and code, or by `key=` (needed
+    for a lambda or closure, which is otherwise refused). With an `executor`, the checkpoints' features are parallel jobs (see
     `tl_devinterp.parallel`). The rest is `essential_dynamics_of_features`.
     """
     if batch_size < 1:
@@ -356,7 +358,8 @@ def essential_dynamics(
             raise ValueError(f"inputs must be token sequences [n, seq] with seq >= 2; got shape {tuple(tokens.shape)}.")
         pos = fixed_positions(len(tokens), tokens.shape[1], position, seed=seed)
         features = _proxy_features(proxy, tokens, pos, batch_size, device)
-    name = proxy if isinstance(proxy, str) else getattr(proxy, "__qualname__", repr(proxy))
+    name = proxy if isinstance(proxy, str) and key is None else (
+        callable_key(proxy, key=key, option="proxy") if store_dir is not None else "unstored")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp if features_dir is None else features_dir)
         folder.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 
+from ..data import token_column, token_tensor
 from ..store import fingerprint
 
 
@@ -24,14 +24,14 @@ def as_tensors(data) -> tuple[torch.Tensor, ...] | torch.utils.data.DataLoader:
             raise ValueError(f"The tensors in data have different lengths {[len(t) for t in data]}.")
         return tuple(data)
     if hasattr(data, "column_names"):  # a datasets.Dataset
-        if "input_ids" not in data.column_names:
-            raise ValueError(f"The dataset has no 'input_ids' column (columns: {data.column_names}).")
+        column = token_column(data)
         try:
-            return (torch.as_tensor(np.asarray(data.with_format("numpy")["input_ids"])),)
+            return (token_tensor(data),)
         except ValueError as e:
-            raise ValueError("The dataset's input_ids have different lengths: chunk or pad them to one length.") from e
+            raise ValueError(f"The dataset's {column!r} rows have different lengths: chunk or pad them to one "
+                             f"length.") from e
     raise TypeError(
-        f"Cannot sample from data of type {type(data).__name__}: pass a datasets.Dataset with 'input_ids', "
+        f"Cannot sample from data of type {type(data).__name__}: pass a datasets.Dataset with 'input_ids' (or TransformerLens's 'tokens'), "
         f"a token tensor [N, seq], a tuple of tensors (x, y), or a torch DataLoader."
     )
 

@@ -180,6 +180,44 @@ class LLCResult:
         """nβ·(L_B(w_t) − L_B(w*)) per draw: the quantity λ̂ averages; flat when sampling is stable."""
         return self.config.nbeta * (self.loss_trace - self.init_losses)
 
+    def summary(self) -> dict[str, Any]:
+        """The estimate under devinterp's summary keys (`llc/mean`, `llc/std`, `llc/trace`, `loss/trace`,
+        `init_loss`) and as flat names (`llc_mean`, `llc_std`, `llc_se`, `llc_per_chain`); `result[key]` reads it."""
+        llc, loss = self.llc_trace.double().numpy(), self.loss_trace.double().numpy()
+        return {"llc/mean": self.mean, "llc/std": self.std, "llc/trace": llc, "loss/trace": loss,
+                "init_loss": self.init_loss, "llc_mean": self.mean, "llc_std": self.std, "llc_se": self.se,
+                "llc_per_chain": self.per_chain, "llc_trace": llc, "loss_trace": loss}
+
+    def __getitem__(self, key: str):
+        summary = self.summary()
+        if key not in summary:
+            raise KeyError(f"LLCResult has no {key!r}; keys: {sorted(summary)}.")
+        return summary[key]
+
+    def to_xarray(self):
+        """The traces as an `xarray.Dataset` on dims (chain, draw): `llc` (nβ·(L_B(w_t) − L_B(w*))), `loss`
+        (L_B(w_t)) and `init_loss` (L_B(w*), per draw), with the estimate and its settings as attributes."""
+        import xarray as xr
+
+        chains, draws = self.loss_trace.shape
+        coords = {"chain": np.arange(chains), "draw": np.arange(draws)}
+        attrs = {"llc_mean": self.mean, "llc_std": self.std, "llc_se": self.se, "d": self.d,
+                 "restrict": self.restrict, "init_loss": self.init_loss, "forward": self.forward,
+                 **{f"sgld_{k}": v for k, v in self.config.to_dict().items()}}
+        return xr.Dataset({"llc": (("chain", "draw"), self.llc_trace.double().numpy()),
+                           "loss": (("chain", "draw"), self.loss_trace.double().numpy()),
+                           "init_loss": (("draw",), self.init_losses.double().numpy())}, coords=coords, attrs=attrs)
+
+    def to_inference_data(self):
+        """An ArviZ `InferenceData`: `llc` in its posterior group (for `arviz.summary`, `rhat`, `ess`,
+        `plot_trace`), the losses in `sample_stats`, on dims (chain, draw)."""
+        import arviz as az
+
+        data = self.to_xarray()
+        attrs = {k: v for k, v in data.attrs.items() if v is not None}  # netCDF-safe attributes
+        return az.InferenceData(posterior=data[["llc"]].assign_attrs(attrs),
+                                sample_stats=data[["loss", "init_loss"]].assign_attrs(attrs))
+
 
 # --------------------------------------------------------------------------------------------------
 # The loss: explicit loss_fn, else the model's own `loss_fn`, else next-token cross-entropy.
@@ -236,23 +274,36 @@ def skips_lower_blocks(model: nn.Module, batch) -> bool:
 
 
 def resolve_loss(model: nn.Module, loss_fn: Callable | None) -> Callable[[nn.Module, Any], torch.Tensor]:
-    """`loss_fn(model, batch)`. TransformerLens models default to `lm_loss`; another model's `loss_fn` may be a method `(batch)`, a function `(model, batch)`,
-    or a criterion module applied as `criterion(model(x), y)` to batches `(x, y)`."""
-    if loss_fn is not None:
-        return loss_fn
-    if is_supported_model(model):  # before `loss_fn`: TransformerLens models have one of another signature
+    """`loss_fn(model, batch)` -> scalar. TransformerLens models default to `lm_loss`; another model's `loss_fn`
+    may be a method `(batch)`, a function `(model, batch)`, or a criterion module applied as
+    `criterion(model(x), y)` to batches `(x, y)`. A loss that returns per-example or per-token values
+    (devinterp's `(model, input_ids) -> [batch, seq-1]`) or devinterp's `(loss, info)` pair is reduced to its mean."""
+    if loss_fn is None and is_supported_model(model):  # before `loss_fn`: TransformerLens models have one of another signature
         return lm_loss
     own = getattr(model, "loss_fn", None)
-    if isinstance(own, nn.Module):
-        return lambda m, batch: m.loss_fn(m(batch[0]), batch[1])
-    if inspect.ismethod(own):
-        return lambda m, batch: m.loss_fn(batch)
-    if callable(own):
-        return own
-    raise TypeError(
-        f"No loss for a {type(model).__name__}: pass loss_fn(model, batch) -> scalar, or give the model a "
-        f"loss_fn attribute (e.g. model.loss_fn = torch.nn.MSELoss() for batches (x, y))."
-    )
+    if loss_fn is not None:
+        given = loss_fn
+    elif isinstance(own, nn.Module):
+        def given(m, batch):
+            return m.loss_fn(m(batch[0]), batch[1])
+    elif inspect.ismethod(own):
+        def given(m, batch):
+            return m.loss_fn(batch)
+    elif callable(own):
+        given = own
+    else:
+        raise TypeError(
+            f"No loss for a {type(model).__name__}: pass loss_fn(model, batch) -> scalar, or give the model a "
+            f"loss_fn attribute (e.g. model.loss_fn = torch.nn.MSELoss() for batches (x, y))."
+        )
+
+    def loss(m: nn.Module, batch, *extra) -> torch.Tensor:
+        value = given(m, batch, *extra)
+        if isinstance(value, (tuple, list)):  # devinterp's evaluate: (loss, {...})
+            value = value[0]
+        return value if value.ndim == 0 else value.mean()
+
+    return loss
 
 
 class Objective(nn.Module):

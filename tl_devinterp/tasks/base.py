@@ -128,13 +128,15 @@ class Task:
 
     @property
     def sampler_loss(self) -> Callable | None:
-        """The `loss_fn` the sampler gets (None: the sampler's own LM loss, which may run its fast forward)."""
-        return self.loss
+        """The `loss_fn(model, batch)` the sampler gets (None: the sampler's own LM loss, which may run its fast
+        forward). Result stores key it by name and code: a module-level function or a partial of one (default:
+        `task_loss` bound to this spec)."""
+        return partial(task_loss, self.spec)
 
     def probes(self, test: Batch, n: int) -> tuple[Any, str | Callable]:
         """(inputs, proxy) that essential dynamics reads: the first `n` test rows and the features of a model
-        on them (default: the task's `features`)."""
-        return _head(test, n), self.features
+        on them (default: the task's `features`, as `task_features` bound to this spec)."""
+        return _head(test, n), partial(task_features, self.spec)
 
     def features(self, model: nn.Module, inputs: Batch) -> torch.Tensor:
         """The functional proxy of essential dynamics: the model's outputs on fixed inputs, flattened."""
@@ -164,6 +166,16 @@ class Task:
     def labels(self, sample: Batch) -> list[str]:
         """A label per position of one sample sequence (attention pictures)."""
         raise NotImplementedError
+
+
+def task_loss(spec: dict[str, Any], model: nn.Module, batch: Batch) -> torch.Tensor:
+    """`make_task(spec).loss(model, batch)`: a task's loss as a function a result store can key."""
+    return make_task(spec).loss(model, batch)
+
+
+def task_features(spec: dict[str, Any], model: nn.Module, inputs: Batch) -> torch.Tensor:
+    """`make_task(spec).features(model, inputs)`: a task's proxy as a function a result store can key."""
+    return make_task(spec).features(model, inputs)
 
 
 def _checkpoint_metrics(task: Task, test: Batch, step: int, model: nn.Module) -> pd.DataFrame:
