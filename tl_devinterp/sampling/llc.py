@@ -38,8 +38,15 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..models import is_supported_model, parameter_slots, sampled_parameters, token_cross_entropy
-from .batches import as_tensors, batch_stream
+from ..models import (
+    eval_mode,
+    hf_boot_hint,
+    is_supported_model,
+    mean_token_loss,
+    parameter_slots,
+    sampled_parameters,
+)
+from .batches import as_tensors, batch_stream, lm_batch
 from .diagnostics import ChainStats, SamplerDiagnostics, SamplerWarning, norms, summarise
 from .fast_forward import check_precision, precision_context, verified_fast_forward
 from .restrict import Restriction, resolve_restriction
@@ -224,11 +231,11 @@ class LLCResult:
 
 
 def lm_loss(model: nn.Module, batch, resid: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy of a TransformerLens model on a token batch; with `resid` and `layer`,
-    computed from that residual stream before block `layer`."""
-    tokens = _tokens(batch)
+    """Mean next-token cross-entropy of a TransformerLens model on a batch (`batches.lm_batch`: padding and
+    labels of -100 left out); with `resid` and `layer`, computed from that residual stream before block `layer`."""
+    tokens, keep = lm_batch(batch)
     logits = model(tokens) if layer is None else model(resid, start_at_layer=layer)
-    return token_cross_entropy(logits, tokens).mean()
+    return mean_token_loss(logits, tokens, keep)
 
 
 def fast_lm_loss(forward: Callable) -> Callable:
@@ -236,8 +243,8 @@ def fast_lm_loss(forward: Callable) -> Callable:
     instead of the model's own."""
 
     def loss(model: nn.Module, batch, resid: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
-        tokens = _tokens(batch)
-        return token_cross_entropy(forward(tokens, layer, resid), tokens).mean()
+        tokens, keep = lm_batch(batch)
+        return mean_token_loss(forward(tokens, layer, resid), tokens, keep)
 
     return loss
 
@@ -252,16 +259,22 @@ def choose_forward(model: nn.Module, loss_fn: Callable | None, config: SGLDConfi
     if loss_fn is not None or not is_supported_model(model):
         return None, "model: a custom loss or a model TransformerLens does not describe"
     if any(h._forward_hooks or h._forward_pre_hooks or h._backward_hooks for h in model.hook_dict.values()):
-        return None, "model: hooks attached (the fast forward would skip them)"
-    device = next(model.parameters()).device
-    forward, problem = verified_fast_forward(model, _tokens(batch), sdpa=device.type == "cuda")
-    return (forward, "fast") if forward is not None else (None, f"model: {problem}")
+        forward, problem = None, "hooks attached (the fast forward would skip them)"
+    else:
+        device = next(model.parameters()).device
+        with eval_mode(model):
+            forward, problem = verified_fast_forward(model, lm_batch(batch)[0], sdpa=device.type == "cuda")
+    if forward is not None:
+        return forward, "fast"
+    warnings.warn(f"Sampling through the TransformerLens forward, not the fast forward (several times slower): "
+                  f"{problem}.", SamplerWarning, stacklevel=3)  # once per reason, by Python's default filter
+    return None, f"model: {problem}"
 
 
 def skips_lower_blocks(model: nn.Module, batch) -> bool:
     """Whether `model(resid, start_at_layer=1)` really skips block 0: where a model runs the lower blocks
     anyway, a cached residual stream would save nothing."""
-    tokens = _tokens(batch)[:1]
+    tokens = lm_batch(batch)[0][:1]
     calls = []
     try:
         with torch.no_grad():
@@ -292,7 +305,7 @@ def resolve_loss(model: nn.Module, loss_fn: Callable | None) -> Callable[[nn.Mod
     elif callable(own):
         given = own
     else:
-        raise TypeError(
+        raise TypeError(hf_boot_hint(model) or
             f"No loss for a {type(model).__name__}: pass loss_fn(model, batch) -> scalar, or give the model a "
             f"loss_fn attribute (e.g. model.loss_fn = torch.nn.MSELoss() for batches (x, y))."
         )
@@ -350,7 +363,16 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     (canonical name -> tensor, w* outside the restriction): the hook that observables use.
     `sampling_forward`: `choose_forward`'s choice where the caller made it already (observables evaluate
     through the same forward).
+
+    The model samples in eval mode (no dropout), whatever mode it is in; its mode is restored on return.
     """
+    with eval_mode(model):
+        return _sample_llcs(model, data, restrictions, config, loss_fn=loss_fn, desc=desc, progress=progress,
+                            observe=observe, sampling_forward=sampling_forward)
+
+
+def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config: SGLDConfig, *,
+                 loss_fn: Callable | None, desc: str, progress: bool, observe, sampling_forward) -> list[LLCResult]:
     config = config.resolve(data)
     params = sampled_parameters(model)
     device = next(iter(params.values())).device
@@ -392,7 +414,7 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
         if draw >= 0:
             init_losses[draw] = l_star
         with torch.no_grad():  # 2. the shared residual streams at w*
-            extra = {layer: () if layer == 0 else (model(_tokens(batch), stop_at_layer=layer), layer) for layer in set(starts)}
+            extra = {layer: () if layer == 0 else (model(lm_batch(batch)[0], stop_at_layer=layer), layer) for layer in set(starts)}
         for stack in stacks:
             chains = stack.chains
             # 3. Every chain's loss and gradient in one batched call: its coordinates in its restriction's
@@ -525,10 +547,6 @@ def _losses_and_grads(objective: Objective, stack: _Stack, w_star: dict[str, tor
         losses.append(value.detach())
         grads.append(torch.autograd.grad(value, row)[0])
     return torch.stack(losses), torch.stack(grads)
-
-
-def _tokens(batch):
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _drop_unused(objective: Objective, w_star: dict[str, torch.Tensor], restrictions: list[Restriction],
