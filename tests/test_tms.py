@@ -4,10 +4,13 @@ k-gon metrics, and the LLC engine, stages and essential dynamics on a model that
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from tl_devinterp import essential_dynamics, estimate_llc, find_stages, llc_over_series
+from tl_devinterp import essential_dynamics, estimate_llc, find_stages, llc_over_series, train
+from tl_devinterp.cli import main
+from tl_devinterp.tasks import make_task
 from tl_devinterp.tasks.tms import (
     PAPER_KGONS,
     PAPER_LLC,
@@ -18,7 +21,6 @@ from tl_devinterp.tasks.tms import (
     kgon_metrics,
     optimal_kgon,
     population_loss,
-    train_tms,
 )
 
 
@@ -98,18 +100,41 @@ def test_data_is_sparse_as_specified():
 
 
 @pytest.mark.filterwarnings("ignore::tl_devinterp.SamplerWarning")  # early checkpoints are no critical points
-def test_the_llc_engine_stages_and_essential_dynamics_take_a_tms_series():
-    """Catches: a series, the sampler or essential dynamics that assume a TransformerLens model (a `cfg`,
-    tokens, heads): a short SGD run of the TMS gives a finite LLC of all 18 parameters at every checkpoint,
-    stages from that curve, and essential dynamics of its outputs on fixed float inputs."""
-    series = train_tms(300, lr=0.05, checkpoints=[0, 10, 30, 60, 100, 200, 300], progress=False)
+def test_the_llc_engine_stages_and_essential_dynamics_take_a_tms_series(tmp_path):
+    """Catches: a trainer, series, sampler or essential dynamics that assume a TransformerLens model (a `cfg`,
+    tokens, heads, AdamW): a short SGD run of the TMS task, read back from disk, gives a finite LLC of all 18
+    parameters at every checkpoint, stages from that curve, and essential dynamics of its outputs."""
+    series = train(tmp_path / "s", preset="tms-quick", n_steps=300, n_log_checkpoints=5, n_linear_checkpoints=2,
+                   progress=False)
+    assert type(series.load(300)) is TMS and series.meta["train_config"]["optimizer"] == "sgd"
     x = TMSData(2000, seed=9).sample()
     frame = llc_over_series(series, x, epsilon=1e-4, gamma=10.0, nbeta=300.0, num_chains=2, num_draws=20,
                             num_burnin=10, batch_size=200, progress=False)
-    assert np.isfinite(frame.llc_mean).all() and (frame.d == 18).all() and len(frame) == 7
+    assert np.isfinite(frame.llc_mean).all() and (frame.d == 18).all() and len(frame) == len(series)
     assert find_stages(frame.step, frame.llc_mean)
     ed = essential_dynamics(series, x[:50], proxy=lambda model, inputs: model(inputs), n_components=3, progress=False)
-    assert ed.scores.shape == (7, 3) and np.isfinite(ed.scores).all()
+    assert ed.scores.shape == (len(series), 3) and np.isfinite(ed.scores).all()
+
+
+@pytest.mark.parametrize("spec, option", [(dict(n_features=0), "n_features"), (dict(n_hidden=0), "n_hidden"),
+                                          (dict(p_active=1.5), "p_active"), (dict(init_scale=0), "init_scale")])
+def test_bad_tms_specs_are_refused_naming_the_option(spec, option):
+    with pytest.raises(ValueError, match=f"'{option}' option of the 'tms' data spec must be"):
+        make_task(dict(kind="tms", **spec))
+
+
+@pytest.mark.slow
+def test_train_then_analyze_the_quick_preset_from_the_command_line(tmp_path, capsys):
+    """Catches: a TMS series the command line cannot train, read back or analyse (a head pass on a model without
+    heads, a token assumption in the report): exit 0 both times, a finite LLC curve and the k-gon metrics in
+    R/results/, the run ending at a k-gon whose closed-form loss is within 0.01 of its loss."""
+    s, r = tmp_path / "S", tmp_path / "R"
+    assert main(["train", "--preset", "tms-quick", "--out", str(s), "--n-steps", "2000"]) == 0
+    assert main(["analyze", str(s), "--out", str(r), "--num-draws", "40", "--num-burnin", "20"]) == 0
+    llc, metrics = pd.read_csv(r / "results" / "llc.csv"), pd.read_csv(r / "results" / "metrics.csv")
+    assert np.isfinite(llc.llc_mean).all() and (llc.scope == "model").all()
+    last = metrics[metrics.step == metrics.step.max()].set_index("metric").value
+    assert last["k"] >= 4 and abs(last["loss"] - last["kgon_loss"]) < 0.01
 
 
 def test_model_rejects_empty_shapes():

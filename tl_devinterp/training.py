@@ -25,11 +25,16 @@ import torch
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from .data import make_data, spec_tokenizer, token_tensor
+from .errors import InvalidTypeError, InvalidValueError, SeriesError
 from .interventions import Intervener, Intervention, as_interventions
-from .models import ModelConfig, build_model, check_device, token_cross_entropy
-from .series import FORMAT, MANIFEST, CheckpointSeries, SeriesError, load_checkpoint_state, read_manifest
+from .llc_callback import llc_now
+from .models import ModelConfig, check_device
+from .series import FORMAT, MANIFEST, CheckpointSeries, load_checkpoint_state, read_manifest
 from .store import LOCK, TMP_SUFFIX, atomic_write
+from .tasks import Task, make_task
+from .tasks.base import batch_rows, index_batch
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 @dataclass
@@ -37,11 +42,12 @@ class TrainConfig:
     """Everything that determines a training run (stored in the manifest)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: dict[str, Any] = field(default_factory=dict)  # a tl_devinterp.data.make_data spec
+    data: dict[str, Any] = field(default_factory=dict)  # a task's spec (tl_devinterp.tasks.make_task)
     n_steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # "adamw", or "sgd" (plain SGD, as the toy model of superposition's paper trains)
     warmup_steps: int = 0
     n_log_checkpoints: int = 20
     n_linear_checkpoints: int = 20
@@ -58,17 +64,20 @@ class TrainConfig:
                      "n_linear_checkpoints", "seed"):
             value, low = getattr(self, name), 1 if name in ("n_steps", "batch_size", "eval_batches") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+                raise InvalidValueError(f"{name} must be an integer >= {low}, got {value!r}.")
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+                raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(dataclasses.replace(self, interventions=[]))
         d["model"] = self.model.to_dict()
-        if not self.extra_steps:  # manifests written before the field existed still match (and resume)
-            del d["extra_steps"]
+        for name, default in (("extra_steps", []), ("optimizer", "adamw")):
+            if d[name] == default:  # manifests written before the field existed still match (and resume)
+                del d[name]
         del d["interventions"]
         if self.interventions:  # only when present, so plain runs keep their manifests (and resume)
             d["interventions"] = [i.to_dict() for i in self.interventions]
@@ -105,6 +114,17 @@ PRESETS: dict[str, TrainConfig] = {
         data=dict(kind="stdlib", vocab_size=2048, seq_len=128, seed=0, repeat_fraction=0.5, min_len=8, max_len=32),
         n_steps=5000, batch_size=32, lr=1e-3, n_log_checkpoints=20, n_linear_checkpoints=20,
     ),
+    # The toy model of superposition (6 features, 2 dimensions) with the paper's SGD (Chen et al. 2023: 1000
+    # samples, batch 20, lr 0.005, 4500 epochs): k-gon plateaus and the drops between them. tasks.tms.
+    "tms": TrainConfig(
+        data=dict(kind="tms", n_features=6, n_hidden=2, n_train=1000), optimizer="sgd",
+        n_steps=225_000, batch_size=20, lr=0.005, n_log_checkpoints=40, n_linear_checkpoints=20,
+    ),
+    # About a minute on a CPU: a larger step reaches the 5+-gon by step ~2000.
+    "tms-quick": TrainConfig(
+        data=dict(kind="tms", n_features=6, n_hidden=2, n_train=1000, n_test=5000), optimizer="sgd",
+        n_steps=6000, batch_size=20, lr=0.05, n_log_checkpoints=16, n_linear_checkpoints=6,
+    ),
 }
 
 
@@ -113,7 +133,7 @@ def checkpoint_schedule(n_steps: int, n_log: int, n_linear: int, extra_steps: Se
     (deduplicated)."""
     outside = [s for s in extra_steps if not 0 <= s <= n_steps]
     if outside:
-        raise ValueError(f"extra_steps {outside} lie outside the run's steps 0..{n_steps}; drop them or raise n_steps.")
+        raise InvalidValueError(f"extra_steps {outside} lie outside the run's steps 0..{n_steps}; drop them or raise n_steps.")
     log = np.geomspace(1, n_steps, n_log) if n_log else []
     lin = np.linspace(0, n_steps, n_linear + 1) if n_linear else []
     return sorted({0, n_steps, *map(int, np.round(log)), *map(int, np.round(lin)), *map(int, extra_steps)})
@@ -127,6 +147,8 @@ def train(
     overwrite: bool = False,
     device: str | torch.device | None = None,
     progress: bool = True,
+    llc_every: int = 0,
+    llc_options: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> CheckpointSeries:
     """Train from a preset (`demo`, `quick`, `stdlib`) or a `TrainConfig` and return the written series.
@@ -135,29 +157,32 @@ def train(
     the same seed, batches and initialisation as the run without them, so the pair is a controlled
     experiment). Rerunning into the same `out_dir` with
     the same config resumes from the last checkpoint; a different config is refused unless `overwrite`.
+    `llc_every=N` estimates the LLC on the test split every N steps (`llc_callback.llc_now`, SGLD options
+    `llc_options`), without changing the run, into the manifest's `llc_during_training` {step: {llc, llc_se}}.
     """
+    if isinstance(llc_every, bool) or not isinstance(llc_every, int) or llc_every < 0:
+        raise InvalidValueError(f"llc_every must be an integer >= 0 (0: never), got {llc_every!r}.")
     if (preset is None) == (config is None):
-        raise ValueError(f"Give exactly one of preset (one of {sorted(PRESETS)}) or config.")
+        raise InvalidValueError(f"Give exactly one of preset (one of {sorted(PRESETS)}) or config.")
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; known presets: {sorted(PRESETS)}.")
+            raise InvalidValueError(f"Unknown preset {preset!r}; known presets: {sorted(PRESETS)}.")
         config = PRESETS[preset]
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
-        raise TypeError(f"Unknown TrainConfig field(s) {unknown}; fields: {[f.name for f in dataclasses.fields(TrainConfig)]}.")
+        raise InvalidTypeError(f"Unknown TrainConfig field(s) {unknown}; fields: {[f.name for f in dataclasses.fields(TrainConfig)]}.")
     config = dataclasses.replace(config, **overrides)
     late = [i.to_dict() for i in config.interventions if i.start >= config.n_steps]
     if late:
-        raise ValueError(f"Interventions {late} start at or after n_steps={config.n_steps}: they would never act.")
-    if config.data.get("seq_len") != config.model.n_ctx:
-        raise ValueError(f"data seq_len ({config.data.get('seq_len')}) must equal the model's n_ctx ({config.model.n_ctx}).")
+        raise InvalidValueError(f"Interventions {late} start at or after n_steps={config.n_steps}: they would never act.")
     check_device(device)
-    tokenizer = spec_tokenizer(config.data)
-    data = make_data(config.data)
-    train_tokens, test_tokens = token_tensor(data["train"]), token_tensor(data["test"])
-    vocab = int(max(train_tokens.max(), test_tokens.max())) + 1
-    if vocab > config.model.d_vocab:
-        raise ValueError(f"The data uses {vocab} token ids but the model's d_vocab is {config.model.d_vocab}.")
+    task = make_task(config.data)  # the spec checked, before any data is made
+    if config.interventions and type(task).model_inputs is not Task.model_inputs:
+        raise InvalidValueError(f"interventions need a task whose model reads tokens; the {task.kind!r} task embeds its "
+                                f"inputs. Drop the interventions or train a token task.")
+    task.check_model(config.model)
+    tokenizer = task.tokenizer
+    train_data, test_data = task.data()
     out = Path(out_dir)  # every check passed: only now is the folder touched
     manifest = _start(out, config, overwrite)
     if tokenizer is not None and manifest.get("tokenizer") is None:  # the series carries its tokenizer
@@ -165,40 +190,45 @@ def train(
         manifest["tokenizer"] = "tokenizer.json"
         _write_json(out / MANIFEST, manifest)
 
-    model = build_model(config.model, device)
+    model = task.build_model(config.model, device)
     model.train()
     intervener = Intervener(model, config.interventions, device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = checkpoint_schedule(config.n_steps, config.n_log_checkpoints, config.n_linear_checkpoints,
                                    config.extra_steps)
     start = max(map(int, manifest["checkpoints"]), default=-1)
     if start >= 0:
         _restore(out, manifest, model, opt)
 
-    def batch(step: int) -> torch.Tensor:
+    def batch(step: int):
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        return train_tokens[torch.randint(len(train_tokens), (config.batch_size,), generator=g)].to(device)
+        rows = torch.randint(batch_rows(train_data), (config.batch_size,), generator=g)
+        return _to(index_batch(train_data, rows), device)
 
     recent: list[float] = []
     bar = tqdm(desc="training", unit="step", disable=not progress, initial=max(start, 0), total=config.n_steps)
     for step in range(max(start, 0), config.n_steps + 1):  # the last pass only saves step n_steps
         if step in schedule and step > start:
-            test_loss = _evaluate(model, test_tokens, config, device)
+            test_loss = _evaluate(model, task, test_data, config, device)
             train_loss = float(np.mean(recent)) if recent else test_loss
             _save(out, manifest, step, model, opt, train_loss, test_loss)
             recent.clear()
             bar.set_postfix(train=f"{train_loss:.3f}", test=f"{test_loss:.3f}")
         if step == config.n_steps:
             break
-        tokens = batch(step)
-        with intervener(step, tokens):  # the interventions active at this step, for its whole update
-            loss = token_cross_entropy(model(tokens), tokens).mean()
+        b = batch(step)
+        with intervener(step, b):  # the interventions active at this step, for its whole update
+            loss = task.loss(model, b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for group in opt.param_groups:  # linear warmup, a function of the step alone
                 group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
             opt.step()
         recent.append(loss.item())
+        if llc_every and (step + 1) % llc_every == 0:  # the weights after step + 1 updates
+            estimate = llc_now(model, test_data, loss_fn=task.sampler_loss, **(llc_options or {}))
+            manifest.setdefault("llc_during_training", {})[str(step + 1)] = estimate
+            bar.set_postfix(llc=f"{estimate['llc']:.3g}")
         bar.update()
     bar.close()
     manifest["complete"] = True
@@ -210,14 +240,20 @@ def train(
 
 
 @torch.no_grad()
-def _evaluate(model, tokens: torch.Tensor, config: TrainConfig, device) -> float:
+def _evaluate(model, task: Task, data, config: TrainConfig, device) -> float:
     was = model.training
     model.eval()
-    n = min(len(tokens), config.eval_batches * config.batch_size)
-    losses = [token_cross_entropy(model(t.to(device)), t.to(device)).mean().item()
-              for t in tokens[:n].split(config.batch_size)]
+    n = min(batch_rows(data), config.eval_batches * config.batch_size)
+    losses = [task.loss(model, _to(index_batch(data, slice(i, min(i + config.batch_size, n))), device)).item()
+              for i in range(0, n, config.batch_size)]
     model.train(was)
     return float(np.mean(losses))
+
+
+def _to(batch, device):
+    if device is None:
+        return batch
+    return batch.to(device) if isinstance(batch, torch.Tensor) else tuple(t.to(device) for t in batch)
 
 
 def _start(out: Path, config: TrainConfig, overwrite: bool) -> dict[str, Any]:
@@ -288,11 +324,12 @@ def _save(out: Path, manifest: dict, step: int, model, opt, train_loss: float, t
 
 
 def _optimizer_tensors(model, opt) -> dict[str, torch.Tensor]:
-    """AdamW state as flat tensors keyed by parameter name (safetensors holds tensors only)."""
+    """The optimizer's state as flat tensors keyed by parameter name (safetensors holds tensors only)."""
     out = {}
     for name, p in model.named_parameters():
         for key, value in opt.state.get(p, {}).items():
-            out[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            if value is not None:  # SGD without momentum keeps momentum_buffer None
+                out[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     return out
 
 

@@ -7,7 +7,9 @@ A spec is one of
 - an MLP, `"l1.mlp"`, or some of its hidden neurons, `"l1.mlp[0:16]"` / `"l1.mlp[3,7]"`;
 - a layer, `"layer1"` or `"blocks.1"`; a component, `"embed"`, `"unembed"`, `"pos_embed"`;
 - a parameter-name pattern matched with fnmatch against TransformerLens names (`"blocks.0.attn.*"`) or
-  canonical names; or a list of these (the union).
+  canonical names; or a list of these (the union);
+- devinterp's strings, read as the forms above: `"full"` (None), `"l0"` (a layer), `"l0 attn"` (its
+  attention), `"l0 mlp"`, `"l0 h1"` / `"L0H1"`, `"l0 g0"`.
 Where the coordinates live comes from `models` (TransformerLens's own views); nothing here knows a layout.
 """
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InvalidTypeError, InvalidValueError
 from ..models import (
     as_head,
     head_masks,
@@ -34,6 +37,27 @@ COMPONENTS = ("embed", "unembed", "pos_embed")
 _LAYER = re.compile(r"^(?:layer|blocks\.)(\d+)$")
 _GROUP = re.compile(r"^[lL](\d+)[gG](\d+)$")
 _MLP = re.compile(r"^[lL](\d+)\.mlp(?:\[(\d+):(\d+)\]|\[([\d,\s]+)\])?$")
+_DEVINTERP = [  # devinterp's restriction strings -> ours
+    (re.compile(r"^l(\d+)\s*h(\d+)$", re.I), "l{}h{}"),
+    (re.compile(r"^l(\d+)\s*g(\d+)$", re.I), "l{}g{}"),
+    (re.compile(r"^l(\d+)$", re.I), "blocks.{}"),
+    (re.compile(r"^l(\d+)\s+attn$", re.I), "blocks.{}.attn.*"),
+    (re.compile(r"^l(\d+)\s+mlp$", re.I), "l{}.mlp"),
+]
+
+
+def _ours(spec):
+    """A devinterp restriction string in our form (`_DEVINTERP`; "full" is None); anything else unchanged."""
+    if not isinstance(spec, str):
+        return spec
+    text = spec.strip()
+    if text.lower() == "full":
+        return None
+    for pattern, form in _DEVINTERP:
+        m = pattern.match(text)
+        if m:
+            return form.format(*m.groups())
+    return spec
 
 
 @dataclass
@@ -52,6 +76,11 @@ class Restriction:
 
 def resolve_restriction(model: nn.Module, restrict=None) -> Restriction:
     """The coordinates that `restrict` names in `model` (None: every sampled parameter)."""
+    restrict = _ours(restrict)
+    if isinstance(restrict, (list, tuple)) and as_head(restrict) is None:
+        if None in map(_ours, restrict):
+            raise InvalidValueError(f"restrict={restrict!r} combines 'full' with other specs; pass 'full' (or None) alone.")
+        restrict = [_ours(s) for s in restrict]
     if restrict is None:
         params = sampled_parameters(model)
         return Restriction("all", {name: None for name in params}, sum(p.numel() for p in params.values()))
@@ -60,13 +89,13 @@ def resolve_restriction(model: nn.Module, restrict=None) -> Restriction:
     elif isinstance(restrict, (list, tuple)):
         specs = list(restrict)
     else:
-        raise TypeError(f"restrict={restrict!r} is a {type(restrict).__name__}: {_FORMS}")
+        raise InvalidTypeError(f"restrict={restrict!r} is a {type(restrict).__name__}: {_FORMS}")
     if not specs:
-        raise ValueError("restrict=[] selects no parameters; pass None to sample the whole model.")
+        raise InvalidValueError("restrict=[] selects no parameters; pass None to sample the whole model.")
     parts = [_spec_masks(model, spec) for spec in specs]
     masks = {n: m for n, m in _union(m for m, _ in parts).items() if m.any()}
     if not masks:
-        raise ValueError(f"restrict={restrict!r} selects no parameters of this model.")
+        raise InvalidValueError(f"restrict={restrict!r} selects no parameters of this model.")
     d = sum(int(m.sum()) for m in masks.values())
     full = {n: (None if bool(m.all()) else m) for n, m in masks.items()}
     note = " ".join(note for _, note in parts if note)
@@ -76,7 +105,7 @@ def resolve_restriction(model: nn.Module, restrict=None) -> Restriction:
 _FORMS = (
     "use a head ('l1h3' or (1, 3)), a KV group ('l1g0'), an MLP ('l1.mlp' or 'l1.mlp[0:16]'), a layer "
     "('layer1' or 'blocks.1'), a component ('embed', 'unembed', 'pos_embed'), a parameter-name pattern "
-    "('blocks.0.attn.*'), or a list of these."
+    "('blocks.0.attn.*'), devinterp's 'full', 'l0', 'l0 attn', 'l0 mlp', or a list of these."
 )
 
 
@@ -87,7 +116,9 @@ def _first_layer(model: nn.Module, masks: dict) -> int:
 
 
 def restriction_label(restrict) -> str:
-    """A canonical, stable text for a spec: heads become `l1h3`, so `(1, 3)` and `"l1h3"` agree."""
+    """A canonical, stable text for a spec: heads become `l1h3`, so `(1, 3)` and `"l1h3"` agree (and
+    devinterp's `"l1 h3"`)."""
+    restrict = _ours(restrict)
     if restrict is None:
         return "all"
     head = as_head(restrict)
@@ -104,19 +135,19 @@ def _spec_masks(model: nn.Module, spec) -> tuple[dict[str, torch.Tensor], str]:
     head = as_head(spec)
     if head is not None or (isinstance(spec, str) and (_GROUP.match(spec) or _MLP.match(spec))):
         if not hasattr(model, "cfg"):
-            raise ValueError(f"restrict={spec!r} names a head or MLP, but {type(model).__name__} is no TransformerLens model.")
+            raise InvalidValueError(f"restrict={spec!r} names a head or MLP, but {type(model).__name__} is no TransformerLens model.")
     if head is not None:
         grouped = n_kv_heads(model) < model.cfg.n_heads
         note = (f"l{head[0]}h{head[1]} includes the K/V of its group {kv_head(model, head[1])}, shared with "
                 f"{model.cfg.n_heads // n_kv_heads(model) - 1} other head(s).") if grouped else ""
         return head_masks(model, *head), note
     if not isinstance(spec, str):
-        raise TypeError(f"Cannot read restrict={spec!r}: {_FORMS}")
+        raise InvalidTypeError(f"Cannot read restrict={spec!r}: {_FORMS}")
     group = _GROUP.match(spec)
     if group:
         layer, g = int(group.group(1)), int(group.group(2))
         if not 0 <= g < n_kv_heads(model):
-            raise ValueError(f"restrict={spec!r}: layer {layer} has {n_kv_heads(model)} key/value groups (0-indexed).")
+            raise InvalidValueError(f"restrict={spec!r}: layer {layer} has {n_kv_heads(model)} key/value groups (0-indexed).")
         heads = [h for h in range(model.cfg.n_heads) if kv_head(model, h) == g]
         return _union(head_masks(model, layer, h) for h in heads), ""
     mlp = _MLP.match(spec)
@@ -131,7 +162,7 @@ def _spec_masks(model: nn.Module, spec) -> tuple[dict[str, torch.Tensor], str]:
     params = sampled_parameters(model)
     hits = {own for tl, own in names.items() if fnmatch.fnmatchcase(tl, pattern) or fnmatch.fnmatchcase(own, pattern)}
     if not hits:
-        raise ValueError(
+        raise InvalidValueError(
             f"restrict={spec!r} (pattern {pattern!r}) matches no parameter. Parameter names: {sorted(names)}."
         )
     return {own: torch.ones_like(params[own], dtype=torch.bool) for own in hits}, ""
