@@ -144,9 +144,10 @@ class _clear_errors:
     def __exit__(self, kind, error, tb):
         from .sampling import LLCDivergenceError
         from .store import FolderInUseError
+        from .training import TrainingDivergedError
 
         if kind is not None and issubclass(kind, (ValueError, TypeError, OSError, ImportError, FolderInUseError,
-                                                     LLCDivergenceError)):
+                                                     LLCDivergenceError, TrainingDivergedError)):
             print(f"tl-devinterp {self.command}: error: {_one_line(error)}", file=sys.stderr)
             raise SystemExit(2)
 
