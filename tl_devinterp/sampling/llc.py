@@ -250,8 +250,8 @@ def resolve_loss(model: nn.Module, loss_fn: Callable | None) -> Callable[[nn.Mod
     if callable(own):
         return own
     raise TypeError(
-        f"No loss for a {type(model).__name__}: pass loss_fn(model, batch) -> scalar, or give the model a "
-        f"loss_fn attribute (e.g. model.loss_fn = torch.nn.MSELoss() for batches (x, y))."
+        f"No loss for a {type(model).__name__}: pass loss_fn(model, batch) -> scalar, e.g. "
+        f"loss_fn=lambda model, batch: torch.nn.functional.mse_loss(model(batch[0]), batch[1]) for batches (x, y)."
     )
 
 
