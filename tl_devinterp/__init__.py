@@ -68,6 +68,7 @@ from .sampling import (
     filter_dataset,
     llc_over_series,
     plot_calibration,
+    plot_trace,
     sample_observables,
     susceptibilities,
     susceptibilities_over_series,
@@ -92,7 +93,7 @@ __all__ = [
     "train_tokenizer", "PRESETS", "TrainConfig", "train", "Intervention", "CheckpointSeries", "SeriesError", "ResultStore",
     # sampling
     "LLCDivergenceError", "LLCResult", "SGLDConfig", "SamplerDiagnostics", "SamplerWarning", "calibrate_llc", "contains_repeated_span", "default_nbeta",
-    "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration",
+    "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration", "plot_trace",
     "BayesianInfluence", "ObservableTraces", "sample_observables", "susceptibilities", "susceptibilities_over_series",
     "bayesian_influence", "top_influences",
     # metrics
