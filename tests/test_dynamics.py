@@ -269,10 +269,11 @@ def test_essential_dynamics_resumes_from_its_store(tmp_path):
         calls.append(1)
         return model(toks)[:, -2].flatten()
 
-    first = essential_dynamics(series, tokens, proxy=proxy, sigma=1.0, store_dir=tmp_path)
+    run = dict(proxy=proxy, key="logits at -2", sigma=1.0, store_dir=tmp_path)  # a closure is named by key=
+    first = essential_dynamics(series, tokens, **run)
     assert len(calls) == len(series)
-    again = essential_dynamics(series, tokens, proxy=proxy, sigma=1.0, store_dir=tmp_path)
+    again = essential_dynamics(series, tokens, **run)
     assert len(calls) == len(series)  # nothing recomputed
     np.testing.assert_array_equal(again.scores, first.scores)
-    essential_dynamics(series, tokens[:8], proxy=proxy, sigma=1.0, store_dir=tmp_path)  # other inputs: new store
+    essential_dynamics(series, tokens[:8], **run)  # other inputs: new store
     assert len(calls) == 2 * len(series)

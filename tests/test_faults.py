@@ -23,7 +23,7 @@ from tl_devinterp.cli import main
 from tl_devinterp.dynamics import essential_dynamics
 from tl_devinterp.metrics import metrics_over_series
 from tl_devinterp.sampling import llc_over_series
-from tl_devinterp.series import CheckpointSeries, SeriesError
+from tl_devinterp.series import CheckpointSeries, SeriesError, SeriesWarning
 from tl_devinterp.store import (
     TMP_SUFFIX,
     FolderInUseError,
@@ -452,3 +452,76 @@ def test_wrong_types_name_the_option():
         AnalysisConfig.from_dict({"thresholds": {"induction": "high"}})
     assert AnalysisConfig.from_dict({"epsilon": 1}).sgld.epsilon == 1.0
     assert isinstance(AnalysisConfig.from_dict({"epsilon": 1}).sgld.epsilon, float)
+
+
+# --- 7. series: one file per step, one architecture, every file verified before any work -----------------------
+def test_two_files_for_one_step_are_refused_naming_both(quick_tiny_dir, tmp_path):
+    """Catches: `model_050.pt` and `model_50.pt` (or `checkpoint-050/` and `checkpoint-50/`) silently reduced
+    to one step 50, chosen by directory order."""
+    series = CheckpointSeries.from_dir(quick_tiny_dir)
+    for name in ("model_050.pt", "model_50.pt"):
+        torch.save(series.load(1).state_dict(), tmp_path / name)
+    with pytest.raises(SeriesError, match=r"model_050.pt and model_50.pt both hold step 50: remove or rename one"):
+        CheckpointSeries.from_tl_save_dir(tmp_path, PRESETS["quick"].model)
+    run = tmp_path / "run"
+    for name in ("checkpoint-050", "checkpoint-50"):
+        (run / name).mkdir(parents=True)
+        (run / name / "config.json").write_text("{}")
+        (run / name / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SeriesError, match=r"checkpoint-050 and checkpoint-50 both hold step 50"):
+        CheckpointSeries.from_hf_checkpoints(run)
+
+
+def test_models_of_other_configurations_are_not_one_series():
+    """Catches: 2 heads of 16 and 4 heads of 8 in one width have equal tensor shapes and were accepted as one
+    series, mixing per-head indexings."""
+    from tl_devinterp.models import ModelConfig, build_model
+
+    cfg = dict(n_layers=1, d_model=32, n_ctx=16, d_vocab=32)
+    two, four = build_model(ModelConfig(n_heads=2, **cfg)), build_model(ModelConfig(n_heads=4, **cfg))
+    with pytest.raises(SeriesError, match=r"step 10 has a different architecture.*n_heads: 2 vs 4.*one configuration"):
+        CheckpointSeries.from_models([two, four], [0, 10])
+    assert len(CheckpointSeries.from_models([two, build_model(ModelConfig(n_heads=2, seed=1, **cfg))], [0, 10])) == 2
+
+
+def test_a_series_without_checksums_is_analysed_with_a_warning(series_dir, quick_tiny_dir):
+    """Catches: a series from before checksums were recorded, with a flipped byte in a tensor, analysed in full
+    with no word that nothing verified its weights."""
+    edit_manifest(series_dir, lambda m: m.pop("sha256"))
+    series = CheckpointSeries.from_dir(series_dir)
+    with pytest.warns(SeriesWarning, match=r"manifest.json records no checksums for steps 0, 1, 2, 3, 4: nothing "
+                                           r"verified their weights"):
+        metrics_over_series(series, tokens=tokens_of(series), n_seqs=4, seq_len=16, progress=False)
+    with warnings.catch_warnings():  # a series with its checksums: quiet
+        warnings.simplefilter("error")
+        CheckpointSeries.from_dir(quick_tiny_dir).verify()
+
+
+@pytest.mark.parametrize("damage", ["flip", "header", "shape"])
+def test_every_checkpoint_is_checked_before_the_first_estimate(series_dir, monkeypatch, damage):
+    """Catches: a damaged last checkpoint found only when the run reaches it (minutes of estimates in), or not
+    at all where its manifest records no checksum (a tensor of another shape, a cut header)."""
+    f = series_dir / "step_000000004.safetensors"
+    if damage == "flip":
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 0x40
+        f.write_bytes(bytes(data))
+        pattern = "step_000000004.safetensors \\(step 4\\) is corrupt or was replaced"
+    else:
+        edit_manifest(series_dir, lambda m: m["sha256"].pop("4"))
+        if damage == "header":
+            f.write_bytes(f.read_bytes()[:40])
+            pattern = "step_000000004.safetensors is corrupt or unreadable"
+        else:
+            state = load_file(f)
+            state["blocks.0.attn.q.weight"] = state["blocks.0.attn.q.weight"][:-1]
+            save_file(state, f, metadata={"step": "4"})
+            pattern = "step_000000004.safetensors does not match the series' architecture.*blocks.0.attn.q.weight"
+    calls = []
+    monkeypatch.setattr(llc_module, "sample_llcs", lambda *a, **k: calls.append(1))
+    series = CheckpointSeries.from_dir(series_dir)
+    with pytest.raises(SeriesError, match=pattern):
+        llc_over_series(series, tokens_of(series), **LLC)
+    with pytest.raises(SeriesError, match=pattern):
+        analyze(series_dir, series_dir.parent / "out", progress=False, **FAST)
+    assert not calls

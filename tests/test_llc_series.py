@@ -7,6 +7,7 @@ from tl_devinterp.data import repeated_random_tokens
 from tl_devinterp.models import ModelConfig, build_model
 from tl_devinterp.sampling import contains_repeated_span, filter_dataset, llc_over_series
 from tl_devinterp.sampling import over_series as over_series_module
+from tl_devinterp.sampling.llc import lm_loss
 from tl_devinterp.series import CheckpointSeries
 
 FAST = dict(num_chains=2, num_draws=3, num_burnin=1, batch_size=8)
@@ -69,6 +70,37 @@ def test_over_series_resumes_and_never_reuses_stale_results(series, tokens, tmp_
     calls.clear()
     llc_over_series(series, tokens[:8], store_dir=tmp_path, **FAST)
     assert len(calls) == 3  # new data: nothing reused
+
+
+def scaled_loss(model, batch):
+    """A module-level loss: keyed by its name and code."""
+    return 100 * lm_loss(model, batch)
+
+
+def test_store_never_shares_a_result_between_two_functions(series, tokens, tmp_path):
+    """Two lambdas (both `<lambda>`) that compute different losses: the second must not read the first's result.
+
+    Catches: a store keyed by `__qualname__`, which returned the first lambda's init_loss for the second."""
+    one = llc_over_series(series, tokens, store_dir=tmp_path, steps=[0], loss_fn=scaled_loss, **FAST)
+    plain = llc_over_series(series, tokens, store_dir=tmp_path, steps=[0], loss_fn=lm_loss, **FAST)
+    assert one.init_loss[0] == pytest.approx(100 * plain.init_loss[0], rel=1e-4)  # module-level: told apart
+    a = llc_over_series(series, tokens, store_dir=tmp_path, steps=[0], key="lm loss",
+                        loss_fn=lambda m, b: lm_loss(m, b), **FAST)
+    b = llc_over_series(series, tokens, store_dir=tmp_path, steps=[0], key="100 x lm loss",
+                        loss_fn=lambda m, b: 100 * lm_loss(m, b), **FAST)
+    assert b.init_loss[0] == pytest.approx(100 * a.init_loss[0], rel=1e-4)
+    calls = []
+
+    def counting(m, b):  # a closure: its identity cannot be established, so it is refused before any sampling
+        calls.append(1)
+        return lm_loss(m, b)
+
+    for fn in (lambda m, b: 100 * lm_loss(m, b), counting):
+        with pytest.raises(ValueError, match="key="):
+            llc_over_series(series, tokens, store_dir=tmp_path, steps=[0], loss_fn=fn, **FAST)
+    assert not calls
+    llc_over_series(series, tokens, steps=[0], loss_fn=counting, **FAST)  # no store: nothing to confuse
+    assert calls
 
 
 def test_repeated_span_filter():

@@ -31,6 +31,7 @@ from .dynamics import (
     stages_frame,
 )
 from .interventions import Intervention
+from .llc_callback import LLCCallback, llc_now
 
 # metrics
 from .metrics import (
@@ -90,7 +91,7 @@ __all__ = [
     # series
     "ModelConfig", "build_model", "clone_model", "head_masks", "head_weights", "mlp_masks", "parse_head",
     "make_data", "markov_tokens", "pack_texts", "plant_repeats", "repeated_random_tokens", "stdlib_texts", "text_files",
-    "train_tokenizer", "PRESETS", "TrainConfig", "train", "Intervention", "CheckpointSeries", "SeriesError", "ResultStore",
+    "train_tokenizer", "PRESETS", "TrainConfig", "train", "LLCCallback", "llc_now", "Intervention", "CheckpointSeries", "SeriesError", "ResultStore",
     # sampling
     "LLCDivergenceError", "LLCResult", "SGLDConfig", "SamplerDiagnostics", "SamplerWarning", "calibrate_llc", "contains_repeated_span", "default_nbeta",
     "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration", "plot_trace",

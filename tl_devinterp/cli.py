@@ -40,6 +40,8 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, help="override the preset's seed")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace a series trained with another config")
+    p.add_argument("--llc-every", type=int, default=0, metavar="N", help="estimate the LLC on the test split every N "
+                   "steps (SGLD defaults), into the manifest's llc_during_training; the run is unchanged")
     p.set_defaults(run=_run_train)
 
 
@@ -51,7 +53,8 @@ def _run_train(args) -> None:
         overrides = read_config_file(args.config) if args.config else {}
         overrides.update({k: v for k, v in (("n_steps", args.n_steps), ("lr", args.lr), ("seed", args.seed))
                           if v is not None})
-        series = train(args.out, args.preset, overwrite=args.overwrite, device=args.device, **overrides)
+        series = train(args.out, args.preset, overwrite=args.overwrite, device=args.device, llc_every=args.llc_every,
+                       **overrides)
     print(f"wrote {series} to {args.out}")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
@@ -235,11 +236,22 @@ def _with_repeats(tokens: torch.Tensor, spec: dict[str, Any], seed: int) -> torc
                          max_len=spec.get("max_len", 16), seed=seed)
 
 
+TOKEN_COLUMNS = ("input_ids", "tokens")
+"""The columns a dataset's token ids are read from: ours and transformers' `input_ids`, TransformerLens's
+`tokenize_and_concatenate` `tokens`."""
+
+
+def token_column(data) -> str:
+    """The column of a `datasets.Dataset` that holds its token ids (`TOKEN_COLUMNS`, in that order)."""
+    column = next((c for c in TOKEN_COLUMNS if c in data.column_names), None)
+    if column is None:
+        raise ValueError(f"The dataset has no token column {' or '.join(map(repr, TOKEN_COLUMNS))} (columns: "
+                         f"{data.column_names}); tokenize it first with tl_devinterp.data.pack_texts.")
+    return column
+
+
 def token_tensor(data: datasets.Dataset | torch.Tensor) -> Int[torch.Tensor, "n seq"]:
-    """The `input_ids` of a dataset (or a token tensor) as one `[n, seq]` long tensor."""
+    """The token ids of a dataset (`token_column`) or a token tensor as one `[n, seq]` long tensor."""
     if isinstance(data, torch.Tensor):
         return data.long()
-    if "input_ids" not in data.column_names:
-        raise ValueError(f"The dataset has no 'input_ids' column (columns: {data.column_names}); tokenize it first "
-                         f"with tl_devinterp.data.pack_texts.")
-    return torch.tensor(data["input_ids"], dtype=torch.long)
+    return torch.as_tensor(np.asarray(data.with_format("numpy")[token_column(data)]), dtype=torch.long)

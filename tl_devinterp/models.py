@@ -10,9 +10,11 @@ keyed by canonical parameter names (see `sampled_parameters`), and TransformerLe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,14 +109,41 @@ def is_supported_model(model: Any) -> bool:
     )
 
 
+def hf_boot_hint(model: Any) -> str | None:
+    """How to boot a Hugging Face transformers model as a TransformerLens model (one sentence), or None when
+    `model` is none."""
+    if not any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__):
+        return None
+    return (f"{type(model).__name__} is a Hugging Face transformers model: boot it as a TransformerLens model first, "
+            f"e.g. `model.save_pretrained(path); tokenizer.save_pretrained(path); model = TransformerBridge."
+            f"boot_transformers(path, device='cpu')` (from transformer_lens.model_bridge import TransformerBridge); "
+            f"a Trainer's output_dir is read as it is by CheckpointSeries.from_hf_checkpoints.")
+
+
 def check_model(model: Any) -> None:
     """Raise a TypeError naming what we accept when `model` is not a TransformerLens model."""
+    hint = hf_boot_hint(model)
+    if hint:
+        raise TypeError(hint)
     if not is_supported_model(model):
         raise TypeError(
             f"Expected a TransformerLens model (TransformerBridge, or HookedTransformer on TL 3.x), "
             f"got {type(model).__name__}. Build one with tl_devinterp.build_model(ModelConfig(...)) "
             f"or TransformerBridge.boot_native(...)."
         )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode (no dropout) inside, each submodule's own mode restored on exit: sampling and
+    measuring see the deterministic function of the weights however the model was left."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def clone_model(model: nn.Module) -> nn.Module:
@@ -310,6 +339,14 @@ def token_cross_entropy(
     """Next-token cross-entropy at every position: entry [b, i] is the loss of predicting tokens[b, i+1]."""
     logprobs = logits[:, :-1].log_softmax(-1)
     return -logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+def mean_token_loss(logits: Float[torch.Tensor, "batch pos vocab"], tokens: Int[torch.Tensor, "batch pos"],
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean next-token cross-entropy over the targets that count (`keep` [batch, pos-1]; None: all), as
+    Hugging Face's loss averages over the tokens that are not padding."""
+    losses = token_cross_entropy(logits, tokens)
+    return losses.mean() if keep is None else torch.where(keep, losses, 0.0).sum() / keep.sum().clamp(min=1)
 
 
 def bos_token_id(model: nn.Module) -> int:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,10 @@ class SeriesError(ValueError):
     """A checkpoint series cannot be read as given; the message names the file and the fix."""
 
 
+class SeriesWarning(UserWarning):
+    """A series' weights could not be verified (its source records no checksums)."""
+
+
 class CheckpointSeries:
     """Ordered training steps, each loadable as a TransformerLens model.
 
@@ -41,7 +46,7 @@ class CheckpointSeries:
     """
 
     def __init__(self, steps: Sequence[int], loader: Callable[[int], nn.Module], *, meta: dict | None = None,
-                 fingerprint: Callable[[int], str] | None = None):
+                 fingerprint: Callable[[int], str] | None = None, verify: Callable[[int], bool] | None = None):
         steps = [int(s) for s in steps]
         if not steps:
             raise SeriesError("The checkpoint series is empty: give at least one checkpoint.")
@@ -50,6 +55,7 @@ class CheckpointSeries:
         self.steps: list[int] = sorted(steps)
         self._loader = loader
         self._fingerprint = fingerprint
+        self._verify = verify  # checks a step's file without loading it; True when a recorded checksum matched
         self._fingerprints: dict[int, str] = {}  # content hashes of loaded models, when no `fingerprint` is given
         self._held: tuple[int, nn.Module] | None = None  # the model `fingerprint` loaded, until `load` takes it
         self.meta: dict[str, Any] = meta or {}
@@ -102,11 +108,26 @@ class CheckpointSeries:
             self._held = (step, self.load(step))  # kept for the `load(step)` that usually follows
         return self._fingerprints[step]
 
+    def verify(self, steps: Sequence[int] | None = None) -> None:
+        """Check every checkpoint's file before any work is spent on the series: its header, its tensors' names
+        and shapes, the step stored in it and the checksum its manifest records. A damaged file is a
+        SeriesError naming it, now rather than when a run reaches it; a `SeriesWarning` says which steps
+        have no recorded checksum (nothing could verify their weights). Sources without files (models in
+        memory, the hub) have nothing to check."""
+        if self._verify is None:
+            return
+        unverified = [s for s in (self.steps if steps is None else steps) if not self._verify(s)]
+        if unverified:
+            where = getattr(self._verify, "source", "The series")
+            warnings.warn(f"{where} records no checksums for steps {_steps_text(unverified)}: nothing verified their "
+                          f"weights (a damaged tensor would go unnoticed). Retrain the series with this tl_devinterp, "
+                          f"which records them.", SeriesWarning, stacklevel=2)
+
     def subset(self, steps: Sequence[int]) -> CheckpointSeries:
         """The same series restricted to `steps`."""
         for s in steps:
             self._check_step(s)
-        sub = CheckpointSeries(steps, self._loader, meta=self.meta, fingerprint=self._fingerprint)
+        sub = CheckpointSeries(steps, self._loader, meta=self.meta, fingerprint=self._fingerprint, verify=self._verify)
         sub._fingerprints = self._fingerprints
         return sub
 
@@ -136,7 +157,8 @@ class CheckpointSeries:
         recorded = manifest.get("sha256", {})  # absent in series written before checksums were recorded
 
         return cls(sorted(files), partial(_load_checked, config, files, recorded), meta=manifest,
-                   fingerprint=partial(_recorded_hash, files, recorded))
+                   fingerprint=partial(_recorded_hash, files, recorded),
+                   verify=_FileCheck(partial(build_model, config), _safetensors_header, files, recorded, manifest_file))
 
     @classmethod
     def from_tl_save_dir(cls, path: str | os.PathLike, config: Any) -> CheckpointSeries:
@@ -149,15 +171,12 @@ class CheckpointSeries:
         path = Path(path)
         if not path.is_dir():
             raise SeriesError(f"{path} is not a directory of model_{{step}}.pt checkpoints.")
-        files = {}
-        for f in path.glob("model_*.pt"):
-            m = re.fullmatch(r"model_(\d+)\.pt", f.name)
-            if m:
-                files[int(m.group(1))] = f
+        files = _one_per_step(path, r"model_(\d+)\.pt")
         if not files:
             raise SeriesError(f"No model_{{step}}.pt files in {path}: the series is empty.")
         return cls(sorted(files), partial(_load_file, _builder(config), _read_torch, files), meta={"source": str(path)},
-                   fingerprint=partial(_files_hash, {step: [file] for step, file in files.items()}))
+                   fingerprint=partial(_files_hash, {step: [file] for step, file in files.items()}),
+                   verify=_FileCheck(_builder(config), _torch_header, files, None, path))
 
     @classmethod
     def from_models(cls, models: Sequence[nn.Module], steps: Sequence[int]) -> CheckpointSeries:
@@ -167,12 +186,14 @@ class CheckpointSeries:
             raise SeriesError(f"Got {len(models)} models but {len(steps)} steps; give one step per model.")
         for m in models:
             check_model(m)
-        shapes = [_shapes(m) for m in models]
-        for s, sh in zip(steps[1:], shapes[1:]):
-            if sh != shapes[0]:
+        shapes, configs = [_shapes(m) for m in models], [_architecture(m) for m in models]
+        for s, sh, cfg in zip(steps[1:], shapes[1:], configs[1:]):
+            differ = _shape_diff(shapes[0], sh) if sh != shapes[0] else ", ".join(
+                f"{k}: {configs[0][k]} vs {cfg[k]}" for k in cfg if cfg[k] != configs[0][k])
+            if differ:  # equal shapes can hide other head counts (2 heads of 16 vs 4 of 8 in one width)
                 raise SeriesError(
                     f"The model at step {s} has a different architecture from the one at step {steps[0]} "
-                    f"({_shape_diff(shapes[0], sh)}); a series holds one architecture."
+                    f"({differ}); a series holds one architecture: pass models of one configuration."
                 )
         models = _InMemory(dict(zip(steps, models)))
         return cls(steps, models, fingerprint=models.fingerprint)  # hashed on each call: a model in memory may change
@@ -233,8 +254,7 @@ class CheckpointSeries:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise SeriesError(f"{run_dir} is not a directory; give the output_dir of a transformers Trainer run.")
-        folders = {int(m.group(1)): f for f in run_dir.iterdir()
-                   if f.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", f.name))}
+        folders = _one_per_step(run_dir, r"checkpoint-(\d+)", folders=True)
         if not folders:
             raise SeriesError(f"No checkpoint-{{N}} folders in {run_dir}: it is not a Trainer output_dir (save "
                               f"checkpoints with TrainingArguments(save_strategy='steps', save_steps=...)).")
@@ -260,6 +280,21 @@ class CheckpointSeries:
 
 
 # --------------------------------------------------------------------------------------------------
+def _one_per_step(folder: Path, pattern: str, *, folders: bool = False) -> dict[int, Path]:
+    """step -> the entry of `folder` whose name matches `pattern` (its group: the step); two names of one step
+    (`model_050.pt` beside `model_50.pt`) are refused, naming both, rather than one chosen by directory order."""
+    found: dict[int, Path] = {}
+    for f in sorted(folder.iterdir()):
+        m = re.fullmatch(pattern, f.name)
+        if m and f.is_dir() == folders:
+            step = int(m.group(1))
+            if step in found:
+                raise SeriesError(f"{found[step]} and {f.name} both hold step {step}: remove or rename one of them "
+                                  f"(a step has one checkpoint).")
+            found[step] = f
+    return found
+
+
 def _builder(config: Any) -> Callable[[], nn.Module]:
     if isinstance(config, (ModelConfig, dict)):
         return partial(build_model, config)
@@ -395,19 +430,67 @@ def _checkpoint_files(path: Path, manifest: dict[str, Any], manifest_file: Path)
 
 def load_checkpoint_state(file: Path, *, sha256: str | None = None, step: int | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors checkpoint, checked against the sha256 and the step its manifest records."""
+    _check_sha256(file, sha256, step)
+    return _read_safetensors(file, step, lambda f, k: f.get_tensor(k))
+
+
+def _check_sha256(file: Path, sha256: str | None, step: int | None) -> None:
     if sha256 is not None and file_sha256(file) != sha256:
         raise SeriesError(f"Checkpoint {file} (step {step}) is corrupt or was replaced: its sha256 differs from "
                           f"the one its manifest records. Restore it, or retrain the series.")
+
+
+def _read_safetensors(file: Path, step: int | None, read: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """`read(f, name)` of each tensor of a safetensors file, checking the step stored in its header."""
     try:
         with safe_open(str(file), framework="pt") as f:
             saved = (f.metadata() or {}).get("step")
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+            state = {k: read(f, k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
     except (SafetensorError, OSError, ValueError) as e:
         raise SeriesError(f"Checkpoint {file} is corrupt or unreadable ({e}). Re-save or remove it.") from e
     if step is not None and saved is not None and saved != str(step):
         raise SeriesError(f"Checkpoint {file} holds step {saved} but its manifest lists it as step {step}: entries "
                           f"are swapped or edited. Restore the manifest.")
     return state
+
+
+def _safetensors_header(file: Path, step: int) -> dict[str, tuple[int, ...]]:
+    """The tensors' shapes from a safetensors header (no tensor data is read)."""
+    return _read_safetensors(file, step, lambda f, k: tuple(f.get_slice(k).get_shape()))
+
+
+def _torch_header(file: Path, step: int) -> dict[str, tuple[int, ...]]:
+    """The tensors' shapes of a `torch.save`d state dict, memory-mapped (read weights-only, data not read)."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format file mmap can map: _read_torch says why
+        state = _read_torch(file)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SeriesError(f"Checkpoint {file} is not a state dict of tensors (got {type(state).__name__}).")
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+class _FileCheck:
+    """`series.verify`'s check of one step's file: its recorded sha256 (when there is one), its header, and its
+    tensors' names and shapes against the series' architecture (built once, then only its shapes are kept)."""
+
+    def __init__(self, build: Callable[[], nn.Module], header: Callable[[Path, int], dict], files: dict[int, Path],
+                 recorded: dict[str, str] | None, source: Path):
+        self.build, self.header, self.files, self.recorded, self.source = build, header, files, recorded, source
+        self.expected: tuple[dict[str, tuple[int, ...]], set[str]] | None = None
+
+    def __call__(self, step: int) -> bool:
+        """Whether the file was checked against a recorded checksum (always, for sources that record none:
+        `recorded` None); a SeriesError naming it when it is damaged."""
+        file, sha256 = self.files[step], (self.recorded or {}).get(str(step))
+        _check_sha256(file, sha256, step)
+        shapes = self.header(file, step)
+        if not any(".W_Q" in k or k == "embed.W_E" for k in shapes):  # HookedTransformer layout: checked on load
+            if self.expected is None:
+                model = self.build()
+                self.expected = _shapes(model), set(tl_parameter_names(model))
+            _check_shapes(shapes, *self.expected, file)
+        return sha256 is not None or self.recorded is None
 
 
 def _read_torch(file: Path) -> dict[str, torch.Tensor]:
@@ -436,11 +519,16 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], file: Path) ->
                 f"HookedTransformer, or use transformer_lens>=4."
             ) from None
         state = convert_tl_checkpoint(dict(state), model.cfg)
-    own = model.state_dict()
-    missing = sorted(set(tl_parameter_names(model)) - set(state))  # buffers (masks, zero biases) may be absent
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
+    _check_shapes({k: tuple(v.shape) for k, v in state.items()}, _shapes(model), set(tl_parameter_names(model)), file)
+    model.load_state_dict(state, strict=False)
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]], own: dict[str, tuple[int, ...]], required: set[str],
+                  file: Path) -> None:
+    """A SeriesError naming `file` when its tensors do not fit the model (`own` shapes, `required` names)."""
+    missing = sorted(required - set(shapes))  # buffers (masks, zero biases) may be absent
+    unexpected = sorted(set(shapes) - set(own))
+    wrong = [f"{k}: file {shapes[k]} vs model {own[k]}" for k in own if k in shapes and shapes[k] != own[k]]
     if missing or unexpected or wrong:
         raise SeriesError(
             f"Checkpoint {file} does not match the series' architecture: "
@@ -451,7 +539,10 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], file: Path) ->
             ]))
             + ". Check the model config given for the series."
         )
-    model.load_state_dict(state, strict=False)
+
+
+def _steps_text(steps: list[int]) -> str:
+    return ", ".join(map(str, steps[:8])) + (f", ... ({len(steps)} in all)" if len(steps) > 8 else "")
 
 
 def _state_fingerprint(model: nn.Module) -> str:
@@ -462,6 +553,17 @@ def _state_fingerprint(model: nn.Module) -> str:
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+_ARCHITECTURE = ("n_layers", "n_heads", "d_head", "d_model", "d_mlp", "d_vocab", "n_ctx", "n_key_value_heads",
+                 "attn_only", "normalization_type", "act_fn", "positional_embedding_type", "rotary_dim",
+                 "parallel_attn_mlp", "gated_mlp")
+
+
+def _architecture(model: nn.Module) -> dict[str, Any]:
+    """The configuration fields that fix how a model's tensors are indexed (heads, layers, widths)."""
+    cfg = getattr(model, "cfg", None)
+    return {k: getattr(cfg, k, None) for k in _ARCHITECTURE}
 
 
 def _shape_diff(a: dict, b: dict) -> str:

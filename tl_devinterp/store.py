@@ -16,6 +16,8 @@ processes from working in one output folder at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -73,6 +75,74 @@ def fingerprint(*arrays) -> str:
                 p = p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             h.update(np.ascontiguousarray(p).tobytes())
     return h.hexdigest()[:16]
+
+
+def callable_key(fn: Callable | None, *, key: str | None = None, option: str = "loss_fn") -> str | None:
+    """What a store keys a callable by: `key` when the caller names it; else a module-level function's
+    `module:qualname` and a hash of its code (a `functools.partial` adds its arguments); None for None.
+
+    An anonymous function (lambda), a nested function or closure, a bound method or a callable object has no
+    identity a store can establish (every lambda is `<lambda>`, two nested `loss` functions share a name):
+    it is refused with a ValueError that says how to name it, so no stored result is ever reused for
+    another function.
+    """
+    if key is not None:
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"key must be a non-empty string naming what {option} computes, got {key!r}.")
+        return f"key:{key}"
+    if fn is None:
+        return None
+    return _callable_identity(fn, option)
+
+
+def _callable_identity(fn: Callable, option: str) -> str:
+    if isinstance(fn, functools.partial):
+        args = [_value_identity(a, option) for a in fn.args]
+        kwargs = {k: _value_identity(v, option) for k, v in sorted(fn.keywords.items())}
+        return f"partial({_callable_identity(fn.func, option)}, {args}, {kwargs})"
+    qualname, code = getattr(fn, "__qualname__", None), getattr(fn, "__code__", None)
+    if qualname is None or code is None or "<" in qualname or getattr(fn, "__closure__", None):
+        what = ("an anonymous function (lambda)" if qualname and "<lambda>" in qualname
+                else "a nested function or closure" if qualname and code is not None
+                else f"a {type(fn).__name__} object")
+        raise ValueError(
+            f"{option}={getattr(fn, '__qualname__', repr(fn))} is {what}, which a result store cannot tell apart "
+            f"from another one: define it at module level, or name what it computes with key= (e.g. "
+            f"key='100x lm_loss'); a new key gets new results.")
+    h = hashlib.sha256()
+    _hash_code(h, code)
+    h.update(repr(_value_identity(fn.__defaults__ or (), option)).encode())
+    h.update(repr(_value_identity(fn.__kwdefaults__ or {}, option)).encode())
+    return f"{fn.__module__}:{qualname}:{h.hexdigest()[:16]}"
+
+
+def _hash_code(h, code) -> None:
+    """Bytecode, names and constants (nested code objects too), not line numbers or file names."""
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames, code.co_freevars)).encode())
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            _hash_code(h, const)
+        else:
+            h.update(repr(const).encode())
+
+
+def _value_identity(x: Any, option: str) -> Any:
+    """A partial's argument or a default as a key: plain values, arrays by content, functions by identity."""
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if isinstance(x, (list, tuple)):
+        return [_value_identity(v, option) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _value_identity(v, option) for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return f"array:{fingerprint(x)}"
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {type(x).__qualname__: _value_identity(dataclasses.asdict(x), option)}
+    if callable(x):
+        return _callable_identity(x, option)
+    raise ValueError(f"{option} is bound to a {type(x).__name__} argument, which a result store cannot key by: "
+                     f"name what it computes with key= (e.g. key='my loss, v2').")
 
 
 _file_hashes: dict[str, tuple[int, int, str]] = {}
@@ -265,6 +335,7 @@ def map_series(
     missing = [s for s in todo if s not in set(series.steps)]
     if missing:
         raise ValueError(f"Steps {missing} are not in the series; available steps: {series.steps}.")
+    series.verify(todo)  # every file checked before the first result: a damaged one fails now, not hours in
     frames: dict[int, pd.DataFrame] = {}
     seen: dict[str, int] = {}
 

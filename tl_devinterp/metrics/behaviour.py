@@ -17,7 +17,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import nn
 
-from ..models import check_model, token_cross_entropy
+from ..models import check_model, eval_mode, token_cross_entropy
+from ..sampling.batches import lm_batch
 from .heads import _device
 
 
@@ -34,16 +35,23 @@ def _check_tokens(model: nn.Module, tokens: torch.Tensor, min_len: int = 2) -> N
 
 
 def per_token_loss(
-    model: nn.Module, tokens: Int[torch.Tensor, "batch pos"], *, batch_size: int = 32
+    model: nn.Module, tokens: Int[torch.Tensor, "batch pos"], *, batch_size: int = 32,
+    attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
 ) -> Float[torch.Tensor, "batch pos_minus_1"]:
-    """Next-token loss at every position: entry `[b, i]` is the loss of predicting `tokens[b, i + 1]`."""
+    """Next-token loss at every position: entry `[b, i]` is the loss of predicting `tokens[b, i + 1]`; NaN
+    where that target is padding (`attention_mask` 0, right padding as `sampling.batches.lm_batch` reads it).
+    The model runs in eval mode (no dropout)."""
     check_model(model)
     _check_tokens(model, tokens)
-    with torch.no_grad():
-        return torch.cat([
+    with torch.no_grad(), eval_mode(model):
+        loss = torch.cat([
             token_cross_entropy(model(chunk.to(_device(model))), chunk.to(_device(model))).float().cpu()
             for chunk in tokens.split(batch_size)
         ])
+    if attention_mask is None:
+        return loss
+    keep = lm_batch({"input_ids": tokens, "attention_mask": attention_mask})[1]
+    return loss if keep is None else loss.masked_fill(~keep.cpu(), float("nan"))
 
 
 def loss_difference(

@@ -38,8 +38,15 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..models import is_supported_model, parameter_slots, sampled_parameters, token_cross_entropy
-from .batches import as_tensors, batch_stream
+from ..models import (
+    eval_mode,
+    hf_boot_hint,
+    is_supported_model,
+    mean_token_loss,
+    parameter_slots,
+    sampled_parameters,
+)
+from .batches import as_tensors, batch_stream, lm_batch
 from .diagnostics import TRACES, ChainStats, SamplerDiagnostics, SamplerWarning, summarise
 from .fast_forward import check_precision, precision_context, verified_fast_forward
 from .restrict import Restriction, resolve_restriction
@@ -181,17 +188,55 @@ class LLCResult:
         """nβ·(L_B(w_t) − L_B(w*)) per draw: the quantity λ̂ averages; flat when sampling is stable."""
         return self.config.nbeta * (self.loss_trace - self.init_losses)
 
+    def summary(self) -> dict[str, Any]:
+        """The estimate under devinterp's summary keys (`llc/mean`, `llc/std`, `llc/trace`, `loss/trace`,
+        `init_loss`) and as flat names (`llc_mean`, `llc_std`, `llc_se`, `llc_per_chain`); `result[key]` reads it."""
+        llc, loss = self.llc_trace.double().numpy(), self.loss_trace.double().numpy()
+        return {"llc/mean": self.mean, "llc/std": self.std, "llc/trace": llc, "loss/trace": loss,
+                "init_loss": self.init_loss, "llc_mean": self.mean, "llc_std": self.std, "llc_se": self.se,
+                "llc_per_chain": self.per_chain, "llc_trace": llc, "loss_trace": loss}
+
+    def __getitem__(self, key: str):
+        summary = self.summary()
+        if key not in summary:
+            raise KeyError(f"LLCResult has no {key!r}; keys: {sorted(summary)}.")
+        return summary[key]
+
+    def to_xarray(self):
+        """The traces as an `xarray.Dataset` on dims (chain, draw): `llc` (nβ·(L_B(w_t) − L_B(w*))), `loss`
+        (L_B(w_t)) and `init_loss` (L_B(w*), per draw), with the estimate and its settings as attributes."""
+        import xarray as xr
+
+        chains, draws = self.loss_trace.shape
+        coords = {"chain": np.arange(chains), "draw": np.arange(draws)}
+        attrs = {"llc_mean": self.mean, "llc_std": self.std, "llc_se": self.se, "d": self.d,
+                 "restrict": self.restrict, "init_loss": self.init_loss, "forward": self.forward,
+                 **{f"sgld_{k}": v for k, v in self.config.to_dict().items()}}
+        return xr.Dataset({"llc": (("chain", "draw"), self.llc_trace.double().numpy()),
+                           "loss": (("chain", "draw"), self.loss_trace.double().numpy()),
+                           "init_loss": (("draw",), self.init_losses.double().numpy())}, coords=coords, attrs=attrs)
+
+    def to_inference_data(self):
+        """An ArviZ `InferenceData`: `llc` in its posterior group (for `arviz.summary`, `rhat`, `ess`,
+        `plot_trace`), the losses in `sample_stats`, on dims (chain, draw)."""
+        import arviz as az
+
+        data = self.to_xarray()
+        attrs = {k: v for k, v in data.attrs.items() if v is not None}  # netCDF-safe attributes
+        return az.InferenceData(posterior=data[["llc"]].assign_attrs(attrs),
+                                sample_stats=data[["loss", "init_loss"]].assign_attrs(attrs))
+
 
 # --------------------------------------------------------------------------------------------------
 # The loss: explicit loss_fn, else the model's own `loss_fn`, else next-token cross-entropy.
 
 
 def lm_loss(model: nn.Module, batch, resid: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy of a TransformerLens model on a token batch; with `resid` and `layer`,
-    computed from that residual stream before block `layer`."""
-    tokens = _tokens(batch)
+    """Mean next-token cross-entropy of a TransformerLens model on a batch (`batches.lm_batch`: padding and
+    labels of -100 left out); with `resid` and `layer`, computed from that residual stream before block `layer`."""
+    tokens, keep = lm_batch(batch)
     logits = model(tokens) if layer is None else model(resid, start_at_layer=layer)
-    return token_cross_entropy(logits, tokens).mean()
+    return mean_token_loss(logits, tokens, keep)
 
 
 def fast_lm_loss(forward: Callable) -> Callable:
@@ -199,8 +244,8 @@ def fast_lm_loss(forward: Callable) -> Callable:
     instead of the model's own."""
 
     def loss(model: nn.Module, batch, resid: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
-        tokens = _tokens(batch)
-        return token_cross_entropy(forward(tokens, layer, resid), tokens).mean()
+        tokens, keep = lm_batch(batch)
+        return mean_token_loss(forward(tokens, layer, resid), tokens, keep)
 
     return loss
 
@@ -215,16 +260,22 @@ def choose_forward(model: nn.Module, loss_fn: Callable | None, config: SGLDConfi
     if loss_fn is not None or not is_supported_model(model):
         return None, "model: a custom loss or a model TransformerLens does not describe"
     if any(h._forward_hooks or h._forward_pre_hooks or h._backward_hooks for h in model.hook_dict.values()):
-        return None, "model: hooks attached (the fast forward would skip them)"
-    device = next(model.parameters()).device
-    forward, problem = verified_fast_forward(model, _tokens(batch), sdpa=device.type == "cuda")
-    return (forward, "fast") if forward is not None else (None, f"model: {problem}")
+        forward, problem = None, "hooks attached (the fast forward would skip them)"
+    else:
+        device = next(model.parameters()).device
+        with eval_mode(model):
+            forward, problem = verified_fast_forward(model, lm_batch(batch)[0], sdpa=device.type == "cuda")
+    if forward is not None:
+        return forward, "fast"
+    warnings.warn(f"Sampling through the TransformerLens forward, not the fast forward (several times slower): "
+                  f"{problem}.", SamplerWarning, stacklevel=3)  # once per reason, by Python's default filter
+    return None, f"model: {problem}"
 
 
 def skips_lower_blocks(model: nn.Module, batch) -> bool:
     """Whether `model(resid, start_at_layer=1)` really skips block 0: where a model runs the lower blocks
     anyway, a cached residual stream would save nothing."""
-    tokens = _tokens(batch)[:1]
+    tokens = lm_batch(batch)[0][:1]
     calls = []
     try:
         with torch.no_grad():
@@ -237,23 +288,36 @@ def skips_lower_blocks(model: nn.Module, batch) -> bool:
 
 
 def resolve_loss(model: nn.Module, loss_fn: Callable | None) -> Callable[[nn.Module, Any], torch.Tensor]:
-    """`loss_fn(model, batch)`. TransformerLens models default to `lm_loss`; another model's `loss_fn` may be a method `(batch)`, a function `(model, batch)`,
-    or a criterion module applied as `criterion(model(x), y)` to batches `(x, y)`."""
-    if loss_fn is not None:
-        return loss_fn
-    if is_supported_model(model):  # before `loss_fn`: TransformerLens models have one of another signature
+    """`loss_fn(model, batch)` -> scalar. TransformerLens models default to `lm_loss`; another model's `loss_fn`
+    may be a method `(batch)`, a function `(model, batch)`, or a criterion module applied as
+    `criterion(model(x), y)` to batches `(x, y)`. A loss that returns per-example or per-token values
+    (devinterp's `(model, input_ids) -> [batch, seq-1]`) or devinterp's `(loss, info)` pair is reduced to its mean."""
+    if loss_fn is None and is_supported_model(model):  # before `loss_fn`: TransformerLens models have one of another signature
         return lm_loss
     own = getattr(model, "loss_fn", None)
-    if isinstance(own, nn.Module):
-        return lambda m, batch: m.loss_fn(m(batch[0]), batch[1])
-    if inspect.ismethod(own):
-        return lambda m, batch: m.loss_fn(batch)
-    if callable(own):
-        return own
-    raise TypeError(
-        f"No loss for a {type(model).__name__}: pass loss_fn(model, batch) -> scalar, e.g. "
-        f"loss_fn=lambda model, batch: torch.nn.functional.mse_loss(model(batch[0]), batch[1]) for batches (x, y)."
-    )
+    if loss_fn is not None:
+        given = loss_fn
+    elif isinstance(own, nn.Module):
+        def given(m, batch):
+            return m.loss_fn(m(batch[0]), batch[1])
+    elif inspect.ismethod(own):
+        def given(m, batch):
+            return m.loss_fn(batch)
+    elif callable(own):
+        given = own
+    else:
+        raise TypeError(hf_boot_hint(model) or
+            f"No loss for a {type(model).__name__}: pass loss_fn(model, batch) -> scalar, e.g. "
+            f"loss_fn=lambda model, batch: torch.nn.functional.mse_loss(model(batch[0]), batch[1]) for batches (x, y)."
+        )
+
+    def loss(m: nn.Module, batch, *extra) -> torch.Tensor:
+        value = given(m, batch, *extra)
+        if isinstance(value, (tuple, list)):  # devinterp's evaluate: (loss, {...})
+            value = value[0]
+        return value if value.ndim == 0 else value.mean()
+
+    return loss
 
 
 class Objective(nn.Module):
@@ -300,7 +364,16 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     (canonical name -> tensor, w* outside the restriction): the hook that observables use.
     `sampling_forward`: `choose_forward`'s choice where the caller made it already (observables evaluate
     through the same forward).
+
+    The model samples in eval mode (no dropout), whatever mode it is in; its mode is restored on return.
     """
+    with eval_mode(model):
+        return _sample_llcs(model, data, restrictions, config, loss_fn=loss_fn, desc=desc, progress=progress,
+                            observe=observe, sampling_forward=sampling_forward)
+
+
+def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config: SGLDConfig, *,
+                 loss_fn: Callable | None, desc: str, progress: bool, observe, sampling_forward) -> list[LLCResult]:
     config = config.resolve(data)
     params = sampled_parameters(model)
     device = next(iter(params.values())).device
@@ -342,7 +415,7 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
         if draw >= 0:
             init_losses[draw] = l_star
         with torch.no_grad():  # 2. the shared residual streams at w*
-            extra = {layer: () if layer == 0 else (model(_tokens(batch), stop_at_layer=layer), layer) for layer in set(starts)}
+            extra = {layer: () if layer == 0 else (model(lm_batch(batch)[0], stop_at_layer=layer), layer) for layer in set(starts)}
         for stack in stacks:
             chains = stack.chains
             # 3. Every chain's loss and gradient in one batched call: its coordinates in its restriction's
@@ -473,10 +546,6 @@ def _losses_and_grads(objective: Objective, stack: _Stack, w_star: dict[str, tor
         losses.append(value.detach())
         grads.append(torch.autograd.grad(value, row)[0])
     return torch.stack(losses), torch.stack(grads)
-
-
-def _tokens(batch):
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _drop_unused(objective: Objective, w_star: dict[str, torch.Tensor], restrictions: list[Restriction],

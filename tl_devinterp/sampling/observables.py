@@ -3,7 +3,7 @@
 An observable is either a callable `f(model) -> tensor` (evaluated with the draw's weights through the
 same functional call the sampler uses, so the model itself is never modified), or an evaluation dataset,
 whose per-item losses are recorded: per token ([N, seq−1]) for a TransformerLens model with the LM loss,
-per row ([N]) otherwise. Each observable's trace is an array [chains, draws, *shape] over the thinned
+per row ([N]) otherwise. A padded dataset's padding (attention_mask 0, labels -100) records 0, a constant. Each observable's trace is an array [chains, draws, *shape] over the thinned
 draws (`SGLDConfig.draws_every`); traces beyond `memory_limit` bytes live in a numpy memmap on disk.
 
 Posterior moments pool the chains: each chain's covariance over its draws (ddof=1) is averaged over
@@ -25,7 +25,7 @@ from jaxtyping import Float
 from torch import nn
 
 from ..models import is_supported_model, sampled_parameters, token_cross_entropy
-from .batches import as_tensors, batch_stream
+from .batches import as_tensors, batch_stream, lm_batch
 from .llc import LLCResult, Objective, SGLDConfig, choose_forward, resolve_loss, sample_llcs
 from .restrict import Restriction, resolve_restriction
 
@@ -131,16 +131,21 @@ def _evaluator(model: nn.Module, observable, loss_fn: Callable | None, batch_siz
     if isinstance(rows, torch.utils.data.DataLoader):
         raise TypeError(f"observables[{name!r}] is a DataLoader: pass its tensors, so each draw sees the same items.")
     device = next(model.parameters()).device
-    rows = tuple(t.to(device) for t in rows)
+    if isinstance(rows, dict):  # Hugging Face's form: padding (attention_mask 0, labels -100) contributes 0
+        rows = {k: t.to(device) for k, t in rows.items()}
+        n, tokens, keep = len(rows["input_ids"]), *lm_batch(rows)
+        row = lambda i, j: {k: t[i:j] for k, t in rows.items()}  # noqa: E731
+    else:
+        rows = tuple(t.to(device) for t in rows)
+        n, tokens, keep = len(rows[0]), rows[0], None
+        row = lambda i, j: rows[0][i:j] if len(rows) == 1 else tuple(t[i:j] for t in rows)  # noqa: E731
     if loss_fn is None and is_supported_model(model):  # per-token next-token losses
-        target = Objective(model, lambda m, tokens: token_cross_entropy(forward(tokens) if forward else m(tokens), tokens))
-        return lambda values: torch.cat([target.at(values, rows[0][i:i + batch_size])
-                                        for i in range(0, len(rows[0]), batch_size)])
+        target = Objective(model, lambda m, toks: token_cross_entropy(forward(toks) if forward else m(toks), toks))
+        counted = (lambda losses: losses) if keep is None else (lambda losses: torch.where(keep, losses, 0.0))
+        return lambda values: counted(torch.cat([target.at(values, tokens[i:i + batch_size])
+                                                 for i in range(0, n, batch_size)]))
     target = Objective(model, resolve_loss(model, loss_fn))  # per-row losses of the model's own loss
-
-    def row(i: int):
-        return rows[0][i:i + 1] if len(rows) == 1 else tuple(t[i:i + 1] for t in rows)
-    return lambda values: torch.stack([target.at(values, row(i)) for i in range(len(rows[0]))])
+    return lambda values: torch.stack([target.at(values, row(i, i + 1)) for i in range(n)])
 
 
 def _allocate(shape: tuple[int, ...], budget: list[int], trace_dir, label: str) -> np.ndarray:

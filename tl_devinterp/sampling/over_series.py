@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from ..models import all_heads
-from ..store import ResultStore, map_series
+from ..store import ResultStore, callable_key, map_series
 from .batches import data_fingerprint
 from .heads import _head_list, summary
 from .llc import SGLDConfig, sample_llcs
@@ -22,7 +22,7 @@ def llc_over_series(series, data, config: SGLDConfig | None = None, *,
                     heads: bool | list[tuple[int, int] | str] = False, model: bool = True, store_dir: str | os.PathLike | None = None,
                     steps: list[int] | None = None, loss_fn: Callable | None = None,
                     device: str | torch.device | None = None, progress: bool = True,
-                    executor: Executor | None = None, **options) -> pd.DataFrame:
+                    executor: Executor | None = None, key: str | None = None, **options) -> pd.DataFrame:
     """Tidy frame: `step, scope ("model" | "head"), layer, head, llc_mean, llc_std, llc_se, d, init_loss`
     and the sampler diagnostics (see `estimate_head_llcs`).
 
@@ -30,7 +30,9 @@ def llc_over_series(series, data, config: SGLDConfig | None = None, *,
     losses; a head's numbers do not depend on whether the model is sampled beside it. Each checkpoint
     is loaded (onto `device`), sampled and released before the next. With `store_dir`, each checkpoint is
     saved when done and read back on a rerun with the same settings and data. With an `executor`, the
-    checkpoints are parallel jobs (see `tl_devinterp.parallel`), with the same results.
+    checkpoints are parallel jobs (see `tl_devinterp.parallel`), with the same results. A stored result is
+    keyed by what `loss_fn` computes: a module-level function by name and code; give any other (a lambda, a
+    closure) a `key=` naming it, or it is refused before any sampling.
     """
     config = SGLDConfig.build(config, **options).resolve(data)
     head_spec = heads if isinstance(heads, bool) else _head_list(heads)
@@ -40,9 +42,9 @@ def llc_over_series(series, data, config: SGLDConfig | None = None, *,
                       device=device, progress=progress and executor is None)  # one bar per checkpoint, if serial
     store = None
     if store_dir is not None:
-        key = dict(config.to_dict(), heads=head_spec, data=data_fingerprint(data),
-                   loss_fn=getattr(loss_fn, "__qualname__", repr(loss_fn)), **({} if model else {"model": False}))
-        store = ResultStore(store_dir, "llc", key)
+        params = dict(config.to_dict(), heads=head_spec, data=data_fingerprint(data),
+                      loss_fn=callable_key(loss_fn, key=key), **({} if model else {"model": False}))
+        store = ResultStore(store_dir, "llc", params)
     frame = map_series(series, compute, store=store, steps=steps, desc="LLC over checkpoints", executor=executor,
                        progress=progress)
     return frame.astype({"layer": "Int64", "head": "Int64"})

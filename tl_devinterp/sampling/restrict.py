@@ -7,7 +7,9 @@ A spec is one of
 - an MLP, `"l1.mlp"`, or some of its hidden neurons, `"l1.mlp[0:16]"` / `"l1.mlp[3,7]"`;
 - a layer, `"layer1"` or `"blocks.1"`; a component, `"embed"`, `"unembed"`, `"pos_embed"`;
 - a parameter-name pattern matched with fnmatch against TransformerLens names (`"blocks.0.attn.*"`) or
-  canonical names; or a list of these (the union).
+  canonical names; or a list of these (the union);
+- devinterp's strings, read as the forms above: `"full"` (None), `"l0"` (a layer), `"l0 attn"` (its
+  attention), `"l0 mlp"`, `"l0 h1"` / `"L0H1"`, `"l0 g0"`.
 Where the coordinates live comes from `models` (TransformerLens's own views); nothing here knows a layout.
 """
 
@@ -34,6 +36,27 @@ COMPONENTS = ("embed", "unembed", "pos_embed")
 _LAYER = re.compile(r"^(?:layer|blocks\.)(\d+)$")
 _GROUP = re.compile(r"^[lL](\d+)[gG](\d+)$")
 _MLP = re.compile(r"^[lL](\d+)\.mlp(?:\[(\d+):(\d+)\]|\[([\d,\s]+)\])?$")
+_DEVINTERP = [  # devinterp's restriction strings -> ours
+    (re.compile(r"^l(\d+)\s*h(\d+)$", re.I), "l{}h{}"),
+    (re.compile(r"^l(\d+)\s*g(\d+)$", re.I), "l{}g{}"),
+    (re.compile(r"^l(\d+)$", re.I), "blocks.{}"),
+    (re.compile(r"^l(\d+)\s+attn$", re.I), "blocks.{}.attn.*"),
+    (re.compile(r"^l(\d+)\s+mlp$", re.I), "l{}.mlp"),
+]
+
+
+def _ours(spec):
+    """A devinterp restriction string in our form (`_DEVINTERP`; "full" is None); anything else unchanged."""
+    if not isinstance(spec, str):
+        return spec
+    text = spec.strip()
+    if text.lower() == "full":
+        return None
+    for pattern, form in _DEVINTERP:
+        m = pattern.match(text)
+        if m:
+            return form.format(*m.groups())
+    return spec
 
 
 @dataclass
@@ -52,6 +75,11 @@ class Restriction:
 
 def resolve_restriction(model: nn.Module, restrict=None) -> Restriction:
     """The coordinates that `restrict` names in `model` (None: every sampled parameter)."""
+    restrict = _ours(restrict)
+    if isinstance(restrict, (list, tuple)) and as_head(restrict) is None:
+        if None in map(_ours, restrict):
+            raise ValueError(f"restrict={restrict!r} combines 'full' with other specs; pass 'full' (or None) alone.")
+        restrict = [_ours(s) for s in restrict]
     if restrict is None:
         params = sampled_parameters(model)
         return Restriction("all", {name: None for name in params}, sum(p.numel() for p in params.values()))
@@ -76,7 +104,7 @@ def resolve_restriction(model: nn.Module, restrict=None) -> Restriction:
 _FORMS = (
     "use a head ('l1h3' or (1, 3)), a KV group ('l1g0'), an MLP ('l1.mlp' or 'l1.mlp[0:16]'), a layer "
     "('layer1' or 'blocks.1'), a component ('embed', 'unembed', 'pos_embed'), a parameter-name pattern "
-    "('blocks.0.attn.*'), or a list of these."
+    "('blocks.0.attn.*'), devinterp's 'full', 'l0', 'l0 attn', 'l0 mlp', or a list of these."
 )
 
 
@@ -87,7 +115,9 @@ def _first_layer(model: nn.Module, masks: dict) -> int:
 
 
 def restriction_label(restrict) -> str:
-    """A canonical, stable text for a spec: heads become `l1h3`, so `(1, 3)` and `"l1h3"` agree."""
+    """A canonical, stable text for a spec: heads become `l1h3`, so `(1, 3)` and `"l1h3"` agree (and
+    devinterp's `"l1 h3"`)."""
+    restrict = _ours(restrict)
     if restrict is None:
         return "all"
     head = as_head(restrict)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..models import all_heads, is_supported_model
-from ..store import ResultStore, fingerprint, map_series
+from ..store import ResultStore, callable_key, fingerprint, map_series
 from .batches import data_fingerprint
 from .heads import _head_list
 from .llc import SGLDConfig
@@ -105,9 +105,10 @@ def susceptibilities_over_series(series, data, shifts: dict, config: SGLDConfig 
                                  heads: bool | list = True, store_dir: str | os.PathLike | None = None,
                                  steps: list[int] | None = None, loss_fn: Callable | None = None,
                                  device: str | torch.device | None = None, progress: bool = True,
-                                 **options) -> pd.DataFrame:
+                                 key: str | None = None, **options) -> pd.DataFrame:
     """`susceptibilities` of the whole model and each head (all by default) at every checkpoint: the frame
-    with a `step` column first; resumable through a ResultStore with `store_dir`."""
+    with a `step` column first; resumable through a ResultStore with `store_dir` (a `loss_fn` that is not a
+    module-level function needs a `key=` naming it, as in `llc_over_series`)."""
     config = SGLDConfig.build(config, **options).resolve(data)
     _check_shifts(shifts)
     head_spec = heads if isinstance(heads, bool) else _head_list(heads)
@@ -120,10 +121,10 @@ def susceptibilities_over_series(series, data, shifts: dict, config: SGLDConfig 
 
     store = None
     if store_dir is not None:
-        key = dict(config.to_dict(), heads=head_spec, data=data_fingerprint(data),
-                   shifts={n: fingerprint(q) if _is_weighting(q) else data_fingerprint(q) for n, q in shifts.items()},
-                   loss_fn=getattr(loss_fn, "__qualname__", repr(loss_fn)))
-        store = ResultStore(store_dir, "susceptibility", key)
+        params = dict(config.to_dict(), heads=head_spec, data=data_fingerprint(data),
+                      shifts={n: fingerprint(q) if _is_weighting(q) else data_fingerprint(q) for n, q in shifts.items()},
+                      loss_fn=callable_key(loss_fn, key=key))
+        store = ResultStore(store_dir, "susceptibility", params)
     frame = map_series(series, compute, store=store, steps=steps, desc="susceptibilities over checkpoints")
     return frame.astype({"layer": "Int64", "head": "Int64"})
 
