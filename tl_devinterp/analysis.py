@@ -32,18 +32,20 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import BOS, make_data, pack_texts, spec_tokenizer, text_files, token_tensor
+from .data import pack_texts, text_files
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
 from .dynamics.stages import check_stage_options
 from .dynamics.trajectories import HeadClusters, cluster_heads
-from .metrics import classify_heads, metrics_over_series, per_token_loss
+from .metrics import classify_heads
 from .metrics.classify import LABELS as HEAD_LABELS
-from .models import bos_token_id, check_device, check_head, head_name, parse_head
+from .models import all_heads, bos_token_id, check_device, check_head, head_name, parse_head
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
 from .sampling.llc import SGLDConfig, default_nbeta
 from .series import CheckpointSeries, SeriesError
 from .store import StoreWarning, atomic_write, folder_lock
+from .tasks import Task, TokenTask, make_task
+from .tasks.base import index_batch
 from .visualisation.attention import AttentionView, attention_view
 from .visualisation.report import analysis_report
 
@@ -251,15 +253,15 @@ def analyze(
     """
     config = _as_config(config, overrides)
     series = _as_series(series, config)
-    train_tokens, test_tokens, labels_of = _data(series, data, config)
+    task, train_data, test_data = task_data(series, data, config)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; give a directory for the report.")
     with folder_lock(out, "analyze"):
-        return _analyze(series, out, config, train_tokens, test_tokens, labels_of, progress, executor)
+        return _analyze(series, out, config, task, train_data, test_data, progress, executor)
 
 
-def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_tokens, test_tokens, labels_of,
+def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: Task, train_data, test_data,
              progress: bool, executor: Executor | None) -> AnalysisResult:
     """`analyze` once its inputs are checked and it holds `out`'s lock."""
     _keep_apart(out, series)
@@ -270,7 +272,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
     sgld = dataclasses.replace(config.sgld, seed=config.seed)
     calibration = None
     if config.calibrate:
-        calibration = _calibrate(series, train_tokens, sgld, progress)
+        calibration = _calibrate(series, train_data, sgld, task, progress)
         say(f"calibration chose {calibration.choice} (rule: sampling.calibration)")
         sgld = calibration.config(sgld) if calibration.choice else sgld
         atomic_write(results / "calibration.csv", calibration.table.drop(columns="llc_trace").to_csv(index=False))
@@ -279,49 +281,55 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
 
     # LLCs: every head at every checkpoint in one pass (sharing batches), or the model everywhere first and
     # the heads where the curves say development happens
-    run = dict(store_dir=store, device=config.device, progress=progress, executor=executor)
-    head_list, n_head_steps = head_scope(config, *_shape(series))
+    run = dict(store_dir=store, device=config.device, progress=progress, executor=executor, loss_fn=task.sampler_loss)
+    head_list, n_head_steps = head_scope(config, *_shape(series)) if task.has_heads else ([], None)
     if n_head_steps is not None and config.head_steps is None:
         say(f"auto_scope: {len(head_list)} heads (layers {sorted({layer for layer, _ in head_list})}) at "
             f"{n_head_steps} checkpoints; --heads, --layers, --head-steps or --no-auto-scope choose others")
     n_head_steps = config.head_steps if n_head_steps is None else n_head_steps
     every = n_head_steps is None and bool(head_list)
     say(f"{series}: LLC at every checkpoint" + (f", with {len(head_list)} heads'" if every else ""))
-    llc = llc_over_series(series, train_tokens, sgld, heads=head_list if every else False, **run)
-    say("head scores and behavioural metrics")
-    metrics = metrics_over_series(series, tokens=test_tokens, data=train_tokens, store_dir=store,
-                                  n_seqs=config.n_seqs, seed=config.seed, executor=executor, progress=progress)
-    classes = classify_heads(metrics, thresholds=config.thresholds)
+    llc = llc_over_series(series, train_data, sgld, heads=head_list if every else False, **run)
+    say("the task's metrics" + (" (head scores and behavioural metrics)" if isinstance(task, TokenTask) else ""))
+    metrics = task.metrics_over_series(series, train_data, test_data, store_dir=store, n_seqs=config.n_seqs,
+                                       seed=config.seed, executor=executor, progress=progress)
+    head_metrics = metrics[metrics["head"].notna()]
+    classes = (classify_heads(metrics, thresholds=config.thresholds)
+               if head_metrics["metric"].isin(list(HEAD_LABELS)).any() else _NO_CLASSES)
     head_steps = _head_steps(series.steps, n_head_steps, llc, metrics) if head_list else []
     if head_steps and n_head_steps is not None:
         say(f"head LLCs at steps {head_steps}")
-        llc = pd.concat([llc, llc_over_series(series, train_tokens, sgld, heads=head_list, model=False, steps=head_steps,
+        llc = pd.concat([llc, llc_over_series(series, train_data, sgld, heads=head_list, model=False, steps=head_steps,
                                               **run)])
     llc = llc.sort_values(["step", "scope", "layer", "head"], ignore_index=True)
-    n_heads = len(metrics.dropna(subset=["layer"])[["layer", "head"]].drop_duplicates())
-    clusters = (cluster_heads([llc, metrics], n_clusters=config.n_clusters, classes=classes)
+    n_heads = len(llc[llc["scope"] == "head"][["layer", "head"]].drop_duplicates())
+    clusters = (cluster_heads([llc, head_metrics], n_clusters=config.n_clusters,
+                              classes=classes if not classes.empty else None)
                 if config.n_clusters and n_heads >= 2 else None)
 
     model_llc = llc[llc["scope"] == "model"]
     stages = find_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), model_llc["llc_se"].to_numpy(),
                          **config.stage_options())
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
-    ed = essential_dynamics(series, test_tokens, n_components=config.n_components, sigma=config.ed_sigma,
+    probes, proxy = task.probes(test_data, config.n_sequences)
+    ed = essential_dynamics(series, probes, proxy=proxy, n_components=config.n_components, sigma=config.ed_sigma,
                             seed=config.seed, device=config.device, store_dir=store, executor=executor,
                             progress=progress)
 
-    sample = test_tokens[config.sample_index]
-    sample_labels = labels_of(sample)
-    heads = config.attention_heads or _top_heads(metrics)
+    sample = index_batch(test_data, config.sample_index)
+    sample_labels = task.labels(sample)
     boundaries = sorted({s.start for s in stages} | {stages[-1].end})
     losses, attention = {}, []
     for step in tqdm(boundaries, desc="stage boundaries", unit="ckpt", disable=not progress):
         model = series.load(step)
-        losses[step] = per_token_loss(model, sample[None])[0].numpy()
-        attention.append((step, attention_view(model, sample, heads, labels=sample_labels)))
+        positions, labels, losses[step] = task.position_losses(model, sample)
+        if task.has_heads:
+            chosen = config.attention_heads or _top_heads(metrics) or [head_name(*h) for h in all_heads(model)][:8]
+            view_input = task.model_inputs(model, index_batch(sample, None))
+            attention.append((step, attention_view(model, sample, chosen, labels=sample_labels, inputs=view_input)))
     loss_differences = pd.concat([
-        pd.DataFrame({"step_from": a, "step_to": b, "position": np.arange(1, len(sample)),
-                      "token": sample_labels[1:], "loss_diff": losses[b] - losses[a]})
+        pd.DataFrame({"step_from": a, "step_to": b, "position": positions, "token": labels,
+                      "loss_diff": losses[b] - losses[a]})
         for a, b in zip(boundaries[:-1], boundaries[1:])
     ], ignore_index=True)
 
@@ -415,7 +423,8 @@ def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
     if len(series) < need:
         raise SeriesError(f"The series has {len(series)} checkpoints; an analysis needs at least {need} "
                           f"(stages and essential dynamics are curves over checkpoints). Save more checkpoints.")
-    head_scope(config, *_shape(series))  # heads and layers must exist before minutes of sampling, not after
+    if config.heads or config.layers:  # they must exist before minutes of sampling, not after
+        head_scope(config, *_shape(series))
     if config.attention_heads:
         model = series.load(series.steps[0])
         for h in config.attention_heads:
@@ -443,7 +452,7 @@ def head_scope(config: AnalysisConfig, n_layers: int, n_heads: int) -> tuple[lis
 def _shape(series: CheckpointSeries) -> tuple[int, int]:
     """(layers, heads per layer) of the series' models: from its manifest, else its first model."""
     cfg = series.meta.get("model_config")
-    if cfg:
+    if cfg and "n_heads" in cfg:
         return cfg["n_layers"], cfg["n_heads"]
     model = series.load(series.steps[0])
     return model.cfg.n_layers, model.cfg.n_heads
@@ -478,32 +487,35 @@ def _keep_apart(out: Path, series: CheckpointSeries) -> None:
 
 
 
-def _data(series: CheckpointSeries, data, config: AnalysisConfig):
-    """(train tokens for sampling and n-gram statistics, test tokens, tokens -> labels)."""
+def task_data(series: CheckpointSeries, data, config: AnalysisConfig) -> tuple[Task, Any, Any]:
+    """(task, train data for sampling and the task's statistics, test data cut to `n_sequences`): the series'
+    own task from its manifest's spec, or a token task on `data` (tokens, or text the model's tokenizer cuts)."""
     spec = series.meta.get("data")
     if data is None and not spec:
         raise ValueError("The series records no data spec (it was not written by tl_devinterp.train): pass data= "
                          "(a token tensor [n, seq], a dataset with input_ids or text, or text files), or --data "
                          "FILE.txt on the command line.")
-    tokenizer, bos, n_ctx = _tokenizer(series)
     if data is None:
-        splits = make_data(spec)
-        train, test = token_tensor(splits["train"]), token_tensor(splits["test"])
-    elif _is_text(data):
-        if tokenizer is None:
-            raise ValueError("Text data needs the models' tokenizer and this series has none: pass token data "
-                             "(a tensor [n, seq] or a dataset with input_ids).")
-        texts = data if isinstance(data, datasets.Dataset) else text_files(data)
-        seq_len = config.seq_len or min(n_ctx, 128)
-        train = test = token_tensor(pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos)["train"])
+        task = make_task(spec)
     else:
-        train = test = token_tensor(data)
-    test = test[: config.n_sequences]
-    if not 0 <= config.sample_index < len(test):
-        raise ValueError(f"sample_index={config.sample_index} is out of range: {len(test)} test sequences.")
-    if tokenizer is None:
-        return train, test, lambda t: ["<bos>" if i == bos else str(i) for i in t.tolist()]
-    return train, test, lambda t: ["<bos>" if i == bos else tokenizer.decode([i]) for i in t.tolist()]
+        if spec and not isinstance(make_task(spec), TokenTask):
+            raise ValueError(f"data= replaces a token series' data; this series' task is {spec.get('kind')!r}, "
+                             f"whose data come from its spec: drop data= (--data).")
+        tokenizer, bos, n_ctx = _tokenizer(series)
+        if _is_text(data):
+            if tokenizer is None:
+                raise ValueError("Text data needs the models' tokenizer and this series has none: pass token data "
+                                 "(a tensor [n, seq] or a dataset with input_ids).")
+            texts = data if isinstance(data, datasets.Dataset) else text_files(data)
+            seq_len = config.seq_len or min(n_ctx, 128)
+            data = pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos)["train"]
+        task = TokenTask.of_tokens(data, data, tokenizer=tokenizer, bos=bos)
+    train, test = task.data()
+    test = index_batch(test, slice(0, config.n_sequences))
+    n_test = len(test) if isinstance(test, torch.Tensor) else len(test[0])
+    if not 0 <= config.sample_index < n_test:
+        raise ValueError(f"sample_index={config.sample_index} is out of range: {n_test} test sequences.")
+    return task, train, test
 
 
 def _tokenizer(series: CheckpointSeries):
@@ -511,7 +523,8 @@ def _tokenizer(series: CheckpointSeries):
     them, else from its first model (loaded and dropped)."""
     spec, model_config = series.meta.get("data"), series.meta.get("model_config")
     if spec and model_config:
-        return spec_tokenizer(spec), BOS, model_config["n_ctx"]
+        task = make_task(spec)
+        return task.tokenizer, task.bos, model_config["n_ctx"]
     model = series.load(series.steps[0])
     return getattr(model, "tokenizer", None), bos_token_id(model), model.cfg.n_ctx
 
@@ -525,11 +538,12 @@ def _is_text(data) -> bool:
     return isinstance(data, datasets.Dataset) and "input_ids" not in data.column_names
 
 
-def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, progress: bool) -> Calibration:
+def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, task: Task, progress: bool) -> Calibration:
     """`calibrate_llc` at 3 checkpoints (a third of the way through the series' index, two thirds, the last);
     the chosen setting must pass the rule at all of them."""
     steps = sorted({series.steps[round(f * (len(series) - 1))] for f in (1 / 3, 2 / 3, 1)})
-    tables = [calibrate_llc(series.load(step), data, sgld, progress=progress).table.assign(step=step)
+    tables = [calibrate_llc(series.load(step), data, sgld, loss_fn=task.sampler_loss, progress=progress)
+              .table.assign(step=step)
               for step in tqdm(steps, desc="calibration checkpoints", unit="ckpt", disable=not progress)]
     table = judge(pd.concat(tables, ignore_index=True).drop(columns=["eps_change", "acceptable", "stable"]))
     return Calibration(table, choose_setting(table, default_nbeta=default_nbeta(sgld.batch_size)))
@@ -551,6 +565,10 @@ def _head_steps(steps: list[int], n: int | None, llc: pd.DataFrame, metrics: pd.
     change = (curves.diff().abs() / spread).sum(axis=1).to_numpy()[1:-1]  # the change arriving at each inner step
     inner = np.argsort(-change, kind="stable")[: n - 2] + 1
     return sorted({steps[0], steps[-1], *(steps[i] for i in inner)})
+
+
+_NO_CLASSES = pd.DataFrame(columns=["layer", "head", "label"])
+"""The head classes of a task without head scores."""
 
 
 def _top_heads(metrics: pd.DataFrame) -> list[str]:

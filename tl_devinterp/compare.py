@@ -25,12 +25,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .analysis import AnalysisConfig, AnalysisResult, _data
+from .analysis import AnalysisConfig, AnalysisResult, task_data
 from .dynamics import Stage, find_stages, stages_frame
 from .metrics import metrics_over_series
 from .metrics.over_series import HEAD_METRICS
 from .sampling import llc_over_series
 from .series import MANIFEST, CheckpointSeries
+from .tasks import TokenTask
 from .visualisation.report import png_figure, table_html, write_report
 
 COLUMNS = ["step", "quantity", "layer", "head", "value_a", "se_a", "value_b", "se_b", "diff", "diff_se"]
@@ -232,14 +233,17 @@ def _results(x, label: str, *, data, sgld, store_dir, n_sequences: int, n_seqs: 
     if not isinstance(x, CheckpointSeries):
         raise TypeError(f"{label} must be an AnalysisResult, an analyze output folder, a CheckpointSeries or a series "
                         f"folder; got {type(x).__name__}.")
-    train_tokens, test_tokens, _ = _data(x, data, AnalysisConfig(n_sequences=n_sequences))
+    task, train, test = task_data(x, data, AnalysisConfig(n_sequences=n_sequences))
     # one store folder per series (its manifest, so another series under the same label never reuses results)
     store = None if store_dir is None or not x.meta else Path(store_dir) / f"{label}-{_meta_hash(x.meta)}"
-    metrics = metrics_over_series(x, metrics=[*HEAD_METRICS, "loss"], tokens=test_tokens, n_seqs=n_seqs,
-                                  store_dir=store, progress=progress)
+    if isinstance(task, TokenTask):
+        metrics = metrics_over_series(x, metrics=[*HEAD_METRICS, "loss"], tokens=test, n_seqs=n_seqs,
+                                      store_dir=store, progress=progress)
+    else:
+        metrics = task.metrics_over_series(x, train, test, store_dir=store, n_seqs=n_seqs, progress=progress)
     if sgld is None:
         return None, metrics, []
-    llc = llc_over_series(x, train_tokens, store_dir=store, progress=progress, **sgld)
+    llc = llc_over_series(x, train, store_dir=store, progress=progress, loss_fn=task.sampler_loss, **sgld)
     model = llc[llc["scope"] == "model"].sort_values("step")
     stages = (find_stages(model["step"].to_numpy(), model["llc_mean"].to_numpy(), model["llc_se"].to_numpy())
               if len(model) >= 4 else [])

@@ -25,12 +25,13 @@ import torch
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from .data import make_data, spec_tokenizer, token_tensor
 from .interventions import Intervener, Intervention, as_interventions
 from .llc_callback import llc_now
-from .models import ModelConfig, build_model, check_device, token_cross_entropy
+from .models import ModelConfig, check_device
 from .series import FORMAT, MANIFEST, CheckpointSeries, SeriesError, load_checkpoint_state, read_manifest
 from .store import LOCK, TMP_SUFFIX, atomic_write
+from .tasks import Task, make_task
+from .tasks.base import batch_rows, index_batch
 
 
 @dataclass
@@ -38,7 +39,7 @@ class TrainConfig:
     """Everything that determines a training run (stored in the manifest)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: dict[str, Any] = field(default_factory=dict)  # a tl_devinterp.data.make_data spec
+    data: dict[str, Any] = field(default_factory=dict)  # a task's spec (tl_devinterp.tasks.make_task)
     n_steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
@@ -156,15 +157,14 @@ def train(
     late = [i.to_dict() for i in config.interventions if i.start >= config.n_steps]
     if late:
         raise ValueError(f"Interventions {late} start at or after n_steps={config.n_steps}: they would never act.")
-    if config.data.get("seq_len") != config.model.n_ctx:
-        raise ValueError(f"data seq_len ({config.data.get('seq_len')}) must equal the model's n_ctx ({config.model.n_ctx}).")
     check_device(device)
-    tokenizer = spec_tokenizer(config.data)
-    data = make_data(config.data)
-    train_tokens, test_tokens = token_tensor(data["train"]), token_tensor(data["test"])
-    vocab = int(max(train_tokens.max(), test_tokens.max())) + 1
-    if vocab > config.model.d_vocab:
-        raise ValueError(f"The data uses {vocab} token ids but the model's d_vocab is {config.model.d_vocab}.")
+    task = make_task(config.data)  # the spec checked, before any data is made
+    if config.interventions and type(task).model_inputs is not Task.model_inputs:
+        raise ValueError(f"interventions need a task whose model reads tokens; the {task.kind!r} task embeds its "
+                         f"inputs. Drop the interventions or train a token task.")
+    task.check_model(config.model)
+    tokenizer = task.tokenizer
+    train_data, test_data = task.data()
     out = Path(out_dir)  # every check passed: only now is the folder touched
     manifest = _start(out, config, overwrite)
     if tokenizer is not None and manifest.get("tokenizer") is None:  # the series carries its tokenizer
@@ -172,7 +172,7 @@ def train(
         manifest["tokenizer"] = "tokenizer.json"
         _write_json(out / MANIFEST, manifest)
 
-    model = build_model(config.model, device)
+    model = task.build_model(config.model, device)
     model.train()
     intervener = Intervener(model, config.interventions, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -182,24 +182,25 @@ def train(
     if start >= 0:
         _restore(out, manifest, model, opt)
 
-    def batch(step: int) -> torch.Tensor:
+    def batch(step: int):
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        return train_tokens[torch.randint(len(train_tokens), (config.batch_size,), generator=g)].to(device)
+        rows = torch.randint(batch_rows(train_data), (config.batch_size,), generator=g)
+        return _to(index_batch(train_data, rows), device)
 
     recent: list[float] = []
     bar = tqdm(desc="training", unit="step", disable=not progress, initial=max(start, 0), total=config.n_steps)
     for step in range(max(start, 0), config.n_steps + 1):  # the last pass only saves step n_steps
         if step in schedule and step > start:
-            test_loss = _evaluate(model, test_tokens, config, device)
+            test_loss = _evaluate(model, task, test_data, config, device)
             train_loss = float(np.mean(recent)) if recent else test_loss
             _save(out, manifest, step, model, opt, train_loss, test_loss)
             recent.clear()
             bar.set_postfix(train=f"{train_loss:.3f}", test=f"{test_loss:.3f}")
         if step == config.n_steps:
             break
-        tokens = batch(step)
-        with intervener(step, tokens):  # the interventions active at this step, for its whole update
-            loss = token_cross_entropy(model(tokens), tokens).mean()
+        b = batch(step)
+        with intervener(step, b):  # the interventions active at this step, for its whole update
+            loss = task.loss(model, b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for group in opt.param_groups:  # linear warmup, a function of the step alone
@@ -207,7 +208,7 @@ def train(
             opt.step()
         recent.append(loss.item())
         if llc_every and (step + 1) % llc_every == 0:  # the weights after step + 1 updates
-            estimate = llc_now(model, test_tokens, **(llc_options or {}))
+            estimate = llc_now(model, test_data, loss_fn=task.sampler_loss, **(llc_options or {}))
             manifest.setdefault("llc_during_training", {})[str(step + 1)] = estimate
             bar.set_postfix(llc=f"{estimate['llc']:.3g}")
         bar.update()
@@ -221,14 +222,20 @@ def train(
 
 
 @torch.no_grad()
-def _evaluate(model, tokens: torch.Tensor, config: TrainConfig, device) -> float:
+def _evaluate(model, task: Task, data, config: TrainConfig, device) -> float:
     was = model.training
     model.eval()
-    n = min(len(tokens), config.eval_batches * config.batch_size)
-    losses = [token_cross_entropy(model(t.to(device)), t.to(device)).mean().item()
-              for t in tokens[:n].split(config.batch_size)]
+    n = min(batch_rows(data), config.eval_batches * config.batch_size)
+    losses = [task.loss(model, _to(index_batch(data, slice(i, min(i + config.batch_size, n))), device)).item()
+              for i in range(0, n, config.batch_size)]
     model.train(was)
     return float(np.mean(losses))
+
+
+def _to(batch, device):
+    if device is None:
+        return batch
+    return batch.to(device) if isinstance(batch, torch.Tensor) else tuple(t.to(device) for t in batch)
 
 
 def _start(out: Path, config: TrainConfig, overwrite: bool) -> dict[str, Any]:

@@ -109,8 +109,10 @@ def _proxy_features(proxy, tokens: torch.Tensor, pos: np.ndarray, batch_size: in
     return partial(_logit_features, proxy, tokens, torch.as_tensor(pos), batch_size, device)
 
 
-def _called_proxy(proxy: Callable, tokens: torch.Tensor, device, model) -> np.ndarray:
-    return torch.as_tensor(proxy(model, tokens.to(device))).detach().float().cpu().numpy().ravel()
+@torch.no_grad()
+def _called_proxy(proxy: Callable, inputs, device, model) -> np.ndarray:
+    moved = inputs.to(device) if isinstance(inputs, torch.Tensor) else tuple(t.to(device) for t in inputs)
+    return torch.as_tensor(proxy(model, moved)).detach().float().cpu().numpy().ravel()
 
 
 @torch.no_grad()
@@ -334,7 +336,8 @@ def essential_dynamics(
 ) -> EDResult:
     """Essential dynamics of a checkpoint series on a fixed input set.
 
-    `inputs`: token tensor `[n, seq]` or a dataset with `input_ids`. `proxy`: "true_logit" (the logit of the
+    `inputs`: token tensor `[n, seq]` or a dataset with `input_ids`, or with a callable proxy any tensor or
+    tuple of tensors it reads (a task's probes, `tl_devinterp.tasks`). `proxy`: "true_logit" (the logit of the
     true next token at one fixed position per sequence; `position` as in `fixed_positions`, default one
     random position per sequence drawn with `seed`), "outputs" (all logits at that position, flattened), or
     `callable(model, inputs) -> tensor` (flattened). Features go to `features_dir/features.f32` (kept) or a
@@ -343,21 +346,26 @@ def essential_dynamics(
     for a lambda or closure, which is otherwise refused). With an `executor`, the checkpoints' features are parallel jobs (see
     `tl_devinterp.parallel`). The rest is `essential_dynamics_of_features`.
     """
-    tokens = token_tensor(inputs)
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"inputs must be token sequences [n, seq] with seq >= 2; got shape {tuple(tokens.shape)}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     steps = list(series.steps if steps is None else steps)
-    pos = fixed_positions(len(tokens), tokens.shape[1], position, seed=seed)
-    features = _proxy_features(proxy, tokens, pos, batch_size, device)
+    if callable(proxy) and (isinstance(inputs, tuple) or (isinstance(inputs, torch.Tensor) and inputs.is_floating_point())):
+        tokens, pos = inputs, np.zeros(0, dtype=int)  # a task's probes: the proxy reads them as they are
+        features = partial(_called_proxy, proxy, inputs, device)
+    else:
+        tokens = token_tensor(inputs)
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"inputs must be token sequences [n, seq] with seq >= 2; got shape {tuple(tokens.shape)}.")
+        pos = fixed_positions(len(tokens), tokens.shape[1], position, seed=seed)
+        features = _proxy_features(proxy, tokens, pos, batch_size, device)
     name = proxy if isinstance(proxy, str) and key is None else (
         callable_key(proxy, key=key, option="proxy") if store_dir is not None else "unstored")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp if features_dir is None else features_dir)
         folder.mkdir(parents=True, exist_ok=True)
         store = _FeatureStore(tmp if store_dir is None else store_dir, "ed-features",
-                              {"proxy": name, "inputs": fingerprint(tokens, pos)})
+                              {"proxy": name, "inputs": fingerprint(*(tokens if isinstance(tokens, tuple) else (tokens,)),
+                                                                     pos)})
         X, means = _stream_features(series, steps, features, folder / "features.f32", device, store, executor,
                                     progress)
         result = essential_dynamics_of_features(
