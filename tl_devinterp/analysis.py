@@ -36,13 +36,14 @@ from .data import pack_texts, text_files
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
 from .dynamics.stages import check_stage_options
 from .dynamics.trajectories import HeadClusters, cluster_heads
+from .errors import InvalidTypeError, InvalidValueError, MissingFileError, NotAFolderError, SeriesError
 from .metrics import classify_heads
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import all_heads, bos_token_id, check_device, check_head, head_name, parse_head
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
 from .sampling.llc import SGLDConfig, default_nbeta
-from .series import CheckpointSeries, SeriesError
+from .series import CheckpointSeries
 from .store import StoreWarning, atomic_write, folder_lock
 from .tasks import Task, TokenTask, make_task
 from .tasks.base import index_batch
@@ -126,29 +127,29 @@ class AnalysisConfig:
             if f.name != "sgld":  # validated by SGLDConfig itself
                 setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
         if not isinstance(self.sgld, SGLDConfig):
-            raise TypeError(f"sgld must be an SGLDConfig, got {type(self.sgld).__name__}.")
+            raise InvalidTypeError(f"sgld must be an SGLDConfig, got {type(self.sgld).__name__}.")
         for name, low in (("n_sequences", 1), ("n_seqs", 1), ("n_components", 2), ("seed", 0), ("sample_index", 0)):
             if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}.")
+                raise InvalidValueError(f"{name} must be >= {low}, got {getattr(self, name)}.")
         for name in ("ed_sigma",):
             if getattr(self, name) is not None and not 0 < getattr(self, name) < float("inf"):
-                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
+                raise InvalidValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
         check_stage_options(**self.stage_options(), prefix="stage_")
         if self.seq_len is not None and self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
+            raise InvalidValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
         if self.n_clusters < 0:
-            raise ValueError(f"n_clusters must be >= 0 (0: no head clustering), got {self.n_clusters}.")
+            raise InvalidValueError(f"n_clusters must be >= 0 (0: no head clustering), got {self.n_clusters}.")
         if self.head_steps is not None and self.head_steps < 0:
-            raise ValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
+            raise InvalidValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
         if self.heads is not None:
             self.heads = [head_name(*parse_head(h)) for h in self.heads]
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise ValueError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers}.")
+            raise InvalidValueError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers}.")
         if self.attention_heads is not None:
             self.attention_heads = [head_name(*parse_head(h)) for h in self.attention_heads]
         unknown = sorted(set(self.thresholds) - set(HEAD_LABELS))
         if unknown:
-            raise ValueError(f"Unknown thresholds {unknown}; classify_heads reads scores {list(HEAD_LABELS)}.")
+            raise InvalidValueError(f"Unknown thresholds {unknown}; classify_heads reads scores {list(HEAD_LABELS)}.")
         check_device(self.device)
 
     @classmethod
@@ -165,12 +166,12 @@ class AnalysisConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"Unknown option(s) {unknown} in {source}; valid options: {sorted(known | SGLD_OPTIONS)}.")
+            raise InvalidValueError(f"Unknown option(s) {unknown} in {source}; valid options: {sorted(known | SGLD_OPTIONS)}.")
         if sampler or "sgld" in d:
             nested = d.get("sgld", {})
             nested = dataclasses.asdict(nested) if isinstance(nested, SGLDConfig) else nested
             if not isinstance(nested, dict):
-                raise TypeError(f"sgld in {source} must be a table of SGLD options, got {nested!r}.")
+                raise InvalidTypeError(f"sgld in {source} must be a table of SGLD options, got {nested!r}.")
             try:
                 default = cls.__dataclass_fields__["sgld"].default_factory()
                 d["sgld"] = SGLDConfig.build(default, **{**nested, **sampler})
@@ -191,9 +192,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The option: value table of a JSON (`.json`) or TOML (`.toml`) config file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Config file {path} not found.")
+        raise MissingFileError(f"Config file {path} not found.")
     if path.suffix not in (".json", ".toml"):
-        raise ValueError(f"Config file {path} must end in .json or .toml.")
+        raise InvalidValueError(f"Config file {path} must end in .json or .toml.")
     try:
         if path.suffix == ".json":
             d = json.loads(path.read_text())
@@ -202,11 +203,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
             d = tomllib.loads(path.read_text())
     except ImportError:
-        raise ValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
+        raise InvalidValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
     except ValueError as e:  # JSONDecodeError, TOMLDecodeError, bad UTF-8
-        raise ValueError(f"Config file {path} cannot be parsed ({e}); fix its syntax.") from None
+        raise InvalidValueError(f"Config file {path} cannot be parsed ({e}); fix its syntax.") from None
     if not isinstance(d, dict):
-        raise ValueError(f"Config file {path} must hold a table of option: value pairs.")
+        raise InvalidValueError(f"Config file {path} must hold a table of option: value pairs.")
     return d
 
 
@@ -253,10 +254,10 @@ def analyze(
     """
     config = _as_config(config, overrides)
     series = _as_series(series, config)
-    task, train_data, test_data = task_data(series, data, config)
+    task, train_data, test_data = task_data(series, data, config, progress)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; give a directory for the report.")
+        raise NotAFolderError(f"--out {out} is a file; give a directory for the report.")
     with folder_lock(out, "analyze"):
         return _analyze(series, out, config, task, train_data, test_data, progress, executor)
 
@@ -372,7 +373,7 @@ def _as_config(config, overrides: dict[str, Any]) -> AnalysisConfig:
     elif isinstance(config, (str, os.PathLike)):
         config = AnalysisConfig.from_file(config)
     elif not isinstance(config, AnalysisConfig):
-        raise TypeError(f"config must be an AnalysisConfig, a dict or a config file path; got {type(config).__name__}.")
+        raise InvalidTypeError(f"config must be an AnalysisConfig, a dict or a config file path; got {type(config).__name__}.")
     return AnalysisConfig.from_dict({**dataclasses.asdict(config), **overrides}, source="the arguments")
 
 
@@ -401,8 +402,8 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
     }[origin]
     if value is None or not ok(value):
         hint_ = f" (for one head: [{value!r}])" if origin is list and isinstance(value, str) else ""
-        raise TypeError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r} "
-                        f"({type(value).__name__}){hint_}.")
+        raise InvalidTypeError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r} "
+                               f"({type(value).__name__}){hint_}.")
     return float(value) if origin is float else list(value) if origin is list else value
 
 
@@ -417,7 +418,7 @@ def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
         series = (CheckpointSeries.from_hf_checkpoints(path, device=config.device) if trainer_run
                   else CheckpointSeries.from_dir(path))
     if not isinstance(series, CheckpointSeries):
-        raise TypeError(f"series must be a CheckpointSeries or a series directory; got {type(series).__name__}.")
+        raise InvalidTypeError(f"series must be a CheckpointSeries or a series directory; got {type(series).__name__}.")
     series.verify()  # every checkpoint's file checked before any estimate (calibration included)
     need = max(4, config.n_components + 1)  # find_stages needs 4 points, PCA n_components + 1
     if len(series) < need:
@@ -441,11 +442,11 @@ def head_scope(config: AnalysisConfig, n_layers: int, n_heads: int) -> tuple[lis
     layers = sorted({0, n_layers // 2, n_layers - 1}) if auto else config.layers or list(range(n_layers))
     bad = [layer for layer in layers if layer >= n_layers]
     if bad:
-        raise ValueError(f"layers={config.layers}: the model has {n_layers} layers (0-indexed); drop {bad}.")
+        raise InvalidValueError(f"layers={config.layers}: the model has {n_layers} layers (0-indexed); drop {bad}.")
     heads = [parse_head(h) for h in config.heads] if config.heads else [(layer, h) for layer in layers for h in range(n_heads)]
     bad = [head_name(*h) for h in heads if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
     if bad:
-        raise ValueError(f"heads {bad} do not exist: the model has {n_layers} layers of {n_heads} heads (0-indexed).")
+        raise InvalidValueError(f"heads {bad} do not exist: the model has {n_layers} layers of {n_heads} heads (0-indexed).")
     return heads, (3 if auto else None)
 
 
@@ -487,34 +488,34 @@ def _keep_apart(out: Path, series: CheckpointSeries) -> None:
 
 
 
-def task_data(series: CheckpointSeries, data, config: AnalysisConfig) -> tuple[Task, Any, Any]:
+def task_data(series: CheckpointSeries, data, config: AnalysisConfig, progress: bool = True) -> tuple[Task, Any, Any]:
     """(task, train data for sampling and the task's statistics, test data cut to `n_sequences`): the series'
     own task from its manifest's spec, or a token task on `data` (tokens, or text the model's tokenizer cuts)."""
     spec = series.meta.get("data")
     if data is None and not spec:
-        raise ValueError("The series records no data spec (it was not written by tl_devinterp.train): pass data= "
-                         "(a token tensor [n, seq], a dataset with input_ids or text, or text files), or --data "
-                         "FILE.txt on the command line.")
+        raise InvalidValueError("The series records no data spec (it was not written by tl_devinterp.train): pass data= "
+                                "(a token tensor [n, seq], a dataset with input_ids or text, or text files), or --data "
+                                "FILE.txt on the command line.")
     if data is None:
         task = make_task(spec)
     else:
         if spec and not isinstance(make_task(spec), TokenTask):
-            raise ValueError(f"data= replaces a token series' data; this series' task is {spec.get('kind')!r}, "
-                             f"whose data come from its spec: drop data= (--data).")
+            raise InvalidValueError(f"data= replaces a token series' data; this series' task is {spec.get('kind')!r}, "
+                                    f"whose data come from its spec: drop data= (--data).")
         tokenizer, bos, n_ctx = _tokenizer(series)
         if _is_text(data):
             if tokenizer is None:
-                raise ValueError("Text data needs the models' tokenizer and this series has none: pass token data "
-                                 "(a tensor [n, seq] or a dataset with input_ids).")
+                raise InvalidValueError("Text data needs the models' tokenizer and this series has none: pass token data "
+                                        "(a tensor [n, seq] or a dataset with input_ids).")
             texts = data if isinstance(data, datasets.Dataset) else text_files(data)
             seq_len = config.seq_len or min(n_ctx, 128)
-            data = pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos)["train"]
+            data = pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos, progress=progress)["train"]
         task = TokenTask.of_tokens(data, data, tokenizer=tokenizer, bos=bos)
     train, test = task.data()
     test = index_batch(test, slice(0, config.n_sequences))
     n_test = len(test) if isinstance(test, torch.Tensor) else len(test[0])
     if not 0 <= config.sample_index < n_test:
-        raise ValueError(f"sample_index={config.sample_index} is out of range: {n_test} test sequences.")
+        raise InvalidValueError(f"sample_index={config.sample_index} is out of range: {n_test} test sequences.")
     return task, train, test
 
 
