@@ -36,13 +36,14 @@ from .data import pack_texts, text_files
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
 from .dynamics.stages import check_stage_options
 from .dynamics.trajectories import HeadClusters, cluster_heads
+from .errors import InvalidTypeError, InvalidValueError, MissingFileError, NotAFolderError, SeriesError
 from .metrics import classify_heads
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import all_heads, bos_token_id, check_device, check_head, head_name, parse_head
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
 from .sampling.llc import SGLDConfig, default_nbeta
-from .series import CheckpointSeries, SeriesError
+from .series import CheckpointSeries
 from .store import StoreWarning, atomic_write, folder_lock
 from .tasks import Task, TokenTask, make_task
 from .tasks.base import index_batch
@@ -59,6 +60,9 @@ def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+AUTO_SCOPE_HEADS = 48
+"""Above this many heads (GPT-2 small has 144), `analyze` by default estimates fewer head LLCs (`auto_scope`)."""
+
 SGLD_OPTIONS = {f.name for f in dataclasses.fields(SGLDConfig)} - {"seed"}
 """The sampler's options, given flat to `analyze` and the command line; `AnalysisConfig.seed` is its seed."""
 
@@ -66,7 +70,8 @@ SGLD_OPTIONS = {f.name for f in dataclasses.fields(SGLDConfig)} - {"seed"}
 @dataclass
 class AnalysisConfig:
     """Every option of `analyze` and its default: fewer SGLD draws than the papers (4 chains x 200) and every
-    head's LLC at every checkpoint (`demo` sets head_steps=10 to fit about 10 minutes on 2 CPU cores). For a
+    head's LLC at every checkpoint (`demo` sets head_steps=10 to fit about 10 minutes on 2 CPU cores); a model
+    of more than `AUTO_SCOPE_HEADS` heads gets the heads of 3 layers at 3 checkpoints (`head_scope`). For a
     careful run raise the draws after checking the sampler with `calibrate_llc`.
 
     The flags of `tl-devinterp analyze` (`--num-draws 200`) and the keys of a `--config` file are these
@@ -86,6 +91,12 @@ class AnalysisConfig:
     head_steps: int | None = _opt(None, "checkpoints where every head's refined LLC is estimated: none = all "
                                   "(default); n = the first, the last and the n-2 where loss, LLC and head scores "
                                   "change most; 0 = none")
+    heads: list[str] | None = _opt(None, "heads whose refined LLCs are estimated, e.g. l0h1 l11h7 (default: every head "
+                                   "of `layers`)")
+    layers: list[int] | None = _opt(None, "layers whose heads' refined LLCs are estimated (default: all)")
+    auto_scope: bool = _opt(True, f"a model of more than {AUTO_SCOPE_HEADS} heads, given no heads, layers or head_steps: "
+                            f"the heads of its first, middle and last layers at head_steps=3 checkpoints "
+                            f"(--no-auto-scope: every head at every checkpoint)")
     calibrate: bool = _opt(False, "first sweep epsilon x gamma x nbeta (calibrate_llc) on 3 checkpoints and use "
                            "the recommended setting (results/calibration.csv); else the settings above")
     # head scores and classes
@@ -116,25 +127,29 @@ class AnalysisConfig:
             if f.name != "sgld":  # validated by SGLDConfig itself
                 setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
         if not isinstance(self.sgld, SGLDConfig):
-            raise TypeError(f"sgld must be an SGLDConfig, got {type(self.sgld).__name__}.")
+            raise InvalidTypeError(f"sgld must be an SGLDConfig, got {type(self.sgld).__name__}.")
         for name, low in (("n_sequences", 1), ("n_seqs", 1), ("n_components", 2), ("seed", 0), ("sample_index", 0)):
             if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}.")
+                raise InvalidValueError(f"{name} must be >= {low}, got {getattr(self, name)}.")
         for name in ("ed_sigma",):
             if getattr(self, name) is not None and not 0 < getattr(self, name) < float("inf"):
-                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
+                raise InvalidValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
         check_stage_options(**self.stage_options(), prefix="stage_")
         if self.seq_len is not None and self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
+            raise InvalidValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
         if self.n_clusters < 0:
-            raise ValueError(f"n_clusters must be >= 0 (0: no head clustering), got {self.n_clusters}.")
+            raise InvalidValueError(f"n_clusters must be >= 0 (0: no head clustering), got {self.n_clusters}.")
         if self.head_steps is not None and self.head_steps < 0:
-            raise ValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
+            raise InvalidValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
+        if self.heads is not None:
+            self.heads = [head_name(*parse_head(h)) for h in self.heads]
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise InvalidValueError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers}.")
         if self.attention_heads is not None:
             self.attention_heads = [head_name(*parse_head(h)) for h in self.attention_heads]
         unknown = sorted(set(self.thresholds) - set(HEAD_LABELS))
         if unknown:
-            raise ValueError(f"Unknown thresholds {unknown}; classify_heads reads scores {list(HEAD_LABELS)}.")
+            raise InvalidValueError(f"Unknown thresholds {unknown}; classify_heads reads scores {list(HEAD_LABELS)}.")
         check_device(self.device)
 
     @classmethod
@@ -151,12 +166,12 @@ class AnalysisConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"Unknown option(s) {unknown} in {source}; valid options: {sorted(known | SGLD_OPTIONS)}.")
+            raise InvalidValueError(f"Unknown option(s) {unknown} in {source}; valid options: {sorted(known | SGLD_OPTIONS)}.")
         if sampler or "sgld" in d:
             nested = d.get("sgld", {})
             nested = dataclasses.asdict(nested) if isinstance(nested, SGLDConfig) else nested
             if not isinstance(nested, dict):
-                raise TypeError(f"sgld in {source} must be a table of SGLD options, got {nested!r}.")
+                raise InvalidTypeError(f"sgld in {source} must be a table of SGLD options, got {nested!r}.")
             try:
                 default = cls.__dataclass_fields__["sgld"].default_factory()
                 d["sgld"] = SGLDConfig.build(default, **{**nested, **sampler})
@@ -177,9 +192,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The option: value table of a JSON (`.json`) or TOML (`.toml`) config file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Config file {path} not found.")
+        raise MissingFileError(f"Config file {path} not found.")
     if path.suffix not in (".json", ".toml"):
-        raise ValueError(f"Config file {path} must end in .json or .toml.")
+        raise InvalidValueError(f"Config file {path} must end in .json or .toml.")
     try:
         if path.suffix == ".json":
             d = json.loads(path.read_text())
@@ -188,11 +203,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
             d = tomllib.loads(path.read_text())
     except ImportError:
-        raise ValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
+        raise InvalidValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
     except ValueError as e:  # JSONDecodeError, TOMLDecodeError, bad UTF-8
-        raise ValueError(f"Config file {path} cannot be parsed ({e}); fix its syntax.") from None
+        raise InvalidValueError(f"Config file {path} cannot be parsed ({e}); fix its syntax.") from None
     if not isinstance(d, dict):
-        raise ValueError(f"Config file {path} must hold a table of option: value pairs.")
+        raise InvalidValueError(f"Config file {path} must hold a table of option: value pairs.")
     return d
 
 
@@ -239,10 +254,10 @@ def analyze(
     """
     config = _as_config(config, overrides)
     series = _as_series(series, config)
-    task, train_data, test_data = task_data(series, data, config)
+    task, train_data, test_data = task_data(series, data, config, progress)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; give a directory for the report.")
+        raise NotAFolderError(f"--out {out} is a file; give a directory for the report.")
     with folder_lock(out, "analyze"):
         return _analyze(series, out, config, task, train_data, test_data, progress, executor)
 
@@ -268,19 +283,24 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
     # LLCs: every head at every checkpoint in one pass (sharing batches), or the model everywhere first and
     # the heads where the curves say development happens
     run = dict(store_dir=store, device=config.device, progress=progress, executor=executor, loss_fn=task.sampler_loss)
-    heads = task.has_heads
-    say(f"{series}: LLC at every checkpoint" + (", with every head's" if heads and config.head_steps is None else ""))
-    llc = llc_over_series(series, train_data, sgld, heads=heads and config.head_steps is None, **run)
+    head_list, n_head_steps = head_scope(config, *_shape(series)) if task.has_heads else ([], None)
+    if n_head_steps is not None and config.head_steps is None:
+        say(f"auto_scope: {len(head_list)} heads (layers {sorted({layer for layer, _ in head_list})}) at "
+            f"{n_head_steps} checkpoints; --heads, --layers, --head-steps or --no-auto-scope choose others")
+    n_head_steps = config.head_steps if n_head_steps is None else n_head_steps
+    every = n_head_steps is None and bool(head_list)
+    say(f"{series}: LLC at every checkpoint" + (f", with {len(head_list)} heads'" if every else ""))
+    llc = llc_over_series(series, train_data, sgld, heads=head_list if every else False, **run)
     say("the task's metrics" + (" (head scores and behavioural metrics)" if isinstance(task, TokenTask) else ""))
     metrics = task.metrics_over_series(series, train_data, test_data, store_dir=store, n_seqs=config.n_seqs,
                                        seed=config.seed, executor=executor, progress=progress)
     head_metrics = metrics[metrics["head"].notna()]
     classes = (classify_heads(metrics, thresholds=config.thresholds)
                if head_metrics["metric"].isin(list(HEAD_LABELS)).any() else _NO_CLASSES)
-    head_steps = _head_steps(series.steps, config.head_steps, llc, metrics) if heads else []
-    if head_steps and config.head_steps is not None:
+    head_steps = _head_steps(series.steps, n_head_steps, llc, metrics) if head_list else []
+    if head_steps and n_head_steps is not None:
         say(f"head LLCs at steps {head_steps}")
-        llc = pd.concat([llc, llc_over_series(series, train_data, sgld, heads=True, model=False, steps=head_steps,
+        llc = pd.concat([llc, llc_over_series(series, train_data, sgld, heads=head_list, model=False, steps=head_steps,
                                               **run)])
     llc = llc.sort_values(["step", "scope", "layer", "head"], ignore_index=True)
     n_heads = len(llc[llc["scope"] == "head"][["layer", "head"]].drop_duplicates())
@@ -353,7 +373,7 @@ def _as_config(config, overrides: dict[str, Any]) -> AnalysisConfig:
     elif isinstance(config, (str, os.PathLike)):
         config = AnalysisConfig.from_file(config)
     elif not isinstance(config, AnalysisConfig):
-        raise TypeError(f"config must be an AnalysisConfig, a dict or a config file path; got {type(config).__name__}.")
+        raise InvalidTypeError(f"config must be an AnalysisConfig, a dict or a config file path; got {type(config).__name__}.")
     return AnalysisConfig.from_dict({**dataclasses.asdict(config), **overrides}, source="the arguments")
 
 
@@ -375,13 +395,15 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
         int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
         float: (_is_number, "a number"),
         str: (lambda v: isinstance(v, str), "a string"),
-        list: (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings"),
+        list: ((lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+                "a list of integers") if typing.get_args(kind) == (int,) else
+               (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings")),
         dict: (lambda v: isinstance(v, dict) and all(map(_is_number, v.values())), "a mapping of names to numbers"),
     }[origin]
     if value is None or not ok(value):
         hint_ = f" (for one head: [{value!r}])" if origin is list and isinstance(value, str) else ""
-        raise TypeError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r} "
-                        f"({type(value).__name__}){hint_}.")
+        raise InvalidTypeError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r} "
+                               f"({type(value).__name__}){hint_}.")
     return float(value) if origin is float else list(value) if origin is list else value
 
 
@@ -396,17 +418,45 @@ def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
         series = (CheckpointSeries.from_hf_checkpoints(path, device=config.device) if trainer_run
                   else CheckpointSeries.from_dir(path))
     if not isinstance(series, CheckpointSeries):
-        raise TypeError(f"series must be a CheckpointSeries or a series directory; got {type(series).__name__}.")
+        raise InvalidTypeError(f"series must be a CheckpointSeries or a series directory; got {type(series).__name__}.")
     series.verify()  # every checkpoint's file checked before any estimate (calibration included)
     need = max(4, config.n_components + 1)  # find_stages needs 4 points, PCA n_components + 1
     if len(series) < need:
         raise SeriesError(f"The series has {len(series)} checkpoints; an analysis needs at least {need} "
                           f"(stages and essential dynamics are curves over checkpoints). Save more checkpoints.")
-    if config.attention_heads:  # heads must exist before minutes of sampling, not after
+    if config.heads or config.layers:  # they must exist before minutes of sampling, not after
+        head_scope(config, *_shape(series))
+    if config.attention_heads:
         model = series.load(series.steps[0])
         for h in config.attention_heads:
             check_head(model, *parse_head(h))
     return series
+
+
+def head_scope(config: AnalysisConfig, n_layers: int, n_heads: int) -> tuple[list[tuple[int, int]], int | None]:
+    """(the heads whose refined LLCs `analyze` estimates, head_steps where `auto_scope` sets it, else None):
+    `config.heads`, else every head of `config.layers` (default all); a model of more than `AUTO_SCOPE_HEADS`
+    heads given none of heads, layers or head_steps gets its first, middle and last layers at 3 checkpoints."""
+    auto = (config.auto_scope and n_layers * n_heads > AUTO_SCOPE_HEADS and config.heads is None
+            and config.layers is None and config.head_steps is None)
+    layers = sorted({0, n_layers // 2, n_layers - 1}) if auto else config.layers or list(range(n_layers))
+    bad = [layer for layer in layers if layer >= n_layers]
+    if bad:
+        raise InvalidValueError(f"layers={config.layers}: the model has {n_layers} layers (0-indexed); drop {bad}.")
+    heads = [parse_head(h) for h in config.heads] if config.heads else [(layer, h) for layer in layers for h in range(n_heads)]
+    bad = [head_name(*h) for h in heads if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
+    if bad:
+        raise InvalidValueError(f"heads {bad} do not exist: the model has {n_layers} layers of {n_heads} heads (0-indexed).")
+    return heads, (3 if auto else None)
+
+
+def _shape(series: CheckpointSeries) -> tuple[int, int]:
+    """(layers, heads per layer) of the series' models: from its manifest, else its first model."""
+    cfg = series.meta.get("model_config")
+    if cfg and "n_heads" in cfg:
+        return cfg["n_layers"], cfg["n_heads"]
+    model = series.load(series.steps[0])
+    return model.cfg.n_layers, model.cfg.n_heads
 
 
 def _keep_apart(out: Path, series: CheckpointSeries) -> None:
@@ -438,34 +488,34 @@ def _keep_apart(out: Path, series: CheckpointSeries) -> None:
 
 
 
-def task_data(series: CheckpointSeries, data, config: AnalysisConfig) -> tuple[Task, Any, Any]:
+def task_data(series: CheckpointSeries, data, config: AnalysisConfig, progress: bool = True) -> tuple[Task, Any, Any]:
     """(task, train data for sampling and the task's statistics, test data cut to `n_sequences`): the series'
     own task from its manifest's spec, or a token task on `data` (tokens, or text the model's tokenizer cuts)."""
     spec = series.meta.get("data")
     if data is None and not spec:
-        raise ValueError("The series records no data spec (it was not written by tl_devinterp.train): pass data= "
-                         "(a token tensor [n, seq], a dataset with input_ids or text, or text files), or --data "
-                         "FILE.txt on the command line.")
+        raise InvalidValueError("The series records no data spec (it was not written by tl_devinterp.train): pass data= "
+                                "(a token tensor [n, seq], a dataset with input_ids or text, or text files), or --data "
+                                "FILE.txt on the command line.")
     if data is None:
         task = make_task(spec)
     else:
         if spec and not isinstance(make_task(spec), TokenTask):
-            raise ValueError(f"data= replaces a token series' data; this series' task is {spec.get('kind')!r}, "
-                             f"whose data come from its spec: drop data= (--data).")
+            raise InvalidValueError(f"data= replaces a token series' data; this series' task is {spec.get('kind')!r}, "
+                                    f"whose data come from its spec: drop data= (--data).")
         tokenizer, bos, n_ctx = _tokenizer(series)
         if _is_text(data):
             if tokenizer is None:
-                raise ValueError("Text data needs the models' tokenizer and this series has none: pass token data "
-                                 "(a tensor [n, seq] or a dataset with input_ids).")
+                raise InvalidValueError("Text data needs the models' tokenizer and this series has none: pass token data "
+                                        "(a tensor [n, seq] or a dataset with input_ids).")
             texts = data if isinstance(data, datasets.Dataset) else text_files(data)
             seq_len = config.seq_len or min(n_ctx, 128)
-            data = pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos)["train"]
+            data = pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos, progress=progress)["train"]
         task = TokenTask.of_tokens(data, data, tokenizer=tokenizer, bos=bos)
     train, test = task.data()
     test = index_batch(test, slice(0, config.n_sequences))
     n_test = len(test) if isinstance(test, torch.Tensor) else len(test[0])
     if not 0 <= config.sample_index < n_test:
-        raise ValueError(f"sample_index={config.sample_index} is out of range: {n_test} test sequences.")
+        raise InvalidValueError(f"sample_index={config.sample_index} is out of range: {n_test} test sequences.")
     return task, train, test
 
 

@@ -20,6 +20,8 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from .errors import InvalidValueError, MissingFileError
+
 BOS = 0
 BOS_TEXT = "<|bos|>"
 
@@ -40,7 +42,7 @@ def repeated_random_tokens(
     Sequence length is `2 * half_len + 1` (or `2 * half_len` with `bos=None`).
     """
     if d_vocab < 3:
-        raise ValueError(f"d_vocab must be >= 3 for random tokens besides BOS, got {d_vocab}.")
+        raise InvalidValueError(f"d_vocab must be >= 3 for random tokens besides BOS, got {d_vocab}.")
     r = torch.randint(1, d_vocab, (n_seqs, half_len), generator=_generator(seed))
     parts = [r, r] if bos is None else [torch.full((n_seqs, 1), bos), r, r]
     return torch.cat(parts, dim=1)
@@ -85,9 +87,9 @@ def plant_repeats(
     """
     n, seq = tokens.shape
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}.")
+        raise InvalidValueError(f"fraction must be in [0, 1], got {fraction}.")
     if not 1 <= min_len <= max_len or 2 * max_len + 1 > seq:
-        raise ValueError(
+        raise InvalidValueError(
             f"Need 1 <= min_len <= max_len and 2*max_len+1 <= sequence length ({seq}); "
             f"got min_len={min_len}, max_len={max_len}."
         )
@@ -115,7 +117,7 @@ def stdlib_texts(max_files: int | None = None) -> datasets.Dataset:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
     if not files:
-        raise FileNotFoundError(f"No .py files under the standard library path {root}.")
+        raise MissingFileError(f"No .py files under the standard library path {root}.")
     files = files[:max_files] if max_files else files
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
     return datasets.Dataset.from_dict({"text": texts, "path": [str(p.relative_to(root)) for p in files]})
@@ -154,14 +156,14 @@ def text_files(paths: str | os.PathLike | list[str | os.PathLike]) -> datasets.D
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
-        raise FileNotFoundError(f"Text data file(s) not found: {absent}. Give paths of plain text files.")
+        raise MissingFileError(f"Text data file(s) not found: {absent}. Give paths of plain text files.")
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
     return datasets.Dataset.from_dict({"text": texts, "path": [str(p) for p in paths]})
 
 
 def pack_texts(
     texts: datasets.Dataset, tokenizer, seq_len: int, *, text_column: str = "text", test_fraction: float = 0.1,
-    seed: int = 0, bos: int = BOS,
+    seed: int = 0, bos: int = BOS, progress: bool = True,
 ) -> datasets.DatasetDict:
     """Tokenize a text dataset and pack it into fixed-length `[bos] + seq_len-1 tokens` rows.
 
@@ -170,12 +172,12 @@ def pack_texts(
     row in train.
     """
     if text_column not in texts.column_names:
-        raise ValueError(
+        raise InvalidValueError(
             f"The dataset has no {text_column!r} column (columns: {texts.column_names}); pass text_column=."
         )
     body = seq_len - 1
     rows: dict[str, list[list[int]]] = {"train": [], "test": []}
-    for text in tqdm(texts[text_column], desc="tokenizing", unit="doc", leave=False):
+    for text in tqdm(texts[text_column], desc="tokenizing", unit="doc", leave=False, disable=not progress):
         ids = tokenizer.encode(text, add_special_tokens=False)
         ids = getattr(ids, "ids", ids)  # a tokenizers Encoding, or a transformers list of ids
         digest = int(hashlib.sha256(f"{seed}:{text}".encode("utf-8", "replace")).hexdigest()[:8], 16)
@@ -183,7 +185,7 @@ def pack_texts(
         rows[split].extend([bos, *ids[i : i + body]] for i in range(0, len(ids) - body + 1, body))
     for split, r in rows.items():
         if not r and (split == "train" or test_fraction > 0):
-            raise ValueError(f"No {split} sequences of length {seq_len}: the corpus is too small for that length.")
+            raise InvalidValueError(f"No {split} sequences of length {seq_len}: the corpus is too small for that length.")
     return datasets.DatasetDict({s: datasets.Dataset.from_dict({"input_ids": r}) for s, r in rows.items()})
 
 
@@ -218,7 +220,7 @@ def make_data(spec: dict[str, Any], *, cache_dir: str | os.PathLike | None = Non
                 for i, (s, d) in enumerate(dd.items())
             })
         return dd
-    raise ValueError(f"Unknown data kind {kind!r}; known kinds: 'markov', 'stdlib'.")
+    raise InvalidValueError(f"Unknown data kind {kind!r}; known kinds: 'markov', 'stdlib'.")
 
 
 def spec_tokenizer(spec: dict[str, Any], *, cache_dir: str | os.PathLike | None = None):
@@ -245,8 +247,8 @@ def token_column(data) -> str:
     """The column of a `datasets.Dataset` that holds its token ids (`TOKEN_COLUMNS`, in that order)."""
     column = next((c for c in TOKEN_COLUMNS if c in data.column_names), None)
     if column is None:
-        raise ValueError(f"The dataset has no token column {' or '.join(map(repr, TOKEN_COLUMNS))} (columns: "
-                         f"{data.column_names}); tokenize it first with tl_devinterp.data.pack_texts.")
+        raise InvalidValueError(f"The dataset has no token column {' or '.join(map(repr, TOKEN_COLUMNS))} (columns: "
+                                f"{data.column_names}); tokenize it first with tl_devinterp.data.pack_texts.")
     return column
 
 

@@ -22,6 +22,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import nn
 
+from .errors import InvalidTypeError, InvalidValueError
+
 try:  # TL >= 3.9
     from transformer_lens.model_bridge import TransformerBridge
 except ImportError:  # pragma: no cover - older TL
@@ -55,7 +57,7 @@ class ModelConfig:
     def __post_init__(self):
         if self.d_head is None:
             if self.d_model % self.n_heads:
-                raise ValueError(
+                raise InvalidValueError(
                     f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; pass d_head explicitly."
                 )
             self.d_head = self.d_model // self.n_heads
@@ -63,7 +65,7 @@ class ModelConfig:
             self.d_mlp = 4 * self.d_model
         for name in ("n_layers", "n_heads", "d_model", "d_head", "n_ctx", "d_vocab"):
             if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}.")
+                raise InvalidValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,7 +75,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"Unknown ModelConfig fields {sorted(unknown)}; known fields: {sorted(known)}.")
+            raise InvalidValueError(f"Unknown ModelConfig fields {sorted(unknown)}; known fields: {sorted(known)}.")
         return cls(**d)
 
     def tl_kwargs(self) -> dict[str, Any]:
@@ -124,9 +126,9 @@ def check_model(model: Any) -> None:
     """Raise a TypeError naming what we accept when `model` is not a TransformerLens model."""
     hint = hf_boot_hint(model)
     if hint:
-        raise TypeError(hint)
+        raise InvalidTypeError(hint)
     if not is_supported_model(model):
-        raise TypeError(
+        raise InvalidTypeError(
             f"Expected a TransformerLens model (TransformerBridge, or HookedTransformer on TL 3.x), "
             f"got {type(model).__name__}. Build one with tl_devinterp.build_model(ModelConfig(...)) "
             f"or TransformerBridge.boot_native(...)."
@@ -238,7 +240,7 @@ def parse_head(spec: str | tuple[int, int]) -> tuple[int, int]:
     """`as_head`, raising a ValueError that shows the accepted forms."""
     head = as_head(spec)
     if head is None:
-        raise ValueError(f"Cannot read head {spec!r}: write it as 'l1h3' (layer 1, head 3) or (1, 3).")
+        raise InvalidValueError(f"Cannot read head {spec!r}: write it as 'l1h3' (layer 1, head 3) or (1, 3).")
     return head
 
 
@@ -256,7 +258,7 @@ def check_head(model: nn.Module, layer: int, head: int) -> None:
     """Raise a ValueError when the model has no head (layer, head)."""
     cfg = model.cfg
     if not 0 <= layer < cfg.n_layers or not 0 <= head < cfg.n_heads:
-        raise ValueError(
+        raise InvalidValueError(
             f"Head {head_name(layer, head)} (layer={layer}, head={head}) does not exist: the model has "
             f"{cfg.n_layers} layers of {cfg.n_heads} heads (0-indexed)."
         )
@@ -303,12 +305,12 @@ def mlp_masks(model: nn.Module, layer: int, neurons: list[int] | None = None) ->
     neurons), or of only the given hidden neurons' rows and columns."""
     mlp = getattr(model.blocks[layer], "mlp", None)
     if mlp is None or getattr(model.cfg, "attn_only", False):
-        raise ValueError(f"Block {layer} has no MLP (the model is attention-only).")
+        raise InvalidValueError(f"Block {layer} has no MLP (the model is attention-only).")
     d_mlp = model.cfg.d_mlp
     index = list(range(d_mlp)) if neurons is None else list(neurons)
     bad = [n for n in index if not 0 <= n < d_mlp]
     if bad:
-        raise ValueError(f"MLP neurons {bad} do not exist in block {layer}: it has d_mlp={d_mlp} (0-indexed).")
+        raise InvalidValueError(f"MLP neurons {bad} do not exist in block {layer}: it has d_mlp={d_mlp} (0-indexed).")
 
     def views():
         for label in ("W_in", "W_gate", "W_out", "b_in", "b_out"):
@@ -363,10 +365,10 @@ def check_device(device: str | torch.device | None) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a torch device ({e}); give e.g. 'cpu' or 'cuda'.") from None
+        raise InvalidValueError(f"device={device!r} is not a torch device ({e}); give e.g. 'cpu' or 'cuda'.") from None
     usable = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(dev.type, lambda: True)
     if not usable():
-        raise ValueError(f"device={device!r}, but this machine's torch has no usable {dev.type.upper()}; "
-                         f"use device='cpu' (--device cpu).")
+        raise InvalidValueError(f"device={device!r}, but this machine's torch has no usable {dev.type.upper()}; "
+                                f"use device='cpu' (--device cpu).")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s).")
+        raise InvalidValueError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s).")

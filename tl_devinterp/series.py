@@ -23,15 +23,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .errors import (
+    InvalidTypeError,
+    InvalidValueError,
+    MissingDependencyError,
+    SeriesError,
+    UnknownKeyError,
+)
 from .models import ModelConfig, build_model, check_model, tl_parameter_names
 from .store import file_sha256, fingerprint
 
 MANIFEST = "manifest.json"
 FORMAT = "tl_devinterp.series/1"
 
-
-class SeriesError(ValueError):
-    """A checkpoint series cannot be read as given; the message names the file and the fix."""
 
 
 class SeriesWarning(UserWarning):
@@ -133,7 +137,7 @@ class CheckpointSeries:
 
     def _check_step(self, step: int) -> None:
         if step not in self.steps:
-            raise KeyError(f"Step {step} is not in the series; available steps: {self.steps}.")
+            raise UnknownKeyError(f"Step {step} is not in the series; available steps: {self.steps}.")
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
@@ -218,11 +222,11 @@ class CheckpointSeries:
         Extra keyword arguments go to TransformerLens's loader.
         """
         if checkpoint_indices is not None and checkpoint_values is not None:
-            raise ValueError("Give checkpoint_indices or checkpoint_values, not both.")
+            raise InvalidValueError("Give checkpoint_indices or checkpoint_values, not both.")
         if revisions is not None:
             if checkpoint_indices is not None:
-                raise ValueError("Give revisions (with checkpoint_values as their steps) or checkpoint_indices, "
-                                 "not both.")
+                raise InvalidValueError("Give revisions (with checkpoint_values as their steps) or checkpoint_indices, "
+                                        "not both.")
             return cls._from_hub_revisions(model_name, revisions, checkpoint_values, **kwargs)
         labels = _checkpoint_labels(model_name)
         if checkpoint_values is None:
@@ -307,7 +311,7 @@ def _builder(config: Any) -> Callable[[], nn.Module]:
         from transformer_lens import HookedTransformer
 
         return partial(HookedTransformer, config)
-    raise TypeError(
+    raise InvalidTypeError(
         f"config must be a ModelConfig, a dict of its fields, or a TransformerLens config; got {kind}."
     )
 
@@ -338,8 +342,8 @@ class _InMemory:
         try:
             import cloudpickle
         except ImportError:
-            raise ImportError("Shipping in-memory models to workers needs cloudpickle (pip install "
-                              "'tl_devinterp[dask]'), or save them and use CheckpointSeries.from_dir.") from None
+            raise MissingDependencyError("Shipping in-memory models to workers needs cloudpickle (pip install "
+                                         "'tl_devinterp[dask]'), or save them and use CheckpointSeries.from_dir.") from None
         return _unpickle_models, (cloudpickle.dumps(self.models),)
 
 
@@ -374,7 +378,7 @@ def read_manifest(file: Path) -> dict[str, Any]:
         keys = [k for k, _ in pairs]
         repeated = sorted({k for k in keys if keys.count(k) > 1})
         if repeated:
-            raise ValueError(f"duplicate entries {repeated}")
+            raise InvalidValueError(f"duplicate entries {repeated}")
         return dict(pairs)
 
     try:

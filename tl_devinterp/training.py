@@ -25,10 +25,11 @@ import torch
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
+from .errors import InvalidTypeError, InvalidValueError, SeriesError
 from .interventions import Intervener, Intervention, as_interventions
 from .llc_callback import llc_now
 from .models import ModelConfig, check_device
-from .series import FORMAT, MANIFEST, CheckpointSeries, SeriesError, load_checkpoint_state, read_manifest
+from .series import FORMAT, MANIFEST, CheckpointSeries, load_checkpoint_state, read_manifest
 from .store import LOCK, TMP_SUFFIX, atomic_write
 from .tasks import Task, make_task
 from .tasks.base import batch_rows, index_batch
@@ -60,11 +61,11 @@ class TrainConfig:
                      "n_linear_checkpoints", "seed"):
             value, low = getattr(self, name), 1 if name in ("n_steps", "batch_size", "eval_batches") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+                raise InvalidValueError(f"{name} must be an integer >= {low}, got {value!r}.")
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+                raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(dataclasses.replace(self, interventions=[]))
@@ -142,7 +143,7 @@ def checkpoint_schedule(n_steps: int, n_log: int, n_linear: int, extra_steps: Se
     (deduplicated)."""
     outside = [s for s in extra_steps if not 0 <= s <= n_steps]
     if outside:
-        raise ValueError(f"extra_steps {outside} lie outside the run's steps 0..{n_steps}; drop them or raise n_steps.")
+        raise InvalidValueError(f"extra_steps {outside} lie outside the run's steps 0..{n_steps}; drop them or raise n_steps.")
     log = np.geomspace(1, n_steps, n_log) if n_log else []
     lin = np.linspace(0, n_steps, n_linear + 1) if n_linear else []
     return sorted({0, n_steps, *map(int, np.round(log)), *map(int, np.round(lin)), *map(int, extra_steps)})
@@ -171,25 +172,25 @@ def train(
     `llc_options`), without changing the run, into the manifest's `llc_during_training` {step: {llc, llc_se}}.
     """
     if isinstance(llc_every, bool) or not isinstance(llc_every, int) or llc_every < 0:
-        raise ValueError(f"llc_every must be an integer >= 0 (0: never), got {llc_every!r}.")
+        raise InvalidValueError(f"llc_every must be an integer >= 0 (0: never), got {llc_every!r}.")
     if (preset is None) == (config is None):
-        raise ValueError(f"Give exactly one of preset (one of {sorted(PRESETS)}) or config.")
+        raise InvalidValueError(f"Give exactly one of preset (one of {sorted(PRESETS)}) or config.")
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; known presets: {sorted(PRESETS)}.")
+            raise InvalidValueError(f"Unknown preset {preset!r}; known presets: {sorted(PRESETS)}.")
         config = PRESETS[preset]
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:
-        raise TypeError(f"Unknown TrainConfig field(s) {unknown}; fields: {[f.name for f in dataclasses.fields(TrainConfig)]}.")
+        raise InvalidTypeError(f"Unknown TrainConfig field(s) {unknown}; fields: {[f.name for f in dataclasses.fields(TrainConfig)]}.")
     config = dataclasses.replace(config, **overrides)
     late = [i.to_dict() for i in config.interventions if i.start >= config.n_steps]
     if late:
-        raise ValueError(f"Interventions {late} start at or after n_steps={config.n_steps}: they would never act.")
+        raise InvalidValueError(f"Interventions {late} start at or after n_steps={config.n_steps}: they would never act.")
     check_device(device)
     task = make_task(config.data)  # the spec checked, before any data is made
     if config.interventions and type(task).model_inputs is not Task.model_inputs:
-        raise ValueError(f"interventions need a task whose model reads tokens; the {task.kind!r} task embeds its "
-                         f"inputs. Drop the interventions or train a token task.")
+        raise InvalidValueError(f"interventions need a task whose model reads tokens; the {task.kind!r} task embeds its "
+                                f"inputs. Drop the interventions or train a token task.")
     task.check_model(config.model)
     tokenizer = task.tokenizer
     train_data, test_data = task.data()

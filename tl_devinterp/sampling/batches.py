@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Bool, Int
 
 from ..data import token_column, token_tensor
+from ..errors import InvalidTypeError, InvalidValueError
 from ..store import fingerprint
 
 LM_COLUMNS = ("input_ids", "attention_mask", "labels")
@@ -32,15 +33,15 @@ def as_tensors(data) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor] | tor
         return (data,)
     if hasattr(data, "keys") and not hasattr(data, "column_names"):  # a dict, or a tokenizer's BatchEncoding
         if "input_ids" not in data:
-            raise ValueError(f"The data dict has no 'input_ids' (keys: {sorted(data.keys())}); pass what the "
-                             f"tokenizer returned, or a token tensor [N, seq].")
+            raise InvalidValueError(f"The data dict has no 'input_ids' (keys: {sorted(data.keys())}); pass what the "
+                                    f"tokenizer returned, or a token tensor [N, seq].")
         out = {k: torch.as_tensor(data[k]) for k in LM_COLUMNS if k in data}
         if len({len(t) for t in out.values()}) != 1:
-            raise ValueError(f"The tensors in data have different lengths {({k: len(t) for k, t in out.items()})}.")
+            raise InvalidValueError(f"The tensors in data have different lengths {({k: len(t) for k, t in out.items()})}.")
         return out if len(out) > 1 else (out["input_ids"],)
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
         if len({len(t) for t in data}) != 1:
-            raise ValueError(f"The tensors in data have different lengths {[len(t) for t in data]}.")
+            raise InvalidValueError(f"The tensors in data have different lengths {[len(t) for t in data]}.")
         return tuple(data)
     if hasattr(data, "column_names"):  # a datasets.Dataset
         column = token_column(data)
@@ -49,10 +50,10 @@ def as_tensors(data) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor] | tor
             out |= {k: torch.as_tensor(np.asarray(data.with_format("numpy")[k])) for k in LM_COLUMNS[1:]
                     if k in data.column_names}
         except ValueError as e:
-            raise ValueError(f"The dataset's {column!r} rows have different lengths: pad them to one length (with an "
-                             f"attention_mask, as tokenizer(..., padding='max_length') gives) or chunk them.") from e
+            raise InvalidValueError(f"The dataset's {column!r} rows have different lengths: pad them to one length (with an "
+                                    f"attention_mask, as tokenizer(..., padding='max_length') gives) or chunk them.") from e
         return out if len(out) > 1 else (out["input_ids"],)
-    raise TypeError(
+    raise InvalidTypeError(
         f"Cannot sample from data of type {type(data).__name__}: pass a datasets.Dataset with 'input_ids' (or "
         f"TransformerLens's 'tokens'), a token tensor [N, seq], a tuple of tensors (x, y), a dict with 'input_ids' "
         f"(and 'attention_mask'), or a torch DataLoader."
@@ -74,7 +75,7 @@ def batch_stream(data, batch_size: int, seed: int, device) -> Iterator[tuple[int
             yield key, dict(zip(keys, batch if isinstance(batch, tuple) else (batch,), strict=True))
     n = len(source[0])
     if batch_size > n:
-        raise ValueError(f"batch_size={batch_size} is larger than the data ({n} rows); lower batch_size.")
+        raise InvalidValueError(f"batch_size={batch_size} is larger than the data ({n} rows); lower batch_size.")
     source = tuple(t.to(device) for t in source)
     g = torch.Generator().manual_seed(seed)
     chunks = torch.randperm(n, generator=g)[: n - n % batch_size].to(device).split(batch_size)
@@ -91,15 +92,15 @@ def lm_batch(batch) -> tuple[Int[torch.Tensor, "batch pos"], Bool[torch.Tensor, 
     if not isinstance(batch, Mapping):
         return (batch[0] if isinstance(batch, (tuple, list)) else batch), None
     if "input_ids" not in batch:
-        raise ValueError(f"A dict batch needs 'input_ids' (it has {sorted(batch)}): the tokens, as a tokenizer or a "
-                         f"Trainer's data collator gives them.")
+        raise InvalidValueError(f"A dict batch needs 'input_ids' (it has {sorted(batch)}): the tokens, as a tokenizer or a "
+                                f"Trainer's data collator gives them.")
     tokens, keep = batch["input_ids"], None
     attention = batch.get("attention_mask")
     if attention is not None:
         attention = attention.bool()
         if (attention[:, 1:] & ~attention[:, :-1]).any():  # a real token after padding
-            raise ValueError("The batch is padded on the left (attention_mask 0 before 1): pad on the right for "
-                             "losses (tokenizer.padding_side = 'right'), or pass unpadded rows.")
+            raise InvalidValueError("The batch is padded on the left (attention_mask 0 before 1): pad on the right for "
+                                    "losses (tokenizer.padding_side = 'right'), or pass unpadded rows.")
         keep = attention[:, 1:]
     labels = batch.get("labels")
     if labels is not None and (labels == -100).any():

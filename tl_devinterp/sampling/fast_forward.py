@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..models import n_kv_heads, sampled_parameters, token_cross_entropy
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -245,7 +246,7 @@ def verified_fast_forward(model: nn.Module, tokens: Int[torch.Tensor, "batch pos
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is unknown; choose one of {list(PRECISIONS)} (SGLDConfig.precision).")
+        raise InvalidValueError(f"precision={precision!r} is unknown; choose one of {list(PRECISIONS)} (SGLDConfig.precision).")
 
 
 @contextlib.contextmanager

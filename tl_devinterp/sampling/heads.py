@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pandas as pd
 from torch import nn
 
+from ..errors import InvalidTypeError
 from ..models import all_heads, check_model, parse_head
 from .llc import LLCResult, SGLDConfig, sample_llcs
 from .restrict import resolve_restriction
@@ -36,7 +37,7 @@ def estimate_head_llcs(model: nn.Module, data, config: SGLDConfig | None = None,
 
 def _head_list(heads) -> list[tuple[int, int]]:
     if isinstance(heads, str) or not hasattr(heads, "__iter__"):
-        raise TypeError(f"heads={heads!r} must be a list of heads, e.g. ['l0h0', (1, 2)]; for one head write [{heads!r}].")
+        raise InvalidTypeError(f"heads={heads!r} must be a list of heads, e.g. ['l0h0', (1, 2)]; for one head write [{heads!r}].")
     return [parse_head(h) for h in heads]
 
 

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import nn
 
+from ..errors import InvalidTypeError, InvalidValueError
 from ..models import is_supported_model, sampled_parameters, token_cross_entropy
 from .batches import as_tensors, batch_stream, lm_batch
 from .llc import LLCResult, Objective, SGLDConfig, choose_forward, resolve_loss, sample_llcs
@@ -58,7 +59,7 @@ def posterior_covariance(x: Float[np.ndarray, "chains draws ..."], y: Float[np.n
     x is read `chunk` entries at a time, so it may be a memmap larger than memory."""
     chains, draws = x.shape[:2]
     if y.shape[:2] != (chains, draws) or draws < 2:
-        raise ValueError(f"Traces of shapes {x.shape} and {y.shape} need the same [chains, draws >= 2] leading shape.")
+        raise InvalidValueError(f"Traces of shapes {x.shape} and {y.shape} need the same [chains, draws >= 2] leading shape.")
     x, y = x.reshape(chains, draws, -1), y.reshape(chains, draws, -1)
     yc = [y[c].astype(np.float64) - y[c].mean(0, dtype=np.float64) for c in range(chains)]
     cov = np.empty((x.shape[2], y.shape[2]))
@@ -94,7 +95,7 @@ def sample_traces(model: nn.Module, data, restrictions: list[Restriction], obser
                   desc: str = "observables", progress: bool = True) -> list[ObservableTraces]:
     """`sample_observables` for several restrictions in one pass (shared batches, as `sample_llcs`)."""
     if not observables:
-        raise ValueError("observables is empty: pass a dict name -> callable f(model) or evaluation dataset.")
+        raise InvalidValueError("observables is empty: pass a dict name -> callable f(model) or evaluation dataset.")
     config = config.resolve(data)
     device = next(model.parameters()).device
     sampling = choose_forward(model, loss_fn, config, next(batch_stream(data, config.batch_size, config.seed, device))[1])
@@ -127,9 +128,9 @@ def _evaluator(model: nn.Module, observable, loss_fn: Callable | None, batch_siz
     try:
         rows = as_tensors(observable)
     except TypeError as e:
-        raise TypeError(f"observables[{name!r}] is neither a callable f(model) nor a dataset: {e}") from None
+        raise InvalidTypeError(f"observables[{name!r}] is neither a callable f(model) nor a dataset: {e}") from None
     if isinstance(rows, torch.utils.data.DataLoader):
-        raise TypeError(f"observables[{name!r}] is a DataLoader: pass its tensors, so each draw sees the same items.")
+        raise InvalidTypeError(f"observables[{name!r}] is a DataLoader: pass its tensors, so each draw sees the same items.")
     device = next(model.parameters()).device
     if isinstance(rows, dict):  # Hugging Face's form: padding (attention_mask 0, labels -100) contributes 0
         rows = {k: t.to(device) for k, t in rows.items()}

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..errors import InvalidTypeError, InvalidValueError
 from ..models import ModelConfig, build_model
 from ..store import ResultStore, fingerprint, map_series
 
@@ -82,20 +83,20 @@ class Task:
         """The spec with defaults filled in; a ValueError naming the option and its allowed values otherwise."""
         unknown = sorted(set(spec) - set(cls.OPTIONS) - {"kind"})
         if unknown:
-            raise ValueError(f"Unknown option(s) {unknown} of a {cls.kind!r} data spec; its options: "
-                             f"{sorted(cls.OPTIONS)}.")
+            raise InvalidValueError(f"Unknown option(s) {unknown} of a {cls.kind!r} data spec; its options: "
+                                    f"{sorted(cls.OPTIONS)}.")
         out = {"kind": cls.kind}
         for name, opt in cls.OPTIONS.items():
             value = spec.get(name, opt.default)
             if value is REQUIRED:
-                raise ValueError(f"The {cls.kind!r} data spec needs the option {name!r} ({opt.allowed}).")
+                raise InvalidValueError(f"The {cls.kind!r} data spec needs the option {name!r} ({opt.allowed}).")
             if value is not None:
                 ok = (opt.choices is not None and value in opt.choices) or (
                     opt.choices is None and isinstance(value, opt.kind) and not isinstance(value, bool)
                     and opt.check(value))
                 if not ok:
-                    raise ValueError(f"The {name!r} option of the {cls.kind!r} data spec must be {opt.allowed}; "
-                                     f"got {value!r}.")
+                    raise InvalidValueError(f"The {name!r} option of the {cls.kind!r} data spec must be {opt.allowed}; "
+                                            f"got {value!r}.")
             out[name] = value
         cls.check_shapes(out)
         return out
@@ -220,8 +221,8 @@ def make_task(spec: dict[str, Any] | Task) -> Task:
     if isinstance(spec, Task):
         return spec
     if not isinstance(spec, dict):
-        raise TypeError(f"A data spec must be a dict with a 'kind' (one of {sorted(TASKS)}); got {spec!r}.")
+        raise InvalidTypeError(f"A data spec must be a dict with a 'kind' (one of {sorted(TASKS)}); got {spec!r}.")
     kind = spec.get("kind")
     if kind not in TASKS:
-        raise ValueError(f"The 'kind' option of the data spec must be one of {sorted(TASKS)}; got {kind!r}.")
+        raise InvalidValueError(f"The 'kind' option of the data spec must be one of {sorted(TASKS)}; got {kind!r}.")
     return TASKS[kind](spec)

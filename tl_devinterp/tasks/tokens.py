@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..data import BOS, make_data, spec_tokenizer, token_tensor
+from ..errors import InvalidValueError
 from ..metrics import metrics_over_series, per_token_loss
 from ..models import ModelConfig, token_cross_entropy
 from .base import Task, integer, number, register
@@ -48,11 +49,11 @@ class TokenTask(Task):
 
     def check_model(self, config: ModelConfig) -> None:
         if self.spec is not None and self.spec.get("seq_len") != config.n_ctx:
-            raise ValueError(f"data seq_len ({self.spec.get('seq_len')}) must equal the model's n_ctx ({config.n_ctx}).")
+            raise InvalidValueError(f"data seq_len ({self.spec.get('seq_len')}) must equal the model's n_ctx ({config.n_ctx}).")
         train, test = self.data()
         vocab = int(max(train.max(), test.max())) + 1
         if vocab > config.d_vocab:
-            raise ValueError(f"The data uses {vocab} token ids but the model's d_vocab is {config.d_vocab}.")
+            raise InvalidValueError(f"The data uses {vocab} token ids but the model's d_vocab is {config.d_vocab}.")
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return token_cross_entropy(model(batch), batch).mean()

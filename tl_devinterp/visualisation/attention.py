@@ -20,6 +20,7 @@ from circuitsvis.utils.convert_props import convert_props
 from jaxtyping import Float, Int
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..models import check_head, head_name, parse_head
 
 _ids = itertools.count()
@@ -35,7 +36,7 @@ def attention_patterns(
     task's `model_inputs`, e.g. a residual stream with `start_at_layer=0`)."""
     if inputs is None and (tokens is None or tokens.ndim != 1):
         shape = None if tokens is None else tuple(tokens.shape)
-        raise ValueError(f"tokens must be one sequence [seq] (or give inputs=); got shape {shape}.")
+        raise InvalidValueError(f"tokens must be one sequence [seq] (or give inputs=); got shape {shape}.")
     heads = [parse_head(h) for h in heads]
     for layer, h in heads:
         check_head(model, layer, h)
@@ -67,8 +68,8 @@ class AttentionView:
     def __post_init__(self):
         n, q, k = self.patterns.shape
         if q != k or q != len(self.tokens) or n != len(self.head_names):
-            raise ValueError(f"patterns {tuple(self.patterns.shape)} need {q} tokens and {n} head names; got "
-                             f"{len(self.tokens)} tokens and {len(self.head_names)} names.")
+            raise InvalidValueError(f"patterns {tuple(self.patterns.shape)} need {q} tokens and {n} head names; got "
+                                    f"{len(self.tokens)} tokens and {len(self.head_names)} names.")
 
     def html(self, *, include_js: bool = True, element_id: str | None = None) -> str:
         """An offline circuitsvis `AttentionHeads` view; `include_js=False` when the page already has

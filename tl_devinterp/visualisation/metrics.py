@@ -13,6 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..dynamics.stages import Stage
+from ..errors import InvalidValueError
 from .dynamics import shade_stages
 
 
@@ -21,7 +22,7 @@ def plot_metrics(metrics: pd.DataFrame, stages: Sequence[Stage] = (), *, xscale:
     rows = metrics[metrics["head"].isna()]
     names = list(dict.fromkeys(rows["metric"]))
     if not names:
-        raise ValueError("No model-level or per-layer metrics to plot (only head scores).")
+        raise InvalidValueError("No model-level or per-layer metrics to plot (only head scores).")
     cols = min(3, len(names))
     fig = Figure(figsize=(4.2 * cols, 3.0 * int(np.ceil(len(names) / cols))), layout="constrained")
     axes = fig.subplots(int(np.ceil(len(names) / cols)), cols, squeeze=False).ravel()
