@@ -115,6 +115,17 @@ def test_bad_regression_specs_are_refused(spec, message):
         make_task(spec)
 
 
+def test_the_command_line_refuses_a_bad_spec_in_one_line(tmp_path, capsys):
+    """Catches: a spec error surfacing as a traceback (not a TLDevinterpError) or after the folder was made."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"data": {"kind": "sparse-regression", "T": 4, "relevant": 4}}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--preset", "sparse-regression-quick", "--out", str(tmp_path / "s"), "--config", str(bad)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "'relevant' option" in err and "[0, 3]" in err
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_model_that_cannot_read_the_task_is_refused_before_training(tmp_path):
     """Catches: a d_vocab other than the token dimension (W_E cannot embed the inputs) found mid-training."""
     with pytest.raises(ValueError, match="d_vocab must be the 'icl-regression' task's token dimension 4"):

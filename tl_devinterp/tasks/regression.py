@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..models import ModelConfig
 from .base import Task, integer, number, register
 
@@ -87,10 +88,10 @@ class LinearTokenTask(Task):
 
     def check_model(self, config: ModelConfig) -> None:
         if config.d_vocab != self.d_in:
-            raise ValueError(f"The model's d_vocab must be the {self.kind!r} task's token dimension {self.d_in} "
+            raise InvalidValueError(f"The model's d_vocab must be the {self.kind!r} task's token dimension {self.d_in} "
                              f"(inputs are embedded by W_E [d_vocab, d_model]); got d_vocab={config.d_vocab}.")
         if config.n_ctx < self.seq_len:
-            raise ValueError(f"The model's n_ctx ({config.n_ctx}) is shorter than the {self.kind!r} task's sequences "
+            raise InvalidValueError(f"The model's n_ctx ({config.n_ctx}) is shorter than the {self.kind!r} task's sequences "
                              f"({self.seq_len} positions); raise n_ctx.")
 
     def model_inputs(self, model: nn.Module, batch: Batch) -> dict[str, Any]:
@@ -232,7 +233,7 @@ class SparseRegression(LinearTokenTask):
     @classmethod
     def check_shapes(cls, spec: dict[str, Any]) -> None:
         if spec["relevant"] + spec["n_relevant"] > spec["T"]:
-            raise ValueError(f"The 'relevant' option of the 'sparse-regression' data spec must leave its "
+            raise InvalidValueError(f"The 'relevant' option of the 'sparse-regression' data spec must leave its "
                              f"{spec['n_relevant']} relevant token(s) inside the sequence: an integer in "
                              f"[0, T - n_relevant] = [0, {spec['T'] - spec['n_relevant']}]; got {spec['relevant']} "
                              f"(or raise T).")
