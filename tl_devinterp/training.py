@@ -107,6 +107,33 @@ PRESETS: dict[str, TrainConfig] = {
         data=_markov(32, 32, 2000, alpha=0.1, repeat_fraction=1.0, min_len=4, max_len=12),
         n_steps=200, batch_size=16, lr=3e-3, n_log_checkpoints=6, n_linear_checkpoints=4,
     ),
+    # In-context linear regression (tasks.regression; Hoogland et al. 2024): the paper's data (D=4, K=16, Gaussian
+    # tasks, noise 0.125) and model scale (2 layers, 4 heads, d_model 64, MLPs, LayerNorm: ~50k parameters),
+    # for a GPU. The -quick variant trains in about a minute on 2 CPU cores and shows LR1 and LR2.
+    "icl-regression": TrainConfig(
+        model=ModelConfig(n_layers=2, n_heads=4, d_model=64, n_ctx=32, d_vocab=5, attn_only=False, d_mlp=64),
+        data=dict(kind="icl-regression", D=4, K=16, noise=0.125, n_train=200_000, n_test=2048, seed=0),
+        n_steps=100_000, batch_size=256, lr=1e-3, warmup_steps=1000, n_log_checkpoints=40, n_linear_checkpoints=40,
+    ),
+    "icl-regression-quick": TrainConfig(
+        model=ModelConfig(n_layers=2, n_heads=2, d_model=32, n_ctx=16, d_vocab=4, attn_only=False, d_mlp=32),
+        data=dict(kind="icl-regression", D=3, K=8, noise=0.125, n_train=20_000, n_test=512, seed=0),
+        n_steps=1500, batch_size=64, lr=3e-3, n_log_checkpoints=12, n_linear_checkpoints=8,
+    ),
+    # Sparse-attention regression (tasks.regression; Zucchet et al. 2025): the target is a linear map of the
+    # first of T tokens; a plateau, then attention to it emerges suddenly, later for longer sequences.
+    "sparse-regression": TrainConfig(
+        model=ModelConfig(n_layers=1, n_heads=4, d_model=64, n_ctx=128, d_vocab=16, attn_only=True,
+                          normalization_type=None),
+        data=dict(kind="sparse-regression", D=16, T=128, relevant=0, n_train=100_000, n_test=1024, seed=0),
+        n_steps=20_000, batch_size=128, lr=1e-3, n_log_checkpoints=30, n_linear_checkpoints=40,
+    ),
+    "sparse-regression-quick": TrainConfig(
+        model=ModelConfig(n_layers=1, n_heads=2, d_model=32, n_ctx=16, d_vocab=8, attn_only=True,
+                          normalization_type=None),
+        data=dict(kind="sparse-regression", D=8, T=16, relevant=0, n_train=20_000, n_test=512, seed=0),
+        n_steps=600, batch_size=64, lr=1e-3, n_log_checkpoints=8, n_linear_checkpoints=12,
+    ),
     # A language model on the Python standard library's source.
     "stdlib": TrainConfig(
         model=ModelConfig(n_layers=2, n_heads=8, d_model=128, n_ctx=128, d_vocab=2048, attn_only=True),
@@ -139,7 +166,8 @@ def train(
     llc_options: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> CheckpointSeries:
-    """Train from a preset (`demo`, `quick`, `stdlib`) or a `TrainConfig` and return the written series.
+    """Train from a preset (`PRESETS`: `demo`, `quick`, `stdlib`, `icl-regression`, `sparse-regression` and their
+    `-quick` variants) or a `TrainConfig` and return the written series.
 
     `overrides` replace TrainConfig fields (e.g. `n_steps=500`, `interventions=[Intervention(...)]`: with
     the same seed, batches and initialisation as the run without them, so the pair is a controlled
