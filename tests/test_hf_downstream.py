@@ -19,7 +19,7 @@ if not hasattr(TransformerBridge, "boot_transformers"):  # TL 3.x: no transforme
 from hf_models import ARCHS, VOCAB, tiny_tokenizer  # noqa: E402
 
 from tl_devinterp import CheckpointSeries  # noqa: E402
-from tl_devinterp.analysis import AnalysisConfig, _data, analyze  # noqa: E402
+from tl_devinterp.analysis import AnalysisConfig, analyze, task_data  # noqa: E402
 from tl_devinterp.cli import main  # noqa: E402
 from tl_devinterp.data import pack_texts, text_files  # noqa: E402
 from tl_devinterp.dynamics import essential_dynamics  # noqa: E402
@@ -110,16 +110,16 @@ def test_text_data_is_cut_with_the_models_tokenizer(hf_run, tmp_path):
         files.append(tmp_path / f"text{i}.txt")
         files[-1].write_text(" ".join(f"t{w}" for w in rng.integers(2, VOCAB, 400)))
     series = CheckpointSeries.from_hf_checkpoints(hf_run("gpt2"))
-    train, test, labels = _data(series, files, AnalysisConfig(seq_len=17))
+    task, train, test = task_data(series, files, AnalysisConfig(seq_len=17))
     words = [[int(w[1:]) for w in f.read_text().split()] for f in files]
     expected = torch.tensor([[0, *ws[i:i + 16]] for ws in words for i in range(0, len(ws) - 15, 16)])
     assert torch.equal(train, expected) and torch.equal(test, expected)  # BOS = the tokenizer's t0
-    assert labels(train[0])[:3] == ["<bos>", f"t{words[0][0]}", f"t{words[0][1]}"]
+    assert task.labels(train[0])[:3] == ["<bos>", f"t{words[0][0]}", f"t{words[0][1]}"]
     dataset = text_files(files)
-    assert torch.equal(_data(series, dataset, AnalysisConfig(seq_len=17))[0], expected)
-    assert _data(series, files[0], AnalysisConfig())[0].shape == (400 // 31, 32)  # default: the model's n_ctx
+    assert torch.equal(task_data(series, dataset, AnalysisConfig(seq_len=17))[1], expected)
+    assert task_data(series, files[0], AnalysisConfig())[1].shape == (400 // 31, 32)  # default: the model's n_ctx
     with pytest.raises(FileNotFoundError, match="absent.txt"):
-        _data(series, [files[0], tmp_path / "absent.txt"], AnalysisConfig())
+        task_data(series, [files[0], tmp_path / "absent.txt"], AnalysisConfig())
     # the same packing with a transformers tokenizer directly, every row in train
     packed = pack_texts(dataset, tiny_tokenizer(), 17, test_fraction=0, bos=0)
     assert torch.equal(torch.tensor(packed["train"]["input_ids"]), expected) and len(packed["test"]) == 0

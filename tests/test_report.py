@@ -50,7 +50,7 @@ def synthetic_result(out_dir) -> AnalysisResult:
                           loss_differences=loss_diff, attention=attention, sample_tokens=tokens, out_dir=out_dir)
 
 
-EXPECTED_FIGURES = ["llc-stages", "head-llcs", "head-scores", "essential-dynamics",
+EXPECTED_FIGURES = ["llc-stages", "head-llcs", "metrics", "head-scores", "essential-dynamics",
                     *(f"loss-diff-{i}" for i in range(3)), *(f"attention-{i}" for i in range(4))]
 
 
@@ -67,11 +67,11 @@ def test_report_has_every_figure_and_is_offline(synthetic_report):
     assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', page)
     assert "unpkg.com" not in page and "import " not in page.split("<body>")[1]
     images = re.findall(r'<img [^>]*src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 4 and all(base64.b64decode(b).startswith(b"\x89PNG") for b in images)
+    assert len(images) == 5 and all(base64.b64decode(b).startswith(b"\x89PNG") for b in images)
     assert page.count("var CircuitsVis=") == 1  # the bundle is inlined once for all views
     assert page.count('class="circuitsvis"') == 4
     assert sorted(p.name for p in (synthetic_report.parent / "figures").iterdir()) == sorted(
-        f"{f}.png" for f in EXPECTED_FIGURES[:4])
+        f"{f}.png" for f in EXPECTED_FIGURES[:5])
 
 
 def test_loss_difference_colours():

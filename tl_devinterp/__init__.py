@@ -30,6 +30,7 @@ from .dynamics import (
     osculating_circles,
     stages_frame,
 )
+from .errors import FolderInUseError, LLCDivergenceError, SeriesError, TLDevinterpError, WorkersLostError
 from .interventions import Intervention
 from .llc_callback import LLCCallback, llc_now
 
@@ -54,7 +55,6 @@ from .models import ModelConfig, build_model, clone_model, head_masks, head_weig
 # sampling
 from .sampling import (
     BayesianInfluence,
-    LLCDivergenceError,
     LLCResult,
     ObservableTraces,
     SamplerDiagnostics,
@@ -69,12 +69,13 @@ from .sampling import (
     filter_dataset,
     llc_over_series,
     plot_calibration,
+    plot_trace,
     sample_observables,
     susceptibilities,
     susceptibilities_over_series,
     top_influences,
 )
-from .series import CheckpointSeries, SeriesError
+from .series import CheckpointSeries
 from .store import ResultStore
 from .training import PRESETS, TrainConfig, train
 
@@ -87,13 +88,15 @@ from .visualisation.susceptibilities import plot_susceptibilities
 from .visualisation.tokens import loss_difference_html
 
 __all__ = [
+    # errors: every error raised on purpose is a TLDevinterpError
+    "TLDevinterpError", "SeriesError", "LLCDivergenceError", "FolderInUseError", "WorkersLostError",
     # series
     "ModelConfig", "build_model", "clone_model", "head_masks", "head_weights", "mlp_masks", "parse_head",
     "make_data", "markov_tokens", "pack_texts", "plant_repeats", "repeated_random_tokens", "stdlib_texts", "text_files",
-    "train_tokenizer", "PRESETS", "TrainConfig", "train", "LLCCallback", "llc_now", "Intervention", "CheckpointSeries", "SeriesError", "ResultStore",
+    "train_tokenizer", "PRESETS", "TrainConfig", "train", "LLCCallback", "llc_now", "Intervention", "CheckpointSeries", "ResultStore",
     # sampling
-    "LLCDivergenceError", "LLCResult", "SGLDConfig", "SamplerDiagnostics", "SamplerWarning", "calibrate_llc", "contains_repeated_span", "default_nbeta",
-    "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration",
+    "LLCResult", "SGLDConfig", "SamplerDiagnostics", "SamplerWarning", "calibrate_llc", "contains_repeated_span", "default_nbeta",
+    "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration", "plot_trace",
     "BayesianInfluence", "ObservableTraces", "sample_observables", "susceptibilities", "susceptibilities_over_series",
     "bayesian_influence", "top_influences",
     # metrics

@@ -21,6 +21,7 @@ import os
 import sys
 import typing
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +33,23 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import BOS, make_data, pack_texts, spec_tokenizer, text_files, token_tensor
+from .data import pack_texts, text_files
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
 from .dynamics.stages import check_stage_options
 from .dynamics.trajectories import HeadClusters, cluster_heads
-from .metrics import classify_heads, metrics_over_series, per_token_loss
+from .errors import InvalidTypeError, InvalidValueError, MissingFileError, NotAFolderError, SeriesError
+from .metrics import classify_heads
 from .metrics.classify import LABELS as HEAD_LABELS
-from .models import bos_token_id, check_device, check_head, head_name, parse_head
+from .models import all_heads, bos_token_id, check_device, check_head, head_name, parse_head
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
 from .sampling.llc import SGLDConfig, default_nbeta
-from .series import CheckpointSeries, SeriesError
+from .sampling.plan import plan_llcs
+from .sampling.restrict import resolve_restriction
+from .series import CheckpointSeries
 from .store import StoreWarning, atomic_write, folder_lock
+from .tasks import Task, TokenTask, make_task
+from .tasks.base import index_batch
 from .visualisation.attention import AttentionView, attention_view
 from .visualisation.report import analysis_report
 
@@ -57,6 +63,9 @@ def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+AUTO_SCOPE_HEADS = 48
+"""Above this many heads (GPT-2 small has 144), `analyze` by default estimates fewer head LLCs (`auto_scope`)."""
+
 SGLD_OPTIONS = {f.name for f in dataclasses.fields(SGLDConfig)} - {"seed"}
 """The sampler's options, given flat to `analyze` and the command line; `AnalysisConfig.seed` is its seed."""
 
@@ -64,7 +73,8 @@ SGLD_OPTIONS = {f.name for f in dataclasses.fields(SGLDConfig)} - {"seed"}
 @dataclass
 class AnalysisConfig:
     """Every option of `analyze` and its default: fewer SGLD draws than the papers (4 chains x 200) and every
-    head's LLC at every checkpoint (`demo` sets head_steps=10 to fit about 10 minutes on 2 CPU cores). For a
+    head's LLC at every checkpoint (`demo` sets head_steps=10 to fit about 10 minutes on 2 CPU cores); a model
+    of more than `AUTO_SCOPE_HEADS` heads gets the heads of 3 layers at 3 checkpoints (`head_scope`). For a
     careful run raise the draws after checking the sampler with `calibrate_llc`.
 
     The flags of `tl-devinterp analyze` (`--num-draws 200`) and the keys of a `--config` file are these
@@ -84,6 +94,12 @@ class AnalysisConfig:
     head_steps: int | None = _opt(None, "checkpoints where every head's refined LLC is estimated: none = all "
                                   "(default); n = the first, the last and the n-2 where loss, LLC and head scores "
                                   "change most; 0 = none")
+    heads: list[str] | None = _opt(None, "heads whose refined LLCs are estimated, e.g. l0h1 l11h7 (default: every head "
+                                   "of `layers`)")
+    layers: list[int] | None = _opt(None, "layers whose heads' refined LLCs are estimated (default: all)")
+    auto_scope: bool = _opt(True, f"a model of more than {AUTO_SCOPE_HEADS} heads, given no heads, layers or head_steps: "
+                            f"the heads of its first, middle and last layers at head_steps=3 checkpoints "
+                            f"(--no-auto-scope: every head at every checkpoint)")
     calibrate: bool = _opt(False, "first sweep epsilon x gamma x nbeta (calibrate_llc) on 3 checkpoints and use "
                            "the recommended setting (results/calibration.csv); else the settings above")
     # head scores and classes
@@ -114,25 +130,29 @@ class AnalysisConfig:
             if f.name != "sgld":  # validated by SGLDConfig itself
                 setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
         if not isinstance(self.sgld, SGLDConfig):
-            raise TypeError(f"sgld must be an SGLDConfig, got {type(self.sgld).__name__}.")
+            raise InvalidTypeError(f"sgld must be an SGLDConfig, got {type(self.sgld).__name__}.")
         for name, low in (("n_sequences", 1), ("n_seqs", 1), ("n_components", 2), ("seed", 0), ("sample_index", 0)):
             if getattr(self, name) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}.")
+                raise InvalidValueError(f"{name} must be >= {low}, got {getattr(self, name)}.")
         for name in ("ed_sigma",):
             if getattr(self, name) is not None and not 0 < getattr(self, name) < float("inf"):
-                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
+                raise InvalidValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
         check_stage_options(**self.stage_options(), prefix="stage_")
         if self.seq_len is not None and self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
+            raise InvalidValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
         if self.n_clusters < 0:
-            raise ValueError(f"n_clusters must be >= 0 (0: no head clustering), got {self.n_clusters}.")
+            raise InvalidValueError(f"n_clusters must be >= 0 (0: no head clustering), got {self.n_clusters}.")
         if self.head_steps is not None and self.head_steps < 0:
-            raise ValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
+            raise InvalidValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
+        if self.heads is not None:
+            self.heads = [head_name(*parse_head(h)) for h in self.heads]
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise InvalidValueError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers}.")
         if self.attention_heads is not None:
             self.attention_heads = [head_name(*parse_head(h)) for h in self.attention_heads]
         unknown = sorted(set(self.thresholds) - set(HEAD_LABELS))
         if unknown:
-            raise ValueError(f"Unknown thresholds {unknown}; classify_heads reads scores {list(HEAD_LABELS)}.")
+            raise InvalidValueError(f"Unknown thresholds {unknown}; classify_heads reads scores {list(HEAD_LABELS)}.")
         check_device(self.device)
 
     @classmethod
@@ -149,12 +169,12 @@ class AnalysisConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"Unknown option(s) {unknown} in {source}; valid options: {sorted(known | SGLD_OPTIONS)}.")
+            raise InvalidValueError(f"Unknown option(s) {unknown} in {source}; valid options: {sorted(known | SGLD_OPTIONS)}.")
         if sampler or "sgld" in d:
             nested = d.get("sgld", {})
             nested = dataclasses.asdict(nested) if isinstance(nested, SGLDConfig) else nested
             if not isinstance(nested, dict):
-                raise TypeError(f"sgld in {source} must be a table of SGLD options, got {nested!r}.")
+                raise InvalidTypeError(f"sgld in {source} must be a table of SGLD options, got {nested!r}.")
             try:
                 default = cls.__dataclass_fields__["sgld"].default_factory()
                 d["sgld"] = SGLDConfig.build(default, **{**nested, **sampler})
@@ -175,9 +195,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The option: value table of a JSON (`.json`) or TOML (`.toml`) config file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Config file {path} not found.")
+        raise MissingFileError(f"Config file {path} not found.")
     if path.suffix not in (".json", ".toml"):
-        raise ValueError(f"Config file {path} must end in .json or .toml.")
+        raise InvalidValueError(f"Config file {path} must end in .json or .toml.")
     try:
         if path.suffix == ".json":
             d = json.loads(path.read_text())
@@ -186,11 +206,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
             d = tomllib.loads(path.read_text())
     except ImportError:
-        raise ValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
+        raise InvalidValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
     except ValueError as e:  # JSONDecodeError, TOMLDecodeError, bad UTF-8
-        raise ValueError(f"Config file {path} cannot be parsed ({e}); fix its syntax.") from None
+        raise InvalidValueError(f"Config file {path} cannot be parsed ({e}); fix its syntax.") from None
     if not isinstance(d, dict):
-        raise ValueError(f"Config file {path} must hold a table of option: value pairs.")
+        raise InvalidValueError(f"Config file {path} must hold a table of option: value pairs.")
     return d
 
 
@@ -237,15 +257,15 @@ def analyze(
     """
     config = _as_config(config, overrides)
     series = _as_series(series, config)
-    train_tokens, test_tokens, labels_of = _data(series, data, config)
+    task, train_data, test_data = task_data(series, data, config, progress)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; give a directory for the report.")
+        raise NotAFolderError(f"--out {out} is a file; give a directory for the report.")
     with folder_lock(out, "analyze"):
-        return _analyze(series, out, config, train_tokens, test_tokens, labels_of, progress, executor)
+        return _analyze(series, out, config, task, train_data, test_data, progress, executor)
 
 
-def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_tokens, test_tokens, labels_of,
+def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: Task, train_data, test_data,
              progress: bool, executor: Executor | None) -> AnalysisResult:
     """`analyze` once its inputs are checked and it holds `out`'s lock."""
     _keep_apart(out, series)
@@ -253,10 +273,10 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
     results.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     say = (lambda msg: tqdm.write(f"[analyze] {msg}", file=sys.stderr)) if progress else (lambda msg: None)
-    sgld = dataclasses.replace(config.sgld, seed=config.seed)
+    sgld = dataclasses.replace(_task_sampler(config.sgld, task), seed=config.seed)
     calibration = None
     if config.calibrate:
-        calibration = _calibrate(series, train_tokens, sgld, progress)
+        calibration = _calibrate(series, train_data, sgld, task, progress)
         say(f"calibration chose {calibration.choice} (rule: sampling.calibration)")
         sgld = calibration.config(sgld) if calibration.choice else sgld
         atomic_write(results / "calibration.csv", calibration.table.drop(columns="llc_trace").to_csv(index=False))
@@ -265,43 +285,57 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, train_
 
     # LLCs: every head at every checkpoint in one pass (sharing batches), or the model everywhere first and
     # the heads where the curves say development happens
-    run = dict(store_dir=store, device=config.device, progress=progress, executor=executor)
-    say(f"{series}: LLC at every checkpoint" + (", with every head's" if config.head_steps is None else ""))
-    llc = llc_over_series(series, train_tokens, sgld, heads=config.head_steps is None, **run)
-    say("head scores and behavioural metrics")
-    metrics = metrics_over_series(series, tokens=test_tokens, data=train_tokens, store_dir=store,
-                                  n_seqs=config.n_seqs, seed=config.seed, executor=executor, progress=progress)
-    classes = classify_heads(metrics, thresholds=config.thresholds)
-    head_steps = _head_steps(series.steps, config.head_steps, llc, metrics)
-    if head_steps and config.head_steps is not None:
+    run = dict(store_dir=store, device=config.device, progress=progress, executor=executor, loss_fn=task.sampler_loss)
+    head_list, n_head_steps = head_scope(config, *_shape(series)) if task.has_heads else ([], None)
+    if n_head_steps is not None and config.head_steps is None:
+        say(f"auto_scope: {len(head_list)} heads (layers {sorted({layer for layer, _ in head_list})}) at "
+            f"{n_head_steps} checkpoints; --heads, --layers, --head-steps or --no-auto-scope choose others")
+    n_head_steps = config.head_steps if n_head_steps is None else n_head_steps
+    every = n_head_steps is None and bool(head_list)
+    # the plan, from a few timed steps at the last checkpoint; a plan that does not fit is split
+    sgld = _plan(series, train_data, sgld, head_list, every, n_head_steps, task, config.device, say)
+    say(f"{series}: LLC at every checkpoint" + (f", with {len(head_list)} heads'" if every else ""))
+    llc = llc_over_series(series, train_data, sgld, heads=head_list if every else False, **run)
+    say("the task's metrics" + (" (head scores and behavioural metrics)" if isinstance(task, TokenTask) else ""))
+    metrics = task.metrics_over_series(series, train_data, test_data, store_dir=store, n_seqs=config.n_seqs,
+                                       seed=config.seed, executor=executor, progress=progress)
+    head_metrics = metrics[metrics["head"].notna()]
+    classes = (classify_heads(metrics, thresholds=config.thresholds)
+               if head_metrics["metric"].isin(list(HEAD_LABELS)).any() else _NO_CLASSES)
+    head_steps = _head_steps(series.steps, n_head_steps, llc, metrics) if head_list else []
+    if head_steps and n_head_steps is not None:
         say(f"head LLCs at steps {head_steps}")
-        llc = pd.concat([llc, llc_over_series(series, train_tokens, sgld, heads=True, model=False, steps=head_steps,
+        llc = pd.concat([llc, llc_over_series(series, train_data, sgld, heads=head_list, model=False, steps=head_steps,
                                               **run)])
     llc = llc.sort_values(["step", "scope", "layer", "head"], ignore_index=True)
-    n_heads = len(metrics.dropna(subset=["layer"])[["layer", "head"]].drop_duplicates())
-    clusters = (cluster_heads([llc, metrics], n_clusters=config.n_clusters, classes=classes)
+    n_heads = len(llc[llc["scope"] == "head"][["layer", "head"]].drop_duplicates())
+    clusters = (cluster_heads([llc, head_metrics], n_clusters=config.n_clusters,
+                              classes=classes if not classes.empty else None)
                 if config.n_clusters and n_heads >= 2 else None)
 
     model_llc = llc[llc["scope"] == "model"]
     stages = find_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), model_llc["llc_se"].to_numpy(),
                          **config.stage_options())
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
-    ed = essential_dynamics(series, test_tokens, n_components=config.n_components, sigma=config.ed_sigma,
+    probes, proxy = task.probes(test_data, config.n_sequences)
+    ed = essential_dynamics(series, probes, proxy=proxy, n_components=config.n_components, sigma=config.ed_sigma,
                             seed=config.seed, device=config.device, store_dir=store, executor=executor,
                             progress=progress)
 
-    sample = test_tokens[config.sample_index]
-    sample_labels = labels_of(sample)
-    heads = config.attention_heads or _top_heads(metrics)
+    sample = index_batch(test_data, config.sample_index)
+    sample_labels = task.labels(sample)
     boundaries = sorted({s.start for s in stages} | {stages[-1].end})
     losses, attention = {}, []
     for step in tqdm(boundaries, desc="stage boundaries", unit="ckpt", disable=not progress):
         model = series.load(step)
-        losses[step] = per_token_loss(model, sample[None])[0].numpy()
-        attention.append((step, attention_view(model, sample, heads, labels=sample_labels)))
+        positions, labels, losses[step] = task.position_losses(model, sample)
+        if task.has_heads:
+            chosen = config.attention_heads or _top_heads(metrics) or [head_name(*h) for h in all_heads(model)][:8]
+            view_input = task.model_inputs(model, index_batch(sample, None))
+            attention.append((step, attention_view(model, sample, chosen, labels=sample_labels, inputs=view_input)))
     loss_differences = pd.concat([
-        pd.DataFrame({"step_from": a, "step_to": b, "position": np.arange(1, len(sample)),
-                      "token": sample_labels[1:], "loss_diff": losses[b] - losses[a]})
+        pd.DataFrame({"step_from": a, "step_to": b, "position": positions, "token": labels,
+                      "loss_diff": losses[b] - losses[a]})
         for a, b in zip(boundaries[:-1], boundaries[1:])
     ], ignore_index=True)
 
@@ -344,7 +378,7 @@ def _as_config(config, overrides: dict[str, Any]) -> AnalysisConfig:
     elif isinstance(config, (str, os.PathLike)):
         config = AnalysisConfig.from_file(config)
     elif not isinstance(config, AnalysisConfig):
-        raise TypeError(f"config must be an AnalysisConfig, a dict or a config file path; got {type(config).__name__}.")
+        raise InvalidTypeError(f"config must be an AnalysisConfig, a dict or a config file path; got {type(config).__name__}.")
     return AnalysisConfig.from_dict({**dataclasses.asdict(config), **overrides}, source="the arguments")
 
 
@@ -366,13 +400,15 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
         int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
         float: (_is_number, "a number"),
         str: (lambda v: isinstance(v, str), "a string"),
-        list: (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings"),
+        list: ((lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+                "a list of integers") if typing.get_args(kind) == (int,) else
+               (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings")),
         dict: (lambda v: isinstance(v, dict) and all(map(_is_number, v.values())), "a mapping of names to numbers"),
     }[origin]
     if value is None or not ok(value):
         hint_ = f" (for one head: [{value!r}])" if origin is list and isinstance(value, str) else ""
-        raise TypeError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r} "
-                        f"({type(value).__name__}){hint_}.")
+        raise InvalidTypeError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r} "
+                               f"({type(value).__name__}){hint_}.")
     return float(value) if origin is float else list(value) if origin is list else value
 
 
@@ -387,17 +423,61 @@ def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
         series = (CheckpointSeries.from_hf_checkpoints(path, device=config.device) if trainer_run
                   else CheckpointSeries.from_dir(path))
     if not isinstance(series, CheckpointSeries):
-        raise TypeError(f"series must be a CheckpointSeries or a series directory; got {type(series).__name__}.")
+        raise InvalidTypeError(f"series must be a CheckpointSeries or a series directory; got {type(series).__name__}.")
     series.verify()  # every checkpoint's file checked before any estimate (calibration included)
     need = max(4, config.n_components + 1)  # find_stages needs 4 points, PCA n_components + 1
     if len(series) < need:
         raise SeriesError(f"The series has {len(series)} checkpoints; an analysis needs at least {need} "
                           f"(stages and essential dynamics are curves over checkpoints). Save more checkpoints.")
-    if config.attention_heads:  # heads must exist before minutes of sampling, not after
+    if config.heads or config.layers:  # they must exist before minutes of sampling, not after
+        head_scope(config, *_shape(series))
+    if config.attention_heads:
         model = series.load(series.steps[0])
         for h in config.attention_heads:
             check_head(model, *parse_head(h))
     return series
+
+
+def head_scope(config: AnalysisConfig, n_layers: int, n_heads: int) -> tuple[list[tuple[int, int]], int | None]:
+    """(the heads whose refined LLCs `analyze` estimates, head_steps where `auto_scope` sets it, else None):
+    `config.heads`, else every head of `config.layers` (default all); a model of more than `AUTO_SCOPE_HEADS`
+    heads given none of heads, layers or head_steps gets its first, middle and last layers at 3 checkpoints."""
+    auto = (config.auto_scope and n_layers * n_heads > AUTO_SCOPE_HEADS and config.heads is None
+            and config.layers is None and config.head_steps is None)
+    layers = sorted({0, n_layers // 2, n_layers - 1}) if auto else config.layers or list(range(n_layers))
+    bad = [layer for layer in layers if layer >= n_layers]
+    if bad:
+        raise InvalidValueError(f"layers={config.layers}: the model has {n_layers} layers (0-indexed); drop {bad}.")
+    heads = [parse_head(h) for h in config.heads] if config.heads else [(layer, h) for layer in layers for h in range(n_heads)]
+    bad = [head_name(*h) for h in heads if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
+    if bad:
+        raise InvalidValueError(f"heads {bad} do not exist: the model has {n_layers} layers of {n_heads} heads (0-indexed).")
+    return heads, (3 if auto else None)
+
+
+def _plan(series: CheckpointSeries, data, sgld: SGLDConfig, heads: list[tuple[int, int]], together: bool,
+          head_steps: int | None, task: Task, device: str | None, say: Callable[[str], None]) -> SGLDConfig:
+    """Say what the LLC passes will cost (`plan_llcs` at the last checkpoint: the model and `heads` in one pass
+    when `together`, else each pass alone), and return `sgld` with the `max_batched` that fits."""
+    model = series.load(series.steps[-1])
+    model = model.to(device) if device is not None else model
+    whole = [resolve_restriction(model, None)]
+    parts = [resolve_restriction(model, h) for h in heads]
+    passes = [("model and heads", whole + parts)] if together else [("model", whole)] + [("heads", parts)] * bool(parts)
+    for what, restrictions in passes:
+        plan = plan_llcs(model, data, restrictions, sgld, loss_fn=task.sampler_loss)
+        say(f"{what}: {plan}; {plan.over(len(series) if what != 'heads' else min(head_steps or 0, len(series)))}")
+        sgld = dataclasses.replace(sgld, max_batched=min(sgld.max_batched, plan.max_batched))
+    return sgld
+
+
+def _shape(series: CheckpointSeries) -> tuple[int, int]:
+    """(layers, heads per layer) of the series' models: from its manifest, else its first model."""
+    cfg = series.meta.get("model_config")
+    if cfg and "n_heads" in cfg:
+        return cfg["n_layers"], cfg["n_heads"]
+    model = series.load(series.steps[0])
+    return model.cfg.n_layers, model.cfg.n_heads
 
 
 def _keep_apart(out: Path, series: CheckpointSeries) -> None:
@@ -429,32 +509,35 @@ def _keep_apart(out: Path, series: CheckpointSeries) -> None:
 
 
 
-def _data(series: CheckpointSeries, data, config: AnalysisConfig):
-    """(train tokens for sampling and n-gram statistics, test tokens, tokens -> labels)."""
+def task_data(series: CheckpointSeries, data, config: AnalysisConfig, progress: bool = True) -> tuple[Task, Any, Any]:
+    """(task, train data for sampling and the task's statistics, test data cut to `n_sequences`): the series'
+    own task from its manifest's spec, or a token task on `data` (tokens, or text the model's tokenizer cuts)."""
     spec = series.meta.get("data")
     if data is None and not spec:
-        raise ValueError("The series records no data spec (it was not written by tl_devinterp.train): pass data= "
-                         "(a token tensor [n, seq], a dataset with input_ids or text, or text files), or --data "
-                         "FILE.txt on the command line.")
-    tokenizer, bos, n_ctx = _tokenizer(series)
+        raise InvalidValueError("The series records no data spec (it was not written by tl_devinterp.train): pass data= "
+                                "(a token tensor [n, seq], a dataset with input_ids or text, or text files), or --data "
+                                "FILE.txt on the command line.")
     if data is None:
-        splits = make_data(spec)
-        train, test = token_tensor(splits["train"]), token_tensor(splits["test"])
-    elif _is_text(data):
-        if tokenizer is None:
-            raise ValueError("Text data needs the models' tokenizer and this series has none: pass token data "
-                             "(a tensor [n, seq] or a dataset with input_ids).")
-        texts = data if isinstance(data, datasets.Dataset) else text_files(data)
-        seq_len = config.seq_len or min(n_ctx, 128)
-        train = test = token_tensor(pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos)["train"])
+        task = make_task(spec)
     else:
-        train = test = token_tensor(data)
-    test = test[: config.n_sequences]
-    if not 0 <= config.sample_index < len(test):
-        raise ValueError(f"sample_index={config.sample_index} is out of range: {len(test)} test sequences.")
-    if tokenizer is None:
-        return train, test, lambda t: ["<bos>" if i == bos else str(i) for i in t.tolist()]
-    return train, test, lambda t: ["<bos>" if i == bos else tokenizer.decode([i]) for i in t.tolist()]
+        if spec and not isinstance(make_task(spec), TokenTask):
+            raise InvalidValueError(f"data= replaces a token series' data; this series' task is {spec.get('kind')!r}, "
+                                    f"whose data come from its spec: drop data= (--data).")
+        tokenizer, bos, n_ctx = _tokenizer(series)
+        if _is_text(data):
+            if tokenizer is None:
+                raise InvalidValueError("Text data needs the models' tokenizer and this series has none: pass token data "
+                                        "(a tensor [n, seq] or a dataset with input_ids).")
+            texts = data if isinstance(data, datasets.Dataset) else text_files(data)
+            seq_len = config.seq_len or min(n_ctx, 128)
+            data = pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos, progress=progress)["train"]
+        task = TokenTask.of_tokens(data, data, tokenizer=tokenizer, bos=bos)
+    train, test = task.data()
+    test = index_batch(test, slice(0, config.n_sequences))
+    n_test = len(test) if isinstance(test, torch.Tensor) else len(test[0])
+    if not 0 <= config.sample_index < n_test:
+        raise InvalidValueError(f"sample_index={config.sample_index} is out of range: {n_test} test sequences.")
+    return task, train, test
 
 
 def _tokenizer(series: CheckpointSeries):
@@ -462,7 +545,8 @@ def _tokenizer(series: CheckpointSeries):
     them, else from its first model (loaded and dropped)."""
     spec, model_config = series.meta.get("data"), series.meta.get("model_config")
     if spec and model_config:
-        return spec_tokenizer(spec), BOS, model_config["n_ctx"]
+        task = make_task(spec)
+        return task.tokenizer, task.bos, model_config["n_ctx"]
     model = series.load(series.steps[0])
     return getattr(model, "tokenizer", None), bos_token_id(model), model.cfg.n_ctx
 
@@ -476,11 +560,19 @@ def _is_text(data) -> bool:
     return isinstance(data, datasets.Dataset) and "input_ids" not in data.column_names
 
 
-def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, progress: bool) -> Calibration:
+def _task_sampler(sgld: SGLDConfig, task: Task) -> SGLDConfig:
+    """The task's own sampler settings (`Task.sampler_defaults`) for each option left at analyze's default."""
+    default = AnalysisConfig.__dataclass_fields__["sgld"].default_factory()
+    own = {k: v for k, v in task.sampler_defaults.items() if getattr(sgld, k) == getattr(default, k)}
+    return SGLDConfig.build(sgld, **own)
+
+
+def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, task: Task, progress: bool) -> Calibration:
     """`calibrate_llc` at 3 checkpoints (a third of the way through the series' index, two thirds, the last);
     the chosen setting must pass the rule at all of them."""
     steps = sorted({series.steps[round(f * (len(series) - 1))] for f in (1 / 3, 2 / 3, 1)})
-    tables = [calibrate_llc(series.load(step), data, sgld, progress=progress).table.assign(step=step)
+    tables = [calibrate_llc(series.load(step), data, sgld, loss_fn=task.sampler_loss, progress=progress)
+              .table.assign(step=step)
               for step in tqdm(steps, desc="calibration checkpoints", unit="ckpt", disable=not progress)]
     table = judge(pd.concat(tables, ignore_index=True).drop(columns=["eps_change", "acceptable", "stable"]))
     return Calibration(table, choose_setting(table, default_nbeta=default_nbeta(sgld.batch_size)))
@@ -502,6 +594,10 @@ def _head_steps(steps: list[int], n: int | None, llc: pd.DataFrame, metrics: pd.
     change = (curves.diff().abs() / spread).sum(axis=1).to_numpy()[1:-1]  # the change arriving at each inner step
     inner = np.argsort(-change, kind="stable")[: n - 2] + 1
     return sorted({steps[0], steps[-1], *(steps[i] for i in inner)})
+
+
+_NO_CLASSES = pd.DataFrame(columns=["layer", "head", "label"])
+"""The head classes of a task without head scores."""
 
 
 def _top_heads(metrics: pd.DataFrame) -> list[str]:

@@ -10,9 +10,8 @@ import argparse
 import errno
 import sys
 import warnings
-from functools import partialmethod
 
-from tqdm.std import tqdm
+from .errors import TLDevinterpError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,10 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     for add in (_add_train, _add_analyze, _add_demo):
         add(sub)
     args = parser.parse_args(argv)
-    warnings.formatwarning = lambda message, *_, **__: f"tl-devinterp {args.command}: warning: {message}\n"
-    if getattr(args, "quiet", False):  # every progress bar of every module, as tqdm's FAQ suggests
-        tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)
-    return args.run(args) or 0
+    with warnings.catch_warnings():  # our warnings as `tl-devinterp CMD: warning: ...`, for this command only
+        warnings.showwarning = lambda message, *_, **__: print(
+            f"tl-devinterp {args.command}: warning: {message}", file=sys.stderr)
+        try:
+            return args.run(args) or 0
+        except TLDevinterpError as error:  # a user's mistake: one line; any other exception is a bug (traceback)
+            print(f"tl-devinterp {args.command}: error: {_one_line(error)}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def _add_train(sub) -> None:
@@ -49,12 +52,11 @@ def _run_train(args) -> None:
     from .analysis import read_config_file
     from .training import train
 
-    with _clear_errors("train"):
-        overrides = read_config_file(args.config) if args.config else {}
-        overrides.update({k: v for k, v in (("n_steps", args.n_steps), ("lr", args.lr), ("seed", args.seed))
-                          if v is not None})
-        series = train(args.out, args.preset, overwrite=args.overwrite, device=args.device, llc_every=args.llc_every,
-                       **overrides)
+    overrides = read_config_file(args.config) if args.config else {}
+    overrides.update({k: v for k, v in (("n_steps", args.n_steps), ("lr", args.lr), ("seed", args.seed))
+                      if v is not None})
+    series = train(args.out, args.preset, overwrite=args.overwrite, device=args.device, llc_every=args.llc_every,
+                   **overrides)
     print(f"wrote {series} to {args.out}")
 
 
@@ -95,6 +97,8 @@ def _add_analyze(sub) -> None:
             opts["type"] = json.loads
         elif list[str] in args:
             opts["nargs"] = "+"
+        elif list[int] in args:
+            opts["nargs"], opts["type"] = "+", int
         else:
             base = next((a for a in args if a is not type(None)), kind)
             opts["type"] = (lambda text, base=base: None if text.lower() == "none" else base(text)) if args else base
@@ -109,7 +113,7 @@ def _run_analyze(args) -> None:
 
     fixed = {"series", "out", "config", "data", "quiet", "workers", "scheduler", "run", "command"}
     overrides = {k: v for k, v in vars(args).items() if k not in fixed}
-    with _clear_errors("analyze"), dask_executor(workers=args.workers, scheduler=args.scheduler) as executor:
+    with dask_executor(workers=args.workers, scheduler=args.scheduler) as executor:
         config = AnalysisConfig.from_file(args.config) if args.config else None
         result = analyze(args.series, args.out, config=config, data=args.data, progress=not args.quiet,
                          executor=executor,
@@ -130,28 +134,8 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> None:
     from .analysis import demo
 
-    with _clear_errors("demo"):
-        result = demo(args.out, quick=args.quick, progress=not args.quiet, device=args.device)
+    result = demo(args.out, quick=args.quick, progress=not args.quiet, device=args.device)
     print(f"Report: {result.report}")
-
-
-class _clear_errors:
-    """Turn the library's errors (which name the problem and the fix) into one line on stderr and exit 2."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        from .sampling import LLCDivergenceError
-        from .store import FolderInUseError
-
-        if kind is not None and issubclass(kind, (ValueError, TypeError, OSError, ImportError, FolderInUseError,
-                                                     LLCDivergenceError)):
-            print(f"tl-devinterp {self.command}: error: {_one_line(error)}", file=sys.stderr)
-            raise SystemExit(2)
 
 
 def _one_line(error: BaseException) -> str:

@@ -25,12 +25,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .analysis import AnalysisConfig, AnalysisResult, _data
+from .analysis import AnalysisConfig, AnalysisResult, task_data
 from .dynamics import Stage, find_stages, stages_frame
+from .errors import InvalidTypeError, InvalidValueError, MissingFileError
 from .metrics import metrics_over_series
 from .metrics.over_series import HEAD_METRICS
 from .sampling import llc_over_series
 from .series import MANIFEST, CheckpointSeries
+from .tasks import TokenTask
 from .visualisation.report import png_figure, table_html, write_report
 
 COLUMNS = ["step", "quantity", "layer", "head", "value_a", "se_a", "value_b", "se_b", "diff", "diff_se"]
@@ -176,16 +178,16 @@ def compare_series(
     The phase change is the first step where max over heads of `metric` >= `threshold`.
     """
     if metric not in HEAD_METRICS:
-        raise ValueError(f"metric must be a head score, one of {list(HEAD_METRICS)}; got {metric!r}.")
+        raise InvalidValueError(f"metric must be a head score, one of {list(HEAD_METRICS)}; got {metric!r}.")
     if len(labels) != 2 or labels[0] == labels[1]:
-        raise ValueError(f"labels must be two different names, got {labels!r}.")
+        raise InvalidValueError(f"labels must be two different names, got {labels!r}.")
     sides = [_results(x, label, data=data, sgld=sgld, store_dir=store_dir, n_sequences=n_sequences, n_seqs=n_seqs,
                       progress=progress) for x, label in zip((a, b), labels)]
     long = [_long(llc, metrics) for llc, metrics, _ in sides]
     aligned = long[0].merge(long[1], on=["step", "quantity", "layer", "head"], suffixes=("_a", "_b"))
     if aligned.empty:
-        raise ValueError(f"{labels[0]} and {labels[1]} share no step with a common quantity: compare series trained "
-                         f"on the same checkpoint schedule.")
+        raise InvalidValueError(f"{labels[0]} and {labels[1]} share no step with a common quantity: compare series trained "
+                                f"on the same checkpoint schedule.")
     aligned["diff"] = aligned["value_b"] - aligned["value_a"]
     aligned["diff_se"] = np.sqrt(aligned["se_a"] ** 2 + aligned["se_b"] ** 2)
     aligned = aligned[COLUMNS].sort_values(["quantity", "layer", "head", "step"], na_position="first",
@@ -203,7 +205,7 @@ def phase_change(metrics: pd.DataFrame, *, metric: str = "prefix_matching", thre
     and the best score at the last step."""
     rows = metrics[metrics["metric"] == metric].dropna(subset=["layer", "head"])
     if rows.empty:
-        raise ValueError(f"The metrics frame has no per-head {metric!r} rows; measure it with metrics_over_series.")
+        raise InvalidValueError(f"The metrics frame has no per-head {metric!r} rows; measure it with metrics_over_series.")
     best = rows.loc[rows.groupby("step")["value"].idxmax()].sort_values("step")
     crossed = best[best["value"] >= threshold]
     first = crossed.iloc[0] if len(crossed) else None
@@ -226,20 +228,23 @@ def _results(x, label: str, *, data, sgld, store_dir, n_sequences: int, n_seqs: 
                 [Stage(int(r.start), int(r.end), str(r.type)) for r in stages.itertuples()])
     if isinstance(x, (str, os.PathLike)):
         if not (Path(x) / MANIFEST).exists():
-            raise FileNotFoundError(f"{x} ({label}) is neither an analyze output folder (results/metrics.csv) nor a "
+            raise MissingFileError(f"{x} ({label}) is neither an analyze output folder (results/metrics.csv) nor a "
                                     f"series folder ({MANIFEST}).")
         x = CheckpointSeries.from_dir(x)
     if not isinstance(x, CheckpointSeries):
-        raise TypeError(f"{label} must be an AnalysisResult, an analyze output folder, a CheckpointSeries or a series "
-                        f"folder; got {type(x).__name__}.")
-    train_tokens, test_tokens, _ = _data(x, data, AnalysisConfig(n_sequences=n_sequences))
+        raise InvalidTypeError(f"{label} must be an AnalysisResult, an analyze output folder, a CheckpointSeries or a series "
+                               f"folder; got {type(x).__name__}.")
+    task, train, test = task_data(x, data, AnalysisConfig(n_sequences=n_sequences))
     # one store folder per series (its manifest, so another series under the same label never reuses results)
     store = None if store_dir is None or not x.meta else Path(store_dir) / f"{label}-{_meta_hash(x.meta)}"
-    metrics = metrics_over_series(x, metrics=[*HEAD_METRICS, "loss"], tokens=test_tokens, n_seqs=n_seqs,
-                                  store_dir=store, progress=progress)
+    if isinstance(task, TokenTask):
+        metrics = metrics_over_series(x, metrics=[*HEAD_METRICS, "loss"], tokens=test, n_seqs=n_seqs,
+                                      store_dir=store, progress=progress)
+    else:
+        metrics = task.metrics_over_series(x, train, test, store_dir=store, n_seqs=n_seqs, progress=progress)
     if sgld is None:
         return None, metrics, []
-    llc = llc_over_series(x, train_tokens, store_dir=store, progress=progress, **sgld)
+    llc = llc_over_series(x, train, store_dir=store, progress=progress, loss_fn=task.sampler_loss, **sgld)
     model = llc[llc["scope"] == "model"].sort_values("step")
     stages = (find_stages(model["step"].to_numpy(), model["llc_mean"].to_numpy(), model["llc_se"].to_numpy())
               if len(model) >= 4 else [])

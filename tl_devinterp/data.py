@@ -8,6 +8,7 @@ tokenizer). A data *spec* (a small dict, stored in series manifests) regenerates
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import sysconfig
@@ -19,6 +20,9 @@ import numpy as np
 import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
+
+from .errors import InvalidValueError, MissingFileError
+from .store import atomic_write
 
 BOS = 0
 BOS_TEXT = "<|bos|>"
@@ -40,7 +44,7 @@ def repeated_random_tokens(
     Sequence length is `2 * half_len + 1` (or `2 * half_len` with `bos=None`).
     """
     if d_vocab < 3:
-        raise ValueError(f"d_vocab must be >= 3 for random tokens besides BOS, got {d_vocab}.")
+        raise InvalidValueError(f"d_vocab must be >= 3 for random tokens besides BOS, got {d_vocab}.")
     r = torch.randint(1, d_vocab, (n_seqs, half_len), generator=_generator(seed))
     parts = [r, r] if bos is None else [torch.full((n_seqs, 1), bos), r, r]
     return torch.cat(parts, dim=1)
@@ -85,9 +89,9 @@ def plant_repeats(
     """
     n, seq = tokens.shape
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}.")
+        raise InvalidValueError(f"fraction must be in [0, 1], got {fraction}.")
     if not 1 <= min_len <= max_len or 2 * max_len + 1 > seq:
-        raise ValueError(
+        raise InvalidValueError(
             f"Need 1 <= min_len <= max_len and 2*max_len+1 <= sequence length ({seq}); "
             f"got min_len={min_len}, max_len={max_len}."
         )
@@ -115,7 +119,7 @@ def stdlib_texts(max_files: int | None = None) -> datasets.Dataset:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
     if not files:
-        raise FileNotFoundError(f"No .py files under the standard library path {root}.")
+        raise MissingFileError(f"No .py files under the standard library path {root}.")
     files = files[:max_files] if max_files else files
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
     return datasets.Dataset.from_dict({"text": texts, "path": [str(p.relative_to(root)) for p in files]})
@@ -145,7 +149,7 @@ def train_tokenizer(texts: datasets.Dataset, vocab_size: int, *, cache_dir: str 
     tok.train_from_iterator(texts[text_column], trainer=trainer)
     assert tok.token_to_id(BOS_TEXT) == BOS
     file.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(file))
+    atomic_write(file, tok.to_str())  # a cut cache file would fail every later run
     return tok
 
 
@@ -154,14 +158,43 @@ def text_files(paths: str | os.PathLike | list[str | os.PathLike]) -> datasets.D
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
-        raise FileNotFoundError(f"Text data file(s) not found: {absent}. Give paths of plain text files.")
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+        raise MissingFileError(f"Text data file(s) not found: {absent}. Give paths of plain text files.")
+    texts = [read_text(p) for p in paths]
     return datasets.Dataset.from_dict({"text": texts, "path": [str(p) for p in paths]})
+
+
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def read_text(path: Path) -> str:
+    """A text file's contents: UTF-8, or the encoding its byte-order mark names (UTF-8, UTF-16, UTF-32), or
+    UTF-16 without one (every other byte NUL). Anything else (Latin-1, binary) is refused, naming the file and
+    the fix, rather than decoded with replacement characters and tokenised as if it were text."""
+    data = path.read_bytes()
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), None)
+    if encoding is None and data.count(0) and len(data) % 2 == 0:
+        for parity, enc in ((1, "utf-16-le"), (0, "utf-16-be")):  # mostly ASCII text: its high bytes are NUL
+            if data[parity::2].count(0) >= 0.9 * (len(data) // 2):
+                encoding = enc
+    try:
+        text = data.decode(encoding or "utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidValueError(
+            f"{path} is not {encoding or 'UTF-8'} text (byte 0x{data[e.start]:02x} at offset {e.start}): it may be "
+            f"Latin-1 / Windows-1252, or not text at all. Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8 {path} "
+            f"> {path.stem}.utf8{path.suffix}) and pass that file.") from None
+    control = sum(c < " " and c not in "\t\n\r\f\v" for c in text)
+    if "\x00" in text or control > 0.01 * len(text):
+        raise InvalidValueError(f"{path} holds binary data ({text.count(chr(0))} NUL and {control} control "
+                                f"characters), not text: pass plain text files (UTF-8, or UTF-16 with a byte-order "
+                                f"mark).")
+    return text
 
 
 def pack_texts(
     texts: datasets.Dataset, tokenizer, seq_len: int, *, text_column: str = "text", test_fraction: float = 0.1,
-    seed: int = 0, bos: int = BOS,
+    seed: int = 0, bos: int = BOS, progress: bool = True,
 ) -> datasets.DatasetDict:
     """Tokenize a text dataset and pack it into fixed-length `[bos] + seq_len-1 tokens` rows.
 
@@ -170,12 +203,12 @@ def pack_texts(
     row in train.
     """
     if text_column not in texts.column_names:
-        raise ValueError(
+        raise InvalidValueError(
             f"The dataset has no {text_column!r} column (columns: {texts.column_names}); pass text_column=."
         )
     body = seq_len - 1
     rows: dict[str, list[list[int]]] = {"train": [], "test": []}
-    for text in tqdm(texts[text_column], desc="tokenizing", unit="doc", leave=False):
+    for text in tqdm(texts[text_column], desc="tokenizing", unit="doc", leave=False, disable=not progress):
         ids = tokenizer.encode(text, add_special_tokens=False)
         ids = getattr(ids, "ids", ids)  # a tokenizers Encoding, or a transformers list of ids
         digest = int(hashlib.sha256(f"{seed}:{text}".encode("utf-8", "replace")).hexdigest()[:8], 16)
@@ -183,7 +216,7 @@ def pack_texts(
         rows[split].extend([bos, *ids[i : i + body]] for i in range(0, len(ids) - body + 1, body))
     for split, r in rows.items():
         if not r and (split == "train" or test_fraction > 0):
-            raise ValueError(f"No {split} sequences of length {seq_len}: the corpus is too small for that length.")
+            raise InvalidValueError(f"No {split} sequences of length {seq_len}: the corpus is too small for that length.")
     return datasets.DatasetDict({s: datasets.Dataset.from_dict({"input_ids": r}) for s, r in rows.items()})
 
 
@@ -218,7 +251,7 @@ def make_data(spec: dict[str, Any], *, cache_dir: str | os.PathLike | None = Non
                 for i, (s, d) in enumerate(dd.items())
             })
         return dd
-    raise ValueError(f"Unknown data kind {kind!r}; known kinds: 'markov', 'stdlib'.")
+    raise InvalidValueError(f"Unknown data kind {kind!r}; known kinds: 'markov', 'stdlib'.")
 
 
 def spec_tokenizer(spec: dict[str, Any], *, cache_dir: str | os.PathLike | None = None):
@@ -245,8 +278,8 @@ def token_column(data) -> str:
     """The column of a `datasets.Dataset` that holds its token ids (`TOKEN_COLUMNS`, in that order)."""
     column = next((c for c in TOKEN_COLUMNS if c in data.column_names), None)
     if column is None:
-        raise ValueError(f"The dataset has no token column {' or '.join(map(repr, TOKEN_COLUMNS))} (columns: "
-                         f"{data.column_names}); tokenize it first with tl_devinterp.data.pack_texts.")
+        raise InvalidValueError(f"The dataset has no token column {' or '.join(map(repr, TOKEN_COLUMNS))} (columns: "
+                                f"{data.column_names}); tokenize it first with tl_devinterp.data.pack_texts.")
     return column
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import InvalidTypeError, InvalidValueError, NotSupportedError
 from .models import as_head, check_head, head_masks
 from .store import fingerprint
 
@@ -52,39 +53,39 @@ class Intervention:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"Intervention kind {self.kind!r} is unknown; use one of {KINDS}.")
+            raise InvalidValueError(f"Intervention kind {self.kind!r} is unknown; use one of {KINDS}.")
         if self.start < 0 or (self.end is not None and self.end <= self.start):
-            raise ValueError(f"Intervention window start={self.start}, end={self.end} is empty or negative; "
-                             f"give 0 <= start < end (end=None: to the end of training).")
+            raise InvalidValueError(f"Intervention window start={self.start}, end={self.end} is empty or negative; "
+                                    f"give 0 <= start < end (end=None: to the end of training).")
         if self.kind == "freeze":
             head = as_head(tuple(self.hook) if isinstance(self.hook, list) else self.hook)
             if head is None or self.head is not None:
-                raise ValueError(f"A 'freeze' intervention names its head in hook, e.g. hook='l0h1' (layer 0, head 1); "
-                                 f"got hook={self.hook!r}, head={self.head!r}.")
+                raise InvalidValueError(f"A 'freeze' intervention names its head in hook, e.g. hook='l0h1' (layer 0, head 1); "
+                                        f"got hook={self.hook!r}, head={self.head!r}.")
             self.hook = f"l{head[0]}h{head[1]}"
         elif not isinstance(self.hook, str) or "hook_" not in self.hook:
-            raise ValueError(f"Intervention hook {self.hook!r} is not a TransformerLens hook name such as "
-                             f"'blocks.0.attn.hook_z' (for kind='freeze', give a head: 'l0h1').")
+            raise InvalidValueError(f"Intervention hook {self.hook!r} is not a TransformerLens hook name such as "
+                                    f"'blocks.0.attn.hook_z' (for kind='freeze', give a head: 'l0h1').")
         if self.head is not None and _head_axis(self.hook) is None:
-            raise ValueError(f"head={self.head} needs a per-head hook ({', '.join(HEAD_AXIS)}); {self.hook!r} has "
-                             f"no head axis. Drop head to intervene on the whole activation.")
+            raise InvalidValueError(f"head={self.head} needs a per-head hook ({', '.join(HEAD_AXIS)}); {self.hook!r} has "
+                                    f"no head axis. Drop head to intervene on the whole activation.")
         if (self.kind == "clamp") != (self.value is not None):
-            raise ValueError(f"value is required by kind='clamp' and only by it; got kind={self.kind!r}, "
-                             f"value={'None' if self.value is None else type(self.value).__name__}.")
+            raise InvalidValueError(f"value is required by kind='clamp' and only by it; got kind={self.kind!r}, "
+                                    f"value={'None' if self.value is None else type(self.value).__name__}.")
         if isinstance(self.value, (list, tuple)):
             self.value = torch.tensor(self.value, dtype=torch.float32)
         elif isinstance(self.value, (int, float)) and not isinstance(self.value, bool):
             self.value = float(self.value)
         elif isinstance(self.value, dict):
             if "model" in self.value:
-                raise ValueError("This intervention clamped to a model held in memory (recorded by its fingerprint "
-                                 "only); pass that model again as value=model.")
+                raise InvalidValueError("This intervention clamped to a model held in memory (recorded by its fingerprint "
+                                        "only); pass that model again as value=model.")
             if set(self.value) - {"series", "step"} or "series" not in self.value:
-                raise ValueError(f"A reference value is {{'series': DIR, 'step': STEP}} (step optional: the last); "
-                                 f"got {self.value!r}.")
+                raise InvalidValueError(f"A reference value is {{'series': DIR, 'step': STEP}} (step optional: the last); "
+                                        f"got {self.value!r}.")
         elif self.value is not None and not isinstance(self.value, (torch.Tensor, nn.Module)):
-            raise TypeError(f"Clamp value must be a number, a tensor (or nested list), a model, or "
-                            f"{{'series': DIR, 'step': STEP}}; got {type(self.value).__name__}.")
+            raise InvalidTypeError(f"Clamp value must be a number, a tensor (or nested list), a model, or "
+                                   f"{{'series': DIR, 'step': STEP}}; got {type(self.value).__name__}.")
 
     def active(self, step: int) -> bool:
         return self.start <= step and (self.end is None or step < self.end)
@@ -103,11 +104,11 @@ class Intervention:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Intervention:
         if not isinstance(d, dict):
-            raise TypeError(f"An intervention is a table of hook, kind, head, start, end, value; got {d!r}.")
+            raise InvalidTypeError(f"An intervention is a table of hook, kind, head, start, end, value; got {d!r}.")
         unknown = set(d) - {"hook", "kind", "head", "start", "end", "value"}
         if unknown or not {"hook", "kind"} <= set(d):
-            raise ValueError(f"An intervention needs 'hook' and 'kind' and may have head, start, end, value; got "
-                             f"keys {sorted(d)}.")
+            raise InvalidValueError(f"An intervention needs 'hook' and 'kind' and may have head, start, end, value; got "
+                                    f"keys {sorted(d)}.")
         return cls(**d)
 
     def __eq__(self, other: object) -> bool:
@@ -176,8 +177,8 @@ class Intervener:
 
 def _check_hook(model: nn.Module, item: Intervention) -> None:
     if item.hook not in model.hook_dict:
-        raise ValueError(f"The model has no hook point {item.hook!r}; hook names look like 'blocks.L.attn.hook_z' "
-                         f"or 'blocks.L.attn.hook_pattern' with 0 <= L < {model.cfg.n_layers} (all: model.hook_dict).")
+        raise InvalidValueError(f"The model has no hook point {item.hook!r}; hook names look like 'blocks.L.attn.hook_z' "
+                                f"or 'blocks.L.attn.hook_pattern' with 0 <= L < {model.cfg.n_layers} (all: model.hook_dict).")
     if item.head is not None:
         layer = int(item.hook.split(".")[1]) if item.hook.startswith("blocks.") else 0
         check_head(model, layer, item.head)
@@ -194,8 +195,8 @@ def _reference_model(item: Intervention, device) -> nn.Module:
         step = item.value.get("step")
         model = series.load(series.steps[-1] if step is None else int(step))
     if item.hook not in model.hook_dict:
-        raise ValueError(f"The reference model of the clamp on {item.hook!r} has no such hook point; clamp to a "
-                         f"model of the same architecture.")
+        raise InvalidValueError(f"The reference model of the clamp on {item.hook!r} has no such hook point; clamp to a "
+                                f"model of the same architecture.")
     if next(model.parameters()).device != torch.device(device):
         model = model.to(device)
     return model.eval()
@@ -230,10 +231,10 @@ def _hook_fn(item: Intervention, reference: torch.Tensor | None):
             try:
                 new = new.to(part).expand_as(part)
             except RuntimeError:
-                raise ValueError(f"The clamp value for {item.hook!r}"
-                                 f"{'' if item.head is None else f' head {item.head}'} has shape "
-                                 f"{tuple(new.shape)}, which does not broadcast to the activation's "
-                                 f"{tuple(part.shape)}.") from None
+                raise InvalidValueError(f"The clamp value for {item.hook!r}"
+                                        f"{'' if item.head is None else f' head {item.head}'} has shape "
+                                        f"{tuple(new.shape)}, which does not broadcast to the activation's "
+                                        f"{tuple(part.shape)}.") from None
         out = x.clone()
         out[index] = new
         return out
@@ -253,7 +254,7 @@ def _fit(value: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
 def as_interventions(items: Sequence[Intervention | dict] | None) -> list[Intervention]:
     """Interventions from `Intervention`s or their dicts (a config file's list)."""
     if isinstance(items, (Intervention, dict)):
-        raise TypeError("interventions must be a list of Interventions (or dicts); wrap the single one in [...].")
+        raise InvalidTypeError("interventions must be a list of Interventions (or dicts); wrap the single one in [...].")
     return [i if isinstance(i, Intervention) else Intervention.from_dict(i) for i in items or []]
 
 
@@ -270,9 +271,9 @@ def intervened(series):
 
     items = as_interventions(series.meta.get("train_config", {}).get("interventions"))
     if not items:
-        raise ValueError("The series records no interventions in its manifest (train_config.interventions).")
+        raise InvalidValueError("The series records no interventions in its manifest (train_config.interventions).")
     if any(isinstance(item.value, dict) for item in items):
-        raise NotImplementedError("Clamps to a reference series cannot be replayed on arbitrary inputs; measure the "
+        raise NotSupportedError("Clamps to a reference series cannot be replayed on arbitrary inputs; measure the "
                                   "saved weights, or clamp to a fixed value.")
 
     def load(step: int) -> nn.Module:

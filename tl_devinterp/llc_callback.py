@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import InvalidTypeError, InvalidValueError, MissingDependencyError
 from .models import is_supported_model
 from .sampling.llc import SGLDConfig, sample_llcs
 from .sampling.restrict import resolve_restriction, restriction_label
@@ -64,7 +65,7 @@ def llc_now(model: nn.Module, data, config: SGLDConfig | None = None, *, restric
     causal-LM loss (`causal_lm_loss`) unless `loss_fn` is given."""
     config = SGLDConfig.build(config, **options)
     if isinstance(restrict, str) or not hasattr(restrict, "__iter__"):
-        raise TypeError(f"restrict={restrict!r} must be a list of specs, e.g. ['l1h3']; for one write [{restrict!r}].")
+        raise InvalidTypeError(f"restrict={restrict!r} must be a list of specs, e.g. ['l1h3']; for one write [{restrict!r}].")
     if loss_fn is None and not is_supported_model(model) and hasattr(model, "config"):
         loss_fn = causal_lm_loss
     with training_state_kept(model):
@@ -93,9 +94,9 @@ class LLCCallback(TrainerCallback):
     def __init__(self, data, every: int, config: SGLDConfig | None = None, *, restrict: Sequence = (),
                  loss_fn: Callable | None = None, at_start: bool = False, **options):
         if TrainerCallback is object:
-            raise ImportError("LLCCallback needs transformers: pip install 'tl_devinterp[transformers]'.")
+            raise MissingDependencyError("LLCCallback needs transformers: pip install 'tl_devinterp[transformers]'.")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"LLCCallback(every={every!r}): every must be an integer >= 1 (optimizer steps).")
+            raise InvalidValueError(f"LLCCallback(every={every!r}): every must be an integer >= 1 (optimizer steps).")
         self.data, self.every, self.restrict, self.loss_fn, self.at_start = data, every, list(restrict), loss_fn, at_start
         self.config = SGLDConfig.build(config, **options)
         self.trainer = None
@@ -107,8 +108,8 @@ class LLCCallback(TrainerCallback):
 
     def _log(self, model: nn.Module, control) -> None:
         if self.trainer is None:
-            raise ValueError("LLCCallback is not attached to its Trainer: "
-                             "trainer.add_callback(LLCCallback(...).attach(trainer)).")
+            raise InvalidValueError("LLCCallback is not attached to its Trainer: "
+                                    "trainer.add_callback(LLCCallback(...).attach(trainer)).")
         flags = vars(control).copy()  # Trainer.log clears should_log: the step's own loss log must still run
         self.trainer.log(llc_now(model, self.data, self.config, restrict=self.restrict, loss_fn=self.loss_fn))
         vars(control).update(flags)

@@ -10,15 +10,19 @@ keyed by canonical parameter names (see `sampled_parameters`), and TransformerLe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import nn
+
+from .errors import InvalidTypeError, InvalidValueError
 
 try:  # TL >= 3.9
     from transformer_lens.model_bridge import TransformerBridge
@@ -53,7 +57,7 @@ class ModelConfig:
     def __post_init__(self):
         if self.d_head is None:
             if self.d_model % self.n_heads:
-                raise ValueError(
+                raise InvalidValueError(
                     f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; pass d_head explicitly."
                 )
             self.d_head = self.d_model // self.n_heads
@@ -61,7 +65,7 @@ class ModelConfig:
             self.d_mlp = 4 * self.d_model
         for name in ("n_layers", "n_heads", "d_model", "d_head", "n_ctx", "d_vocab"):
             if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}.")
+                raise InvalidValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,7 +75,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"Unknown ModelConfig fields {sorted(unknown)}; known fields: {sorted(known)}.")
+            raise InvalidValueError(f"Unknown ModelConfig fields {sorted(unknown)}; known fields: {sorted(known)}.")
         return cls(**d)
 
     def tl_kwargs(self) -> dict[str, Any]:
@@ -107,14 +111,41 @@ def is_supported_model(model: Any) -> bool:
     )
 
 
+def hf_boot_hint(model: Any) -> str | None:
+    """How to boot a Hugging Face transformers model as a TransformerLens model (one sentence), or None when
+    `model` is none."""
+    if not any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(model).__mro__):
+        return None
+    return (f"{type(model).__name__} is a Hugging Face transformers model: boot it as a TransformerLens model first, "
+            f"e.g. `model.save_pretrained(path); tokenizer.save_pretrained(path); model = TransformerBridge."
+            f"boot_transformers(path, device='cpu')` (from transformer_lens.model_bridge import TransformerBridge); "
+            f"a Trainer's output_dir is read as it is by CheckpointSeries.from_hf_checkpoints.")
+
+
 def check_model(model: Any) -> None:
     """Raise a TypeError naming what we accept when `model` is not a TransformerLens model."""
+    hint = hf_boot_hint(model)
+    if hint:
+        raise InvalidTypeError(hint)
     if not is_supported_model(model):
-        raise TypeError(
+        raise InvalidTypeError(
             f"Expected a TransformerLens model (TransformerBridge, or HookedTransformer on TL 3.x), "
             f"got {type(model).__name__}. Build one with tl_devinterp.build_model(ModelConfig(...)) "
             f"or TransformerBridge.boot_native(...)."
         )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode (no dropout) inside, each submodule's own mode restored on exit: sampling and
+    measuring see the deterministic function of the weights however the model was left."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def clone_model(model: nn.Module) -> nn.Module:
@@ -209,7 +240,7 @@ def parse_head(spec: str | tuple[int, int]) -> tuple[int, int]:
     """`as_head`, raising a ValueError that shows the accepted forms."""
     head = as_head(spec)
     if head is None:
-        raise ValueError(f"Cannot read head {spec!r}: write it as 'l1h3' (layer 1, head 3) or (1, 3).")
+        raise InvalidValueError(f"Cannot read head {spec!r}: write it as 'l1h3' (layer 1, head 3) or (1, 3).")
     return head
 
 
@@ -227,7 +258,7 @@ def check_head(model: nn.Module, layer: int, head: int) -> None:
     """Raise a ValueError when the model has no head (layer, head)."""
     cfg = model.cfg
     if not 0 <= layer < cfg.n_layers or not 0 <= head < cfg.n_heads:
-        raise ValueError(
+        raise InvalidValueError(
             f"Head {head_name(layer, head)} (layer={layer}, head={head}) does not exist: the model has "
             f"{cfg.n_layers} layers of {cfg.n_heads} heads (0-indexed)."
         )
@@ -274,12 +305,12 @@ def mlp_masks(model: nn.Module, layer: int, neurons: list[int] | None = None) ->
     neurons), or of only the given hidden neurons' rows and columns."""
     mlp = getattr(model.blocks[layer], "mlp", None)
     if mlp is None or getattr(model.cfg, "attn_only", False):
-        raise ValueError(f"Block {layer} has no MLP (the model is attention-only).")
+        raise InvalidValueError(f"Block {layer} has no MLP (the model is attention-only).")
     d_mlp = model.cfg.d_mlp
     index = list(range(d_mlp)) if neurons is None else list(neurons)
     bad = [n for n in index if not 0 <= n < d_mlp]
     if bad:
-        raise ValueError(f"MLP neurons {bad} do not exist in block {layer}: it has d_mlp={d_mlp} (0-indexed).")
+        raise InvalidValueError(f"MLP neurons {bad} do not exist in block {layer}: it has d_mlp={d_mlp} (0-indexed).")
 
     def views():
         for label in ("W_in", "W_gate", "W_out", "b_in", "b_out"):
@@ -312,6 +343,14 @@ def token_cross_entropy(
     return -logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
+def mean_token_loss(logits: Float[torch.Tensor, "batch pos vocab"], tokens: Int[torch.Tensor, "batch pos"],
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean next-token cross-entropy over the targets that count (`keep` [batch, pos-1]; None: all), as
+    Hugging Face's loss averages over the tokens that are not padding."""
+    losses = token_cross_entropy(logits, tokens)
+    return losses.mean() if keep is None else torch.where(keep, losses, 0.0).sum() / keep.sum().clamp(min=1)
+
+
 def bos_token_id(model: nn.Module) -> int:
     """The model's BOS token: its tokenizer's, else 0 (the convention of our data and tokenizer)."""
     tok = getattr(model, "tokenizer", None)
@@ -326,10 +365,10 @@ def check_device(device: str | torch.device | None) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a torch device ({e}); give e.g. 'cpu' or 'cuda'.") from None
+        raise InvalidValueError(f"device={device!r} is not a torch device ({e}); give e.g. 'cpu' or 'cuda'.") from None
     usable = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(dev.type, lambda: True)
     if not usable():
-        raise ValueError(f"device={device!r}, but this machine's torch has no usable {dev.type.upper()}; "
-                         f"use device='cpu' (--device cpu).")
+        raise InvalidValueError(f"device={device!r}, but this machine's torch has no usable {dev.type.upper()}; "
+                                f"use device='cpu' (--device cpu).")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s).")
+        raise InvalidValueError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s).")

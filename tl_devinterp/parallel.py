@@ -27,14 +27,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .errors import InvalidValueError, MissingDependencyError, WorkersLostError
 from .store import _at_step
 
 JOBS_PER_SLOT = 2  # jobs in flight per worker thread: workers never wait, the driver holds few job payloads
 POLL_SECONDS = 10  # how often we look for workers that joined (a SLURM cluster starts while we run)
 
-
-class WorkersLostError(RuntimeError):
-    """The executor's worker processes died; the message names the steps that were not computed."""
 
 
 def map_steps(series, compute: Callable[[int, torch.nn.Module], pd.DataFrame], steps: list[int],
@@ -132,13 +130,13 @@ def dask_executor(*, workers: int | None = None, scheduler: str | None = None,
         yield None
         return
     if workers is not None and scheduler is not None:
-        raise ValueError("Give --workers (a local cluster) or --scheduler (an existing one), not both.")
+        raise InvalidValueError("Give --workers (a local cluster) or --scheduler (an existing one), not both.")
     if workers is not None and workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}.")
+        raise InvalidValueError(f"--workers must be >= 1, got {workers}.")
     try:
         from distributed import Client
     except ImportError:
-        raise ImportError("Running on Dask needs distributed: pip install 'tl_devinterp[dask]'.") from None
+        raise MissingDependencyError("Running on Dask needs distributed: pip install 'tl_devinterp[dask]'.") from None
     with contextlib.ExitStack() as stack:
         if scheduler is None:
             scheduler = stack.enter_context(local_cluster(workers))

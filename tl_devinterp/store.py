@@ -35,6 +35,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .errors import FolderInUseError, InvalidTypeError, InvalidValueError, WriteError
+
 TMP_SUFFIX = ".tl-tmp"  # temporary files of atomic_write: `.NAME.RANDOM.tl-tmp`
 LOCK = ".tl_devinterp.lock"
 _UMASK = os.umask(0)
@@ -44,9 +46,6 @@ os.umask(_UMASK)
 class StoreWarning(UserWarning):
     """A stored result was not reused (computed for other weights, or damaged) and is recomputed."""
 
-
-class FolderInUseError(RuntimeError):
-    """Another process holds the folder's lock."""
 
 
 def _jsonable(x: Any) -> Any:
@@ -88,7 +87,7 @@ def callable_key(fn: Callable | None, *, key: str | None = None, option: str = "
     """
     if key is not None:
         if not isinstance(key, str) or not key:
-            raise TypeError(f"key must be a non-empty string naming what {option} computes, got {key!r}.")
+            raise InvalidTypeError(f"key must be a non-empty string naming what {option} computes, got {key!r}.")
         return f"key:{key}"
     if fn is None:
         return None
@@ -105,7 +104,7 @@ def _callable_identity(fn: Callable, option: str) -> str:
         what = ("an anonymous function (lambda)" if qualname and "<lambda>" in qualname
                 else "a nested function or closure" if qualname and code is not None
                 else f"a {type(fn).__name__} object")
-        raise ValueError(
+        raise InvalidValueError(
             f"{option}={getattr(fn, '__qualname__', repr(fn))} is {what}, which a result store cannot tell apart "
             f"from another one: define it at module level, or name what it computes with key= (e.g. "
             f"key='100x lm_loss'); a new key gets new results.")
@@ -141,8 +140,8 @@ def _value_identity(x: Any, option: str) -> Any:
         return {type(x).__qualname__: _value_identity(dataclasses.asdict(x), option)}
     if callable(x):
         return _callable_identity(x, option)
-    raise ValueError(f"{option} is bound to a {type(x).__name__} argument, which a result store cannot key by: "
-                     f"name what it computes with key= (e.g. key='my loss, v2').")
+    raise InvalidValueError(f"{option} is bound to a {type(x).__name__} argument, which a result store cannot key by: "
+                            f"name what it computes with key= (e.g. key='my loss, v2').")
 
 
 _file_hashes: dict[str, tuple[int, int, str]] = {}
@@ -190,7 +189,7 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Binar
             finally:
                 os.close(dir_fd)
     except OSError as e:
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e  # name the final file, not the temporary
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from e  # name the final file, not the temporary
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -201,14 +200,19 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Binar
 def folder_lock(folder: str | os.PathLike, purpose: str) -> Iterator[None]:
     """Hold an advisory lock on `folder` (created if needed) for `purpose`; refuse if another process holds it."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     file = folder / LOCK
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(file, "a+")
+    except OSError as e:  # a read-only or unwritable folder, a full disk
+        raise WriteError(e.errno, e.strerror or str(e), str(e.filename or file)) from e
     try:
         import fcntl
     except ImportError:  # pragma: no cover - no advisory locks on this platform
-        yield
+        with lock:
+            yield
         return
-    with open(file, "a+") as f:
+    with lock as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -334,7 +338,7 @@ def map_series(
     todo = list(series.steps if steps is None else steps)
     missing = [s for s in todo if s not in set(series.steps)]
     if missing:
-        raise ValueError(f"Steps {missing} are not in the series; available steps: {series.steps}.")
+        raise InvalidValueError(f"Steps {missing} are not in the series; available steps: {series.steps}.")
     series.verify(todo)  # every file checked before the first result: a damaged one fails now, not hours in
     frames: dict[int, pd.DataFrame] = {}
     seen: dict[str, int] = {}

@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Float, Int
 
 from ..data import token_tensor
+from ..errors import InvalidValueError
 from ..store import ResultStore, callable_key, fingerprint, map_series
 from .geometry import curvature_extrema, osculating_circles
 
@@ -89,10 +90,10 @@ def fixed_positions(
     pos = np.broadcast_to(np.asarray(position, dtype=int), (n_seqs,)).copy() if np.ndim(position) == 0 \
         else np.asarray(position, dtype=int)
     if pos.shape != (n_seqs,):
-        raise ValueError(f"position must be an int or one int per sequence ({n_seqs}); got shape {pos.shape}.")
+        raise InvalidValueError(f"position must be an int or one int per sequence ({n_seqs}); got shape {pos.shape}.")
     pos = np.where(pos < 0, pos + seq_len, pos)
     if (pos < 0).any() or (pos > seq_len - 2).any():
-        raise ValueError(
+        raise InvalidValueError(
             f"position must lie in [0, {seq_len - 2}] (or [-{seq_len}, -2]) so that a next token exists "
             f"in sequences of length {seq_len}; got {position}."
         )
@@ -105,12 +106,14 @@ def _proxy_features(proxy, tokens: torch.Tensor, pos: np.ndarray, batch_size: in
     if callable(proxy):
         return partial(_called_proxy, proxy, tokens, device)
     if proxy not in PROXIES:
-        raise ValueError(f"proxy must be one of {PROXIES} or a callable(model, inputs) -> features; got {proxy!r}.")
+        raise InvalidValueError(f"proxy must be one of {PROXIES} or a callable(model, inputs) -> features; got {proxy!r}.")
     return partial(_logit_features, proxy, tokens, torch.as_tensor(pos), batch_size, device)
 
 
-def _called_proxy(proxy: Callable, tokens: torch.Tensor, device, model) -> np.ndarray:
-    return torch.as_tensor(proxy(model, tokens.to(device))).detach().float().cpu().numpy().ravel()
+@torch.no_grad()
+def _called_proxy(proxy: Callable, inputs, device, model) -> np.ndarray:
+    moved = inputs.to(device) if isinstance(inputs, torch.Tensor) else tuple(t.to(device) for t in inputs)
+    return torch.as_tensor(proxy(model, moved)).detach().float().cpu().numpy().ravel()
 
 
 @torch.no_grad()
@@ -157,8 +160,8 @@ def _stream_features(series, steps, features: Callable, path: Path, device, stor
         if X is None:
             X = np.memmap(path, dtype=np.float32, mode="w+", shape=(len(steps), f.size))
         elif f.size != X.shape[1]:
-            raise ValueError(f"The proxy gave {f.size} features at step {step} but {X.shape[1]} before; "
-                             f"it must give the same number at every checkpoint.")
+            raise InvalidValueError(f"The proxy gave {f.size} features at step {step} but {X.shape[1]} before; "
+                                    f"it must give the same number at every checkpoint.")
         X[i], means[i] = f, f.mean()
     X.flush()
     return X, means
@@ -198,10 +201,10 @@ def sigma_per_index(sigma: float | Sequence[float] | Callable, T: int) -> Float[
     s = sigma(np.arange(T)) if callable(sigma) else sigma
     s = np.broadcast_to(np.asarray(s, dtype=float), (T,)) if np.ndim(s) == 0 else np.asarray(s, dtype=float)
     if s.shape != (T,):
-        raise ValueError(f"sigma must be a scalar, {T} values (one per checkpoint) or a function of the index; "
-                         f"got shape {s.shape}.")
+        raise InvalidValueError(f"sigma must be a scalar, {T} values (one per checkpoint) or a function of the index; "
+                                f"got shape {s.shape}.")
     if not np.isfinite(s).all() or (s < 0).any():
-        raise ValueError("sigma must be finite and >= 0 everywhere.")
+        raise InvalidValueError("sigma must be finite and >= 0 everywhere.")
     return s.copy()
 
 
@@ -279,17 +282,17 @@ def essential_dynamics_of_features(
     T = X.shape[0]
     steps = np.arange(T) if steps is None else np.asarray(steps, dtype=int)
     if X.ndim != 2 or steps.shape != (T,):
-        raise ValueError(f"X must be [checkpoints, features] with one step per row; got X {X.shape}, "
-                         f"steps {steps.shape}.")
+        raise InvalidValueError(f"X must be [checkpoints, features] with one step per row; got X {X.shape}, "
+                                f"steps {steps.shape}.")
     if not 2 <= n_components <= T - 1:
-        raise ValueError(f"n_components must be between 2 (one PC pair) and T - 1 = {T - 1} (the rank of "
-                         f"{T} centred checkpoints); got {n_components}.")
+        raise InvalidValueError(f"n_components must be between 2 (one PC pair) and T - 1 = {T - 1} (the rank of "
+                                f"{T} centred checkpoints); got {n_components}.")
     pairs = list(itertools.combinations(range(n_components), 2))
     min_pairs = len(pairs) if min_pairs is None else min_pairs
     if not 1 <= min_pairs <= len(pairs):
-        raise ValueError(f"min_pairs must be between 1 and the number of PC pairs ({len(pairs)}); got {min_pairs}.")
+        raise InvalidValueError(f"min_pairs must be between 1 and the number of PC pairs ({len(pairs)}); got {min_pairs}.")
     if persistence is not None and persistence < 1:
-        raise ValueError(f"persistence is a smoothing scale factor >= 1 (or None); got {persistence}.")
+        raise InvalidValueError(f"persistence is a smoothing scale factor >= 1 (or None); got {persistence}.")
     scores, evr = gram_pca(X, n_components)
     s = sigma_per_index(max(2.0, T / 60) if sigma is None else sigma, T)
     window = max(2, int(np.ceil(np.median(s)))) if window is None else int(window)
@@ -334,7 +337,8 @@ def essential_dynamics(
 ) -> EDResult:
     """Essential dynamics of a checkpoint series on a fixed input set.
 
-    `inputs`: token tensor `[n, seq]` or a dataset with `input_ids`. `proxy`: "true_logit" (the logit of the
+    `inputs`: token tensor `[n, seq]` or a dataset with `input_ids`, or with a callable proxy any tensor or
+    tuple of tensors it reads (a task's probes, `tl_devinterp.tasks`). `proxy`: "true_logit" (the logit of the
     true next token at one fixed position per sequence; `position` as in `fixed_positions`, default one
     random position per sequence drawn with `seed`), "outputs" (all logits at that position, flattened), or
     `callable(model, inputs) -> tensor` (flattened). Features go to `features_dir/features.f32` (kept) or a
@@ -343,21 +347,26 @@ def essential_dynamics(
     for a lambda or closure, which is otherwise refused). With an `executor`, the checkpoints' features are parallel jobs (see
     `tl_devinterp.parallel`). The rest is `essential_dynamics_of_features`.
     """
-    tokens = token_tensor(inputs)
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"inputs must be token sequences [n, seq] with seq >= 2; got shape {tuple(tokens.shape)}.")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}.")
     steps = list(series.steps if steps is None else steps)
-    pos = fixed_positions(len(tokens), tokens.shape[1], position, seed=seed)
-    features = _proxy_features(proxy, tokens, pos, batch_size, device)
+    if callable(proxy) and (isinstance(inputs, tuple) or (isinstance(inputs, torch.Tensor) and inputs.is_floating_point())):
+        tokens, pos = inputs, np.zeros(0, dtype=int)  # a task's probes: the proxy reads them as they are
+        features = partial(_called_proxy, proxy, inputs, device)
+    else:
+        tokens = token_tensor(inputs)
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise InvalidValueError(f"inputs must be token sequences [n, seq] with seq >= 2; got shape {tuple(tokens.shape)}.")
+        pos = fixed_positions(len(tokens), tokens.shape[1], position, seed=seed)
+        features = _proxy_features(proxy, tokens, pos, batch_size, device)
     name = proxy if isinstance(proxy, str) and key is None else (
         callable_key(proxy, key=key, option="proxy") if store_dir is not None else "unstored")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp if features_dir is None else features_dir)
         folder.mkdir(parents=True, exist_ok=True)
         store = _FeatureStore(tmp if store_dir is None else store_dir, "ed-features",
-                              {"proxy": name, "inputs": fingerprint(tokens, pos)})
+                              {"proxy": name, "inputs": fingerprint(*(tokens if isinstance(tokens, tuple) else (tokens,)),
+                                                                     pos)})
         X, means = _stream_features(series, steps, features, folder / "features.f32", device, store, executor,
                                     progress)
         result = essential_dynamics_of_features(

@@ -27,6 +27,8 @@ import numpy as np
 from jaxtyping import Float
 from scipy.signal import find_peaks
 
+from ..errors import InvalidValueError
+
 
 @dataclass
 class OsculatingCircles:
@@ -41,11 +43,11 @@ class OsculatingCircles:
 def _check_curve(curve) -> np.ndarray:
     c = np.asarray(curve, dtype=float)
     if c.ndim != 2 or c.shape[1] != 2:
-        raise ValueError(f"curve must be an array of shape [T, 2] (one 2-D point per row); got shape {c.shape}.")
+        raise InvalidValueError(f"curve must be an array of shape [T, 2] (one 2-D point per row); got shape {c.shape}.")
     if len(c) < 3:
-        raise ValueError(f"curve needs at least 3 points for a central second difference; got {len(c)}.")
+        raise InvalidValueError(f"curve needs at least 3 points for a central second difference; got {len(c)}.")
     if not np.isfinite(c).all():
-        raise ValueError("curve contains NaN or inf; drop or interpolate those points first.")
+        raise InvalidValueError("curve contains NaN or inf; drop or interpolate those points first.")
     return c
 
 
@@ -74,7 +76,7 @@ def curvature_extrema(k: Float[np.ndarray, "T"], *, min_prominence: float = 0.5)
     NaN entries (endpoints) never hold an extremum.
     """
     if min_prominence < 0:
-        raise ValueError(f"min_prominence must be >= 0, got {min_prominence}.")
+        raise InvalidValueError(f"min_prominence must be >= 0, got {min_prominence}.")
     finite = np.isfinite(k)
     if finite.sum() < 3:
         return np.array([], dtype=int)

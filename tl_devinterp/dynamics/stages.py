@@ -46,6 +46,8 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
+from ..errors import InvalidValueError
+
 KNOT_COST = 4.0  # χ² a knot must save to enter the fit (Akaike: 2 per parameter, its place and its bend)
 
 
@@ -138,15 +140,15 @@ def check_stage_options(z: float, ratio: float, min_width: float, min_change: fl
     """The one check of `find_stages`' options; `prefix` names them as the caller does (`stage_` in
     AnalysisConfig)."""
     if not 0 <= z < np.inf:
-        raise ValueError(f"{prefix}z (standard errors a boundary must exceed the noise by) must be >= 0 and finite, "
-                         f"got {z}.")
+        raise InvalidValueError(f"{prefix}z (standard errors a boundary must exceed the noise by) must be >= 0 and finite, "
+                                f"got {z}.")
     if not 1 < ratio < np.inf:
-        raise ValueError(f"{prefix}ratio (speed-up or slow-down that makes a boundary) must be > 1 and finite, got "
-                         f"{ratio}.")
+        raise InvalidValueError(f"{prefix}ratio (speed-up or slow-down that makes a boundary) must be > 1 and finite, got "
+                                f"{ratio}.")
     if not 0 <= min_width < np.inf:
-        raise ValueError(f"{prefix}min_width (narrowest stage in log-step) must be >= 0 and finite, got {min_width}.")
+        raise InvalidValueError(f"{prefix}min_width (narrowest stage in log-step) must be >= 0 and finite, got {min_width}.")
     if not 0 <= min_change < 1:
-        raise ValueError(f"{prefix}min_change (smallest change of a stage, fraction of λ̂'s range) must be in [0, 1), "
+        raise InvalidValueError(f"{prefix}min_change (smallest change of a stage, fraction of λ̂'s range) must be in [0, 1), "
                          f"got {min_change}.")
 
 
@@ -172,16 +174,16 @@ def find_stages(
     """
     steps, llc = np.asarray(steps, dtype=float), np.asarray(llc, dtype=float)
     if steps.ndim != 1 or steps.shape != llc.shape or len(steps) < 4:
-        raise ValueError(f"steps and llc must be 1-D of equal length >= 4; got {steps.shape} and {llc.shape}.")
+        raise InvalidValueError(f"steps and llc must be 1-D of equal length >= 4; got {steps.shape} and {llc.shape}.")
     if not np.isfinite(llc).all():
-        raise ValueError("llc contains NaN or inf; drop those checkpoints first.")
+        raise InvalidValueError("llc contains NaN or inf; drop those checkpoints first.")
     if (np.diff(steps) <= 0).any():
-        raise ValueError("steps must be strictly increasing.")
+        raise InvalidValueError("steps must be strictly increasing.")
     check_stage_options(z, ratio, min_width, min_change)
     if offset is None:
         offset = steps[1] if steps[0] == 0 else 0.0
     if steps[0] + offset <= 0:
-        raise ValueError(f"log(step + offset) needs step + offset > 0; got first step {steps[0]}, offset {offset}.")
+        raise InvalidValueError(f"log(step + offset) needs step + offset > 0; got first step {steps[0]}, offset {offset}.")
     x = np.log(steps + offset)
     if se is None:  # each checkpoint's scatter about the line through its neighbours, robustly pooled
         a = (x[2:] - x[1:-1]) / (x[2:] - x[:-2])
@@ -191,7 +193,7 @@ def find_stages(
         se = np.maximum(se, max(1e-9 * np.abs(llc).max(), 1e-300))
     se = np.asarray(se, dtype=float)
     if se.shape != llc.shape or not (np.isfinite(se) & (se > 0)).all():
-        raise ValueError(f"se must hold one finite, positive standard error per checkpoint ({len(llc)}).")
+        raise InvalidValueError(f"se must hold one finite, positive standard error per checkpoint ({len(llc)}).")
 
     fit = fit_piecewise_linear(x, llc, se, min_width=min_width)
     edges = [x[0], *fit.knots, x[-1]]  # stage boundaries in x; stage i is edges[i]..edges[i + 1]

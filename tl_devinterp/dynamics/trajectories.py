@@ -18,6 +18,7 @@ import pandas as pd
 from jaxtyping import Float
 from scipy.cluster.hierarchy import fcluster, linkage
 
+from ..errors import InvalidValueError
 from ..metrics.classify import LABELS, classify_heads
 from ..models import head_name
 
@@ -51,19 +52,19 @@ def cluster_heads(
     keeps raw values. `classes` (`layer, head, label`) defaults to `classify_heads` of the metrics frame.
     """
     if normalise not in NORMALISE:
-        raise ValueError(f"normalise must be one of {NORMALISE}, got {normalise!r}.")
+        raise InvalidValueError(f"normalise must be one of {NORMALISE}, got {normalise!r}.")
     if n_clusters < 1:
-        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}.")
+        raise InvalidValueError(f"n_clusters must be >= 1, got {n_clusters}.")
     frames = [frame] if isinstance(frame, pd.DataFrame) else list(frame)
     curves = pd.concat([_long(f) for f in frames], ignore_index=True)
     if quantities is not None:
         missing = sorted(set(quantities) - set(curves["quantity"]))
         if missing:
-            raise ValueError(f"No per-head rows of {missing}; the frames hold {sorted(set(curves['quantity']))}.")
+            raise InvalidValueError(f"No per-head rows of {missing}; the frames hold {sorted(set(curves['quantity']))}.")
         curves = curves[curves["quantity"].isin(list(quantities))]
     if curves.empty:
-        raise ValueError("No per-head trajectories: pass an LLC frame with head rows (scope == 'head') or a metrics "
-                         "frame with head scores.")
+        raise InvalidValueError("No per-head trajectories: pass an LLC frame with head rows (scope == 'head') or a metrics "
+                                "frame with head scores.")
 
     # 1. one block per quantity: heads x steps where every head has a value, normalised
     blocks, kept = [], []
@@ -82,10 +83,10 @@ def cluster_heads(
         kept.append(pd.DataFrame(values, index=wide.index, columns=wide.columns).stack().rename("normalised")
                     .reset_index().assign(quantity=quantity))
     if not blocks:
-        raise ValueError("Every quantity has fewer than 2 checkpoints with all heads; a trajectory needs at least 2.")
+        raise InvalidValueError("Every quantity has fewer than 2 checkpoints with all heads; a trajectory needs at least 2.")
     X = pd.concat(blocks, axis=1, join="inner")
     if len(X) < 2:
-        raise ValueError(f"Clustering needs at least 2 heads with every quantity; got {len(X)}.")
+        raise InvalidValueError(f"Clustering needs at least 2 heads with every quantity; got {len(X)}.")
     # 2. Ward's hierarchical clustering of the head vectors, cut into n_clusters groups
     Z = linkage(X.to_numpy(), method="ward")
     cluster = fcluster(Z, t=min(n_clusters, len(X)), criterion="maxclust")
@@ -118,6 +119,6 @@ def _long(frame: pd.DataFrame) -> pd.DataFrame:
         rows = frame.dropna(subset=["layer", "head"])
         out = rows.assign(quantity=rows["metric"].astype(str))
     else:
-        raise ValueError(f"Expected an LLC frame (step, scope, layer, head, llc_mean) or a metrics frame (step, "
-                         f"metric, layer, head, value); got columns {list(frame.columns)}.")
+        raise InvalidValueError(f"Expected an LLC frame (step, scope, layer, head, llc_mean) or a metrics frame (step, "
+                                f"metric, layer, head, value); got columns {list(frame.columns)}.")
     return out[columns].astype({"layer": "int64", "head": "int64", "step": "int64", "value": "float64"})

@@ -17,33 +17,42 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import nn
 
-from ..models import check_model, token_cross_entropy
+from ..errors import InvalidValueError
+from ..models import check_model, eval_mode, token_cross_entropy
+from ..sampling.batches import lm_batch
 from .heads import _device
 
 
 def _check_tokens(model: nn.Module, tokens: torch.Tensor, min_len: int = 2) -> None:
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype.is_floating_point:
-        raise ValueError(
+        raise InvalidValueError(
             f"tokens must be an integer tensor [batch, pos], got "
             f"{type(tokens).__name__} {getattr(tokens, 'shape', '')}; stack sequences with torch.stack."
         )
     if tokens.shape[1] < min_len:
-        raise ValueError(f"tokens need at least {min_len} positions, got {tokens.shape[1]}.")
+        raise InvalidValueError(f"tokens need at least {min_len} positions, got {tokens.shape[1]}.")
     if tokens.shape[1] > model.cfg.n_ctx:
-        raise ValueError(f"tokens have {tokens.shape[1]} positions but the model's n_ctx is {model.cfg.n_ctx}.")
+        raise InvalidValueError(f"tokens have {tokens.shape[1]} positions but the model's n_ctx is {model.cfg.n_ctx}.")
 
 
 def per_token_loss(
-    model: nn.Module, tokens: Int[torch.Tensor, "batch pos"], *, batch_size: int = 32
+    model: nn.Module, tokens: Int[torch.Tensor, "batch pos"], *, batch_size: int = 32,
+    attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
 ) -> Float[torch.Tensor, "batch pos_minus_1"]:
-    """Next-token loss at every position: entry `[b, i]` is the loss of predicting `tokens[b, i + 1]`."""
+    """Next-token loss at every position: entry `[b, i]` is the loss of predicting `tokens[b, i + 1]`; NaN
+    where that target is padding (`attention_mask` 0, right padding as `sampling.batches.lm_batch` reads it).
+    The model runs in eval mode (no dropout)."""
     check_model(model)
     _check_tokens(model, tokens)
-    with torch.no_grad():
-        return torch.cat([
+    with torch.no_grad(), eval_mode(model):
+        loss = torch.cat([
             token_cross_entropy(model(chunk.to(_device(model))), chunk.to(_device(model))).float().cpu()
             for chunk in tokens.split(batch_size)
         ])
+    if attention_mask is None:
+        return loss
+    keep = lm_batch({"input_ids": tokens, "attention_mask": attention_mask})[1]
+    return loss if keep is None else loss.masked_fill(~keep.cpu(), float("nan"))
 
 
 def loss_difference(
@@ -59,11 +68,11 @@ def icl_positions(seq_len: int, early: int | None = None, late: int | None = Non
     """The ICL score's token positions: given ones checked, else Olsson et al.'s 50th and 500th of 1024
     scaled to `seq_len` (clipped to 1 <= early < late <= seq_len - 1)."""
     if seq_len < 3:
-        raise ValueError(f"The ICL score needs sequences of at least 3 tokens, got {seq_len}.")
+        raise InvalidValueError(f"The ICL score needs sequences of at least 3 tokens, got {seq_len}.")
     early = min(max(1, round(seq_len * 50 / 1024)), seq_len - 2) if early is None else early
     late = min(max(early + 1, round(seq_len * 500 / 1024)), seq_len - 1) if late is None else late
     if not 1 <= early < late <= seq_len - 1:
-        raise ValueError(
+        raise InvalidValueError(
             f"Need 1 <= early < late <= {seq_len - 1} (positions of predicted tokens in sequences of "
             f"{seq_len}); got early={early}, late={late}."
         )
@@ -97,7 +106,7 @@ def repeat_positions(
     after the same previous tokens, only from statistics. Planted repeats (`data.plant_repeats`) are found
     this way, as are any natural ones."""
     if min_len < 2:
-        raise ValueError(f"min_len must be >= 2 (a repeat needs a previous token to predict from), got {min_len}.")
+        raise InvalidValueError(f"min_len must be >= 2 (a repeat needs a previous token to predict from), got {min_len}.")
     n, seq = tokens.shape
     first = torch.zeros(n, seq, dtype=torch.bool)
     second = torch.zeros(n, seq, dtype=torch.bool)
@@ -141,7 +150,7 @@ def _rows(data: Any) -> Iterable[torch.Tensor]:
         try:
             rows = data["input_ids"]
         except (KeyError, TypeError, IndexError) as err:
-            raise ValueError(
+            raise InvalidValueError(
                 f"data must be a token tensor, a list of token lists, or a dataset with an 'input_ids' "
                 f"column; got {type(data).__name__}."
             ) from err
@@ -151,10 +160,10 @@ def _rows(data: Any) -> Iterable[torch.Tensor]:
 def _ngram_counts(data: Any, n: int) -> tuple[Int[torch.Tensor, "k n"], Int[torch.Tensor, " k"]]:
     """Every distinct n-gram of `data` (windows within a row) and how often it occurs."""
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}.")
+        raise InvalidValueError(f"n must be >= 1, got {n}.")
     windows = [row.unfold(0, n, 1) for row in _rows(data) if len(row) >= n]
     if not windows:
-        raise ValueError(f"data has no sequence of at least {n} tokens.")
+        raise InvalidValueError(f"data has no sequence of at least {n} tokens.")
     return torch.unique(torch.cat(windows), dim=0, return_counts=True)
 
 
@@ -163,7 +172,7 @@ def bigram_table(data: Any, d_vocab: int, *, dense_max: int = 2**24) -> Float[to
     before another token. Dense when d_vocab² <= dense_max, else a coalesced sparse COO tensor."""
     grams, counts = _ngram_counts(data, 2)
     if grams.min() < 0 or grams.max() >= d_vocab:
-        raise ValueError(f"data has tokens outside [0, {d_vocab}); pass the model's d_vocab.")
+        raise InvalidValueError(f"data has tokens outside [0, {d_vocab}); pass the model's d_vocab.")
     prev, nxt = grams.T
     totals = torch.bincount(prev, weights=counts.double(), minlength=d_vocab)
     probs = (counts / totals[prev]).float()
@@ -183,7 +192,7 @@ def bigram_score(
     _check_tokens(model, tokens)
     d_vocab = model.cfg.d_vocab
     if tuple(table.shape) != (d_vocab, d_vocab):
-        raise ValueError(f"table has shape {tuple(table.shape)}, the model needs ({d_vocab}, {d_vocab}).")
+        raise InvalidValueError(f"table has shape {tuple(table.shape)}, the model needs ({d_vocab}, {d_vocab}).")
     total, count = 0.0, 0
     with torch.no_grad():
         for chunk in tokens.split(batch_size):
@@ -194,7 +203,7 @@ def bigram_score(
             seen = rows.sum(-1) > 0
             total, count = total + float(loss[seen].sum()), count + int(seen.sum())
     if count == 0:
-        raise ValueError("No token of `tokens` has bigram statistics in the table; build it from matching data.")
+        raise InvalidValueError("No token of `tokens` has bigram statistics in the table; build it from matching data.")
     return total / count
 
 
@@ -213,7 +222,7 @@ def ngram_relative_loss(
     (negative = the model predicts those n-grams better than average; NaN if none occurs)."""
     n = ngrams.shape[1]
     if n < 2:
-        raise ValueError(f"n-grams must have n >= 2 (a completing token needs context), got n={n}.")
+        raise InvalidValueError(f"n-grams must have n >= 2 (a completing token needs context), got n={n}.")
     hits = []
     for rows in tokens.cpu().split(64):  # bounded memory: [64, pos, k, n] comparisons at a time
         windows = rows.unfold(1, n, 1)  # window s = tokens[s : s + n], completed by predicting token s + n - 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from ..errors import InvalidValueError
+
 LABELS = {
     "prefix_matching": "induction",
     "previous_token": "previous-token",
@@ -33,22 +35,22 @@ def classify_heads(
     thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     unknown = set(thresholds) - set(LABELS)
     if unknown:
-        raise ValueError(f"Unknown thresholds {sorted(unknown)}; known scores: {list(LABELS)}.")
+        raise InvalidValueError(f"Unknown thresholds {sorted(unknown)}; known scores: {list(LABELS)}.")
     if isinstance(scores, pd.DataFrame):
         frame = scores[scores["metric"].isin(list(LABELS))]
         if frame.empty:
-            raise ValueError(f"scores has no head metric among {list(LABELS)}.")
+            raise InvalidValueError(f"scores has no head metric among {list(LABELS)}.")
         steps = sorted(frame["step"].unique())
         step = steps[-1] if step is None else step
         if step not in steps:
-            raise ValueError(f"Step {step} is not in scores; available steps: {steps}.")
+            raise InvalidValueError(f"Step {step} is not in scores; available steps: {steps}.")
         wide = frame[frame["step"] == step].pivot_table(index=["layer", "head"], columns="metric", values="value")
     else:
         if step is not None:
-            raise ValueError("step only applies to a scores frame; a dict holds one step already.")
+            raise InvalidValueError("step only applies to a scores frame; a dict holds one step already.")
         tables = {k: torch.as_tensor(v) for k, v in scores.items() if k in LABELS}
         if not tables:
-            raise ValueError(f"scores has no head metric among {list(LABELS)}; got {list(scores)}.")
+            raise InvalidValueError(f"scores has no head metric among {list(LABELS)}; got {list(scores)}.")
         wide = pd.DataFrame({
             k: pd.Series(v.flatten().tolist(), index=pd.MultiIndex.from_product(
                 [range(v.shape[0]), range(v.shape[1])], names=["layer", "head"]))

@@ -25,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from ..data import repeated_random_tokens
+from ..errors import InvalidValueError
 from ..models import bos_token_id, check_model
 
 Probe = Literal["random", "repeated"]
@@ -46,14 +47,14 @@ def probe_tokens(
     n_ctx, d_vocab = model.cfg.n_ctx, model.cfg.d_vocab
     seq_len = min(n_ctx, 128) if seq_len is None else seq_len
     if kind not in ("random", "repeated"):
-        raise ValueError(f"kind must be 'random' or 'repeated', got {kind!r}.")
+        raise InvalidValueError(f"kind must be 'random' or 'repeated', got {kind!r}.")
     if not (2 if kind == "random" else 3) <= seq_len <= n_ctx:
-        raise ValueError(
+        raise InvalidValueError(
             f"seq_len={seq_len} does not fit: it must be between {2 if kind == 'random' else 3} and the "
             f"model's n_ctx={n_ctx} (it counts BOS)."
         )
     if n_seqs < 1:
-        raise ValueError(f"n_seqs must be >= 1, got {n_seqs}.")
+        raise InvalidValueError(f"n_seqs must be >= 1, got {n_seqs}.")
     half = (seq_len - 1) // 2 if kind == "repeated" else seq_len - 1
     rand = repeated_random_tokens(n_seqs, half, d_vocab, seed=seed, bos=None)  # r + r, tokens in 1..d_vocab-1
     rand = rand if kind == "repeated" else rand[:, :half]
@@ -68,7 +69,7 @@ def _offset_attention(
     """Mean attention from each query q >= first_query to key q - offset, per head, read by hooks."""
     cfg = model.cfg
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}.")
     q = torch.arange(first_query, tokens.shape[1], device=_device(model))
     total = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64, device=_device(model))
 

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from jaxtyping import Int
 
+from ..errors import InvalidValueError
 from ..store import ResultStore, fingerprint, map_series
 from .behaviour import (
     bigram_score,
@@ -74,13 +75,13 @@ def metrics_over_series(
     metrics = list(metrics)
     unknown = [m for m in metrics if m not in HEAD_METRICS and m not in MODEL_METRICS]
     if unknown:
-        raise ValueError(f"Unknown metrics {unknown}; choose from {list(HEAD_METRICS) + list(MODEL_METRICS)}.")
+        raise InvalidValueError(f"Unknown metrics {unknown}; choose from {list(HEAD_METRICS) + list(MODEL_METRICS)}.")
     model_metrics = [m for m in metrics if m in MODEL_METRICS]
     if model_metrics and tokens is None:
-        raise ValueError(f"Metrics {model_metrics} need `tokens` (an integer tensor [batch, pos]) to evaluate on.")
+        raise InvalidValueError(f"Metrics {model_metrics} need `tokens` (an integer tensor [batch, pos]) to evaluate on.")
     needs_data = [m for m in metrics if m in ("bigram_score", "ngram_score")]
     if needs_data and data is None:
-        raise ValueError(f"Metrics {needs_data} need `data` (the training tokens or dataset) for their statistics.")
+        raise InvalidValueError(f"Metrics {needs_data} need `data` (the training tokens or dataset) for their statistics.")
 
     table = None
     if "bigram_score" in metrics:

@@ -33,9 +33,10 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import InvalidValueError, LLCDivergenceError
 from .diagnostics import DRIFT_T, LOW_ACCEPTANCE
 from .heads import summary
-from .llc import LLCDivergenceError, SGLDConfig, default_nbeta, estimate_llc
+from .llc import SGLDConfig, default_nbeta, estimate_llc
 
 EPS_TOLERANCE = 0.1  # λ̂ may change by at most this fraction when ε halves
 MAX_ELASTICITY = 0.5  # d log λ̂ / d log nβ above this: λ̂ follows nβ, not the model
@@ -52,8 +53,8 @@ class Calibration:
     def config(self, base: SGLDConfig | None = None) -> SGLDConfig:
         """`base` (default: the defaults) with the chosen ε, γ and nβ."""
         if self.choice is None:
-            raise ValueError("No setting of the sweep passed the calibration rule; widen the sweep (smaller "
-                             "gammas, larger nbetas, smaller epsilons) and read `table` for why cells failed.")
+            raise InvalidValueError("No setting of the sweep passed the calibration rule; widen the sweep (smaller "
+                                    "gammas, larger nbetas, smaller epsilons) and read `table` for why cells failed.")
         return SGLDConfig.build(base, **self.choice)
 
 

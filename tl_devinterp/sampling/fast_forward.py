@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..models import n_kv_heads, sampled_parameters, token_cross_entropy
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -89,6 +90,8 @@ def fast_forward(model: nn.Module, sdpa: bool = True) -> Callable | None:
     scale = 1.0 / (math.sqrt(cfg.d_head) if cfg.attn_scale in (-1, None) else cfg.attn_scale) if cfg.use_attn_scale else 1.0
     group = cfg.n_heads // n_kv_heads(model)
     rotary = _rotary_source(model) if cfg.positional_embedding_type == "rotary" else None
+    # An HF embedding with padding_idx (Llama's pad_token_id, often = BOS) gives that row no gradient
+    pad = next((m.padding_idx for m in model.embed.modules() if isinstance(m, nn.Embedding)), None)
 
     def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if cfg.normalization_type is None:
@@ -131,7 +134,7 @@ def fast_forward(model: nn.Module, sdpa: bool = True) -> Callable | None:
                 resid: Float[torch.Tensor, "batch pos d_model"] | None = None) -> Float[torch.Tensor, "batch pos vocab"]:
         # 1. The residual stream: embeddings (+ learned positions), or the given stream before block start_at_layer.
         if start_at_layer is None:
-            x = _view(model.embed, "W_E")[tokens]
+            x = F.embedding(tokens, _view(model.embed, "W_E"), padding_idx=pad)  # the pad row gets no gradient
             if cfg.positional_embedding_type == "standard":
                 x = x + _view(model.pos_embed, "W_pos")[: tokens.shape[-1]]
         else:
@@ -243,7 +246,7 @@ def verified_fast_forward(model: nn.Module, tokens: Int[torch.Tensor, "batch pos
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is unknown; choose one of {list(PRECISIONS)} (SGLDConfig.precision).")
+        raise InvalidValueError(f"precision={precision!r} is unknown; choose one of {list(PRECISIONS)} (SGLDConfig.precision).")
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pandas as pd
 from torch import nn
 
+from ..errors import InvalidTypeError
 from ..models import all_heads, check_model, parse_head
 from .llc import LLCResult, SGLDConfig, sample_llcs
 from .restrict import resolve_restriction
@@ -24,7 +25,7 @@ def estimate_head_llcs(model: nn.Module, data, config: SGLDConfig | None = None,
                        progress: bool = True, **options) -> pd.DataFrame:
     """One row per head (all heads by default): `layer, head, llc_mean, llc_std, llc_se, d, init_loss`
     and the sampler diagnostics (`loss_increase, distance, prior_radius, likelihood_fraction, acceptance,
-    regime`). Each row equals `estimate_llc(model, data, config, restrict=(layer, head))`.
+    regime`), the `forward` that ran and the head's `note`. Each row equals `estimate_llc(model, data, config, restrict=(layer, head))`.
     """
     check_model(model)
     config = SGLDConfig.build(config, **options)
@@ -36,11 +37,13 @@ def estimate_head_llcs(model: nn.Module, data, config: SGLDConfig | None = None,
 
 def _head_list(heads) -> list[tuple[int, int]]:
     if isinstance(heads, str) or not hasattr(heads, "__iter__"):
-        raise TypeError(f"heads={heads!r} must be a list of heads, e.g. ['l0h0', (1, 2)]; for one head write [{heads!r}].")
+        raise InvalidTypeError(f"heads={heads!r} must be a list of heads, e.g. ['l0h0', (1, 2)]; for one head write [{heads!r}].")
     return [parse_head(h) for h in heads]
 
 
 def summary(result: LLCResult) -> dict:
-    """The columns a results table keeps of one estimate."""
+    """The columns a results table keeps of one estimate: the LLC, its diagnostics, the forward that ran
+    ("fast", or why the model's own) and the restriction's note (e.g. a GQA head's shared K/V; "none": nothing
+    to say, so a stored table reads back as written)."""
     return dict(llc_mean=result.mean, llc_std=result.std, llc_se=result.se, d=result.d, init_loss=result.init_loss,
-                **result.diagnostics.as_row())
+                **result.diagnostics.as_row(), forward=result.forward, note=result.note or "none")

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from ..errors import QueryOutOfRangeError
 from .llc import SGLDConfig
 from .observables import MEMORY_LIMIT, ObservableTraces, posterior_covariance, sample_traces
 from .restrict import resolve_restriction
@@ -57,7 +58,7 @@ def top_influences(result: BayesianInfluence, query: int, position: int = -1, k:
     token): `train_index, influence, influence_se`, most influential first."""
     n_query, n_pos = result.influence.shape[1:]
     if not -n_query <= query < n_query or not -n_pos <= position < n_pos:
-        raise IndexError(f"Query ({query}, {position}) is outside the {n_query} queries × {n_pos} positions.")
+        raise QueryOutOfRangeError(f"Query ({query}, {position}) is outside the {n_query} queries × {n_pos} positions.")
     column, se = result.influence[:, query, position], result.se[:, query, position]
     order = np.argsort(-np.abs(column))[:k]
     return pd.DataFrame(dict(train_index=order, influence=column[order], influence_se=se[order]))

@@ -38,9 +38,17 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..models import is_supported_model, parameter_slots, sampled_parameters, token_cross_entropy
-from .batches import as_tensors, batch_stream
-from .diagnostics import ChainStats, SamplerDiagnostics, SamplerWarning, norms, summarise
+from ..errors import InvalidTypeError, InvalidValueError, LLCDivergenceError, UnknownKeyError
+from ..models import (
+    eval_mode,
+    hf_boot_hint,
+    is_supported_model,
+    mean_token_loss,
+    parameter_slots,
+    sampled_parameters,
+)
+from .batches import as_tensors, batch_stream, lm_batch
+from .diagnostics import TRACES, ChainStats, SamplerDiagnostics, SamplerWarning, summarise
 from .fast_forward import check_precision, precision_context, verified_fast_forward
 from .restrict import Restriction, resolve_restriction
 from .samplers import SAMPLERS, Chains
@@ -49,14 +57,11 @@ EXPLODE = 100.0
 """A chain has diverged when its loss exceeds L(w*) + EXPLODE·max(1, |L(w*)|) (or is NaN/inf)."""
 
 
-class LLCDivergenceError(RuntimeError):
-    """An SGLD chain's loss became NaN/inf or exploded: the step size is too large for this model."""
-
 
 def default_nbeta(batch_size: int) -> float:
     """nβ = n/log n for n = batch_size: the papers' "adaptive" β = 1/log n. The one source of this default."""
     if batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2 for the default nbeta = n/log n, got {batch_size}.")
+        raise InvalidValueError(f"batch_size must be >= 2 for the default nbeta = n/log n, got {batch_size}.")
     return batch_size / math.log(batch_size)
 
 
@@ -103,47 +108,47 @@ class SGLDConfig:
     def __post_init__(self):
         check_precision(self.precision)
         if not isinstance(self.fast_forward, bool):
-            raise TypeError(f"SGLDConfig.fast_forward must be True or False, got {self.fast_forward!r}.")
+            raise InvalidTypeError(f"SGLDConfig.fast_forward must be True or False, got {self.fast_forward!r}.")
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"SGLDConfig.sampler={self.sampler!r} is unknown; choose one of {sorted(SAMPLERS)}.")
+            raise InvalidValueError(f"SGLDConfig.sampler={self.sampler!r} is unknown; choose one of {sorted(SAMPLERS)}.")
         for name in ("epsilon", "gamma", "nbeta", "diffusion", "rmsprop_decay", "rmsprop_delta", "weight_decay",
                      "init_noise", "bounding_box_size"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                raise TypeError(f"SGLDConfig.{name} must be a finite number, got {v!r}.")
+                raise InvalidTypeError(f"SGLDConfig.{name} must be a finite number, got {v!r}.")
             if v is not None:
                 object.__setattr__(self, name, float(v))  # 1 and 1.0 are one setting (and one store key)
         for name in ("num_chains", "num_draws", "num_burnin", "batch_size", "seed", "draws_every", "max_batched",
                      "steps_between_draws", "gradient_accumulation_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"SGLDConfig.{name} must be an integer, got {v!r}.")
+                raise InvalidTypeError(f"SGLDConfig.{name} must be an integer, got {v!r}.")
         if not self.epsilon > 0:
-            raise ValueError(f"SGLDConfig.epsilon must be > 0, got {self.epsilon}.")
+            raise InvalidValueError(f"SGLDConfig.epsilon must be > 0, got {self.epsilon}.")
         if self.nbeta is not None and not self.nbeta > 0:
-            raise ValueError(f"SGLDConfig.nbeta must be > 0 (or None for n/log n), got {self.nbeta}.")
+            raise InvalidValueError(f"SGLDConfig.nbeta must be > 0 (or None for n/log n), got {self.nbeta}.")
         if self.gamma < 0:
-            raise ValueError(f"SGLDConfig.gamma must be >= 0, got {self.gamma}.")
+            raise InvalidValueError(f"SGLDConfig.gamma must be >= 0, got {self.gamma}.")
         if self.num_chains < 2:
-            raise ValueError(f"SGLDConfig.num_chains must be >= 2 (the std across chains needs two), got {self.num_chains}.")
+            raise InvalidValueError(f"SGLDConfig.num_chains must be >= 2 (the std across chains needs two), got {self.num_chains}.")
         if self.num_draws < 1 or self.num_burnin < 0 or self.batch_size < 1 or self.seed < 0:
-            raise ValueError(
+            raise InvalidValueError(
                 f"SGLDConfig needs num_draws >= 1, num_burnin >= 0, batch_size >= 1, seed >= 0; got "
                 f"{self.num_draws}, {self.num_burnin}, {self.batch_size}, {self.seed}."
             )
         if self.draws_every < 1:
-            raise ValueError(f"SGLDConfig.draws_every must be >= 1 (1 = every draw), got {self.draws_every}.")
+            raise InvalidValueError(f"SGLDConfig.draws_every must be >= 1 (1 = every draw), got {self.draws_every}.")
         if self.steps_between_draws < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError(f"SGLDConfig needs steps_between_draws >= 1 and gradient_accumulation_steps >= 1; got "
-                             f"{self.steps_between_draws}, {self.gradient_accumulation_steps}.")
+            raise InvalidValueError(f"SGLDConfig needs steps_between_draws >= 1 and gradient_accumulation_steps >= 1; got "
+                                    f"{self.steps_between_draws}, {self.gradient_accumulation_steps}.")
         if self.weight_decay < 0 or self.init_noise < 0 or (self.bounding_box_size is not None and not self.bounding_box_size > 0):
-            raise ValueError(f"SGLDConfig needs weight_decay >= 0, init_noise >= 0, bounding_box_size > 0 (or None); "
-                             f"got {self.weight_decay}, {self.init_noise}, {self.bounding_box_size}.")
+            raise InvalidValueError(f"SGLDConfig needs weight_decay >= 0, init_noise >= 0, bounding_box_size > 0 (or None); "
+                                    f"got {self.weight_decay}, {self.init_noise}, {self.bounding_box_size}.")
         if self.max_batched < 1:
-            raise ValueError(f"SGLDConfig.max_batched must be >= 1 (1 = one chain at a time), got {self.max_batched}.")
+            raise InvalidValueError(f"SGLDConfig.max_batched must be >= 1 (1 = one chain at a time), got {self.max_batched}.")
         if not (self.diffusion > 0 and 0 <= self.rmsprop_decay < 1 and self.rmsprop_delta > 0):
-            raise ValueError(f"SGLDConfig needs diffusion > 0, 0 <= rmsprop_decay < 1, rmsprop_delta > 0; got "
-                             f"{self.diffusion}, {self.rmsprop_decay}, {self.rmsprop_delta}.")
+            raise InvalidValueError(f"SGLDConfig needs diffusion > 0, 0 <= rmsprop_decay < 1, rmsprop_delta > 0; got "
+                                    f"{self.diffusion}, {self.rmsprop_decay}, {self.rmsprop_delta}.")
 
     @classmethod
     def build(cls, config: SGLDConfig | None = None, **overrides: Any) -> SGLDConfig:
@@ -151,7 +156,7 @@ class SGLDConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise TypeError(f"Unknown SGLD option(s) {unknown}; the options are {sorted(known)}.")
+            raise InvalidTypeError(f"Unknown SGLD option(s) {unknown}; the options are {sorted(known)}.")
         return dataclasses.replace(config or cls(), **overrides)
 
     def resolve(self, data) -> SGLDConfig:
@@ -195,6 +200,7 @@ class LLCResult:
     # the model has an op torch.func.vmap cannot batch (the chains then run one at a time, to the same numbers)
     forward: str = "model"  # "fast" (sampling.fast_forward) or why the model's own forward ran
     final_params: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # name -> [chains, ...]
+    trace: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # diagnostics.TRACES -> [chains, draws]
 
     @property
     def se(self) -> float:
@@ -217,7 +223,7 @@ class LLCResult:
     def __getitem__(self, key: str):
         summary = self.summary()
         if key not in summary:
-            raise KeyError(f"LLCResult has no {key!r}; keys: {sorted(summary)}.")
+            raise UnknownKeyError(f"LLCResult has no {key!r}; keys: {sorted(summary)}.")
         return summary[key]
 
     def to_xarray(self):
@@ -250,11 +256,11 @@ class LLCResult:
 
 
 def lm_loss(model: nn.Module, batch, resid: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy of a TransformerLens model on a token batch; with `resid` and `layer`,
-    computed from that residual stream before block `layer`."""
-    tokens = _tokens(batch)
+    """Mean next-token cross-entropy of a TransformerLens model on a batch (`batches.lm_batch`: padding and
+    labels of -100 left out); with `resid` and `layer`, computed from that residual stream before block `layer`."""
+    tokens, keep = lm_batch(batch)
     logits = model(tokens) if layer is None else model(resid, start_at_layer=layer)
-    return token_cross_entropy(logits, tokens).mean()
+    return mean_token_loss(logits, tokens, keep)
 
 
 def fast_lm_loss(forward: Callable) -> Callable:
@@ -262,8 +268,8 @@ def fast_lm_loss(forward: Callable) -> Callable:
     instead of the model's own."""
 
     def loss(model: nn.Module, batch, resid: torch.Tensor | None = None, layer: int | None = None) -> torch.Tensor:
-        tokens = _tokens(batch)
-        return token_cross_entropy(forward(tokens, layer, resid), tokens).mean()
+        tokens, keep = lm_batch(batch)
+        return mean_token_loss(forward(tokens, layer, resid), tokens, keep)
 
     return loss
 
@@ -278,16 +284,22 @@ def choose_forward(model: nn.Module, loss_fn: Callable | None, config: SGLDConfi
     if loss_fn is not None or not is_supported_model(model):
         return None, "model: a custom loss or a model TransformerLens does not describe"
     if any(h._forward_hooks or h._forward_pre_hooks or h._backward_hooks for h in model.hook_dict.values()):
-        return None, "model: hooks attached (the fast forward would skip them)"
-    device = next(model.parameters()).device
-    forward, problem = verified_fast_forward(model, _tokens(batch), sdpa=device.type == "cuda")
-    return (forward, "fast") if forward is not None else (None, f"model: {problem}")
+        forward, problem = None, "hooks attached (the fast forward would skip them)"
+    else:
+        device = next(model.parameters()).device
+        with eval_mode(model):
+            forward, problem = verified_fast_forward(model, lm_batch(batch)[0], sdpa=device.type == "cuda")
+    if forward is not None:
+        return forward, "fast"
+    warnings.warn(f"Sampling through the TransformerLens forward, not the fast forward (several times slower): "
+                  f"{problem}.", SamplerWarning, stacklevel=3)  # once per reason, by Python's default filter
+    return None, f"model: {problem}"
 
 
 def skips_lower_blocks(model: nn.Module, batch) -> bool:
     """Whether `model(resid, start_at_layer=1)` really skips block 0: where a model runs the lower blocks
     anyway, a cached residual stream would save nothing."""
-    tokens = _tokens(batch)[:1]
+    tokens = lm_batch(batch)[0][:1]
     calls = []
     try:
         with torch.no_grad():
@@ -318,9 +330,9 @@ def resolve_loss(model: nn.Module, loss_fn: Callable | None) -> Callable[[nn.Mod
     elif callable(own):
         given = own
     else:
-        raise TypeError(
-            f"No loss for a {type(model).__name__}: pass loss_fn(model, batch) -> scalar, or give the model a "
-            f"loss_fn attribute (e.g. model.loss_fn = torch.nn.MSELoss() for batches (x, y))."
+        raise InvalidTypeError(hf_boot_hint(model) or
+            f"No loss for a {type(model).__name__}: pass loss_fn(model, batch) -> scalar, e.g. "
+            f"loss_fn=lambda model, batch: torch.nn.functional.mse_loss(model(batch[0]), batch[1]) for batches (x, y)."
         )
 
     def loss(m: nn.Module, batch, *extra) -> torch.Tensor:
@@ -376,7 +388,16 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     (canonical name -> tensor, w* outside the restriction): the hook that observables use.
     `sampling_forward`: `choose_forward`'s choice where the caller made it already (observables evaluate
     through the same forward).
+
+    The model samples in eval mode (no dropout), whatever mode it is in; its mode is restored on return.
     """
+    with eval_mode(model):
+        return _sample_llcs(model, data, restrictions, config, loss_fn=loss_fn, desc=desc, progress=progress,
+                            observe=observe, sampling_forward=sampling_forward)
+
+
+def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config: SGLDConfig, *,
+                 loss_fn: Callable | None, desc: str, progress: bool, observe, sampling_forward) -> list[LLCResult]:
     config = config.resolve(data)
     params = sampled_parameters(model)
     device = next(iter(params.values())).device
@@ -419,8 +440,8 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
             with torch.no_grad():
                 l_star = sum(objective(b).item() for b in micro) / len(micro)
             if not math.isfinite(l_star):
-                raise ValueError(f"{desc}: the checkpoint's own loss is {l_star} on the sampled data, so its weights "
-                                 f"are damaged (NaN/inf); reload or retrain the checkpoint.")
+                raise InvalidValueError(f"{desc}: the checkpoint's own loss is {l_star} on the sampled data, so its weights "
+                                        f"are damaged (NaN/inf); reload or retrain the checkpoint.")
             if key is not None:
                 checkpoint_losses[key] = l_star
         if limit is None:
@@ -428,7 +449,7 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
         if recorded:
             init_losses[draw] = l_star
         with torch.no_grad():  # 2. the shared residual streams at w*
-            extra = [{layer: () if layer == 0 else (model(_tokens(b), stop_at_layer=layer), layer) for layer in set(starts)}
+            extra = [{layer: () if layer == 0 else (model(lm_batch(b)[0], stop_at_layer=layer), layer) for layer in set(starts)}
                      for b in micro]
         for stack in stacks:
             chains = stack.chains
@@ -457,24 +478,22 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
                 noise = _noise(stack, device)
                 if stack.mask is not None:
                     grad = grad * stack.mask
-                if since >= 0:  # 5. diagnostics of the state about to be left (norms only: cheap)
-                    distance, grad_norm = norms(chains.weights - stack.star), norms(grad)  # ‖w − w*‖, ‖∇L_B(w)‖
-                if config.weight_decay:  # devinterp's weight decay: + weight_decay·w in the drift
-                    decay = chains.weights if stack.mask is None else chains.weights * stack.mask
-                    grad = grad.add(decay, alpha=config.weight_decay / config.nbeta)
-                drift = step_rule(chains, stack.star, grad, noise, config)  # 6. the sampler's update
+                offset = chains.weights - stack.star  # 5. the state about to be left, for the diagnostics
+                pull = grad if not config.weight_decay else grad.add(  # devinterp's weight decay: + weight_decay·w
+                    chains.weights if stack.mask is None else chains.weights * stack.mask,
+                    alpha=config.weight_decay / config.nbeta)
+                drift = step_rule(chains, stack.star, pull, noise, config)  # 6. the sampler's update
                 if config.bounding_box_size is not None:  # devinterp's box: w* ± bounding_box_size
                     box = config.bounding_box_size
                     torch.clamp(chains.weights, stack.star - box, stack.star + box, out=chains.weights)
-                if since >= 0:
-                    chains.stats.update(loss=values, distance=distance, grad_norm=grad_norm, drift=drift, noise=noise,
-                                        config=config)
+                if since >= 0:  # every step after burn-in (MALA scores consecutive states); thinned below
+                    chains.stats.update(loss=values, offset=offset, grad=grad, drift=drift, noise=noise, config=config)
 
-    per_chain = {k: np.empty((len(restrictions), config.num_chains)) for k in ("distance", "likelihood_fraction", "acceptance")}
+    per_step = {k: np.empty((len(restrictions), config.num_chains, config.num_draws)) for k in TRACES[1:]}
     finals, unflat, batched = {}, {}, {}
     for stack in stacks:
-        for k, v in stack.chains.stats.means().items():
-            per_chain[k][stack.index] = v
+        for k, v in stack.chains.stats.traces().items():
+            per_step[k][stack.index] = v[:, ::thin]  # the draws' steps
         finals.update(zip(stack.members, stack.chains.weights, strict=True))
         for r, _ in stack.members:
             unflat[r], batched[r] = stack.unflat, batched.get(r, True) and stack.batched
@@ -482,15 +501,15 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     for r, restriction in enumerate(restrictions):
         increase = trace[r] - init_losses
         llcs = (config.nbeta * increase.mean(1)).double().numpy()
-        diagnostics = summarise({k: v[r] for k, v in per_chain.items()}, config.nbeta * increase.numpy(),
-                                loss_increase=float(increase.mean()), init_loss=float(init_losses.mean()),
+        traces = {"loss": trace[r].double().numpy()} | {k: v[r] for k, v in per_step.items()}
+        diagnostics = summarise(traces, config.nbeta * increase.double().numpy(), loss_increase=float(increase.mean()),
                                 d=restriction.d, gamma=config.gamma, label=f"{restriction.label} ({desc})")
         final = unflat[r](torch.stack([finals[r, c] for c in range(config.num_chains)]))
         results.append(LLCResult(
             mean=float(llcs.mean()), std=float(llcs.std(ddof=1)), per_chain=llcs, loss_trace=trace[r].clone(),
             init_losses=init_losses.clone(), init_loss=float(init_losses.mean()), d=restriction.d,
             restrict=restriction.label, config=config, diagnostics=diagnostics, note=restriction.note,
-            batched=batched[r], forward=how, final_params={n: t.cpu() for n, t in final.items()},
+            batched=batched[r], forward=how, final_params={n: t.cpu() for n, t in final.items()}, trace=traces,
         ))
     return results
 
@@ -585,10 +604,6 @@ def _split(batch, k: int) -> list:
     return [type(batch)(parts) for parts in zip(*(t.tensor_split(k) for t in batch))]
 
 
-def _tokens(batch):
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
 def _drop_unused(objective: Objective, w_star: dict[str, torch.Tensor], restrictions: list[Restriction],
                  batch) -> list[Restriction]:
     """One fwd+bwd at w*: a sampled parameter the forward does not use is named (`SamplerWarning`) and
@@ -605,7 +620,7 @@ def _drop_unused(objective: Objective, w_star: dict[str, torch.Tensor], restrict
     for r in restrictions:
         kept = {n: m for n, m in r.masks.items() if n not in unused}
         if not kept:
-            raise ValueError(f"restrict={r.label!r} selects only parameters the forward does not use: {sorted(r.masks)}.")
+            raise InvalidValueError(f"restrict={r.label!r} selects only parameters the forward does not use: {sorted(r.masks)}.")
         d = sum(w_star[n].numel() if m is None else int(m.sum()) for n, m in kept.items())
         out.append(dataclasses.replace(r, masks=kept, d=d))
     return out

@@ -3,7 +3,7 @@
 An observable is either a callable `f(model) -> tensor` (evaluated with the draw's weights through the
 same functional call the sampler uses, so the model itself is never modified), or an evaluation dataset,
 whose per-item losses are recorded: per token ([N, seq−1]) for a TransformerLens model with the LM loss,
-per row ([N]) otherwise. Each observable's trace is an array [chains, draws, *shape] over the thinned
+per row ([N]) otherwise. A padded dataset's padding (attention_mask 0, labels -100) records 0, a constant. Each observable's trace is an array [chains, draws, *shape] over the thinned
 draws (`SGLDConfig.draws_every`); traces beyond `memory_limit` bytes live in a numpy memmap on disk.
 
 Posterior moments pool the chains: each chain's covariance over its draws (ddof=1) is averaged over
@@ -24,8 +24,9 @@ import torch
 from jaxtyping import Float
 from torch import nn
 
+from ..errors import InvalidTypeError, InvalidValueError
 from ..models import is_supported_model, sampled_parameters, token_cross_entropy
-from .batches import as_tensors, batch_stream
+from .batches import as_tensors, batch_stream, lm_batch
 from .llc import LLCResult, Objective, SGLDConfig, choose_forward, resolve_loss, sample_llcs
 from .restrict import Restriction, resolve_restriction
 
@@ -58,7 +59,7 @@ def posterior_covariance(x: Float[np.ndarray, "chains draws ..."], y: Float[np.n
     x is read `chunk` entries at a time, so it may be a memmap larger than memory."""
     chains, draws = x.shape[:2]
     if y.shape[:2] != (chains, draws) or draws < 2:
-        raise ValueError(f"Traces of shapes {x.shape} and {y.shape} need the same [chains, draws >= 2] leading shape.")
+        raise InvalidValueError(f"Traces of shapes {x.shape} and {y.shape} need the same [chains, draws >= 2] leading shape.")
     x, y = x.reshape(chains, draws, -1), y.reshape(chains, draws, -1)
     yc = [y[c].astype(np.float64) - y[c].mean(0, dtype=np.float64) for c in range(chains)]
     cov = np.empty((x.shape[2], y.shape[2]))
@@ -94,7 +95,7 @@ def sample_traces(model: nn.Module, data, restrictions: list[Restriction], obser
                   desc: str = "observables", progress: bool = True) -> list[ObservableTraces]:
     """`sample_observables` for several restrictions in one pass (shared batches, as `sample_llcs`)."""
     if not observables:
-        raise ValueError("observables is empty: pass a dict name -> callable f(model) or evaluation dataset.")
+        raise InvalidValueError("observables is empty: pass a dict name -> callable f(model) or evaluation dataset.")
     config = config.resolve(data)
     device = next(model.parameters()).device
     sampling = choose_forward(model, loss_fn, config, next(batch_stream(data, config.batch_size, config.seed, device))[1])
@@ -127,20 +128,25 @@ def _evaluator(model: nn.Module, observable, loss_fn: Callable | None, batch_siz
     try:
         rows = as_tensors(observable)
     except TypeError as e:
-        raise TypeError(f"observables[{name!r}] is neither a callable f(model) nor a dataset: {e}") from None
+        raise InvalidTypeError(f"observables[{name!r}] is neither a callable f(model) nor a dataset: {e}") from None
     if isinstance(rows, torch.utils.data.DataLoader):
-        raise TypeError(f"observables[{name!r}] is a DataLoader: pass its tensors, so each draw sees the same items.")
+        raise InvalidTypeError(f"observables[{name!r}] is a DataLoader: pass its tensors, so each draw sees the same items.")
     device = next(model.parameters()).device
-    rows = tuple(t.to(device) for t in rows)
+    if isinstance(rows, dict):  # Hugging Face's form: padding (attention_mask 0, labels -100) contributes 0
+        rows = {k: t.to(device) for k, t in rows.items()}
+        n, tokens, keep = len(rows["input_ids"]), *lm_batch(rows)
+        row = lambda i, j: {k: t[i:j] for k, t in rows.items()}  # noqa: E731
+    else:
+        rows = tuple(t.to(device) for t in rows)
+        n, tokens, keep = len(rows[0]), rows[0], None
+        row = lambda i, j: rows[0][i:j] if len(rows) == 1 else tuple(t[i:j] for t in rows)  # noqa: E731
     if loss_fn is None and is_supported_model(model):  # per-token next-token losses
-        target = Objective(model, lambda m, tokens: token_cross_entropy(forward(tokens) if forward else m(tokens), tokens))
-        return lambda values: torch.cat([target.at(values, rows[0][i:i + batch_size])
-                                        for i in range(0, len(rows[0]), batch_size)])
+        target = Objective(model, lambda m, toks: token_cross_entropy(forward(toks) if forward else m(toks), toks))
+        counted = (lambda losses: losses) if keep is None else (lambda losses: torch.where(keep, losses, 0.0))
+        return lambda values: counted(torch.cat([target.at(values, tokens[i:i + batch_size])
+                                                 for i in range(0, n, batch_size)]))
     target = Objective(model, resolve_loss(model, loss_fn))  # per-row losses of the model's own loss
-
-    def row(i: int):
-        return rows[0][i:i + 1] if len(rows) == 1 else tuple(t[i:i + 1] for t in rows)
-    return lambda values: torch.stack([target.at(values, row(i)) for i in range(len(rows[0]))])
+    return lambda values: torch.stack([target.at(values, row(i, i + 1)) for i in range(n)])
 
 
 def _allocate(shape: tuple[int, ...], budget: list[int], trace_dir, label: str) -> np.ndarray:

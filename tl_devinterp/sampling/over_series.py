@@ -10,6 +10,7 @@ from functools import partial
 import pandas as pd
 import torch
 
+from ..errors import InvalidValueError
 from ..models import all_heads
 from ..store import ResultStore, callable_key, map_series
 from .batches import data_fingerprint
@@ -37,7 +38,7 @@ def llc_over_series(series, data, config: SGLDConfig | None = None, *,
     config = SGLDConfig.build(config, **options).resolve(data)
     head_spec = heads if isinstance(heads, bool) else _head_list(heads)
     if not model and not head_spec:
-        raise ValueError("llc_over_series with model=False needs heads (True or a list): nothing to sample.")
+        raise InvalidValueError("llc_over_series with model=False needs heads (True or a list): nothing to sample.")
     compute = partial(_checkpoint_llcs, data=data, config=config, head_spec=head_spec, with_model=model, loss_fn=loss_fn,
                       device=device, progress=progress and executor is None)  # one bar per checkpoint, if serial
     store = None

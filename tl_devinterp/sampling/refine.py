@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..errors import InvalidTypeError, InvalidValueError
 from .batches import as_tensors
 
 Predicate = Callable[[Sequence[int]], bool]
@@ -23,12 +24,12 @@ def filter_dataset(data, predicate: Predicate):
     else:
         tensors = as_tensors(data)
         if isinstance(tensors, torch.utils.data.DataLoader):
-            raise TypeError("Cannot filter a DataLoader: filter its tensors or dataset, then build the loader.")
+            raise InvalidTypeError("Cannot filter a DataLoader: filter its tensors or dataset, then build the loader.")
         keep = torch.tensor([bool(predicate(row.tolist())) for row in tensors[0]], dtype=torch.bool)
         n = int(keep.sum())
         out = tensors[0][keep] if isinstance(data, torch.Tensor) else tuple(t[keep] for t in tensors)
     if n == 0:
-        raise ValueError("No row of the data satisfies the predicate: the sub-distribution is empty.")
+        raise InvalidValueError("No row of the data satisfies the predicate: the sub-distribution is empty.")
     return out
 
 
@@ -36,7 +37,7 @@ def contains_repeated_span(min_len: int = 2) -> Predicate:
     """A predicate: the sequence contains some span of `min_len` tokens twice (at different starts),
     the pattern an induction head can complete."""
     if min_len < 1:
-        raise ValueError(f"min_len must be >= 1, got {min_len}.")
+        raise InvalidValueError(f"min_len must be >= 1, got {min_len}.")
 
     def predicate(tokens: Sequence[int]) -> bool:
         tokens = [int(t) for t in tokens]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InvalidTypeError, InvalidValueError
 from ..models import (
     as_head,
     head_masks,
@@ -78,7 +79,7 @@ def resolve_restriction(model: nn.Module, restrict=None) -> Restriction:
     restrict = _ours(restrict)
     if isinstance(restrict, (list, tuple)) and as_head(restrict) is None:
         if None in map(_ours, restrict):
-            raise ValueError(f"restrict={restrict!r} combines 'full' with other specs; pass 'full' (or None) alone.")
+            raise InvalidValueError(f"restrict={restrict!r} combines 'full' with other specs; pass 'full' (or None) alone.")
         restrict = [_ours(s) for s in restrict]
     if restrict is None:
         params = sampled_parameters(model)
@@ -88,13 +89,13 @@ def resolve_restriction(model: nn.Module, restrict=None) -> Restriction:
     elif isinstance(restrict, (list, tuple)):
         specs = list(restrict)
     else:
-        raise TypeError(f"restrict={restrict!r} is a {type(restrict).__name__}: {_FORMS}")
+        raise InvalidTypeError(f"restrict={restrict!r} is a {type(restrict).__name__}: {_FORMS}")
     if not specs:
-        raise ValueError("restrict=[] selects no parameters; pass None to sample the whole model.")
+        raise InvalidValueError("restrict=[] selects no parameters; pass None to sample the whole model.")
     parts = [_spec_masks(model, spec) for spec in specs]
     masks = {n: m for n, m in _union(m for m, _ in parts).items() if m.any()}
     if not masks:
-        raise ValueError(f"restrict={restrict!r} selects no parameters of this model.")
+        raise InvalidValueError(f"restrict={restrict!r} selects no parameters of this model.")
     d = sum(int(m.sum()) for m in masks.values())
     full = {n: (None if bool(m.all()) else m) for n, m in masks.items()}
     note = " ".join(note for _, note in parts if note)
@@ -134,19 +135,19 @@ def _spec_masks(model: nn.Module, spec) -> tuple[dict[str, torch.Tensor], str]:
     head = as_head(spec)
     if head is not None or (isinstance(spec, str) and (_GROUP.match(spec) or _MLP.match(spec))):
         if not hasattr(model, "cfg"):
-            raise ValueError(f"restrict={spec!r} names a head or MLP, but {type(model).__name__} is no TransformerLens model.")
+            raise InvalidValueError(f"restrict={spec!r} names a head or MLP, but {type(model).__name__} is no TransformerLens model.")
     if head is not None:
         grouped = n_kv_heads(model) < model.cfg.n_heads
         note = (f"l{head[0]}h{head[1]} includes the K/V of its group {kv_head(model, head[1])}, shared with "
                 f"{model.cfg.n_heads // n_kv_heads(model) - 1} other head(s).") if grouped else ""
         return head_masks(model, *head), note
     if not isinstance(spec, str):
-        raise TypeError(f"Cannot read restrict={spec!r}: {_FORMS}")
+        raise InvalidTypeError(f"Cannot read restrict={spec!r}: {_FORMS}")
     group = _GROUP.match(spec)
     if group:
         layer, g = int(group.group(1)), int(group.group(2))
         if not 0 <= g < n_kv_heads(model):
-            raise ValueError(f"restrict={spec!r}: layer {layer} has {n_kv_heads(model)} key/value groups (0-indexed).")
+            raise InvalidValueError(f"restrict={spec!r}: layer {layer} has {n_kv_heads(model)} key/value groups (0-indexed).")
         heads = [h for h in range(model.cfg.n_heads) if kv_head(model, h) == g]
         return _union(head_masks(model, layer, h) for h in heads), ""
     mlp = _MLP.match(spec)
@@ -161,7 +162,7 @@ def _spec_masks(model: nn.Module, spec) -> tuple[dict[str, torch.Tensor], str]:
     params = sampled_parameters(model)
     hits = {own for tl, own in names.items() if fnmatch.fnmatchcase(tl, pattern) or fnmatch.fnmatchcase(own, pattern)}
     if not hits:
-        raise ValueError(
+        raise InvalidValueError(
             f"restrict={spec!r} (pattern {pattern!r}) matches no parameter. Parameter names: {sorted(names)}."
         )
     return {own: torch.ones_like(params[own], dtype=torch.bool) for own in hits}, ""

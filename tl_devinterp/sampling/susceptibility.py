@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..errors import InvalidTypeError, InvalidValueError
 from ..models import all_heads, is_supported_model
 from ..store import ResultStore, callable_key, fingerprint, map_series
 from .batches import data_fingerprint
@@ -74,7 +75,7 @@ def susceptibility(traces: ObservableTraces, shift: str | torch.Tensor | np.ndar
     else:
         weights = np.asarray(shift, dtype=np.float64)
         if weights.shape != traces.shapes["base"]:
-            raise ValueError(f"Shift weights of shape {weights.shape} do not match the base losses {traces.shapes['base']}.")
+            raise InvalidValueError(f"Shift weights of shape {weights.shape} do not match the base losses {traces.shapes['base']}.")
         shifted = _mean_loss(traces.traces["base"], weights / weights.sum())
     cov, se = posterior_covariance(traces.llc.config.nbeta * base[..., None], (shifted - base)[..., None])
     return -float(cov[0, 0]), float(se[0, 0])
@@ -95,10 +96,10 @@ def _is_weighting(q) -> bool:
 
 def _check_shifts(shifts) -> None:
     if not isinstance(shifts, dict) or not shifts:
-        raise TypeError(f"shifts must be a non-empty dict name -> shifted data or token weights, got {type(shifts).__name__}.")
+        raise InvalidTypeError(f"shifts must be a non-empty dict name -> shifted data or token weights, got {type(shifts).__name__}.")
     for name, q in shifts.items():
         if _is_weighting(q) and (np.asarray(q) < 0).any():
-            raise ValueError(f"shifts[{name!r}]: token weights must be >= 0.")
+            raise InvalidValueError(f"shifts[{name!r}]: token weights must be >= 0.")
 
 
 def susceptibilities_over_series(series, data, shifts: dict, config: SGLDConfig | None = None, *,

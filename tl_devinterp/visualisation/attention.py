@@ -13,12 +13,14 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from circuitsvis.utils.convert_props import convert_props
 from jaxtyping import Float, Int
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..models import check_head, head_name, parse_head
 
 _ids = itertools.count()
@@ -26,17 +28,22 @@ _ids = itertools.count()
 
 @torch.no_grad()
 def attention_patterns(
-    model: nn.Module, tokens: Int[torch.Tensor, "seq"], heads: Sequence[str | tuple[int, int]]
+    model: nn.Module, tokens: Int[torch.Tensor, "seq"] | None, heads: Sequence[str | tuple[int, int]], *,
+    inputs: dict[str, Any] | None = None,
 ) -> Float[torch.Tensor, "head q k"]:
-    """The attention pattern (`blocks.{l}.attn.hook_pattern`) of each chosen head on one sequence."""
-    if tokens.ndim != 1:
-        raise ValueError(f"tokens must be one sequence [seq]; got shape {tuple(tokens.shape)}.")
+    """The attention pattern (`blocks.{l}.attn.hook_pattern`) of each chosen head on one sequence: `tokens`,
+    or for a model that does not read tokens the keyword arguments of its run on one sequence (`inputs`, a
+    task's `model_inputs`, e.g. a residual stream with `start_at_layer=0`)."""
+    if inputs is None and (tokens is None or tokens.ndim != 1):
+        shape = None if tokens is None else tuple(tokens.shape)
+        raise InvalidValueError(f"tokens must be one sequence [seq] (or give inputs=); got shape {shape}.")
     heads = [parse_head(h) for h in heads]
     for layer, h in heads:
         check_head(model, layer, h)
     names = {f"blocks.{layer}.attn.hook_pattern" for layer, _ in heads}
-    _, cache = model.run_with_cache(tokens[None].to(next(model.parameters()).device),
-                                    names_filter=lambda n: n in names)
+    if inputs is None:
+        inputs = {"input": tokens[None].to(next(model.parameters()).device)}
+    _, cache = model.run_with_cache(**inputs, names_filter=lambda n: n in names)
     return torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0, h] for layer, h in heads]).float().cpu()
 
 
@@ -61,8 +68,8 @@ class AttentionView:
     def __post_init__(self):
         n, q, k = self.patterns.shape
         if q != k or q != len(self.tokens) or n != len(self.head_names):
-            raise ValueError(f"patterns {tuple(self.patterns.shape)} need {q} tokens and {n} head names; got "
-                             f"{len(self.tokens)} tokens and {len(self.head_names)} names.")
+            raise InvalidValueError(f"patterns {tuple(self.patterns.shape)} need {q} tokens and {n} head names; got "
+                                    f"{len(self.tokens)} tokens and {len(self.head_names)} names.")
 
     def html(self, *, include_js: bool = True, element_id: str | None = None) -> str:
         """An offline circuitsvis `AttentionHeads` view; `include_js=False` when the page already has
@@ -81,15 +88,17 @@ class AttentionView:
 
 def attention_view(
     model: nn.Module,
-    tokens: Int[torch.Tensor, "seq"],
+    tokens: Int[torch.Tensor, "seq"] | Any,
     heads: Sequence[str | tuple[int, int]],
     *,
     labels: Sequence[str] | None = None,
     suffix: str = "",
+    inputs: dict[str, Any] | None = None,
 ) -> AttentionView:
     """Attention of `heads` on `tokens`, ready to show; `labels` are the token strings (default: ids),
-    `suffix` is appended to each head's name (e.g. `" @ step 800"`)."""
-    patterns = attention_patterns(model, tokens, heads)
+    `suffix` is appended to each head's name (e.g. `" @ step 800"`). `inputs`: as in `attention_patterns`
+    (then `labels` name the positions)."""
+    patterns = attention_patterns(model, tokens if inputs is None else None, heads, inputs=inputs)
     labels = [str(t) for t in tokens.tolist()] if labels is None else list(labels)
     names = [head_name(*parse_head(h)) + suffix for h in heads]
     return AttentionView(patterns, labels, names)

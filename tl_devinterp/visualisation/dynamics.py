@@ -70,7 +70,8 @@ def plot_essential_dynamics(
     return fig
 
 
-def _shade(ax, stages: Sequence[Stage]) -> None:
+def shade_stages(ax, stages: Sequence[Stage]) -> None:
+    """Shade each stage of `stages` on `ax` (A and B stages in their colours)."""
     for k, s in enumerate(stages):
         ax.axvspan(s.start, s.end, color=STAGE_COLOURS.get(s.type, "grey"), alpha=0.12 if k % 2 else 0.2, lw=0)
 
@@ -92,7 +93,7 @@ def plot_llc_stages(
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     positive = steps[steps > 0]
     for ax, (name, y, std) in zip(axes, panels):
-        _shade(ax, stages)
+        shade_stages(ax, stages)
         ax.plot(steps, y, color="black", lw=1.2)
         if std is not None:
             std = np.asarray(std, dtype=float)

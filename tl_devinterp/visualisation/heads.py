@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ..errors import InvalidValueError
 from ..models import head_name
 
 CLASS_COLORS = {
@@ -38,7 +39,7 @@ def class_colors(labels: Sequence[str]) -> dict[str, str]:
 def _require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise ValueError(f"The {what} frame lacks columns {missing} (has {list(frame.columns)}).")
+        raise InvalidValueError(f"The {what} frame lacks columns {missing} (has {list(frame.columns)}).")
 
 
 def plot_head_scores(metrics: pd.DataFrame, *, metrics_shown: Sequence[str] | None = None) -> Figure:
@@ -50,7 +51,7 @@ def plot_head_scores(metrics: pd.DataFrame, *, metrics_shown: Sequence[str] | No
     per_head = metrics.dropna(subset=["layer", "head"])
     names = list(metrics_shown or dict.fromkeys(per_head["metric"]))
     if not names:
-        raise ValueError("No per-head metrics to plot (every row has an empty layer/head).")
+        raise InvalidValueError("No per-head metrics to plot (every row has an empty layer/head).")
     steps = sorted(per_head["step"].unique())
     n_heads = len(per_head[["layer", "head"]].drop_duplicates())
     cols = min(2, len(names))
@@ -83,11 +84,11 @@ def plot_head_llcs(llc: pd.DataFrame, labels: pd.DataFrame | None = None, *, ban
     transitions keep their width).
     """
     if xscale not in ("log", "linear"):
-        raise ValueError(f"xscale must be 'log' or 'linear', got {xscale!r}.")
+        raise InvalidValueError(f"xscale must be 'log' or 'linear', got {xscale!r}.")
     _require(llc, ["step", "scope", "layer", "head", "llc_mean", "llc_std"], "LLC")
     heads = llc[llc["scope"] == "head"]
     if heads.empty:
-        raise ValueError("The LLC frame has no per-head rows (scope == 'head'); estimate head LLCs first.")
+        raise InvalidValueError("The LLC frame has no per-head rows (scope == 'head'); estimate head LLCs first.")
     lab = {}
     if labels is not None:
         _require(labels, ["layer", "head", "label"], "head label")

@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -132,6 +133,7 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
     order. PNGs also go to `figures_dir`."""
     from .dynamics import plot_essential_dynamics, plot_llc_stages
     from .heads import plot_head_clusters, plot_head_llcs, plot_head_scores
+    from .metrics import plot_metrics
     from .tokens import loss_difference_html
 
     def png(fig, fig_id, caption):
@@ -162,7 +164,11 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
             plot_head_llcs(result.llc, result.head_classes, xscale="linear"), "head-llcs",
             "Refined LLC of each head over training (linear steps, so late transitions keep their width), one "
             "panel per layer, coloured by the head's class."), *_regime_note(heads, "head")]))
-    if result.metrics is not None and result.metrics["layer"].notna().any():
+    if result.metrics is not None and result.metrics["head"].isna().any():
+        sections.append(("The task's metrics", [png(
+            plot_metrics(result.metrics, result.stages), "metrics",
+            "The task's model-level and per-layer metrics over training (results/metrics.csv), stages shaded.")]))
+    if result.metrics is not None and result.metrics["head"].notna().any():
         sections.append(("Head scores", [png(
             plot_head_scores(result.metrics), "head-scores", "Head scores over training (rows: heads).")]))
     if getattr(result, "head_clusters", None) is not None:
@@ -176,11 +182,13 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
         sections.append(("Essential dynamics", [png(
             plot_essential_dynamics(result.ed, result.stages), "essential-dynamics",
             "Principal components of the model's outputs over training, osculating circles and evolute cusps.")]))
-    if result.loss_differences is not None and not result.loss_differences.empty:
+    if (result.loss_differences is not None and not result.loss_differences.empty
+            and (result.loss_differences["position"] >= 1).all()):  # one loss per predicted token
         parts = []
         for i, ((a, b), g) in enumerate(result.loss_differences.groupby(["step_from", "step_to"], sort=True)):
-            body = loss_difference_html(result.sample_tokens, g.sort_values("position")["loss_diff"].to_numpy(),
-                                        caption=f"step {a} → {b}")
+            diff = np.zeros(len(result.sample_tokens) - 1)  # positions the task does not score: no change
+            diff[g["position"].to_numpy() - 1] = g["loss_diff"].to_numpy()
+            body = loss_difference_html(result.sample_tokens, diff, caption=f"step {a} → {b}")
             parts.append(html_figure(body, f"loss-diff-{i}", f"Per-token loss change from step {a} to step {b} "
                                      "(red: loss fell, blue: loss rose).", kind="tokens"))
         sections.append(("Per-token loss changes between stage boundaries", parts))

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..errors import InvalidValueError
 from ..models import head_name
 
 
@@ -18,7 +19,7 @@ def plot_susceptibilities(frame: pd.DataFrame, step: int | None = None) -> Figur
     Otherwise (or for a single checkpoint's frame) a heads × shifts heatmap, diverging around 0."""
     heads = frame[frame.scope == "head"]
     if heads.empty:
-        raise ValueError("The frame has no per-head rows: compute it with heads=True.")
+        raise InvalidValueError("The frame has no per-head rows: compute it with heads=True.")
     if "step" in heads and step is None and heads.step.nunique() > 1:
         return _over_training(heads)
     if "step" in heads:

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import InvalidValueError
+
 
 def loss_difference_html(
     tokens: Sequence[str], diff: Sequence[float], *, scale: float | None = None, caption: str = ""
@@ -21,7 +23,7 @@ def loss_difference_html(
     """
     diff = np.asarray(diff, dtype=float)
     if diff.shape != (len(tokens) - 1,):
-        raise ValueError(f"Need one loss difference per predicted token ({len(tokens) - 1}); got {diff.shape}.")
+        raise InvalidValueError(f"Need one loss difference per predicted token ({len(tokens) - 1}); got {diff.shape}.")
     scale = float(scale or np.abs(diff).max() or 1.0)
     spans = [f'<span class="tok" title="first token: no loss">{html.escape(tokens[0])}</span>']
     for tok, d in zip(tokens[1:], diff):
