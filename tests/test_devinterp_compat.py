@@ -71,7 +71,8 @@ def test_summary_keys_and_ecosystem_views(model, tokens):
     idata = r.to_inference_data()
     assert float(idata.posterior["llc"].mean()) == pytest.approx(r.mean)
     assert float(az.rhat(idata)["llc"]) == pytest.approx(float(az.rhat(r.llc_trace.numpy())))
-    assert "loss" in idata.sample_stats
+    assert {"loss", "distance", "acceptance"} <= set(idata.sample_stats.data_vars)
+    assert np.array_equal(idata.sample_stats["distance"], r.trace["distance"])
 
 
 def test_steps_between_draws_thin_the_draws(model, tokens):

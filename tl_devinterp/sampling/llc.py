@@ -228,7 +228,8 @@ class LLCResult:
 
     def to_xarray(self):
         """The traces as an `xarray.Dataset` on dims (chain, draw): `llc` (nβ·(L_B(w_t) − L_B(w*))), `loss`
-        (L_B(w_t)) and `init_loss` (L_B(w*), per draw), with the estimate and its settings as attributes."""
+        (L_B(w_t)) and the other per-draw sampler metrics of `trace` (‖w − w*‖, ‖∇L‖, acceptance, ...), and
+        `init_loss` (L_B(w*), per draw), with the estimate and its settings as attributes."""
         import xarray as xr
 
         chains, draws = self.loss_trace.shape
@@ -236,19 +237,19 @@ class LLCResult:
         attrs = {"llc_mean": self.mean, "llc_std": self.std, "llc_se": self.se, "d": self.d,
                  "restrict": self.restrict, "init_loss": self.init_loss, "forward": self.forward,
                  **{f"sgld_{k}": v for k, v in self.config.to_dict().items()}}
-        return xr.Dataset({"llc": (("chain", "draw"), self.llc_trace.double().numpy()),
-                           "loss": (("chain", "draw"), self.loss_trace.double().numpy()),
-                           "init_loss": (("draw",), self.init_losses.double().numpy())}, coords=coords, attrs=attrs)
+        per_draw = {"llc": self.llc_trace.double().numpy(), **self.trace, "loss": self.loss_trace.double().numpy()}
+        return xr.Dataset({k: (("chain", "draw"), np.asarray(v)) for k, v in per_draw.items()}
+                          | {"init_loss": (("draw",), self.init_losses.double().numpy())}, coords=coords, attrs=attrs)
 
     def to_inference_data(self):
         """An ArviZ `InferenceData`: `llc` in its posterior group (for `arviz.summary`, `rhat`, `ess`,
-        `plot_trace`), the losses in `sample_stats`, on dims (chain, draw)."""
+        `plot_trace`), the losses and sampler metrics in `sample_stats`, on dims (chain, draw)."""
         import arviz as az
 
         data = self.to_xarray()
         attrs = {k: v for k, v in data.attrs.items() if v is not None}  # netCDF-safe attributes
         return az.InferenceData(posterior=data[["llc"]].assign_attrs(attrs),
-                                sample_stats=data[["loss", "init_loss"]].assign_attrs(attrs))
+                                sample_stats=data.drop_vars("llc").assign_attrs(attrs))
 
 
 # --------------------------------------------------------------------------------------------------
