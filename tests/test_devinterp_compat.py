@@ -115,3 +115,27 @@ def test_weight_decay_init_noise_and_bounding_box(model, tokens):
             assert sampled.std() == pytest.approx(0.01, rel=0.1)
         if "weight_decay" in options:
             assert r.mean != plain.mean
+
+
+def test_devinterp_names_give_our_estimate(model, tokens, tmp_path):
+    """Catches: a devinterp option name refused (`Unknown SGLD option(s) ['lr']`) or mapped to another option
+    (the same call then gives another number), in Python, in its optimizer_kwargs dict, or in a config file;
+    a devinterp name and ours both given, one silently winning."""
+    import json
+
+    from tl_devinterp import AnalysisConfig
+
+    class SGLD:  # devinterp's sampler class, as a user passes it
+        pass
+
+    names = dict(epsilon=3e-4, gamma=100.0, nbeta=5.0, num_burnin=3, steps_between_draws=2)
+    theirs = dict(lr=3e-4, localization=100.0, n_beta=5.0, num_burnin_steps=3, num_steps_bw_draws=2)
+    base = dict(num_chains=2, num_draws=4, batch_size=8)
+    ours = estimate_llc(model, tokens, **names, **base)
+    assert estimate_llc(model, tokens, sampling_method=SGLD, **theirs, **base).mean == ours.mean
+    kwargs = dict(optimizer_kwargs=dict(lr=3e-4, localization=100.0, nbeta=5.0), num_burnin_steps=3, num_steps_bw_draws=2)
+    assert estimate_llc(model, tokens, **kwargs, **base).mean == ours.mean
+    (tmp_path / "analysis.json").write_text(json.dumps(theirs))
+    assert AnalysisConfig.from_file(tmp_path / "analysis.json").sgld == AnalysisConfig.from_dict(names).sgld
+    with pytest.raises(ValueError, match="'epsilon' is given twice"):
+        estimate_llc(model, tokens, lr=1e-3, epsilon=1e-3, **base)

@@ -43,7 +43,7 @@ from .metrics.classify import LABELS as HEAD_LABELS
 from .models import all_heads, bos_token_id, check_device, check_head, head_name, parse_head
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
-from .sampling.llc import SGLDConfig, default_nbeta
+from .sampling.llc import DEVINTERP_NAMES, SGLDConfig, default_nbeta
 from .sampling.plan import plan_llcs
 from .sampling.restrict import resolve_restriction
 from .series import CheckpointSeries
@@ -165,7 +165,7 @@ class AnalysisConfig:
     def from_dict(cls, d: dict[str, Any], *, source: str = "the config") -> AnalysisConfig:
         """Options by name; the sampler's may be given flat (`num_draws`) or as an `sgld` table."""
         d = dict(d)
-        sampler = {k: d.pop(k) for k in list(d) if k in SGLD_OPTIONS}
+        sampler = {k: d.pop(k) for k in list(d) if k in SGLD_OPTIONS or k in DEVINTERP_NAMES}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

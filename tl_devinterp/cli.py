@@ -67,6 +67,7 @@ def _add_analyze(sub) -> None:
 
     from .analysis import SGLD_OPTIONS, AnalysisConfig
     from .sampling import SGLDConfig
+    from .sampling.llc import DEVINTERP_NAMES
 
     p = sub.add_parser("analyze", help="LLCs, head scores, stages, essential dynamics and a report of a series",
                        description="Analyse a checkpoint series into REPORT_DIR (results/*.csv, figures/*.png, "
@@ -104,6 +105,11 @@ def _add_analyze(sub) -> None:
             opts["type"] = (lambda text, base=base: None if text.lower() == "none" else base(text)) if args else base
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
                        help=f"{f.metadata['help']} (default: {json.dumps(default)})", **opts)
+        for alias, (name, note) in DEVINTERP_NAMES.items():  # devinterp's spellings of the same option
+            if name == f.name:
+                p.add_argument(f"--{alias.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                               help=f"devinterp's name for --{name.replace('_', '-')}{f': {note}' if note else ''}",
+                               **opts)
     p.set_defaults(run=_run_analyze)
 
 

@@ -152,7 +152,9 @@ class SGLDConfig:
 
     @classmethod
     def build(cls, config: SGLDConfig | None = None, **overrides: Any) -> SGLDConfig:
-        """`config` (default: the defaults) with keyword overrides, naming any unknown keyword."""
+        """`config` (default: the defaults) with keyword overrides (devinterp's names too: `DEVINTERP_NAMES`),
+        naming any unknown keyword."""
+        overrides = ours(overrides)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -175,6 +177,42 @@ class SGLDConfig:
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in _CHAIN_OPTIONS}
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("max_batched", "fast_forward") and not (k in defaults and v == defaults[k])}
+
+
+DEVINTERP_NAMES: dict[str, tuple[str, str]] = {
+    # devinterp 2.0.1's option -> (ours, what differs); read wherever SGLD options are (Python, config files, CLI)
+    "lr": ("epsilon", ""),
+    "localization": ("gamma", "devinterp's default is 0 (no pull to w*), ours 200"),
+    "n_beta": ("nbeta", ""),
+    "num_burnin_steps": ("num_burnin", "devinterp's default is 0 and its estimate averages the burn-in steps too; "
+                                       "ours leaves them out (default 50)"),
+    "num_steps_bw_draws": ("steps_between_draws", ""),
+    "sampling_method": ("sampler", "a class (SGLD, SGNHT) or name, read as our sampler's name"),
+}
+"""devinterp's names of our SGLD options; `nbeta`, `num_draws`, `num_chains`, `gradient_accumulation_steps`,
+`weight_decay`, `init_noise`, `bounding_box_size`, `batch_size`, `seed` are spelled alike. The SGLD keywords
+devinterp takes as a dict (`optimizer_kwargs`, `sampling_method_kwargs`) are read as options too."""
+
+
+def ours(options: dict[str, Any]) -> dict[str, Any]:
+    """SGLD options under our names: devinterp's names mapped (`DEVINTERP_NAMES`), its kwargs dicts flattened,
+    its sampler classes named; an option given under both names is refused."""
+    flat = dict(options)
+    for nested in ("optimizer_kwargs", "sampling_method_kwargs"):
+        for key, value in (flat.pop(nested, None) or {}).items():
+            if key in flat:
+                raise InvalidValueError(f"SGLD option {key!r} is given twice ({nested} and a keyword); give it once.")
+            flat[key] = value
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        name = DEVINTERP_NAMES.get(key, (key,))[0]
+        if name in out:
+            raise InvalidValueError(f"SGLD option {name!r} is given twice (as {name!r} and devinterp's "
+                                    f"{next(k for k, v in DEVINTERP_NAMES.items() if v[0] == name)!r}); give it once.")
+        if name == "sampler" and not isinstance(value, str):
+            value = getattr(value, "__name__", value)
+        out[name] = value.lower() if name == "sampler" and isinstance(value, str) else value
+    return out
 
 
 _CHAIN_OPTIONS = ("steps_between_draws", "gradient_accumulation_steps", "weight_decay", "init_noise",
