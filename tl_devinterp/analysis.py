@@ -273,7 +273,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
     results.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     say = (lambda msg: tqdm.write(f"[analyze] {msg}", file=sys.stderr)) if progress else (lambda msg: None)
-    sgld = dataclasses.replace(config.sgld, seed=config.seed)
+    sgld = dataclasses.replace(_task_sampler(config.sgld, task), seed=config.seed)
     calibration = None
     if config.calibrate:
         calibration = _calibrate(series, train_data, sgld, task, progress)
@@ -558,6 +558,13 @@ def _is_text(data) -> bool:
     if isinstance(data, (list, tuple)):
         return bool(data) and all(isinstance(d, (str, os.PathLike)) for d in data)
     return isinstance(data, datasets.Dataset) and "input_ids" not in data.column_names
+
+
+def _task_sampler(sgld: SGLDConfig, task: Task) -> SGLDConfig:
+    """The task's own sampler settings (`Task.sampler_defaults`) for each option left at analyze's default."""
+    default = AnalysisConfig.__dataclass_fields__["sgld"].default_factory()
+    own = {k: v for k, v in task.sampler_defaults.items() if getattr(sgld, k) == getattr(default, k)}
+    return SGLDConfig.build(sgld, **own)
 
 
 def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, task: Task, progress: bool) -> Calibration:

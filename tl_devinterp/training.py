@@ -39,6 +39,8 @@ from .store import LOCK, TMP_SUFFIX, atomic_write, folder_lock
 from .tasks import Task, make_task
 from .tasks.base import batch_rows, index_batch
 
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
 
 @dataclass
 class TrainConfig:
@@ -50,6 +52,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # "adamw", or "sgd" (plain SGD, as the toy model of superposition's paper trains)
     warmup_steps: int = 0
     n_log_checkpoints: int = 20
     n_linear_checkpoints: int = 20
@@ -71,12 +74,15 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
                 raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(dataclasses.replace(self, interventions=[]))
         d["model"] = self.model.to_dict()
-        if not self.extra_steps:  # manifests written before the field existed still match (and resume)
-            del d["extra_steps"]
+        for name, default in (("extra_steps", []), ("optimizer", "adamw")):
+            if d[name] == default:  # manifests written before the field existed still match (and resume)
+                del d[name]
         del d["interventions"]
         if self.interventions:  # only when present, so plain runs keep their manifests (and resume)
             d["interventions"] = [i.to_dict() for i in self.interventions]
@@ -139,6 +145,17 @@ PRESETS: dict[str, TrainConfig] = {
         model=ModelConfig(n_layers=2, n_heads=8, d_model=128, n_ctx=128, d_vocab=2048, attn_only=True),
         data=dict(kind="stdlib", vocab_size=2048, seq_len=128, seed=0, repeat_fraction=0.5, min_len=8, max_len=32),
         n_steps=5000, batch_size=32, lr=1e-3, n_log_checkpoints=20, n_linear_checkpoints=20,
+    ),
+    # The toy model of superposition (6 features, 2 dimensions) with the paper's SGD (Chen et al. 2023: 1000
+    # samples, batch 20, lr 0.005, 4500 epochs): k-gon plateaus and the drops between them. tasks.tms.
+    "tms": TrainConfig(
+        data=dict(kind="tms", n_features=6, n_hidden=2, n_train=1000), optimizer="sgd",
+        n_steps=225_000, batch_size=20, lr=0.005, n_log_checkpoints=40, n_linear_checkpoints=20,
+    ),
+    # About a minute on a CPU: a larger step reaches the 5+-gon by step ~2000.
+    "tms-quick": TrainConfig(
+        data=dict(kind="tms", n_features=6, n_hidden=2, n_train=1000, n_test=5000), optimizer="sgd",
+        n_steps=6000, batch_size=20, lr=0.05, n_log_checkpoints=16, n_linear_checkpoints=6,
     ),
 }
 
@@ -219,7 +236,7 @@ def _train(out: Path, config: TrainConfig, overwrite: bool, task: Task, train_da
     model = task.build_model(config.model, device)
     model.train()
     intervener = Intervener(model, config.interventions, device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start = max(map(int, manifest["checkpoints"]), default=-1)
     if start >= 0:
         _restore(out, manifest, model, opt)
@@ -385,11 +402,12 @@ def _save(out: Path, manifest: dict, step: int, model, opt, train_loss: float, t
 
 
 def _optimizer_tensors(model, opt) -> dict[str, torch.Tensor]:
-    """AdamW state as flat tensors keyed by parameter name (safetensors holds tensors only)."""
+    """The optimizer's state as flat tensors keyed by parameter name (safetensors holds tensors only)."""
     out = {}
     for name, p in model.named_parameters():
         for key, value in opt.state.get(p, {}).items():
-            out[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            if value is not None:  # SGD without momentum keeps momentum_buffer None
+                out[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     return out
 
 
