@@ -525,3 +525,47 @@ def test_every_checkpoint_is_checked_before_the_first_estimate(series_dir, monke
     with pytest.raises(SeriesError, match=pattern):
         analyze(series_dir, series_dir.parent / "out", progress=False, **FAST)
     assert not calls
+
+
+# --- 8. training: files it did not write, a second trainer, a run that explodes ------------------------------
+def test_train_deletes_only_what_its_manifest_names(tmp_path, monkeypatch):
+    """Catches: a resume or --overwrite deleting a user's `step_000000005.safetensors` or `.mybackup.tl-tmp`
+    because the names look like the trainer's; while a crashed run's own uncommitted files still go."""
+    d = tmp_path / "s"
+    crash_after(monkeypatch, 1 + 3 * 2 + 1 + 1)  # step 2's weights and optimizer written, manifest not
+    with pytest.raises(Crash):
+        tiny_series(d)
+    monkeypatch.undo()
+    assert (d / "step_000000002.safetensors").exists()  # uncommitted, declared in the manifest's `writing`
+    mine = {"step_000000005.safetensors": b"my weights", ".mybackup.tl-tmp": b"my backup"}
+    for name, data in mine.items():
+        (d / name).write_bytes(data)
+    resumed = tiny_series(d)
+    assert len(resumed) == 5 and all((d / n).read_bytes() == data for n, data in mine.items())
+    assert not list(d.glob("optimizer_*")) and not list(d.glob(f".step_*{TMP_SUFFIX}"))
+    with pytest.raises(SeriesError, match=r"did not write \(.mybackup.tl-tmp, step_000000005.safetensors\)"):
+        tiny_series(d, seed=1, overwrite=True)
+    assert all((d / n).read_bytes() == data for n, data in mine.items()) and len(CheckpointSeries.from_dir(d)) == 5
+
+
+def test_a_second_trainer_on_one_folder_is_refused(tmp_path, capsys):
+    """Catches: two trainers in one folder, the second's start deleting the first one's uncommitted writes."""
+    d = tmp_path / "s"
+    with folder_lock(d, "train"):
+        with pytest.raises(FolderInUseError, match=f"in use by tl_devinterp train \\(pid {os.getpid()}\\)"):
+            tiny_series(d)
+        one_line_error(*cli(["train", "--preset", "quick", "--n-steps", "2", "--out", str(d)], capsys), "in use")
+    assert not (d / "manifest.json").exists()
+    assert len(tiny_series(d)) == 5  # free again
+
+
+def test_training_that_explodes_stops_naming_the_step(tmp_path, capsys):
+    """Catches: `train --lr 1e6` finishing normally with a test loss of 1e13 (3.7 at initialisation)."""
+    d = tmp_path / "s"
+    with pytest.raises(training.TrainingDivergedError, match=r"diverged at step 1: the test loss is .*e\+1\d, "
+                       r"against 3.7\d at initialisation.*learning rate \(lr=1e\+06\).*--lr 100000.*steps 0\) are kept"):
+        tiny_series(d, lr=1e6)
+    assert CheckpointSeries.from_dir(d).steps == [0]  # the checkpoint before it is kept
+    status, err = cli(["train", "--preset", "quick", "--n-steps", "4", "--lr", "1e6", "--out", str(tmp_path / "cli")],
+                      capsys)
+    one_line_error(status, err.splitlines(keepends=True)[-1], "diverged at step 1", "lr=1e+06")  # after the bar

@@ -19,6 +19,7 @@ from tl_devinterp.sampling import (
     susceptibilities,
     top_influences,
 )
+from tl_devinterp.sampling.diagnostics import REGIMES
 
 NBETA, GAMMA = 100.0, 1.0
 A = torch.diag(torch.tensor([1.0, 1.5, 2.0])) + 0.2  # SPD; nβ·A has eigenvalues in ~[100, 260]
@@ -143,7 +144,7 @@ def test_head_susceptibilities_table(lm, tokens):
     assert len(frame) == 3 * 2 and set(frame.scope) == {"model", "head"}
     assert frame[frame.scope == "head"][["layer", "head"]].drop_duplicates().shape[0] == 2
     assert frame.susceptibility.notna().all()
-    assert set(frame.regime) <= {"likelihood", "prior"} and frame.likelihood_fraction.between(0, 1).all()  # diagnostics kept
+    assert set(frame.regime) <= set(REGIMES) and frame.likelihood_fraction.between(0, 1).all()  # diagnostics kept
 
 
 def test_susceptibility_figures(lm, tokens):

@@ -69,6 +69,7 @@ from .sampling import (
     filter_dataset,
     llc_over_series,
     plot_calibration,
+    plot_trace,
     sample_observables,
     susceptibilities,
     susceptibilities_over_series,
@@ -95,7 +96,7 @@ __all__ = [
     "train_tokenizer", "PRESETS", "TrainConfig", "train", "LLCCallback", "llc_now", "Intervention", "CheckpointSeries", "ResultStore",
     # sampling
     "LLCResult", "SGLDConfig", "SamplerDiagnostics", "SamplerWarning", "calibrate_llc", "contains_repeated_span", "default_nbeta",
-    "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration",
+    "estimate_head_llcs", "estimate_llc", "filter_dataset", "llc_over_series", "plot_calibration", "plot_trace",
     "BayesianInfluence", "ObservableTraces", "sample_observables", "susceptibilities", "susceptibilities_over_series",
     "bayesian_influence", "top_influences",
     # metrics

@@ -56,6 +56,9 @@ from .tasks.base import index_batch
 from .visualisation.attention import AttentionView, attention_view
 from .visualisation.report import analysis_report
 
+AUTO_SCOPE_HEADS = 48
+"""Above this many heads (GPT-2 small has 144), `analyze` by default estimates fewer head LLCs (`auto_scope`)."""
+
 SGLD_OPTIONS = ({f.name for f in dataclasses.fields(SGLDConfig)} | set(alias_table(SGLDConfig))) - {"seed"}
 """The sampler's options (and their other spellings), given flat to `analyze` and the command line;
 `AnalysisConfig.seed` is its seed."""
@@ -64,7 +67,8 @@ SGLD_OPTIONS = ({f.name for f in dataclasses.fields(SGLDConfig)} | set(alias_tab
 @dataclass
 class AnalysisConfig:
     """Every option of `analyze` and its default: fewer SGLD draws than the papers (4 chains x 200) and every
-    head's LLC at every checkpoint (`demo` sets head_steps=10 to fit about 10 minutes on 2 CPU cores). For a
+    head's LLC at every checkpoint (`demo` sets head_steps=10 to fit about 10 minutes on 2 CPU cores); a model
+    of more than `AUTO_SCOPE_HEADS` heads gets the heads of 3 layers at 3 checkpoints (`head_scope`). For a
     careful run raise the draws after checking the sampler with `calibrate_llc`.
 
     The flags of `tl-devinterp analyze` (`--num-draws 200`) and the keys of a `--config` file are these
@@ -85,6 +89,12 @@ class AnalysisConfig:
     head_steps: int | None = option(None, "checkpoints where every head's refined LLC is estimated: none = all "
                                   "(default); n = the first, the last and the n-2 where loss, LLC and head scores "
                                   "change most; 0 = none", ge=0)
+    heads: list[str] | None = option(None, "heads whose refined LLCs are estimated, e.g. l0h1 l11h7 (default: every "
+                                     "head of `layers`)")
+    layers: list[int] | None = option(None, "layers whose heads' refined LLCs are estimated (default: all)")
+    auto_scope: bool = option(True, f"a model of more than {AUTO_SCOPE_HEADS} heads, given no heads, layers or "
+                              f"head_steps: the heads of its first, middle and last layers at head_steps=3 "
+                              f"checkpoints (--no-auto-scope: every head at every checkpoint)")
     calibrate: bool = option(False, "first sweep epsilon x gamma x nbeta (calibrate_llc) on 3 checkpoints and use "
                            "the recommended setting (results/calibration.csv); else the settings above")
     # head scores and classes
@@ -115,6 +125,11 @@ class AnalysisConfig:
         options (`find_stages`' own check), the heads, the thresholds' names and the device."""
         validate(self)
         check_stage_options(**self.stage_options(), prefix="stage_")
+        if self.heads is not None:
+            self.heads = [head_name(*parse_head(h)) for h in self.heads]
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise InvalidOptionError(f"The 'layers' option of AnalysisConfig must be a non-empty list of layer indices "
+                                     f">= 0 or None; got {self.layers}.")
         if self.attention_heads is not None:
             self.attention_heads = [head_name(*parse_head(h)) for h in self.attention_heads]
         unknown = sorted(set(self.thresholds) - set(HEAD_LABELS))
@@ -225,19 +240,24 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
     # LLCs: every head at every checkpoint in one pass (sharing batches), or the model everywhere first and
     # the heads where the curves say development happens
     run = dict(store_dir=store, device=config.device, progress=progress, executor=executor, loss_fn=task.sampler_loss)
-    heads = task.has_heads
-    say(f"{series}: LLC at every checkpoint" + (", with every head's" if heads and config.head_steps is None else ""))
-    llc = llc_over_series(series, train_data, sgld, heads=heads and config.head_steps is None, **run)
+    head_list, n_head_steps = head_scope(config, *_shape(series)) if task.has_heads else ([], None)
+    if n_head_steps is not None and config.head_steps is None:
+        say(f"auto_scope: {len(head_list)} heads (layers {sorted({layer for layer, _ in head_list})}) at "
+            f"{n_head_steps} checkpoints; --heads, --layers, --head-steps or --no-auto-scope choose others")
+    n_head_steps = config.head_steps if n_head_steps is None else n_head_steps
+    every = n_head_steps is None and bool(head_list)
+    say(f"{series}: LLC at every checkpoint" + (f", with {len(head_list)} heads'" if every else ""))
+    llc = llc_over_series(series, train_data, sgld, heads=head_list if every else False, **run)
     say("the task's metrics" + (" (head scores and behavioural metrics)" if isinstance(task, TokenTask) else ""))
     metrics = task.metrics_over_series(series, train_data, test_data, store_dir=store, n_seqs=config.n_seqs,
                                        seed=config.seed, executor=executor, progress=progress)
     head_metrics = metrics[metrics["head"].notna()]
     classes = (classify_heads(metrics, thresholds=config.thresholds)
                if head_metrics["metric"].isin(list(HEAD_LABELS)).any() else _NO_CLASSES)
-    head_steps = _head_steps(series.steps, config.head_steps, llc, metrics) if heads else []
-    if head_steps and config.head_steps is not None:
+    head_steps = _head_steps(series.steps, n_head_steps, llc, metrics) if head_list else []
+    if head_steps and n_head_steps is not None:
         say(f"head LLCs at steps {head_steps}")
-        llc = pd.concat([llc, llc_over_series(series, train_data, sgld, heads=True, model=False, steps=head_steps,
+        llc = pd.concat([llc, llc_over_series(series, train_data, sgld, heads=head_list, model=False, steps=head_steps,
                                               **run)])
     llc = llc.sort_values(["step", "scope", "layer", "head"], ignore_index=True)
     n_heads = len(llc[llc["scope"] == "head"][["layer", "head"]].drop_duplicates())
@@ -331,11 +351,39 @@ def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
     if len(series) < need:
         raise SeriesError(f"The series has {len(series)} checkpoints; an analysis needs at least {need} "
                           f"(stages and essential dynamics are curves over checkpoints). Save more checkpoints.")
-    if config.attention_heads:  # heads must exist before minutes of sampling, not after
+    if config.heads or config.layers:  # they must exist before minutes of sampling, not after
+        head_scope(config, *_shape(series))
+    if config.attention_heads:
         model = series.load(series.steps[0])
         for h in config.attention_heads:
             check_head(model, *parse_head(h))
     return series
+
+
+def head_scope(config: AnalysisConfig, n_layers: int, n_heads: int) -> tuple[list[tuple[int, int]], int | None]:
+    """(the heads whose refined LLCs `analyze` estimates, head_steps where `auto_scope` sets it, else None):
+    `config.heads`, else every head of `config.layers` (default all); a model of more than `AUTO_SCOPE_HEADS`
+    heads given none of heads, layers or head_steps gets its first, middle and last layers at 3 checkpoints."""
+    auto = (config.auto_scope and n_layers * n_heads > AUTO_SCOPE_HEADS and config.heads is None
+            and config.layers is None and config.head_steps is None)
+    layers = sorted({0, n_layers // 2, n_layers - 1}) if auto else config.layers or list(range(n_layers))
+    bad = [layer for layer in layers if layer >= n_layers]
+    if bad:
+        raise InvalidValueError(f"layers={config.layers}: the model has {n_layers} layers (0-indexed); drop {bad}.")
+    heads = [parse_head(h) for h in config.heads] if config.heads else [(layer, h) for layer in layers for h in range(n_heads)]
+    bad = [head_name(*h) for h in heads if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
+    if bad:
+        raise InvalidValueError(f"heads {bad} do not exist: the model has {n_layers} layers of {n_heads} heads (0-indexed).")
+    return heads, (3 if auto else None)
+
+
+def _shape(series: CheckpointSeries) -> tuple[int, int]:
+    """(layers, heads per layer) of the series' models: from its manifest, else its first model."""
+    cfg = series.meta.get("model_config")
+    if cfg and "n_heads" in cfg:
+        return cfg["n_layers"], cfg["n_heads"]
+    model = series.load(series.steps[0])
+    return model.cfg.n_layers, model.cfg.n_heads
 
 
 def _keep_apart(out: Path, series: CheckpointSeries) -> None:

@@ -98,6 +98,8 @@ def _add_analyze(sub) -> None:
             opts["type"] = json.loads
         elif list[str] in args:
             opts["nargs"] = "+"
+        elif list[int] in args:
+            opts["nargs"], opts["type"] = "+", int
         else:
             base = next((a for a in args if a is not type(None)), kind)
             opts["type"] = (lambda text, base=base: None if text.lower() == "none" else base(text)) if args else base

@@ -61,6 +61,10 @@ class LLCDivergenceError(TLDevinterpError, RuntimeError):
     """An SGLD chain's loss became NaN/inf or exploded."""
 
 
+class TrainingDivergedError(TLDevinterpError, RuntimeError):
+    """A training run's loss became NaN/inf or grew by an order of magnitude (the message names the step)."""
+
+
 class WorkersLostError(TLDevinterpError, RuntimeError):
     """The executor's worker processes died; the message names the steps that were not computed."""
 

@@ -5,7 +5,11 @@ Batches are a function of (seed, step), and each checkpoint is committed with it
 and optimizer files under new names, then the manifest naming them (with the weights' sha256), the one write
 that makes the checkpoint part of the series. A run stopped at any point restarts from its last committed
 checkpoint and continues exactly. Files are written whole or not at all (`store.atomic_write`), so the
-directory is always a readable series; `overwrite` removes only the files the series' manifest lists.
+directory is always a readable series. The manifest also declares, before they are written, the files in
+flight (`writing`): a resume or `overwrite` removes only files the manifest lists or declares, never one
+because of its name. One trainer at a time works in a folder (`store.folder_lock`). A loss that turns NaN or
+grows tenfold over its value at initialisation stops the run (`TrainingDivergedError`), keeping the
+checkpoints before it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -25,13 +30,13 @@ import torch
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from .errors import InvalidValueError, SeriesError
+from .errors import InvalidValueError, SeriesError, TrainingDivergedError
 from .interventions import Intervener, Intervention, as_interventions
 from .llc_callback import llc_now
 from .models import ModelConfig, check_device
 from .options import build, option, validate
 from .series import FORMAT, MANIFEST, CheckpointSeries, load_checkpoint_state, read_manifest
-from .store import LOCK, TMP_SUFFIX, atomic_write
+from .store import LOCK, TMP_SUFFIX, atomic_write, folder_lock
 from .tasks import Task, make_task
 from .tasks.base import batch_rows, index_batch
 
@@ -152,10 +157,20 @@ def train(
         raise InvalidValueError(f"interventions need a task whose model reads tokens; the {task.kind!r} task embeds its "
                                 f"inputs. Drop the interventions or train a token task.")
     task.check_model(config.model)
-    tokenizer = task.tokenizer
     train_data, test_data = task.data()
     out = Path(out_dir)  # every check passed: only now is the folder touched
-    manifest = _start(out, config, overwrite)
+    with folder_lock(out, "train"):  # a second trainer would take this one's uncommitted files for leftovers
+        _train(out, config, overwrite, task, train_data, test_data, device, progress, llc_every, llc_options)
+    return CheckpointSeries.from_dir(out)
+
+
+def _train(out: Path, config: TrainConfig, overwrite: bool, task: Task, train_data, test_data, device, progress: bool,
+           llc_every: int, llc_options: dict[str, Any] | None) -> None:
+    """`train` once its inputs are checked and it holds the folder's lock."""
+    tokenizer = task.tokenizer
+    schedule = checkpoint_schedule(config.n_steps, config.n_log_checkpoints, config.n_linear_checkpoints,
+                                   config.extra_steps)
+    manifest = _start(out, config, overwrite, ["tokenizer.json"] * (tokenizer is not None) + _files(schedule[0]))
     if tokenizer is not None and manifest.get("tokenizer") is None:  # the series carries its tokenizer
         atomic_write(out / "tokenizer.json", tokenizer.to_str())
         manifest["tokenizer"] = "tokenizer.json"
@@ -165,8 +180,6 @@ def train(
     model.train()
     intervener = Intervener(model, config.interventions, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = checkpoint_schedule(config.n_steps, config.n_log_checkpoints, config.n_linear_checkpoints,
-                                   config.extra_steps)
     start = max(map(int, manifest["checkpoints"]), default=-1)
     if start >= 0:
         _restore(out, manifest, model, opt)
@@ -177,37 +190,59 @@ def train(
         return _to(index_batch(train_data, rows), device)
 
     recent: list[float] = []
-    bar = tqdm(desc="training", unit="step", disable=not progress, initial=max(start, 0), total=config.n_steps)
-    for step in range(max(start, 0), config.n_steps + 1):  # the last pass only saves step n_steps
-        if step in schedule and step > start:
-            test_loss = _evaluate(model, task, test_data, config, device)
-            train_loss = float(np.mean(recent)) if recent else test_loss
-            _save(out, manifest, step, model, opt, train_loss, test_loss)
-            recent.clear()
-            bar.set_postfix(train=f"{train_loss:.3f}", test=f"{test_loss:.3f}")
-        if step == config.n_steps:
-            break
-        b = batch(step)
-        with intervener(step, b):  # the interventions active at this step, for its whole update
-            loss = task.loss(model, b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in opt.param_groups:  # linear warmup, a function of the step alone
-                group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
-            opt.step()
-        recent.append(loss.item())
-        if llc_every and (step + 1) % llc_every == 0:  # the weights after step + 1 updates
-            estimate = llc_now(model, test_data, loss_fn=task.sampler_loss, **(llc_options or {}))
-            manifest.setdefault("llc_during_training", {})[str(step + 1)] = estimate
-            bar.set_postfix(llc=f"{estimate['llc']:.3g}")
-        bar.update()
-    bar.close()
+    with tqdm(desc="training", unit="step", disable=not progress, initial=max(start, 0), total=config.n_steps) as bar:
+        for step in range(max(start, 0), config.n_steps + 1):  # the last pass only saves step n_steps
+            if step in schedule and step > start:
+                test_loss = _evaluate(model, task, test_data, config, device)
+                _check_loss(out, manifest, config, step, test_loss, "test")
+                train_loss = float(np.mean(recent)) if recent else test_loss
+                later = [s for s in schedule if s > step]
+                _save(out, manifest, step, model, opt, train_loss, test_loss, _files(later[0]) if later else [])
+                recent.clear()
+                bar.set_postfix(train=f"{train_loss:.3f}", test=f"{test_loss:.3f}")
+            if step == config.n_steps:
+                break
+            b = batch(step)
+            with intervener(step, b):  # the interventions active at this step, for its whole update
+                loss = task.loss(model, b)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for group in opt.param_groups:  # linear warmup, a function of the step alone
+                    group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+                opt.step()
+            recent.append(loss.item())
+            _check_loss(out, manifest, config, step, recent[-1], "training")
+            if llc_every and (step + 1) % llc_every == 0:  # the weights after step + 1 updates
+                estimate = llc_now(model, test_data, loss_fn=task.sampler_loss, **(llc_options or {}))
+                manifest.setdefault("llc_during_training", {})[str(step + 1)] = estimate
+                bar.set_postfix(llc=f"{estimate['llc']:.3g}")
+            bar.update()
     manifest["complete"] = True
     optimizer = manifest.pop("optimizer", None)  # a complete series needs no optimizer state
+    manifest["writing"] = [optimizer] if optimizer else []
     _write_json(out / MANIFEST, manifest)
     if optimizer:
         _remove(out / optimizer)
-    return CheckpointSeries.from_dir(out)
+
+
+DIVERGED = 10.0
+"""A loss this many times the test loss at initialisation (about ln d_vocab for a language model) means
+training diverged."""
+
+
+def _check_loss(out: Path, manifest: dict, config: TrainConfig, step: int, loss: float, kind: str) -> None:
+    """Stop a diverged run, naming the step and the likely cause, before it writes another checkpoint."""
+    init = manifest["losses"].get("0", {}).get("test", loss)
+    if math.isfinite(loss) and loss <= DIVERGED * init:
+        return
+    kept = sorted(map(int, manifest["checkpoints"]))
+    raise TrainingDivergedError(
+        f"Training diverged at step {step}: the {kind} loss is {loss:.3g}, against {init:.3g} at initialisation. "
+        f"The likely cause is too high a learning rate (lr={config.lr:g}): lower it (e.g. --lr {config.lr / 10:g}) "
+        f"and retrain with --overwrite. "
+        + (f"The checkpoints saved before it (steps {kept[0]}{f' to {kept[-1]}' if len(kept) > 1 else ''}) are kept "
+           f"in {out}." if kept else f"No checkpoint was saved in {out}.")
+    )
 
 
 @torch.no_grad()
@@ -227,17 +262,19 @@ def _to(batch, device):
     return batch.to(device) if isinstance(batch, torch.Tensor) else tuple(t.to(device) for t in batch)
 
 
-def _start(out: Path, config: TrainConfig, overwrite: bool) -> dict[str, Any]:
-    """The manifest to continue: the folder's own when it holds this config's series, else a fresh one.
+def _start(out: Path, config: TrainConfig, overwrite: bool, writing: list[str]) -> dict[str, Any]:
+    """The manifest to continue: the folder's own when it holds this config's series, else a fresh one
+    declaring the files about to be written (`writing`).
 
     Another config's series is replaced only with `overwrite` (or when it saved no checkpoint), and only
-    the files it lists are removed: a folder holding anything else is refused, naming those files.
+    the files it lists or declares are removed: a folder holding anything else is refused, naming those files.
     """
     file = out / MANIFEST
     old = read_manifest(file) if file.exists() else None
     if old is not None and old.get("train_config") == config.to_dict():
-        for f in out.iterdir():  # a stopped run's leftovers: uncommitted checkpoints, temporary files
-            if _OWN_NAME.fullmatch(f.name) and f.name not in _listed(old):
+        listed = _listed(old)
+        for f in sorted(out.iterdir()):  # a stopped run's leftovers: the files it declared, not committed
+            if f.is_file() and _ours(f.name, old) and f.name not in listed:
                 _remove(f)
         old.setdefault("sha256", {})
         return old
@@ -247,8 +284,7 @@ def _start(out: Path, config: TrainConfig, overwrite: bool) -> dict[str, Any]:
             f"Choose another output directory, or pass overwrite=True (--overwrite) to replace it."
         )
     present = sorted(out.iterdir()) if out.is_dir() else []
-    listed = _listed(old) | {LOCK} if old is not None else {LOCK}
-    foreign = [f.name for f in present if not (f.is_file() and (f.name in listed or _OWN_NAME.fullmatch(f.name)))]
+    foreign = [f.name for f in present if not (f.is_file() and (f.name == LOCK or _ours(f.name, old)))]
     if foreign:
         raise SeriesError(
             f"{out} holds files tl_devinterp did not write ({', '.join(foreign[:5])}"
@@ -262,13 +298,9 @@ def _start(out: Path, config: TrainConfig, overwrite: bool) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     fresh = {"format": FORMAT, "model_config": config.model.to_dict(), "train_config": config.to_dict(),
              "data": config.data, "tokenizer": None, "seed": config.seed, "checkpoints": {}, "sha256": {},
-             "losses": {}, "complete": False}
+             "losses": {}, "complete": False, "writing": writing}
     _write_json(file, fresh)
     return fresh
-
-
-_OWN_NAME = re.compile(rf"(step|optimizer)_\d{{9}}\.safetensors|optimizer\.safetensors|\..+{re.escape(TMP_SUFFIX)}")
-"""Names only the trainer gives files: checkpoints and optimizer states (committed or not), temporary files."""
 
 
 def _listed(manifest: dict) -> set[str]:
@@ -276,10 +308,27 @@ def _listed(manifest: dict) -> set[str]:
     return {MANIFEST, *manifest["checkpoints"].values(), manifest.get("tokenizer"), manifest.get("optimizer")} - {None}
 
 
-def _save(out: Path, manifest: dict, step: int, model, opt, train_loss: float, test_loss: float) -> None:
-    """Commit checkpoint `step`: weights and optimizer state under new names, then the manifest that names them,
-    then the superseded optimizer state is removed. A crash anywhere leaves the last commit whole."""
-    name, optimizer = f"step_{step:09d}.safetensors", f"optimizer_{step:09d}.safetensors"
+def _ours(name: str, manifest: dict | None) -> bool:
+    """Whether the trainer wrote (or was writing) the file `name`: one its manifest lists or declares in
+    `writing` (the record of writes in flight), or the temporary file of such a write. Never a guess from a
+    name's pattern: a user's `step_000000005.safetensors` is theirs."""
+    own = {MANIFEST} | (_listed(manifest) | set(manifest.get("writing", [])) if manifest is not None else set())
+    tmp = re.fullmatch(rf"\.(.+)\.\w+{re.escape(TMP_SUFFIX)}", name)  # atomic_write's .NAME.RANDOM.tl-tmp
+    return name in own or (tmp is not None and tmp.group(1) in own)
+
+
+def _files(step: int) -> list[str]:
+    """The files of checkpoint `step`: weights and optimizer state."""
+    return [f"step_{step:09d}.safetensors", f"optimizer_{step:09d}.safetensors"]
+
+
+def _save(out: Path, manifest: dict, step: int, model, opt, train_loss: float, test_loss: float,
+          following: list[str]) -> None:
+    """Commit checkpoint `step`: weights and optimizer state under new names (declared in the manifest's
+    `writing` before), then the manifest that names them and declares the superseded optimizer state (removed
+    next) and the `following` checkpoint's files. A crash anywhere leaves the last commit whole, and the
+    manifest names every file a resume may remove."""
+    name, optimizer = _files(step)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = save(state, metadata={"step": str(step)})
     atomic_write(out / name, weights)
@@ -289,6 +338,7 @@ def _save(out: Path, manifest: dict, step: int, model, opt, train_loss: float, t
     manifest["sha256"][str(step)] = hashlib.sha256(weights).hexdigest()
     manifest["optimizer"] = optimizer
     manifest["losses"][str(step)] = {"train": train_loss, "test": test_loss}
+    manifest["writing"] = [previous] * bool(previous and previous != optimizer) + following
     _write_json(out / MANIFEST, manifest)  # the commit
     if previous and previous != optimizer:
         _remove(out / previous)

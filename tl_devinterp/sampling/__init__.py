@@ -3,7 +3,7 @@ susceptibilities and Bayesian influence; SGLD, SGNHT and RMSprop-SGLD."""
 
 from ..errors import LLCDivergenceError
 from .calibration import calibrate_llc, plot_calibration
-from .diagnostics import SamplerDiagnostics, SamplerWarning
+from .diagnostics import SamplerDiagnostics, SamplerWarning, plot_trace
 from .heads import estimate_head_llcs
 from .influence import BayesianInfluence, bayesian_influence, top_influences
 from .llc import LLCResult, SGLDConfig, default_nbeta, estimate_llc
@@ -20,5 +20,5 @@ __all__ = [
     "filter_dataset", "llc_over_series", "Restriction", "resolve_restriction", "sgld_step",
     "SAMPLERS", "sgnht_step", "rmsprop_sgld_step", "ObservableTraces", "posterior_covariance", "sample_observables",
     "susceptibilities", "susceptibilities_over_series", "susceptibility", "BayesianInfluence", "bayesian_influence",
-    "top_influences",
+    "top_influences", "plot_trace",
 ]

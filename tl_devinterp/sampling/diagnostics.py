@@ -1,17 +1,24 @@
 """Is an LLC estimate measuring the model, or the sampler's hyperparameters? Diagnostics of SGLD chains.
 
-An estimate is only about the model when the likelihood shapes the chains. With nβ too small or γ too
-large the chains sit in the Gaussian of the localising prior: ‖w − w*‖ approaches the prior radius √(d/γ),
-the loss rises far above L(w*), and λ̂ grows in proportion to nβ whatever the model. Every `LLCResult`
-carries these numbers, and the sampler warns (`SamplerWarning`) when one of them says the estimate is
-not to be trusted.
+An estimate is only about the model when the chains sample the localised tempered posterior
+p(w) ∝ exp(−U(w)), U = nβ·L(w) + γ/2·‖w − w*‖², and the likelihood, not the prior, shapes it. Three
+things break that, and each leaves a mark these diagnostics read (every `LLCResult` carries them; the
+sampler warns, `SamplerWarning`, naming cause and remedy):
+- a step size ε too coarse for the curvature: SGLD's chains then spread wider than p (by ≈ εk/4 in a
+  direction of stiffness k) and λ̂ reads high;
+- chains not yet mixed: they are still spreading out from w* (λ̂ reads low) or disagree with each other;
+- the prior dominates (γ too large for nβ): the chains sit in the prior's Gaussian and λ̂ follows nβ and γ.
 
-Per post-burn-in step and chain, with drift ∇U(w) = nβ·∇L_B(w) + γ·(w − w*) on the sampled coordinates:
-- likelihood_fraction = mean ‖nβ·∇L_B‖ / (‖nβ·∇L_B‖ + ‖γ·(w − w*)‖): the likelihood's share of the pull;
-- acceptance: the Metropolis-adjusted (MALA) acceptance probability of the step just taken (SGLD only),
-  min(1, exp(U(w) − U(w') + log q(w | w') − log q(w' | w))), U = nβ·L_B + γ/2·‖w − w*‖², estimated as
-  devinterp does with the minibatch losses and gradients at both ends (low: ε too large);
-- trace_drift: the t-statistic across chains of (last third − first third) of each chain's λ̂ trace.
+The virial identity makes the first two measurable in one run: under p, E[(w − w*)·∇U(w)] = d exactly
+(integrate by parts), so `virial` = that mean over chains and draws / d is 1 at equilibrium, above 1
+when ε inflates the spread, below 1 while the chains are still spreading out. `prior_share` = γ·E‖w − w*‖²/d
+is the prior's part of it (≈ 1: the chains only feel the prior). ArviZ's rank-normalised split R-hat, bulk
+and tail ESS and MCSE of the λ̂ trace say whether chains agree and how many independent draws the mean rests on.
+
+Per post-burn-in step and chain, with drift ∇U(w) = nβ·∇L_B(w) + γ·(w − w*) on the sampled coordinates,
+`ChainStats` keeps ‖w − w*‖, ‖∇L_B‖, the noise's norm, (w − w*)·∇U, the likelihood's share of the pull
+‖nβ∇L_B‖ / (‖nβ∇L_B‖ + ‖γ(w − w*)‖) and the MALA acceptance probability of the step just taken (SGLD
+only; estimated as devinterp does, with the minibatch losses at both ends, so batch noise lowers it).
 """
 
 from __future__ import annotations
@@ -22,24 +29,34 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
-PRIOR_DOMINATED = 0.5  # likelihood_fraction below this: the prior shapes the chains
-LARGE_INCREASE = 0.2  # loss_increase above this fraction of L(w*): chains left the basin
+PRIOR_DOMINATED = 0.5  # likelihood_fraction below this, or prior_share above it: the prior shapes the chains
+VIRIAL_HIGH, VIRIAL_LOW = 1.05, 0.93  # virial above: ε too coarse; below: chains still spreading out
+BASIN = 1.1  # λ̂ above this × d/2 (the regular bound, beyond noise): the chains left the basin
+MAX_RHAT = 1.01  # split rank-normalised R-hat above this: warn (Vehtari et al. 2021; quiet needs bulk ESS ≳ 1000)
+DISAGREE = 1.05  # R-hat above this: the chains disagree, regime "not mixed"
+MIN_ESS = 100  # bulk ESS below this: too few independent draws for the SE (and for R-hat itself)
 LOW_ACCEPTANCE = 0.5  # MALA acceptance below this: ε too large for the local curvature
 DRIFT_T, DRIFT_REL = 4.0, 0.1  # a trace still moving: |t| above DRIFT_T and a change above DRIFT_REL·|λ̂|
+REGIMES = ("likelihood", "step size", "not mixed", "prior")
+"""`SamplerDiagnostics.regime`: only "likelihood" is about the model."""
+TRACES = ("loss", "distance", "grad_norm", "noise_norm", "virial", "likelihood_fraction", "acceptance")
+"""The per-step sampler metrics kept per chain and draw (`LLCResult.trace`)."""
 
-
-ROW = ("loss_increase", "distance", "prior_radius", "likelihood_fraction", "acceptance", "regime")
+ROW = ("loss_increase", "distance", "prior_radius", "likelihood_fraction", "acceptance", "virial", "prior_share",
+       "r_hat", "ess_bulk", "ess_tail", "mcse", "regime")
 """The diagnostics a results table keeps, one column each (`SamplerDiagnostics.as_row`)."""
 
 
 class SamplerWarning(UserWarning):
-    """An LLC estimate whose chains are prior-dominated, negative, far from the checkpoint or not flat."""
+    """An LLC estimate whose chains are prior-dominated, too coarse in ε, unmixed, or otherwise not the model's."""
 
 
 @dataclass(frozen=True)
 class SamplerDiagnostics:
-    """How the chains behaved; `regime` is "likelihood" when the estimate is about the model."""
+    """How the chains behaved; `regime` is "likelihood" only when the estimate is about the model, else
+    "step size", "not mixed" or "prior" (the first that applies, in the order the module docstring gives)."""
 
     loss_increase: float  # mean L_B(w_t) − L_B(w*) over chains and draws (nats): λ̂ / nβ
     distance: float  # mean ‖w_t − w*‖ over chains and draws
@@ -47,8 +64,14 @@ class SamplerDiagnostics:
     likelihood_fraction: float  # in [0, 1]
     acceptance: float  # MALA acceptance estimate in [0, 1]
     trace_drift: float  # t-statistic of the post-burn-in trace's change (≈ 0 when flat)
-    regime: str  # "likelihood" | "prior"
+    regime: str  # "likelihood" | "step size" | "not mixed" | "prior"
     warnings: tuple[str, ...] = ()
+    virial: float = math.nan  # E[(w − w*)·∇U] / d: 1 at equilibrium
+    prior_share: float = math.nan  # γ·E‖w − w*‖² / d
+    r_hat: float = math.nan  # ArviZ split rank-normalised R-hat of the λ̂ trace
+    ess_bulk: float = math.nan  # ArviZ bulk ESS
+    ess_tail: float = math.nan  # ArviZ tail ESS
+    mcse: float = math.nan  # ArviZ Monte Carlo standard error of λ̂ (the mean)
 
     def as_row(self) -> dict:
         """The columns a results table keeps (`ROW`)."""
@@ -56,22 +79,25 @@ class SamplerDiagnostics:
 
 
 class ChainStats:
-    """Running sums for a stack of G chains ([G] arrays), fed once per post-burn-in step by the sampler;
-    each chain's numbers are those it would have alone."""
+    """Per-step metrics (`TRACES` but the loss) of a stack of G chains, recorded once per post-burn-in step by
+    the sampler; each chain's numbers are those it would have alone."""
 
     def __init__(self, n_chains: int, mala: bool = True):
         self.mala = mala  # score steps as MALA proposals (SGLD's update only; other samplers report NaN)
-        self.distance, self.likelihood_fraction, self.acceptance = (np.zeros(n_chains) for _ in range(3))
-        self.n = self.n_accept = 0
+        self.n_chains = n_chains
+        self.rows: dict[str, list[np.ndarray]] = {k: [] for k in TRACES[1:]}
         self.previous: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None  # U, drift, noise
 
-    def update(self, *, loss: np.ndarray, distance: np.ndarray, grad_norm: np.ndarray, drift: torch.Tensor,
+    def update(self, *, loss: np.ndarray, offset: torch.Tensor, grad: torch.Tensor, drift: torch.Tensor,
                noise: torch.Tensor, config) -> None:
-        """One step from w, per chain: L_B(w), ‖w − w*‖, ‖∇L_B(w)‖, the drift ∇U(w) and the noise ξ that move it on."""
+        """One step from w, per chain: L_B(w), w − w*, ∇L_B(w), the drift ∇U(w) and the noise ξ that move it on
+        ([chains, coords] tensors)."""
+        distance, grad_norm = norms(offset), norms(grad)
         lik, pri = config.nbeta * grad_norm, config.gamma * distance
-        self.likelihood_fraction += np.divide(lik, lik + pri, out=np.zeros_like(lik), where=lik + pri > 0)
-        self.distance += distance
-        self.n += 1
+        row = dict(distance=distance, grad_norm=grad_norm, noise_norm=norms(noise),
+                   virial=(offset * drift).sum(1).double().cpu().numpy(),  # (w − w*)·∇U
+                   likelihood_fraction=np.divide(lik, lik + pri, out=np.zeros_like(lik), where=lik + pri > 0),
+                   acceptance=np.full(self.n_chains, math.nan))
         potential = config.nbeta * loss + config.gamma * distance**2 / 2  # U(w)
         if self.mala and self.previous is not None:  # the step w_prev → w just taken, scored as a MALA proposal
             eps = config.epsilon
@@ -81,15 +107,14 @@ class ChainStats:
             log_q_back = -(norms(back) ** 2) / (2 * eps)
             log_q_forward = -(norms(noise_prev) ** 2) / 2
             log_alpha = u_prev - potential + log_q_back - log_q_forward
-            self.acceptance += np.exp(np.minimum(0.0, log_alpha))
-            self.n_accept += 1
+            row["acceptance"] = np.exp(np.minimum(0.0, log_alpha))
+        for k, v in row.items():
+            self.rows[k].append(v)
         self.previous = (potential, drift, noise)
 
-    def means(self) -> dict[str, np.ndarray]:
-        """Per chain: mean ‖w − w*‖, likelihood fraction and acceptance (NaN without MALA scores)."""
-        acceptance = self.acceptance / self.n_accept if self.n_accept else np.full_like(self.acceptance, math.nan)
-        return dict(distance=self.distance / max(self.n, 1), likelihood_fraction=self.likelihood_fraction / max(self.n, 1),
-                    acceptance=acceptance)
+    def traces(self) -> dict[str, np.ndarray]:
+        """Each metric as [chains, steps] (the first step's acceptance is NaN: no step was taken before it)."""
+        return {k: np.stack(v, axis=1) if v else np.empty((self.n_chains, 0)) for k, v in self.rows.items()}
 
 
 def norms(rows: torch.Tensor) -> np.ndarray:
@@ -97,37 +122,97 @@ def norms(rows: torch.Tensor) -> np.ndarray:
     return torch.linalg.vector_norm(rows, dim=1).double().cpu().numpy()
 
 
-def summarise(per_chain: dict[str, np.ndarray], llc_trace: np.ndarray, *, loss_increase: float, init_loss: float,
-              d: int, gamma: float, label: str) -> SamplerDiagnostics:
-    """The chains' diagnostics (`per_chain`: `ChainStats.means()` of a restriction's chains), with a
-    `SamplerWarning` for each sign of an untrustworthy estimate."""
-    distance = float(per_chain["distance"].mean())
-    fraction = float(per_chain["likelihood_fraction"].mean())
-    acceptance = float(per_chain["acceptance"].mean())
-    third = max(llc_trace.shape[1] // 3, 1)
-    change = llc_trace[:, -third:].mean(1) - llc_trace[:, :third].mean(1)  # per chain
-    spread = change.std(ddof=1) / math.sqrt(len(change)) if len(change) > 1 else math.inf
-    drift_t = float(change.mean() / spread) if spread > 0 else 0.0
-    llc = float(llc_trace.mean())
-    regime = "prior" if fraction < PRIOR_DOMINATED else "likelihood"
+def mcmc_summary(trace: np.ndarray) -> dict[str, float]:
+    """ArviZ's split rank-normalised R-hat, bulk and tail ESS and the MCSE of the mean of a [chains, draws]
+    trace (NaN where ArviZ cannot compute them: fewer than 4 draws, or a constant trace)."""
+    import arviz as az
 
-    said = []
-    if regime == "prior":
-        said.append(f"chains are prior-dominated (likelihood share {fraction:.2f}, ‖w − w*‖ = {distance:.3g} vs "
-                    f"prior radius {math.sqrt(d / gamma) if gamma > 0 else math.inf:.3g}): λ̂ reflects nβ and γ more than "
-                    f"the model; raise nbeta or lower gamma (see calibrate_llc)")
+    trace = np.asarray(trace, dtype=float)
+    if trace.shape[1] < 4 or not np.isfinite(trace).all():
+        return dict(r_hat=math.nan, ess_bulk=math.nan, ess_tail=math.nan, mcse=math.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a constant trace: ArviZ divides by zero, gives NaN
+        return dict(r_hat=float(az.rhat(trace, method="rank")), ess_bulk=float(az.ess(trace, method="bulk")),
+                    ess_tail=float(az.ess(trace, method="tail")), mcse=float(az.mcse(trace, method="mean")))
+
+
+def _drift_t(trace: np.ndarray) -> tuple[float, float]:
+    """(t-statistic across chains, mean) of each chain's change from the first to the last third of `trace`."""
+    third = max(trace.shape[1] // 3, 1)
+    change = trace[:, -third:].mean(1) - trace[:, :third].mean(1)
+    spread = change.std(ddof=1) / math.sqrt(len(change)) if len(change) > 1 else math.inf
+    return (float(change.mean() / spread) if spread > 0 else 0.0), float(change.mean())
+
+
+def summarise(traces: dict[str, np.ndarray], llc_trace: np.ndarray, *, loss_increase: float, d: int,
+              gamma: float, label: str) -> SamplerDiagnostics:
+    """The chains' diagnostics (`traces`: `ChainStats.traces()` of a restriction's chains, [chains, draws]),
+    with a `SamplerWarning` naming cause and remedy for each sign of an untrustworthy estimate."""
+    distance = float(traces["distance"].mean())
+    fraction = float(traces["likelihood_fraction"].mean())
+    acceptance = float(np.nanmean(traces["acceptance"])) if np.isfinite(traces["acceptance"]).any() else math.nan
+    virial = float(traces["virial"].mean()) / d
+    virial_se = mcmc_summary(traces["virial"] / d)["mcse"]
+    virial_se = virial_se if math.isfinite(virial_se) else 0.0  # (w − w*)·∇U/d: off 1 by more than noise?
+    prior_share = gamma * float((traces["distance"] ** 2).mean()) / d
+    radius = math.sqrt(d / gamma) if gamma > 0 else math.inf
+    mcmc = mcmc_summary(llc_trace)
+    drift_t, change = _drift_t(llc_trace)
+    llc = float(llc_trace.mean())
+    spread_t, spread = _drift_t(traces["distance"])
+    moving = abs(drift_t) > DRIFT_T and abs(change) > DRIFT_REL * max(abs(llc), 1e-12)
+
+    said, regime = [], "likelihood"
+    if virial > VIRIAL_HIGH and virial - 1 > 3 * virial_se:
+        regime = "step size"
+        said.append(f"the chains spread {virial:.2f}× wider than the posterior allows (virial E[(w − w*)·∇U]/d = "
+                    f"{virial:.3f} > {VIRIAL_HIGH}): epsilon is too coarse for the "
+                    f"curvature and λ̂ reads high; lower epsilon (calibrate_llc finds one)")
+    if (virial < VIRIAL_LOW and 1 - virial > 3 * virial_se) or moving or (spread_t > DRIFT_T and spread > DRIFT_REL / 2 * distance):
+        regime = "not mixed" if regime == "likelihood" else regime
+        said.append(f"the chains are still spreading out (virial {virial:.3f}, ‖w − w*‖ still "
+                    f"{'rising' if spread > 0 else 'changing'}, λ̂ trace t = {drift_t:.1f}): λ̂ reads low; raise "
+                    f"num_burnin (or epsilon, or gamma to mix faster)")
+    if fraction < PRIOR_DOMINATED or prior_share > PRIOR_DOMINATED:
+        regime = "prior" if regime == "likelihood" else regime
+        said.append(f"chains are prior-dominated (prior share γ·E‖w − w*‖²/d = {prior_share:.2f}, likelihood share of "
+                    f"the pull {fraction:.2f}, ‖w − w*‖ = {distance:.3g} vs prior radius {radius:.3g}): λ̂ reflects nβ "
+                    f"and γ more than the model; raise nbeta or lower gamma (calibrate_llc finds them)")
+    if mcmc["r_hat"] > MAX_RHAT:
+        regime = "not mixed" if regime == "likelihood" and mcmc["r_hat"] > DISAGREE else regime
+        said.append(f"the chains disagree (R-hat {mcmc['r_hat']:.3f} > {MAX_RHAT}): raise num_burnin and num_draws")
+    if mcmc["ess_bulk"] < MIN_ESS:
+        said.append(f"only {mcmc['ess_bulk']:.0f} effective draws (bulk ESS < {MIN_ESS}): the SE is unreliable; raise "
+                    f"num_draws or num_chains")
     if llc < 0:
         said.append(f"λ̂ = {llc:.3g} < 0: the chains found lower loss than the checkpoint, which is then no local "
                     f"minimum of the sampled loss; raise gamma, or read the value as a lower bound")
-    if loss_increase > LARGE_INCREASE * max(abs(init_loss), 1e-12):
-        said.append(f"chains sit {loss_increase:.3g} nats above L(w*) = {init_loss:.3g}: they left the checkpoint's "
-                    f"basin; lower epsilon or nbeta, or raise gamma")
+    if llc > BASIN * d / 2 + 3 * mcmc["mcse"] and regime == "likelihood":
+        said.append(f"λ̂ = {llc:.3g} exceeds d/2 = {d / 2:g}, the most any local minimum's LLC can be: the chains left "
+                    f"the checkpoint's basin; raise gamma or lower epsilon")
     if acceptance < LOW_ACCEPTANCE:
         said.append(f"MALA acceptance {acceptance:.2f} < {LOW_ACCEPTANCE}: epsilon is large for the local curvature")
-    if abs(drift_t) > DRIFT_T and abs(change.mean()) > DRIFT_REL * max(abs(llc), 1e-12):
-        said.append(f"the λ̂ trace is still {'rising' if change.mean() > 0 else 'falling'} after burn-in "
-                    f"(t = {drift_t:.1f}): raise num_burnin or epsilon")
     for message in said:
         warnings.warn(f"LLC of {label}: {message}.", SamplerWarning, stacklevel=4)
-    return SamplerDiagnostics(loss_increase, distance, math.sqrt(d / gamma) if gamma > 0 else math.inf, fraction,
-                              acceptance, drift_t, regime, tuple(said))
+    return SamplerDiagnostics(loss_increase, distance, radius, fraction, acceptance, drift_t, regime, tuple(said),
+                              virial=virial, prior_share=prior_share, **mcmc)
+
+
+def plot_trace(result) -> Figure:
+    """The per-step sampler metrics of an `LLCResult` (`result.trace`), one line per chain over the post-burn-in
+    draws: nβ·(L_B − L_B(w*)) (λ̂'s trace, its mean dashed), ‖w − w*‖ (the prior radius dotted), ‖∇L_B‖,
+    the noise's norm, the virial (w − w*)·∇U / d (1 at equilibrium) and the MALA acceptance (SGLD only)."""
+    trace, diag = result.trace, result.diagnostics
+    panels = [("λ̂ trace  nβ·(L_B − L_B(w*))", result.llc_trace.numpy(), result.mean),
+              ("‖w − w*‖", trace["distance"], diag.prior_radius if math.isfinite(diag.prior_radius) else None),
+              ("‖∇L_B‖", trace["grad_norm"], None), ("noise norm", trace["noise_norm"], None),
+              ("virial (w − w*)·∇U / d", trace["virial"] / result.d, 1.0), ("MALA acceptance", trace["acceptance"], None)]
+    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    for ax, (title, values, line) in zip(fig.subplots(3, 2, sharex=True).flat, panels):
+        ax.plot(np.asarray(values).T, lw=0.6, alpha=0.8)
+        if line is not None:
+            ax.axhline(line, color="k", ls="--" if title.startswith("λ̂") else ":", lw=1)
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"{result.restrict}: λ̂ = {result.mean:.3g} ± {result.se:.2g}, R-hat {diag.r_hat:.3f}, bulk ESS "
+                 f"{diag.ess_bulk:.0f}, regime {diag.regime}", fontsize=10)
+    return fig

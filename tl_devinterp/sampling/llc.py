@@ -49,7 +49,7 @@ from ..models import (
 )
 from ..options import build, option, validate
 from .batches import as_tensors, batch_stream, lm_batch
-from .diagnostics import ChainStats, SamplerDiagnostics, SamplerWarning, norms, summarise
+from .diagnostics import TRACES, ChainStats, SamplerDiagnostics, SamplerWarning, summarise
 from .fast_forward import check_precision, precision_context, verified_fast_forward
 from .restrict import Restriction, resolve_restriction
 from .samplers import SAMPLERS, Chains
@@ -137,6 +137,7 @@ class LLCResult:
     # the model has an op torch.func.vmap cannot batch (the chains then run one at a time, to the same numbers)
     forward: str = "model"  # "fast" (sampling.fast_forward) or why the model's own forward ran
     final_params: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # name -> [chains, ...]
+    trace: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # diagnostics.TRACES -> [chains, draws]
 
     @property
     def se(self) -> float:
@@ -267,8 +268,8 @@ def resolve_loss(model: nn.Module, loss_fn: Callable | None) -> Callable[[nn.Mod
         given = own
     else:
         raise InvalidTypeError(hf_boot_hint(model) or
-            f"No loss for a {type(model).__name__}: pass loss_fn(model, batch) -> scalar, or give the model a "
-            f"loss_fn attribute (e.g. model.loss_fn = torch.nn.MSELoss() for batches (x, y))."
+            f"No loss for a {type(model).__name__}: pass loss_fn(model, batch) -> scalar, e.g. "
+            f"loss_fn=lambda model, batch: torch.nn.functional.mse_loss(model(batch[0]), batch[1]) for batches (x, y)."
         )
 
     def loss(m: nn.Module, batch, *extra) -> torch.Tensor:
@@ -401,18 +402,16 @@ def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config
                 noise = torch.stack([torch.randn(stack.star.numel(), generator=g, device=device) for g in chains.generators])
                 if stack.mask is not None:
                     grad, noise = grad * stack.mask, noise * stack.mask
-                if draw >= 0:  # 5. diagnostics of the state about to be left (norms only: cheap)
-                    distance, grad_norm = norms(chains.weights - stack.star), norms(grad)  # ‖w − w*‖, ‖∇L_B(w)‖
+                offset = chains.weights - stack.star  # 5. the state about to be left, for the diagnostics
                 drift = step_rule(chains, stack.star, grad, noise, config)  # 6. the sampler's update
                 if draw >= 0:
-                    chains.stats.update(loss=values, distance=distance, grad_norm=grad_norm, drift=drift, noise=noise,
-                                        config=config)
+                    chains.stats.update(loss=values, offset=offset, grad=grad, drift=drift, noise=noise, config=config)
 
-    per_chain = {k: np.empty((len(restrictions), config.num_chains)) for k in ("distance", "likelihood_fraction", "acceptance")}
+    per_step = {k: np.empty((len(restrictions), config.num_chains, config.num_draws)) for k in TRACES[1:]}
     finals, unflat, batched = {}, {}, {}
     for stack in stacks:
-        for k, v in stack.chains.stats.means().items():
-            per_chain[k][stack.index] = v
+        for k, v in stack.chains.stats.traces().items():
+            per_step[k][stack.index] = v
         finals.update(zip(stack.members, stack.chains.weights, strict=True))
         for r, _ in stack.members:
             unflat[r], batched[r] = stack.unflat, batched.get(r, True) and stack.batched
@@ -420,15 +419,15 @@ def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config
     for r, restriction in enumerate(restrictions):
         increase = trace[r] - init_losses
         llcs = (config.nbeta * increase.mean(1)).double().numpy()
-        diagnostics = summarise({k: v[r] for k, v in per_chain.items()}, config.nbeta * increase.numpy(),
-                                loss_increase=float(increase.mean()), init_loss=float(init_losses.mean()),
+        traces = {"loss": trace[r].double().numpy()} | {k: v[r] for k, v in per_step.items()}
+        diagnostics = summarise(traces, config.nbeta * increase.double().numpy(), loss_increase=float(increase.mean()),
                                 d=restriction.d, gamma=config.gamma, label=f"{restriction.label} ({desc})")
         final = unflat[r](torch.stack([finals[r, c] for c in range(config.num_chains)]))
         results.append(LLCResult(
             mean=float(llcs.mean()), std=float(llcs.std(ddof=1)), per_chain=llcs, loss_trace=trace[r].clone(),
             init_losses=init_losses.clone(), init_loss=float(init_losses.mean()), d=restriction.d,
             restrict=restriction.label, config=config, diagnostics=diagnostics, note=restriction.note,
-            batched=batched[r], forward=how, final_params={n: t.cpu() for n, t in final.items()},
+            batched=batched[r], forward=how, final_params={n: t.cpu() for n, t in final.items()}, trace=traces,
         ))
     return results
 

@@ -1,0 +1,57 @@
+"""The known-answer zoo: Aoyagi's formulas on their published examples and against each other, the models at a
+true parameter of the stated rank, and the advice for a model without a loss."""
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from tl_devinterp.sampling import estimate_llc
+from tl_devinterp.sampling.known_answers import ZOO, dln_lambda, known_answer, rrr_lambda
+
+
+def test_formulas_on_the_published_examples():
+    """Catches: a wrong branch or a dropped 1/8 parity term (RRR); a wrong index set Σ or term (DLN)."""
+    assert [rrr_lambda(5, 3, 5, 0), rrr_lambda(5, 4, 5, 0), rrr_lambda(4, 3, 8, 0)] == [6.5, 8, 6]
+    assert [dln_lambda((4, 3, 5, 4), 1), dln_lambda((3, 4, 5, 3), 2), dln_lambda((8, 6, 4, 6, 8), 2),
+            dln_lambda((10, 8, 6, 4), 2)] == [6, 4.5, 17.5, 16]
+
+
+def test_two_layer_dln_is_reduced_rank_regression():
+    """Catches: Σ chosen among the wrong widths or ties handled wrongly (they disagree on some shape)."""
+    for M in range(1, 9):
+        for H in range(1, 9):
+            for N in range(1, 9):
+                for r in range(min(M, H, N) + 1):
+                    assert dln_lambda((M, H, N), r) == pytest.approx(rrr_lambda(M, H, N, r)), (M, H, N, r)
+    assert dln_lambda((6, 6, 6, 6), 0) <= 4 * 36 / 2  # λ ≤ d/2
+
+
+@pytest.mark.parametrize(("widths", "rank"), [w for w in ZOO if sum(a * b for a, b in zip(w[0], w[0][1:])) < 5000])
+@pytest.mark.parametrize("loss", ["sum", "mean"])
+def test_cases_sit_at_a_truth_of_their_rank(widths, rank, loss):
+    """Catches: a truth of another rank (λ would be another's), targets not the model's (L(w*) > 0), a loss
+    of the other scaling."""
+    case = known_answer(widths, rank, loss=loss, n=64)
+    product = case.model[0].weight
+    for layer in case.model[1:]:
+        product = layer.weight @ product
+    assert torch.linalg.matrix_rank(product.detach()).item() == rank
+    x, y = case.data
+    assert case.loss_fn(case.model, case.data).item() == 0.0
+    shifted = case.loss_fn(case.model, (x, y + 1.0)).item()
+    assert shifted == pytest.approx(1.0 if loss == "mean" else y.numel(), rel=1e-5)
+    assert case.llc <= case.d / 2
+
+
+def test_the_advice_for_a_model_without_a_loss_works_on_a_sequential():
+    """Catches: advice that breaks the model it is given for (a criterion assigned to an nn.Sequential's
+    attribute becomes one of its layers)."""
+    case = known_answer((3, 2, 3), 1, n=16)
+    with pytest.raises(TypeError, match="No loss for a Sequential") as info:
+        estimate_llc(case.model, case.data, num_chains=2, num_draws=2, num_burnin=0, batch_size=4, progress=False)
+    advice = re.search(r"loss_fn=(lambda .*?) for batches", str(info.value)).group(1)
+    r = estimate_llc(case.model, case.data, num_chains=2, num_draws=2, num_burnin=0, batch_size=4, progress=False,
+                     loss_fn=eval(advice, {"torch": torch}), nbeta=10.0, gamma=100.0)
+    assert r.d == 12 and len(case.model) == 2 and isinstance(case.model[-1], nn.Linear)

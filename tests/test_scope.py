@@ -1,0 +1,39 @@
+"""Which heads `analyze` samples: --heads / --layers, the same in AnalysisConfig, and the default at GPT-2 size."""
+
+import pytest
+
+from tl_devinterp.analysis import AnalysisConfig, head_scope
+from tl_devinterp.cli import main
+
+
+def test_heads_and_layers_choose_the_sampled_heads():
+    """Catches: --layers/--heads ignored (every head sampled), heads outside the model accepted."""
+    assert head_scope(AnalysisConfig(layers=[1]), 2, 4) == ([(1, h) for h in range(4)], None)
+    assert head_scope(AnalysisConfig(heads=["l0h3", "L1H0"]), 2, 4) == ([(0, 3), (1, 0)], None)
+    with pytest.raises(ValueError, match="layers=.*12 layers"):
+        head_scope(AnalysisConfig(layers=[12]), 12, 12)
+    with pytest.raises(ValueError, match=r"L0H12.*12 heads"):
+        head_scope(AnalysisConfig(heads=["l0h12"]), 12, 12)
+    with pytest.raises(TypeError, match="layers must be a list of integers"):
+        AnalysisConfig(layers=["1"])
+
+
+def test_the_default_at_gpt2_size_is_three_layers_at_three_checkpoints():
+    """Catches: the default samples all 144 heads of GPT-2 small at every checkpoint (hours a checkpoint on a
+    CPU), or the auto scope overriding what the user chose."""
+    heads, steps = head_scope(AnalysisConfig(), 12, 12)
+    assert sorted({layer for layer, _ in heads}) == [0, 6, 11] and len(heads) == 36 and steps == 3
+    assert head_scope(AnalysisConfig(), 2, 4) == ([(layer, h) for layer in range(2) for h in range(4)], None)
+    assert head_scope(AnalysisConfig(head_steps=5), 12, 12)[1] is None  # the user's head_steps
+    assert len(head_scope(AnalysisConfig(auto_scope=False), 12, 12)[0]) == 144
+    assert len(head_scope(AnalysisConfig(layers=[3]), 12, 12)[0]) == 12
+
+
+def test_the_command_line_reads_heads_and_layers(quick_series_dir, tmp_path, capsys):
+    """Catches: the flags missing from the CLI, or a head outside the model found only after sampling."""
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", str(quick_series_dir), "--out", str(tmp_path / "r"), "--layers", "0", "7", "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "layers=[0, 7]" in err and "drop [7]" in err and err.count("\n") == 1
+    assert not (tmp_path / "r" / "store").exists()
