@@ -2,6 +2,7 @@
 writers, full disks, read-only folders and bad options. Each case ends in a clear error or the right result,
 with nothing lost."""
 
+import codecs
 import errno
 import json
 import os
@@ -569,3 +570,28 @@ def test_training_that_explodes_stops_naming_the_step(tmp_path, capsys):
     status, err = cli(["train", "--preset", "quick", "--n-steps", "4", "--lr", "1e6", "--out", str(tmp_path / "cli")],
                       capsys)
     one_line_error(status, err.splitlines(keepends=True)[-1], "diverged at step 1", "lr=1e+06")  # after the bar
+
+
+# --- 9. text data: its encoding read, or refused --------------------------------------------------------------
+def test_text_data_in_other_encodings_is_decoded_or_refused(tmp_path):
+    """Catches: binary, Latin-1 and UTF-16 `--data` files decoded as UTF-8 with replacement characters (1,627
+    U+FFFD and 13 NULs in one case) and tokenised as if they were text."""
+    from tl_devinterp.data import text_files
+    from tl_devinterp.errors import InvalidValueError
+
+    text = "def f(x):\n    return x  # café, naïve, 数据\n"
+    for name, data in {"utf8.txt": text.encode(), "bom8.txt": text.encode("utf-8-sig"),
+                       "utf16.txt": text.encode("utf-16"), "utf16be.txt": codecs.BOM_UTF16_BE + text.encode("utf-16-be"),
+                       "utf32.txt": text.encode("utf-32"), "utf16le-nobom.txt": text[:-9].encode("utf-16-le")}.items():
+        (tmp_path / name).write_bytes(data)
+        assert text_files(tmp_path / name)["text"][0] in (text, text[:-9]), name
+    (tmp_path / "latin1.txt").write_bytes("café naïve\n".encode("latin-1"))
+    with pytest.raises(InvalidValueError, match=r"latin1.txt is not UTF-8 text \(byte 0xe9 at offset 3\).*iconv -f "
+                                                r"latin1 -t utf-8 .*latin1.txt > latin1.utf8.txt"):
+        text_files([tmp_path / "utf8.txt", tmp_path / "latin1.txt"])
+    (tmp_path / "model.bin").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(InvalidValueError, match="model.bin (holds binary data|is not UTF-8 text)"):
+        text_files(tmp_path / "model.bin")
+    (tmp_path / "nul.txt").write_bytes(b"text\x00with a NUL" * 3)
+    with pytest.raises(InvalidValueError, match=r"nul.txt holds binary data \(3 NUL"):
+        text_files(tmp_path / "nul.txt")

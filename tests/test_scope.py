@@ -37,3 +37,29 @@ def test_the_command_line_reads_heads_and_layers(quick_series_dir, tmp_path, cap
     err = capsys.readouterr().err
     assert "layers=[0, 7]" in err and "drop [7]" in err and err.count("\n") == 1
     assert not (tmp_path / "r" / "store").exists()
+
+
+def test_the_plan_counts_chains_and_coordinates_and_splits_what_does_not_fit(monkeypatch):
+    """Catches: a plan that miscounts what it samples, or one that runs out of memory instead of stacking
+    fewer chains per forward (and refusing with the fix when even one chain does not fit)."""
+    import torch
+
+    import tl_devinterp.sampling.plan as plan_module
+    from tl_devinterp.models import ModelConfig, build_model
+    from tl_devinterp.sampling import SGLDConfig, resolve_restriction
+
+    model = build_model(ModelConfig(n_layers=2, n_heads=2, d_model=16, n_ctx=16, d_vocab=32))
+    tokens = torch.randint(0, 32, (32, 16), generator=torch.Generator().manual_seed(0))
+    restrictions = [resolve_restriction(model, (1, h)) for h in range(2)]
+    config = SGLDConfig(num_chains=2, num_draws=10, num_burnin=5, batch_size=8, max_batched=4)
+    plan = plan_module.plan_llcs(model, tokens, restrictions, config)
+    assert (plan.chains, plan.coordinates, plan.steps, plan.max_batched) == (4, 4 * restrictions[0].d, 15, 4)
+    assert plan.peak_bytes >= plan.baseline_bytes > 0 and plan.seconds > 0 and "4 chains" in str(plan)
+
+    monkeypatch.setattr(plan_module, "available_memory", lambda device: -1)  # no plan fits (a tiny one may need 0 B more)
+    calls = []
+    probe = plan_module._probe
+    monkeypatch.setattr(plan_module, "_probe", lambda *a: calls.append(a[3].max_batched) or probe(*a))
+    with pytest.raises(ValueError, match="does not fit: sample fewer heads"):
+        plan_module.plan_llcs(model, tokens, restrictions, config)
+    assert calls == [4, 2, 1]

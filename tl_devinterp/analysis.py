@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ from .options import alias_table, build, option, read_config_file, validate
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
 from .sampling.llc import SGLDConfig, default_nbeta
+from .sampling.plan import plan_llcs
+from .sampling.restrict import resolve_restriction
 from .series import CheckpointSeries
 from .store import StoreWarning, atomic_write, folder_lock
 from .tasks import Task, TokenTask, make_task
@@ -227,7 +230,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
     results.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     say = (lambda msg: tqdm.write(f"[analyze] {msg}", file=sys.stderr)) if progress else (lambda msg: None)
-    sgld = dataclasses.replace(config.sgld, seed=config.seed)
+    sgld = dataclasses.replace(_task_sampler(config.sgld, task), seed=config.seed)
     calibration = None
     if config.calibrate:
         calibration = _calibrate(series, train_data, sgld, task, progress)
@@ -246,6 +249,8 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
             f"{n_head_steps} checkpoints; --heads, --layers, --head-steps or --no-auto-scope choose others")
     n_head_steps = config.head_steps if n_head_steps is None else n_head_steps
     every = n_head_steps is None and bool(head_list)
+    # the plan, from a few timed steps at the last checkpoint; a plan that does not fit is split
+    sgld = _plan(series, train_data, sgld, head_list, every, n_head_steps, task, config.device, say)
     say(f"{series}: LLC at every checkpoint" + (f", with {len(head_list)} heads'" if every else ""))
     llc = llc_over_series(series, train_data, sgld, heads=head_list if every else False, **run)
     say("the task's metrics" + (" (head scores and behavioural metrics)" if isinstance(task, TokenTask) else ""))
@@ -377,6 +382,22 @@ def head_scope(config: AnalysisConfig, n_layers: int, n_heads: int) -> tuple[lis
     return heads, (3 if auto else None)
 
 
+def _plan(series: CheckpointSeries, data, sgld: SGLDConfig, heads: list[tuple[int, int]], together: bool,
+          head_steps: int | None, task: Task, device: str | None, say: Callable[[str], None]) -> SGLDConfig:
+    """Say what the LLC passes will cost (`plan_llcs` at the last checkpoint: the model and `heads` in one pass
+    when `together`, else each pass alone), and return `sgld` with the `max_batched` that fits."""
+    model = series.load(series.steps[-1])
+    model = model.to(device) if device is not None else model
+    whole = [resolve_restriction(model, None)]
+    parts = [resolve_restriction(model, h) for h in heads]
+    passes = [("model and heads", whole + parts)] if together else [("model", whole)] + [("heads", parts)] * bool(parts)
+    for what, restrictions in passes:
+        plan = plan_llcs(model, data, restrictions, sgld, loss_fn=task.sampler_loss)
+        say(f"{what}: {plan}; {plan.over(len(series) if what != 'heads' else min(head_steps or 0, len(series)))}")
+        sgld = dataclasses.replace(sgld, max_batched=min(sgld.max_batched, plan.max_batched))
+    return sgld
+
+
 def _shape(series: CheckpointSeries) -> tuple[int, int]:
     """(layers, heads per layer) of the series' models: from its manifest, else its first model."""
     cfg = series.meta.get("model_config")
@@ -464,6 +485,13 @@ def _is_text(data) -> bool:
     if isinstance(data, (list, tuple)):
         return bool(data) and all(isinstance(d, (str, os.PathLike)) for d in data)
     return isinstance(data, datasets.Dataset) and "input_ids" not in data.column_names
+
+
+def _task_sampler(sgld: SGLDConfig, task: Task) -> SGLDConfig:
+    """The task's own sampler settings (`Task.sampler_defaults`) for each option left at analyze's default."""
+    default = AnalysisConfig.__dataclass_fields__["sgld"].default_factory()
+    own = {k: v for k, v in task.sampler_defaults.items() if getattr(sgld, k) == getattr(default, k)}
+    return SGLDConfig.build(sgld, **own)
 
 
 def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, task: Task, progress: bool) -> Calibration:

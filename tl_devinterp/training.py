@@ -40,6 +40,8 @@ from .store import LOCK, TMP_SUFFIX, atomic_write, folder_lock
 from .tasks import Task, make_task
 from .tasks.base import batch_rows, index_batch
 
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
 
 @dataclass
 class TrainConfig:
@@ -49,8 +51,10 @@ class TrainConfig:
     data: dict[str, Any] = option({}, "a task's spec (tl_devinterp.tasks.make_task)")
     n_steps: int = option(3000, "training steps", ge=1)
     batch_size: int = option(32, "sequences per step", ge=1)
-    lr: float = option(1e-3, "AdamW learning rate", ge=0)
-    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    lr: float = option(1e-3, "learning rate", ge=0)
+    weight_decay: float = option(0.0, "weight decay", ge=0)
+    optimizer: str = option("adamw", "adamw, or sgd (plain SGD, as the toy model of superposition's paper trains)",
+                            choices=sorted(OPTIMIZERS))
     warmup_steps: int = option(0, "linear learning-rate warm-up steps", ge=0)
     n_log_checkpoints: int = option(20, "log-spaced checkpoints", ge=0)
     n_linear_checkpoints: int = option(20, "linearly spaced checkpoints", ge=0)
@@ -68,8 +72,9 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(dataclasses.replace(self, interventions=[]))
         d["model"] = self.model.to_dict()
-        if not self.extra_steps:  # manifests written before the field existed still match (and resume)
-            del d["extra_steps"]
+        for name, default in (("extra_steps", []), ("optimizer", "adamw")):
+            if d[name] == default:  # manifests written before the field existed still match (and resume)
+                del d[name]
         del d["interventions"]
         if self.interventions:  # only when present, so plain runs keep their manifests (and resume)
             d["interventions"] = [i.to_dict() for i in self.interventions]
@@ -98,11 +103,49 @@ PRESETS: dict[str, TrainConfig] = {
         data=_markov(32, 32, 2000, alpha=0.1, repeat_fraction=1.0, min_len=4, max_len=12),
         n_steps=200, batch_size=16, lr=3e-3, n_log_checkpoints=6, n_linear_checkpoints=4,
     ),
+    # In-context linear regression (tasks.regression; Hoogland et al. 2024): the paper's data (D=4, K=16, Gaussian
+    # tasks, noise 0.125) and model scale (2 layers, 4 heads, d_model 64, MLPs, LayerNorm: ~50k parameters),
+    # for a GPU. The -quick variant trains in about a minute on 2 CPU cores and shows LR1 and LR2.
+    "icl-regression": TrainConfig(
+        model=ModelConfig(n_layers=2, n_heads=4, d_model=64, n_ctx=32, d_vocab=5, attn_only=False, d_mlp=64),
+        data=dict(kind="icl-regression", D=4, K=16, noise=0.125, n_train=200_000, n_test=2048, seed=0),
+        n_steps=100_000, batch_size=256, lr=1e-3, warmup_steps=1000, n_log_checkpoints=40, n_linear_checkpoints=40,
+    ),
+    "icl-regression-quick": TrainConfig(
+        model=ModelConfig(n_layers=2, n_heads=2, d_model=32, n_ctx=16, d_vocab=4, attn_only=False, d_mlp=32),
+        data=dict(kind="icl-regression", D=3, K=8, noise=0.125, n_train=20_000, n_test=512, seed=0),
+        n_steps=1500, batch_size=64, lr=3e-3, n_log_checkpoints=12, n_linear_checkpoints=8,
+    ),
+    # Sparse-attention regression (tasks.regression; Zucchet et al. 2025): the target is a linear map of the
+    # first of T tokens; a plateau, then attention to it emerges suddenly, later for longer sequences.
+    "sparse-regression": TrainConfig(
+        model=ModelConfig(n_layers=1, n_heads=4, d_model=64, n_ctx=128, d_vocab=16, attn_only=True,
+                          normalization_type=None),
+        data=dict(kind="sparse-regression", D=16, T=128, relevant=0, n_train=100_000, n_test=1024, seed=0),
+        n_steps=20_000, batch_size=128, lr=1e-3, n_log_checkpoints=30, n_linear_checkpoints=40,
+    ),
+    "sparse-regression-quick": TrainConfig(
+        model=ModelConfig(n_layers=1, n_heads=2, d_model=32, n_ctx=16, d_vocab=8, attn_only=True,
+                          normalization_type=None),
+        data=dict(kind="sparse-regression", D=8, T=16, relevant=0, n_train=20_000, n_test=512, seed=0),
+        n_steps=600, batch_size=64, lr=1e-3, n_log_checkpoints=8, n_linear_checkpoints=12,
+    ),
     # A language model on the Python standard library's source.
     "stdlib": TrainConfig(
         model=ModelConfig(n_layers=2, n_heads=8, d_model=128, n_ctx=128, d_vocab=2048, attn_only=True),
         data=dict(kind="stdlib", vocab_size=2048, seq_len=128, seed=0, repeat_fraction=0.5, min_len=8, max_len=32),
         n_steps=5000, batch_size=32, lr=1e-3, n_log_checkpoints=20, n_linear_checkpoints=20,
+    ),
+    # The toy model of superposition (6 features, 2 dimensions) with the paper's SGD (Chen et al. 2023: 1000
+    # samples, batch 20, lr 0.005, 4500 epochs): k-gon plateaus and the drops between them. tasks.tms.
+    "tms": TrainConfig(
+        data=dict(kind="tms", n_features=6, n_hidden=2, n_train=1000), optimizer="sgd",
+        n_steps=225_000, batch_size=20, lr=0.005, n_log_checkpoints=40, n_linear_checkpoints=20,
+    ),
+    # About a minute on a CPU: a larger step reaches the 5+-gon by step ~2000.
+    "tms-quick": TrainConfig(
+        data=dict(kind="tms", n_features=6, n_hidden=2, n_train=1000, n_test=5000), optimizer="sgd",
+        n_steps=6000, batch_size=20, lr=0.05, n_log_checkpoints=16, n_linear_checkpoints=6,
     ),
 }
 
@@ -130,7 +173,8 @@ def train(
     llc_options: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> CheckpointSeries:
-    """Train from a preset (`demo`, `quick`, `stdlib`) or a `TrainConfig` and return the written series.
+    """Train from a preset (`PRESETS`: `demo`, `quick`, `stdlib`, `icl-regression`, `sparse-regression` and their
+    `-quick` variants) or a `TrainConfig` and return the written series.
 
     `overrides` replace TrainConfig fields (e.g. `n_steps=500`, `interventions=[Intervention(...)]`: with
     the same seed, batches and initialisation as the run without them, so the pair is a controlled
@@ -179,7 +223,7 @@ def _train(out: Path, config: TrainConfig, overwrite: bool, task: Task, train_da
     model = task.build_model(config.model, device)
     model.train()
     intervener = Intervener(model, config.interventions, device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start = max(map(int, manifest["checkpoints"]), default=-1)
     if start >= 0:
         _restore(out, manifest, model, opt)
@@ -345,11 +389,12 @@ def _save(out: Path, manifest: dict, step: int, model, opt, train_loss: float, t
 
 
 def _optimizer_tensors(model, opt) -> dict[str, torch.Tensor]:
-    """AdamW state as flat tensors keyed by parameter name (safetensors holds tensors only)."""
+    """The optimizer's state as flat tensors keyed by parameter name (safetensors holds tensors only)."""
     out = {}
     for name, p in model.named_parameters():
         for key, value in opt.state.get(p, {}).items():
-            out[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            if value is not None:  # SGD without momentum keeps momentum_buffer None
+                out[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     return out
 
 
