@@ -14,7 +14,7 @@ def test_heads_and_layers_choose_the_sampled_heads():
         head_scope(AnalysisConfig(layers=[12]), 12, 12)
     with pytest.raises(ValueError, match=r"L0H12.*12 heads"):
         head_scope(AnalysisConfig(heads=["l0h12"]), 12, 12)
-    with pytest.raises(TypeError, match="layers must be a list of integers"):
+    with pytest.raises(TypeError, match="'layers' option of AnalysisConfig must be a list of integers"):
         AnalysisConfig(layers=["1"])
 
 
