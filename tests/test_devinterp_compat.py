@@ -137,5 +137,5 @@ def test_devinterp_names_give_our_estimate(model, tokens, tmp_path):
     assert estimate_llc(model, tokens, **kwargs, **base).mean == ours.mean
     (tmp_path / "analysis.json").write_text(json.dumps(theirs))
     assert AnalysisConfig.from_file(tmp_path / "analysis.json").sgld == AnalysisConfig.from_dict(names).sgld
-    with pytest.raises(ValueError, match="'epsilon' is given twice"):
+    with pytest.raises(ValueError, match="'epsilon' option of SGLDConfig is given twice"):
         estimate_llc(model, tokens, lr=1e-3, epsilon=1e-3, **base)

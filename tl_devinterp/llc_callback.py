@@ -107,7 +107,7 @@ class LLCCallback(TrainerCallback):
         report_to = getattr(trainer.args, "report_to", None) or []
         for extra in ("tensorboard", "wandb"):
             if extra in report_to and importlib.util.find_spec(extra) is None:
-                raise ImportError(f"The Trainer reports to {extra}, which is not installed: "
+                raise MissingDependencyError(f"The Trainer reports to {extra}, which is not installed: "
                                   f"pip install 'tl_devinterp[{extra}]'.")
         self.trainer = trainer
         return self
