@@ -58,12 +58,12 @@ def planted_llcs(nbetas=(3000.0, 100_000.0)) -> pd.DataFrame:
 
 
 def plateaus(metrics: pd.DataFrame, llc: pd.DataFrame) -> pd.DataFrame:
-    """Runs of checkpoints at one k^σ-gon whose loss is within 0.003 of its closed form: the critical points
+    """Runs of checkpoints at one k^σ-gon whose loss is within 0.015 of its closed form: the critical points
     SGD visits, with the loss and the LLC there."""
     m = metrics.pivot_table(index="step", columns="metric", values="value")
     m = m.join(llc[llc.scope == "model"].set_index("step")[["llc_mean", "llc_se"]])
     m["name"] = [f"{int(k)}" + "+" * int(s) for k, s in zip(m.k, m.positive_dead)]
-    near = (m.loss - m.kgon_loss).abs() < 0.003
+    near = (m.loss - m.kgon_loss).abs() < 0.015
     rows, current = [], None
     for step, row in m[near].iterrows():
         if current is None or row["name"] != current["kgon"]:
