@@ -204,9 +204,9 @@ def test_a_failed_train_does_not_block_the_corrected_retry(tmp_path, monkeypatch
 
 
 def test_training_options_are_checked_first(tmp_path):
-    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+    with pytest.raises(ValueError, match="'seed' option of TrainConfig must be >= 0"):
         tiny_series(tmp_path / "s", seed=-1)
-    with pytest.raises(TypeError, match="Unknown TrainConfig field.*n_step"):
+    with pytest.raises(TypeError, match=r"Unknown option\(s\) \['n_step'\] of TrainConfig"):
         tiny_series(tmp_path / "s", n_step=3)
     assert not (tmp_path / "s").exists()
 
@@ -416,10 +416,10 @@ def test_cli_errors_of_train(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, pattern", [
-    (["--seed", "-1"], "seed must be >= 0"),
-    (["--n-components", "1"], "n_components must be >= 2"),
+    (["--seed", "-1"], "'seed' option of AnalysisConfig must be >= 0"),
+    (["--n-components", "1"], "'n_components' option of AnalysisConfig must be >= 2"),
     (["--attention-heads", "l9h9"], "L9H9"),
-    (["--num-chains", "1"], "num_chains must be >= 2"),
+    (["--num-chains", "1"], "'num_chains' option of SGLDConfig must be >= 2"),
     (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "device="),
     (["--device", "potato"], "not a torch device"),
 ])
@@ -437,7 +437,7 @@ def test_cli_analyze_damaged_inputs(series_dir, tmp_path, capsys):
                    "c.json", "cannot be parsed")
     config.write_text('{"num_draws": "3"}')
     one_line_error(*cli(["analyze", str(series_dir), "--out", str(tmp_path / "o"), "--config", str(config)], capsys),
-                   "num_draws must be an integer", "c.json")
+                   "'num_draws' option of SGLDConfig must be an integer", "c.json")
     (series_dir / "manifest.json").write_text("[]")
     one_line_error(*cli(["analyze", str(series_dir), "--out", str(tmp_path / "o")], capsys), "manifest.json",
                    "JSON list")
@@ -450,11 +450,11 @@ def test_cli_divergence_names_the_checkpoint(quick_tiny_dir, tmp_path, capsys):
 
 
 def test_wrong_types_name_the_option():
-    with pytest.raises(TypeError, match=r"attention_heads must be a list of strings or None, got 'l0h0'.*\['l0h0'\]"):
+    with pytest.raises(TypeError, match=r"'attention_heads' option of AnalysisConfig must be a list of strings or None; got 'l0h0'.*\['l0h0'\]"):
         AnalysisConfig(attention_heads="l0h0")
-    with pytest.raises(TypeError, match="num_draws must be an integer, got 2.5"):
+    with pytest.raises(TypeError, match="'num_draws' option of SGLDConfig must be an integer; got 2.5"):
         AnalysisConfig.from_dict({"num_draws": 2.5})
-    with pytest.raises(TypeError, match="thresholds must be a mapping"):
+    with pytest.raises(TypeError, match="'thresholds' option of AnalysisConfig must be a mapping"):
         AnalysisConfig.from_dict({"thresholds": {"induction": "high"}})
     assert AnalysisConfig.from_dict({"epsilon": 1}).sgld.epsilon == 1.0
     assert isinstance(AnalysisConfig.from_dict({"epsilon": 1}).sgld.epsilon, float)
