@@ -63,3 +63,27 @@ def test_the_plan_counts_chains_and_coordinates_and_splits_what_does_not_fit(mon
     with pytest.raises(ValueError, match="does not fit: sample fewer heads"):
         plan_module.plan_llcs(model, tokens, restrictions, config)
     assert calls == [4, 2, 1]
+
+
+def test_prior_dominated_estimates_are_said_in_the_headline_and_beside_stages(tmp_path):
+    """Catches: a report of prior-dominated LLCs (Trainer checkpoints and GPT-2-size models under the default
+    setting) read as the model's LLC, with stages drawn from them and nothing said beside them."""
+    import pandas as pd
+
+    from tl_devinterp.analysis import AnalysisResult
+    from tl_devinterp.dynamics import Stage
+    from tl_devinterp.visualisation.report import analysis_report, proxy_headline
+
+    steps = [0, 10, 20, 30]
+    llc = pd.DataFrame(dict(step=steps, scope="model", layer=pd.NA, head=pd.NA, llc_mean=[1.0, 2, 3, 3.1],
+                            llc_std=0.1, llc_se=0.05, init_loss=[4.0, 3, 2, 1.9], regime=["prior", "prior", "likelihood", "prior"]))
+    assert proxy_headline(llc).startswith("3 of 4 LLC estimates are prior-dominated")
+    assert proxy_headline(llc.assign(regime="likelihood")) == ""
+    result = AnalysisResult(llc=llc, metrics=None, head_classes=None, stages=[Stage(0, 20, "A"), Stage(20, 30, "B")],
+                            ed=None, loss_differences=None, attention=[], sample_tokens=[], out_dir=tmp_path)
+    page = analysis_report(result, tmp_path / "report.html").read_text()
+    assert 'id="proxy-headline"' in page and page.index("proxy-headline") < page.index("checkpoints analysed")
+    assert "The stages are derived from LLC estimates of which 3 of 4 are prior-dominated" in page
+    clean = analysis_report(AnalysisResult(**{**result.__dict__, "llc": llc.assign(regime="likelihood")}),
+                            tmp_path / "clean.html").read_text()
+    assert "proxy-headline" not in clean and "prior-dominated:" not in clean

@@ -51,6 +51,7 @@ from .models import all_heads, bos_token_id, check_device, check_head, head_name
 from .options import alias_table, build, option, read_config_file, validate
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
+from .sampling.diagnostics import SamplerWarning
 from .sampling.llc import SGLDConfig, default_nbeta
 from .sampling.plan import plan_llcs
 from .sampling.restrict import resolve_restriction
@@ -59,7 +60,7 @@ from .store import StoreWarning
 from .tasks import Task, TokenTask, make_task
 from .tasks.base import index_batch
 from .visualisation.attention import AttentionView, attention_view
-from .visualisation.report import analysis_report
+from .visualisation.report import analysis_report, prior_share, proxy_headline
 
 AUTO_SCOPE_HEADS = 48
 """Above this many heads (GPT-2 small has 144), `analyze` by default estimates fewer head LLCs (`auto_scope`)."""
@@ -302,13 +303,17 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
                             loss_differences=loss_differences, attention=attention, sample_tokens=sample_labels,
                             out_dir=out, title=f"tl_devinterp report: {series!r}",
                             calibration=calibration, head_clusters=clusters)
+    prior = "{}/{}".format(*prior_share(model_llc))  # beside the stages: how many of their LLCs were prior-dominated
     for name, frame in (("llc", llc), ("metrics", metrics), ("head_classes", classes),
-                        ("stages", stages_frame(stages)), ("essential_dynamics", ed.frame()),
+                        ("stages", stages_frame(stages).assign(prior_dominated_llcs=prior)), ("essential_dynamics", ed.frame()),
                         ("loss_differences", loss_differences),
                         ("head_clusters", clusters.assignments if clusters else pd.DataFrame())):
         atomic_write(results / f"{name}.csv", frame.to_csv(index=False))
     result.report = analysis_report(result, out / "report.html", figures_dir=out / "figures")
     say(f"report: {result.report}")
+    headline = proxy_headline(llc)
+    if headline:
+        warnings.warn(headline, SamplerWarning, stacklevel=3)
     return result
 
 

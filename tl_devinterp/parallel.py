@@ -16,6 +16,7 @@ and `--scheduler`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import warnings
@@ -80,12 +81,39 @@ def _job(job: Callable[[int], Any], step: int, per_host: int) -> tuple[Any, list
     """One checkpoint on a worker: share the host's cores between its workers, pin a GPU, load, compute; the
     frame comes back with the warnings raised, for the driver to show."""
     torch.set_num_threads(max(1, _cores() // per_host))
+    undo_malloc_trim()
     if "CUDA_VISIBLE_DEVICES" not in os.environ and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         torch.cuda.set_device(_worker_index() % torch.cuda.device_count())  # "cuda" now means this GPU
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         frame = job(step)
     return frame, [(str(w.message), w.category) for w in caught]
+
+
+def undo_malloc_trim() -> bool:
+    """In a process started with `MALLOC_TRIM_THRESHOLD_` set (Dask's nanny sets it for every worker on any
+    cluster), give glibc's allocator back the mmap threshold it would have: with the variable set, every
+    allocation above 128 KiB is a fresh mmap, and torch on the CPU runs about 1.5-2x slower. The threshold is
+    set to glibc's dynamic maximum (32 MiB) and trimming to twice that, as `mallopt` allows at run time.
+    Returns whether it acted; warns once where the variable is set and this libc has no `mallopt`."""
+    global _MALLOC_DONE
+    if _MALLOC_DONE or "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        return False
+    _MALLOC_DONE = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20) == 1
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        warnings.warn("MALLOC_TRIM_THRESHOLD_ is set in this worker (Dask's default) and this C library cannot be "
+                      "told otherwise: torch may run about 2x slower here. Set distributed.nanny.pre-spawn-environ."
+                      "MALLOC_TRIM_THRESHOLD_: null in the Dask config.", RuntimeWarning, stacklevel=2)
+    return ok
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_MALLOC_DONE = False  # once per process
 
 
 def _cores() -> int:
@@ -146,8 +174,7 @@ def dask_executor(*, workers: int | None = None, scheduler: str | None = None,
 def local_cluster(workers: int):
     """A Dask `LocalCluster` of `workers` single-thread processes, without the `MALLOC_TRIM_THRESHOLD_` that
     Dask sets for its workers by default: it makes torch on the CPU about 2x slower (every tensor allocation
-    becomes an mmap). Set `distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null` in the Dask
-    config of other clusters."""
+    becomes an mmap). On other clusters each job undoes it in its worker (`undo_malloc_trim`)."""
     import dask
     from distributed import LocalCluster
 
