@@ -21,24 +21,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import tl_devinterp.files as files_module
 import tl_devinterp.sampling.over_series as llc_module
-import tl_devinterp.store as store_module
 import tl_devinterp.training as training
 from tl_devinterp.analysis import AnalysisConfig, analyze
 from tl_devinterp.cli import main
 from tl_devinterp.dynamics import essential_dynamics
+from tl_devinterp.errors import FolderInUseError
+from tl_devinterp.files import TMP_SUFFIX, atomic_write, file_sha256, folder_lock
 from tl_devinterp.metrics import metrics_over_series
 from tl_devinterp.sampling import llc_over_series
 from tl_devinterp.series import CheckpointSeries, SeriesError, SeriesWarning
-from tl_devinterp.store import (
-    TMP_SUFFIX,
-    FolderInUseError,
-    ResultStore,
-    StoreWarning,
-    atomic_write,
-    file_sha256,
-    folder_lock,
-)
+from tl_devinterp.store import REUSABLE, ResultStore, StoreWarning
 from tl_devinterp.training import PRESETS, train
 
 TINY = dict(n_steps=4, data={**PRESETS["quick"].data, "n_train": 200, "n_test": 32})  # 5 checkpoints, ~0.3 s
@@ -137,7 +131,7 @@ def crash_after(monkeypatch, n):
                 raise Crash
         return f
 
-    monkeypatch.setattr(training, "atomic_write", counted(store_module.atomic_write))
+    monkeypatch.setattr(training, "atomic_write", counted(files_module.atomic_write))
     monkeypatch.setattr(training, "_remove", counted(lambda p: p.unlink(missing_ok=True)))
     return count
 
@@ -328,22 +322,21 @@ def test_a_damaged_feature_array_is_recomputed(quick_tiny_dir, tmp_path):
 
 
 def test_two_writers_and_a_reader_never_see_a_partial_file(tmp_path):
-    store = ResultStore(tmp_path, "x", {})
-    store.fingerprints[5] = "ab" * 8
+    store, weights = ResultStore(tmp_path, "x", {}), "ab" * 8
     frame = pd.DataFrame({"value": np.arange(2000.0)})
     errors, reads = [], [0]
 
     def write():
         try:
             for _ in range(40):
-                store.save(5, frame)
+                store.save(5, weights, frame)
         except Exception as e:  # noqa: BLE001 - any failure of a writer fails the test
             errors.append(e)
 
     def read():
         while any(t.is_alive() for t in writers):
-            if store.has(5):
-                pd.testing.assert_frame_equal(store.load(5), frame)
+            if store.status(5, weights) == REUSABLE:
+                pd.testing.assert_frame_equal(store.load(5, weights), frame)
                 reads[0] += 1
 
     writers = [threading.Thread(target=write) for _ in range(2)]
@@ -363,7 +356,7 @@ def test_a_failed_write_leaves_no_file_under_its_name(tmp_path, monkeypatch, cod
     def full(fd):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(store_module.os, "fsync", full)
+    monkeypatch.setattr(files_module.os, "fsync", full)
     with pytest.raises(OSError, match="f.csv") as e:
         atomic_write(tmp_path / "f.csv", "new")
     assert e.value.errno == code and (tmp_path / "f.csv").read_text() == "old"
@@ -390,7 +383,7 @@ def test_cli_disk_full_and_unwritable_folder(tmp_path, monkeypatch, capsys, code
     def refuse(*args, **kwargs):
         raise OSError(code, os.strerror(code), str(args[0]) if args else None)
 
-    monkeypatch.setattr(store_module.tempfile, "mkstemp", lambda **kw: refuse(kw["dir"]))
+    monkeypatch.setattr(files_module.tempfile, "mkstemp", lambda **kw: refuse(kw["dir"]))
     out = tmp_path / "s"
     status, err = cli(["train", "--preset", "quick", "--n-steps", "2", "--out", str(out)], capsys)
     one_line_error(status, err, "manifest.json", "no space left" if code == errno.ENOSPC else "writable folder")

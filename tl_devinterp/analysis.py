@@ -43,7 +43,9 @@ from .errors import (
     InvalidValueError,
     NotAFolderError,
     SeriesError,
+    TLDevinterpError,
 )
+from .files import atomic_write, folder_lock
 from .metrics import classify_heads
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import all_heads, bos_token_id, check_device, check_head, head_name, parse_head
@@ -55,7 +57,7 @@ from .sampling.llc import SGLDConfig, default_nbeta
 from .sampling.plan import plan_llcs
 from .sampling.restrict import resolve_restriction
 from .series import CheckpointSeries
-from .store import StoreWarning, atomic_write, folder_lock
+from .store import StoreWarning
 from .tasks import Task, TokenTask, make_task
 from .tasks.base import index_batch
 from .visualisation.attention import AttentionView, attention_view
@@ -450,7 +452,12 @@ def _plan(series: CheckpointSeries, data, sgld: SGLDConfig, heads: list[tuple[in
     parts = [resolve_restriction(model, h) for h in heads]
     passes = [("model and heads", whole + parts)] if together else [("model", whole)] + [("heads", parts)] * bool(parts)
     for what, restrictions in passes:
-        plan = plan_llcs(model, data, restrictions, sgld, loss_fn=task.sampler_loss)
+        try:
+            plan = plan_llcs(model, data, restrictions, sgld, loss_fn=task.sampler_loss)
+        except TLDevinterpError as e:  # e.g. a diverging sampler: say where, as the passes themselves do
+            if hasattr(e, "add_note"):  # Python >= 3.11
+                e.add_note(f"(at checkpoint step {series.steps[-1]})")
+            raise
         say(f"{what}: {plan}; {plan.over(len(series) if what != 'heads' else min(head_steps or 0, len(series)))}")
         sgld = dataclasses.replace(sgld, max_batched=min(sgld.max_batched, plan.max_batched))
     return sgld
