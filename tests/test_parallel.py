@@ -17,9 +17,10 @@ from tl_devinterp.data import make_data, token_tensor
 from tl_devinterp.dynamics import essential_dynamics
 from tl_devinterp.metrics import metrics_over_series
 from tl_devinterp.parallel import WorkersLostError, local_cluster
+from tl_devinterp.runner import map_series
 from tl_devinterp.sampling import llc_over_series
 from tl_devinterp.sampling.llc import SGLDConfig
-from tl_devinterp.store import ResultStore, map_series
+from tl_devinterp.store import ResultStore
 
 distributed = pytest.importorskip("distributed")
 
@@ -134,10 +135,10 @@ def test_killed_driver_rerun_computes_only_the_rest(series, executor, tmp_path, 
     steps = series.steps[:6]
     save, saved = ResultStore.save, []
 
-    def dying_save(self, step, frame):
+    def dying_save(self, step, weights, frame, array=None):
         if len(saved) == 2:
             raise KeyboardInterrupt
-        save(self, step, frame)
+        save(self, step, weights, frame, array)
         saved.append(step)
 
     monkeypatch.setattr(ResultStore, "save", dying_save)

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from .errors import InvalidTypeError, InvalidValueError, NotSupportedError
+from .files import fingerprint
 from .models import as_head, check_head, head_masks
 from .options import build, option, validate
-from .store import fingerprint
 
 KINDS = ("zero", "mean", "clamp", "freeze")
 HEAD_AXIS = {"hook_pattern": 1, "hook_attn_scores": 1, "hook_z": 2, "hook_q": 2, "hook_k": 2, "hook_v": 2,

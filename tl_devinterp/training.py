@@ -31,12 +31,12 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from .errors import InvalidValueError, SeriesError, TrainingDivergedError
+from .files import LOCK, TMP_SUFFIX, atomic_write, folder_lock
 from .interventions import Intervener, Intervention, as_interventions
 from .llc_callback import llc_now
 from .models import ModelConfig, check_device
 from .options import build, option, validate
 from .series import FORMAT, MANIFEST, CheckpointSeries, load_checkpoint_state, read_manifest
-from .store import LOCK, TMP_SUFFIX, atomic_write, folder_lock
 from .tasks import Task, make_task
 from .tasks.base import batch_rows, index_batch
 

@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
+from ..files import fingerprint
 from ..models import ModelConfig, build_model
-from ..store import ResultStore, fingerprint, map_series
+from ..runner import map_series
+from ..store import ResultStore
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...]
 """What a task's data holds and its loss reads: one tensor (tokens) or a tuple of tensors sharing the first
