@@ -32,6 +32,7 @@ from .metrics import metrics_over_series
 from .metrics.over_series import HEAD_METRICS
 from .sampling import llc_over_series
 from .series import MANIFEST, CheckpointSeries
+from .store import atomic_write
 from .tasks import TokenTask
 from .visualisation.report import png_figure, table_html, write_report
 
@@ -150,7 +151,7 @@ class SeriesComparison:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name, frame in (("comparison", self.aligned), ("stages", self.stages), ("phase_changes", self.phase_changes)):
-            frame.to_csv(out / f"{name}.csv", index=False)
+            atomic_write(out / f"{name}.csv", frame.to_csv(index=False))
         return write_report(out / "comparison.html", [self.report_section(figures_dir=out / "figures")],
                             title=f"tl_devinterp comparison: {self.labels[0]} vs {self.labels[1]}")
 
