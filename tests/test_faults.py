@@ -601,7 +601,7 @@ def published(out, staging=True):
     `staging=False`: what a reader sees, without the outputs staged but not published yet."""
     skip = {"store"} | (set() if staging else {".tl_devinterp-staging"})
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.relative_to(out).parts[0] not in skip and p.name != store_module.LOCK}
+            if p.is_file() and p.relative_to(out).parts[0] not in skip and p.name != files_module.LOCK}
 
 
 def killed(pattern, n, *args, before=False, hold=None, **kwargs):

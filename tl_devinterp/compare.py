@@ -28,11 +28,11 @@ from matplotlib.figure import Figure
 from .analysis import AnalysisConfig, AnalysisResult, task_data
 from .dynamics import Stage, find_stages, stages_frame
 from .errors import InvalidTypeError, InvalidValueError, MissingFileError
+from .files import atomic_write
 from .metrics import metrics_over_series
 from .metrics.over_series import HEAD_METRICS
 from .sampling import llc_over_series
 from .series import MANIFEST, CheckpointSeries
-from .store import atomic_write
 from .tasks import TokenTask
 from .visualisation.report import png_figure, table_html, write_report
 

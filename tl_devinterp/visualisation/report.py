@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..files import atomic_write
 from ..models import head_name
 from ..sampling.diagnostics import ROW as DIAGNOSTIC_COLUMNS
-from ..store import atomic_write
 from .attention import circuitsvis_script
 
 _CSS = """
