@@ -1,4 +1,4 @@
-"""The local learning coefficient (LLC) by SGLD around a checkpoint w* (design.md §4).
+"""The local learning coefficient (LLC) by SGLD around a checkpoint w* (docs/design.md, "The estimator").
 
     Δw = −(ε/2)·[nβ·∇L_B(w) + γ·(w − w*)] + N(0, ε)       (drift and noise masked by a restriction)
     λ̂  = nβ · mean over chains and post-burn-in draws of [L_B(w_t) − L_B(w*)]
