@@ -52,8 +52,8 @@ def main() -> None:
     induction = heads[heads.metric == "prefix_matching"].pivot_table(index="step", columns=["layer", "head"], values="value")
     previous = heads[heads.metric == "previous_token"].pivot_table(index="step", columns=["layer", "head"], values="value")
     table = model[["loss", "icl_accuracy", "icl_swapped_accuracy", "iwl_accuracy"]].assign(
-        max_induction=induction.max(1), top_induction_head=induction.idxmax(1).map(lambda h: f"L{h[0]}H{h[1]}"),
-        max_previous_token=previous.max(1), llc=llc.set_index("step").llc_mean)
+        max_induction=induction.max(axis=1), top_induction_head=induction.idxmax(axis=1).map(lambda h: f"L{h[0]}H{h[1]}"),
+        max_previous_token=previous.max(axis=1), llc=llc.set_index("step").llc_mean)
     print(table.round(3).to_string())
     rise = model.icl_accuracy.diff().idxmax()
     print(f"\nlargest ICL rise: to step {rise} ({model.icl_accuracy.shift().loc[rise]:.2f} -> "
