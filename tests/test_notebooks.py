@@ -1,6 +1,7 @@
 """The notebooks run top to bottom and are committed with their outputs and figures (`make notebooks`:
 notebooks/execute.py); 01-03 read the part of a demo run shipped in notebooks/data/demo (written by
-notebooks/data/ship_demo.py), 04 trains the quick preset, 05 a tiny GPT-2 with a transformers Trainer."""
+notebooks/data/ship_demo.py), 04 trains the quick preset, 05 a tiny GPT-2 with a transformers Trainer, 07 and 08
+the settings' tasks (toy models of superposition, bursty few-shot classification)."""
 
 import importlib.util
 import json
@@ -31,7 +32,7 @@ def test_notebooks_are_committed_executed():
     run out of order, with an error or a progress bar in its saved outputs, or without a figure."""
     names = [p.name for p in NOTEBOOKS]
     assert {"01_head_llcs.ipynb", "02_stage_analysis.ipynb", "03_attention_across_stages.ipynb",
-            "04_interventions.ipynb", "05_trainer_gpt2.ipynb"} <= set(names)
+            "04_interventions.ipynb", "05_trainer_gpt2.ipynb", "07_tms.ipynb", "08_bursty_classification.ipynb"} <= set(names)
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
