@@ -50,6 +50,7 @@ from .metrics import classify_heads
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import all_heads, bos_token_id, check_device, check_head, head_name, parse_head
 from .options import alias_table, build, option, read_config_file, validate
+from .results import head_rows, model_curve, model_rows
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
 from .sampling.diagnostics import SamplerWarning
@@ -265,14 +266,12 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
         llc = pd.concat([llc, llc_over_series(series, train_data, sgld, heads=head_list, model=False, steps=head_steps,
                                               **run)])
     llc = llc.sort_values(["step", "scope", "layer", "head"], ignore_index=True)
-    n_heads = len(llc[llc["scope"] == "head"][["layer", "head"]].drop_duplicates())
+    n_heads = len(head_rows(llc)[["layer", "head"]].drop_duplicates())
     clusters = (cluster_heads([llc, head_metrics], n_clusters=config.n_clusters,
                               classes=classes if not classes.empty else None)
                 if config.n_clusters and n_heads >= 2 else None)
 
-    model_llc = llc[llc["scope"] == "model"]
-    stages = find_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), model_llc["llc_se"].to_numpy(),
-                         **config.stage_options())
+    stages = find_stages(*model_curve(llc), **config.stage_options())
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
     probes, proxy = task.probes(test_data, config.n_sequences)
     ed = essential_dynamics(series, probes, proxy=proxy, n_components=config.n_components, sigma=config.ed_sigma,
@@ -580,7 +579,7 @@ def _head_steps(steps: list[int], n: int | None, llc: pd.DataFrame, metrics: pd.
         return [steps[0], steps[-1]][:n]
     curves = metrics.assign(curve=metrics["metric"].astype(str) + metrics["layer"].astype(str) + metrics["head"].astype(str))
     curves = curves.pivot_table(index="step", columns="curve", values="value")
-    curves["llc"] = llc[llc["scope"] == "model"].set_index("step")["llc_mean"]
+    curves["llc"] = model_rows(llc).set_index("step")["llc_mean"]
     curves = curves.reindex(steps)
     spread = (curves.max() - curves.min()).replace(0, np.nan)
     change = (curves.diff().abs() / spread).sum(axis=1).to_numpy()[1:-1]  # the change arriving at each inner step
