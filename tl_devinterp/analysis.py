@@ -301,7 +301,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
                             calibration=calibration, head_clusters=clusters)
     # the outputs, with the record of the settings that produced them, staged whole and then published
     staging = out / STAGING
-    prior = "{}/{}".format(*prior_share(model_llc))  # beside the stages: how many of their LLCs were prior-dominated
+    prior = "{}/{}".format(*prior_share(model_rows(llc)))  # beside the stages: how many of their LLCs were prior-dominated
     frames = {"llc": llc, "metrics": metrics, "head_classes": classes,
               "stages": stages_frame(stages).assign(prior_dominated_llcs=prior),
               "essential_dynamics": ed.frame(), "loss_differences": loss_differences,
