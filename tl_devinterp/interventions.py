@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import InvalidTypeError, InvalidValueError, NotSupportedError
 from .files import fingerprint
-from .models import as_head, check_head, head_masks
+from .models import as_head, check_head, head_masks, model_device
 from .options import build, option, validate
 
 KINDS = ("zero", "mean", "clamp", "freeze")
@@ -144,7 +144,7 @@ class Intervener:
                 continue
             _check_hook(model, item)
             if isinstance(item.value, (dict, nn.Module)):
-                self.references[id(item)] = _reference_model(item, device or next(model.parameters()).device)
+                self.references[id(item)] = _reference_model(item, device or model_device(model))
 
     @contextlib.contextmanager
     def __call__(self, step: int, tokens) -> Iterator[None]:
@@ -200,7 +200,7 @@ def _reference_model(item: Intervention, device) -> nn.Module:
     if item.hook not in model.hook_dict:
         raise InvalidValueError(f"The reference model of the clamp on {item.hook!r} has no such hook point; clamp to a "
                                 f"model of the same architecture.")
-    if next(model.parameters()).device != torch.device(device):
+    if model_device(model) != torch.device(device):
         model = model.to(device)
     return model.eval()
 

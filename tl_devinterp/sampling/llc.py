@@ -1,4 +1,4 @@
-"""The local learning coefficient (LLC) by SGLD around a checkpoint w* (design.md §4).
+"""The local learning coefficient (LLC) by SGLD around a checkpoint w* (docs/design.md, "The estimator").
 
     Δw = −(ε/2)·[nβ·∇L_B(w) + γ·(w − w*)] + N(0, ε)       (drift and noise masked by a restriction)
     λ̂  = nβ · mean over chains and post-burn-in draws of [L_B(w_t) − L_B(w*)]
@@ -51,78 +51,20 @@ from ..models import (
     hf_boot_hint,
     is_supported_model,
     mean_token_loss,
+    model_device,
     parameter_slots,
     sampled_parameters,
 )
-from ..options import build, option, validate
-from .batches import as_tensors, batch_stream, lm_batch
+from .batches import batch_stream, lm_batch
 from .diagnostics import TRACES, ChainStats, SamplerDiagnostics, SamplerWarning, summarise
-from .fast_forward import check_precision, fast_forward, precision_context, verified_fast_forward
+from .fast_forward import fast_forward, precision_context, verified_fast_forward
 from .restrict import Restriction, resolve_restriction
-from .samplers import SAMPLERS, Chains
+from .samplers import MALA, SAMPLERS, Chains
+from .settings import SGLDConfig
 
 EXPLODE = 100.0
 """A chain has diverged when its loss exceeds L(w*) + EXPLODE·max(1, |L(w*)|) (or is NaN/inf)."""
 
-
-
-def default_nbeta(batch_size: int) -> float:
-    """nβ = n/log n for n = batch_size: the papers' "adaptive" β = 1/log n. The one source of this default."""
-    if batch_size < 2:
-        raise InvalidValueError(f"batch_size must be >= 2 for the default nbeta = n/log n, got {batch_size}.")
-    return batch_size / math.log(batch_size)
-
-
-@dataclass(frozen=True)
-class SGLDConfig:
-    """The sampler's hyperparameters, declared and validated once; every estimator takes one.
-
-    `nbeta=None` means n/log n of the batch size in use (`resolve`); a DataLoader's own batch size wins.
-    """
-
-    epsilon: float = option(1e-3, "SGLD step size epsilon", gt=0)
-    gamma: float = option(200.0, "localisation strength gamma", ge=0)
-    nbeta: float | None = option(None, "inverse temperature n*beta (default: n/log n of the batch size)", gt=0)
-    num_chains: int = option(4, "chains", ge=2, why="(the std across chains needs two)")
-    num_draws: int = option(100, "draws per chain after burn-in", ge=1)
-    num_burnin: int = option(50, "burn-in steps per chain", ge=0)
-    batch_size: int = option(32, "minibatch size", ge=1)
-    seed: int = option(0, "seed of the batches and the chains' noise", ge=0)
-    sampler: str = option("sgld", "update rule: sgld, sgnht or rmsprop_sgld", choices=sorted(SAMPLERS))
-    diffusion: float = option(0.01, "SGNHT's diffusion A (the thermostat's start)", gt=0)
-    rmsprop_decay: float = option(0.999, "RMSprop-SGLD's running-mean decay alpha", ge=0, lt=1)
-    rmsprop_delta: float = option(1.0, "RMSprop-SGLD's delta: preconditioner <= 1/delta", gt=0)
-    draws_every: int = option(1, "observables on every k-th draw (thinning; 1 = every draw)", ge=1)
-    max_batched: int = option(8, "chains evaluated together in one batched forward+backward (1: one at a time; "
-                              "lower it if memory runs out)", ge=1)
-    fast_forward: bool = option(True, "sample through sampling.fast_forward (plain torch from TL's weight views, "
-                                "fused attention) where it reproduces the TL forward and no hook point holds a "
-                                "hook; False: the TL forward")
-    precision: str = option("fp32", "fp32, tf32 (TF32 matmuls) or bf16 (autocast): CUDA only, a CPU always "
-                            "samples in float32")
-
-    def __post_init__(self):
-        validate(self)
-        check_precision(self.precision)
-
-    @classmethod
-    def build(cls, config: SGLDConfig | None = None, **overrides: Any) -> SGLDConfig:
-        """`config` (default: the defaults) with keyword overrides (other spellings too), naming any unknown one."""
-        return dataclasses.replace(config or cls(), **build(cls, overrides))
-
-    def resolve(self, data) -> SGLDConfig:
-        """The batch size in use (a DataLoader's own) and nβ filled in."""
-        loader = as_tensors(data)
-        batch_size = self.batch_size
-        if isinstance(loader, torch.utils.data.DataLoader) and loader.batch_size is not None:
-            batch_size = loader.batch_size
-        nbeta = default_nbeta(batch_size) if self.nbeta is None else float(self.nbeta)
-        return dataclasses.replace(self, batch_size=batch_size, nbeta=nbeta)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings that determine the numbers (a stored result's key): all but `max_batched` and
-        `fast_forward`, which only change how the same numbers are computed (to float rounding)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("max_batched", "fast_forward")}
 
 
 @dataclass
@@ -236,7 +178,7 @@ def choose_forward(model: nn.Module, loss_fn: Callable | None, config: SGLDConfi
     if any(h._forward_hooks or h._forward_pre_hooks or h._backward_hooks for h in model.hook_dict.values()):
         forward, problem = None, "hooks attached (the fast forward would skip them)"
     else:
-        sdpa = next(model.parameters()).device.type == "cuda"
+        sdpa = model_device(model).type == "cuda"
 
         def check() -> str:
             with eval_mode(model):
@@ -321,7 +263,7 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.loss, self.precision = model, loss, precision
         self.slots = parameter_slots(model)
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
 
     def forward(self, batch, *extra):
         with precision_context(self.precision, self.device):
@@ -545,7 +487,7 @@ def _stacks(restrictions: list[Restriction], starts: list[int], w_star: dict[str
             star = star_full.expand(len(members), -1) if index is None else star_full[index]
             chains = Chains(star.clone(), [_generator(config.seed, restrictions[r].label, c, device) for r, c in members],
                             torch.tensor([float(restrictions[r].d) for r, _ in members], device=device),
-                            ChainStats(len(members), mala=config.sampler == "sgld"))
+                            ChainStats(len(members), mala=config.sampler in MALA))
             stacks.append(_Stack(members, list(names), [w_star[n].shape for n in names], start, star_full, index,
                                  star, chains, None if len(members) > 1 else False))
     return stacks

@@ -11,13 +11,14 @@ import pandas as pd
 import torch
 
 from ..errors import InvalidValueError
-from ..models import all_heads
+from ..models import all_heads, parse_heads
 from ..runner import map_series
 from ..store import ResultStore, callable_key
 from .batches import data_fingerprint
-from .heads import _head_list, summary
-from .llc import SGLDConfig, sample_llcs
+from .heads import summary
+from .llc import sample_llcs
 from .restrict import resolve_restriction
+from .settings import SGLDConfig
 
 
 def llc_over_series(series, data, config: SGLDConfig | None = None, *,
@@ -37,7 +38,7 @@ def llc_over_series(series, data, config: SGLDConfig | None = None, *,
     closure) a `key=` naming it, or it is refused before any sampling.
     """
     config = SGLDConfig.build(config, **options).resolve(data)
-    head_spec = heads if isinstance(heads, bool) else _head_list(heads)
+    head_spec = heads if isinstance(heads, bool) else parse_heads(heads)
     if not model and not head_spec:
         raise InvalidValueError("llc_over_series with model=False needs heads (True or a list): nothing to sample.")
     compute = partial(_checkpoint_llcs, data=data, config=config, head_spec=head_spec, with_model=model, loss_fn=loss_fn,

@@ -28,14 +28,13 @@ from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
 from ..files import fingerprint
-from ..models import all_heads, is_supported_model
+from ..models import all_heads, is_supported_model, parse_heads
 from ..runner import map_series
 from ..store import ResultStore, callable_key
 from .batches import data_fingerprint
-from .heads import _head_list
-from .llc import SGLDConfig
 from .observables import MEMORY_LIMIT, ObservableTraces, posterior_covariance, sample_traces
 from .restrict import resolve_restriction
+from .settings import SGLDConfig
 
 
 def susceptibilities(model: nn.Module, data, shifts: dict, config: SGLDConfig | None = None, *, restrict=None,
@@ -53,7 +52,7 @@ def susceptibilities(model: nn.Module, data, shifts: dict, config: SGLDConfig | 
     """
     config = SGLDConfig.build(config, **options)
     _check_shifts(shifts)
-    specs = [restrict] + ([] if heads is False else all_heads(model) if heads is True else _head_list(heads))
+    specs = [restrict] + ([] if heads is False else all_heads(model) if heads is True else parse_heads(heads))
     restrictions = [resolve_restriction(model, spec) for spec in specs]
     observables = {"base": data} | {f"shift/{name}": q for name, q in shifts.items() if not _is_weighting(q)}
     traces = sample_traces(model, data, restrictions, observables, config, loss_fn=loss_fn, trace_dir=trace_dir,
@@ -118,7 +117,7 @@ def susceptibilities_over_series(series, data, shifts: dict, config: SGLDConfig 
     `device`, `progress`) are those of every pass over a series (`runner.map_series`)."""
     config = SGLDConfig.build(config, **options).resolve(data)
     _check_shifts(shifts)
-    head_spec = heads if isinstance(heads, bool) else _head_list(heads)
+    head_spec = heads if isinstance(heads, bool) else parse_heads(heads)
 
     compute = partial(_checkpoint_susceptibilities, data=data, shifts=shifts, config=config, head_spec=head_spec,
                       loss_fn=loss_fn, progress=progress and executor is None)  # one bar per checkpoint, if serial

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
 from ..files import fingerprint
-from ..models import ModelConfig, build_model
+from ..models import ModelConfig, build_model, model_device
 from ..runner import map_series
 from ..store import ResultStore
 
@@ -185,7 +185,7 @@ def task_features(spec: dict[str, Any], model: nn.Module, inputs: Batch) -> torc
 
 def _checkpoint_metrics(task: Task, test: Batch, step: int, model: nn.Module) -> pd.DataFrame:
     with torch.no_grad():
-        rows = task.metrics(model, _to(test, next(model.parameters()).device))
+        rows = task.metrics(model, _to(test, model_device(model)))
     return pd.DataFrame(rows, columns=METRIC_COLUMNS[1:])
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidValueError
-from ..models import ModelConfig
+from ..models import ModelConfig, model_device
 from .base import Option, Task, integer, number, register
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs [n, 2N+1, D+L], query labels [n], classes [n, N+1]
@@ -184,7 +184,7 @@ class BurstyClassification(Task):
         return self._eval
 
     def metrics(self, model: nn.Module, test: Batch) -> list[tuple[str, int | None, int | None, float]]:
-        device = next(model.parameters()).device
+        device = model_device(model)
         with torch.no_grad():
             rows = [("loss", None, None, float(self.loss(model, test)))]
             for kind, name in (("icl", "icl_accuracy"), ("swapped", "icl_swapped_accuracy"), ("iwl", "iwl_accuracy")):
@@ -212,7 +212,7 @@ def head_scores(model: nn.Module, task: BurstyClassification, inputs: torch.Tens
     """Per head: `prefix_matching`, the attention from the query to the label tokens that follow exemplars of
     its class (Singh et al. 2024's induction head), and `previous_token`, from each label token to its exemplar."""
     N = task.spec["N"]
-    device = next(model.parameters()).device
+    device = model_device(model)
     names = {f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)}
     _, cache = model.run_with_cache(**task.model_inputs(model, inputs.to(device)), names_filter=lambda n: n in names)
     match = (classes[:, :N] == classes[:, N:]).float().to(device)  # [n, N]: context items of the query's class
