@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tl_devinterp import Intervention, cluster_heads, train
+from tl_devinterp import Intervention, cluster_heads, compare_series, train
 from tl_devinterp.tasks import make_task
 from tl_devinterp.tasks.bursty import BurstyClassification
 
@@ -109,8 +109,8 @@ def test_an_exemplar_file_with_fewer_classes_than_asked_is_refused(tmp_path):
 
 def test_interventions_and_head_clusters_run_on_the_task(tmp_path):
     """Catches: training interventions refused or crashing on a task whose inputs are embedded (a reference clamp
-    runs the reference through the task's input adapter), a frozen head that moves, and head clusters that cannot
-    read the task's head scores (Singh et al. 2024's method)."""
+    runs the reference through the task's input adapter), a frozen head that moves, head clusters and the
+    comparison of two series (compare_series) that cannot read the task's head scores (Singh et al. 2024's method)."""
     task = make_task(SPEC)
     base = train_quick(task, tmp_path / "base")
     frozen = train_quick(task, tmp_path / "frozen", interventions=[
@@ -125,6 +125,9 @@ def test_interventions_and_head_clusters_run_on_the_task(tmp_path):
     metrics = task.metrics_over_series(frozen, *task.data(), progress=False)
     clusters = cluster_heads([metrics[metrics["head"].notna()]], n_clusters=2)
     assert len(clusters.assignments) == 4
+    comparison = compare_series(base, frozen, labels=("base", "frozen"), progress=False)
+    assert {"prefix_matching", "loss"} <= set(comparison.aligned["quantity"])
+    assert set(comparison.phase_changes["series"]) == {"base", "frozen"}
 
 
 def test_the_task_is_registered_with_its_presets():

@@ -4,8 +4,9 @@ The pipeline of the package, run in order: the LLC at every checkpoint (and each
 every checkpoint, or at the `head_steps` where the curves change most), head scores and behavioural metrics, head classes, stages from the LLC curve, essential dynamics,
 then at each stage boundary the attention of chosen heads and the per-token loss change on a sample
 sequence. Per-checkpoint results go through `ResultStore`s under `OUT/store/`, so a rerun after an
-interruption recomputes nothing that finished. Writes `OUT/results/*.csv`, `OUT/figures/*.png` and
-`OUT/report.html`. `AnalysisConfig` holds every option and its default; the command line and config
+interruption recomputes nothing that finished. Writes `OUT/results/*.csv`, `OUT/figures/*.png`,
+`OUT/report.html` and the settings that produced them, `OUT/config.json`: all staged whole first, then
+published together, config.json last (`_publish`). `AnalysisConfig` holds every option and its default; the command line and config
 files (JSON or TOML) set the same fields, all validated before any work.
 
 Stored results are keyed by each checkpoint's content, so they are never reused for other weights; when OUT
