@@ -41,8 +41,8 @@ from .metrics import classify_heads
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import all_heads, bos_token_id, check_device, check_head, head_name, parse_head
 from .sampling import llc_over_series
-from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
-from .sampling.llc import SGLDConfig, default_nbeta
+from .sampling.calibration import Calibration, calibrate_llc, combine
+from .sampling.llc import SGLDConfig
 from .series import CheckpointSeries
 from .store import StoreWarning, atomic_write, folder_lock
 from .tasks import Task, TokenTask, make_task
@@ -274,7 +274,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
     calibration = None
     if config.calibrate:
         calibration = _calibrate(series, train_data, sgld, task, progress)
-        say(f"calibration chose {calibration.choice} (rule: sampling.calibration)")
+        say(f"calibration chose {calibration.choice} {calibration.reason} (rule: sampling.calibration)")
         sgld = calibration.config(sgld) if calibration.choice else sgld
         atomic_write(results / "calibration.csv", calibration.table.drop(columns="llc_trace").to_csv(index=False))
         atomic_write(out / "config.json", json.dumps({**dataclasses.asdict(config), "calibration": calibration.choice},
@@ -540,14 +540,11 @@ def _is_text(data) -> bool:
 
 
 def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, task: Task, progress: bool) -> Calibration:
-    """`calibrate_llc` at 3 checkpoints (a third of the way through the series' index, two thirds, the last);
-    the chosen setting must pass the rule at all of them."""
+    """`calibrate_llc` at 3 checkpoints (a third of the way through the series' index, two thirds, the last),
+    combined into one setting (`calibration.combine`); none if any checkpoint has none."""
     steps = sorted({series.steps[round(f * (len(series) - 1))] for f in (1 / 3, 2 / 3, 1)})
-    tables = [calibrate_llc(series.load(step), data, sgld, loss_fn=task.sampler_loss, progress=progress)
-              .table.assign(step=step)
-              for step in tqdm(steps, desc="calibration checkpoints", unit="ckpt", disable=not progress)]
-    table = judge(pd.concat(tables, ignore_index=True).drop(columns=["eps_change", "acceptable", "stable"]))
-    return Calibration(table, choose_setting(table, default_nbeta=default_nbeta(sgld.batch_size)))
+    return combine({step: calibrate_llc(series.load(step), data, sgld, loss_fn=task.sampler_loss, progress=progress)
+                    for step in tqdm(steps, desc="calibration checkpoints", unit="ckpt", disable=not progress)})
 
 
 def _head_steps(steps: list[int], n: int | None, llc: pd.DataFrame, metrics: pd.DataFrame) -> list[int]:
