@@ -97,8 +97,10 @@ class AnalysisConfig:
     auto_scope: bool = _opt(True, f"a model of more than {AUTO_SCOPE_HEADS} heads, given no heads, layers or head_steps: "
                             f"the heads of its first, middle and last layers at head_steps=3 checkpoints "
                             f"(--no-auto-scope: every head at every checkpoint)")
-    calibrate: bool = _opt(False, "first sweep epsilon x gamma x nbeta (calibrate_llc) on 3 checkpoints and use "
-                           "the recommended setting (results/calibration.csv); else the settings above")
+    calibrate: bool = _opt(False, "first run calibrate_llc's ladder (nbeta up, epsilon from the virial, checked at "
+                           "epsilon/2) on 3 checkpoints and use the setting it recommends, if any "
+                           "(results/calibration.csv); else the settings above")
+    calibrate_steps: int = _opt(50_000, "calibrate_llc's budget: SGLD steps per chain per checkpoint")
     # head scores and classes
     n_seqs: int = _opt(64, "probe sequences of the head scores")
     thresholds: dict[str, float] = _opt({}, "classify_heads thresholds as JSON, e.g. '{\"prefix_matching\": 0.2}'")
@@ -273,10 +275,10 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
     sgld = dataclasses.replace(config.sgld, seed=config.seed)
     calibration = None
     if config.calibrate:
-        calibration = _calibrate(series, train_data, sgld, task, progress)
+        calibration = _calibrate(series, train_data, sgld, task, config.calibrate_steps, progress)
         say(f"calibration chose {calibration.choice} {calibration.reason} (rule: sampling.calibration)")
         sgld = calibration.config(sgld) if calibration.choice else sgld
-        atomic_write(results / "calibration.csv", calibration.table.drop(columns="llc_trace").to_csv(index=False))
+        atomic_write(results / "calibration.csv", calibration.table.drop(columns="llc_trace", errors="ignore").to_csv(index=False))
         atomic_write(out / "config.json", json.dumps({**dataclasses.asdict(config), "calibration": calibration.choice},
                                                      indent=2))
 
@@ -539,11 +541,13 @@ def _is_text(data) -> bool:
     return isinstance(data, datasets.Dataset) and "input_ids" not in data.column_names
 
 
-def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, task: Task, progress: bool) -> Calibration:
+def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, task: Task, max_steps: int,
+               progress: bool) -> Calibration:
     """`calibrate_llc` at 3 checkpoints (a third of the way through the series' index, two thirds, the last),
     combined into one setting (`calibration.combine`); none if any checkpoint has none."""
     steps = sorted({series.steps[round(f * (len(series) - 1))] for f in (1 / 3, 2 / 3, 1)})
-    return combine({step: calibrate_llc(series.load(step), data, sgld, loss_fn=task.sampler_loss, progress=progress)
+    return combine({step: calibrate_llc(series.load(step), data, sgld, loss_fn=task.sampler_loss, max_steps=max_steps,
+                                        progress=progress)
                     for step in tqdm(steps, desc="calibration checkpoints", unit="ckpt", disable=not progress)})
 
 

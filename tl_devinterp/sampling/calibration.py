@@ -113,7 +113,7 @@ def calibrate_llc(
     def mixed_run(step: str, epsilon: float, nbeta: float):
         """Steps 1-2 at one nβ: (result, ε) with mixed chains and a virial within tolerance, or (None, why)."""
         burnin = max(config.num_burnin, math.ceil(BURNIN_RELAXATIONS / (epsilon * config.gamma)))
-        while spent + burnin * 1.5 <= max_steps:
+        while spent + burnin + max(MIN_DRAWS, config.num_draws, burnin // 2) <= max_steps:
             r = run(step, epsilon, nbeta, burnin)
             if r is None:
                 epsilon /= 4
