@@ -2,10 +2,11 @@
 
 SGLD's λ̂ = nβ·E[L_B(w) − L_B(w*)] is the model's λ only in the limit of its settings, and each setting has
 its own bias (design.md §4). The rule removes them in turn, on chains that have mixed:
-1. Mixing. The localising prior relaxes ‖w − w*‖ in ≈ 1/(εγ) steps (an Ornstein-Uhlenbeck process), the
-   likelihood only speeds that up: each run burns in BURNIN_RELAXATIONS of them (at least the config's own
-   num_burnin) and draws half as many (at least MIN_DRAWS). A run the diagnostics call "not mixed" (virial E[(w − w*)·∇U]/d
-   below 1: chains still spreading out; or R-hat > 1.05) is run again with twice the burn-in.
+1. Mixing. The localising prior relaxes ‖w − w*‖² in ≈ 1/(εγ) steps (an Ornstein-Uhlenbeck process), the
+   likelihood only speeds that up (often by far: nβ·h ≫ γ in its stiff directions). Each run starts with
+   BURNIN_RELAXATIONS of them (at least the config's own num_burnin) and draws half as many (at least
+   MIN_DRAWS); a run the diagnostics call "not mixed" (virial E[(w − w*)·∇U]/d below 1: chains still
+   spreading out; ‖w − w*‖ or the trace still moving; R-hat > 1.05) runs again with twice the burn-in.
 2. Step size. SGLD's discretisation widens a direction of stiffness k by 1/(1 − εk/4): the virial measures
    that inflation directly (`diagnostics`). ε is halved until the virial is within VIRIAL_TOLERANCE of 1
    (or a chain diverges: ε ÷ 4). A rung's first ε is the previous rung's scaled by nβ_prev/nβ (stiffness ∝ nβ).
@@ -42,7 +43,7 @@ from .diagnostics import PRIOR_DOMINATED
 from .heads import summary
 from .llc import SGLDConfig, estimate_llc
 
-BURNIN_RELAXATIONS = 2.0  # first burn-in 2/(εγ) steps: the prior's relaxation time of ‖w − w*‖² twice over
+BURNIN_RELAXATIONS = 0.5  # first burn-in 0.5/(εγ) steps, half the prior's relaxation time; doubled while not mixed
 VIRIAL_TOLERANCE = 0.03  # virial − 1 above this: ε too coarse (the chains ≈ 3% wider than p)
 MIN_DRAWS = 200
 SETTING = ["epsilon", "gamma", "nbeta", "num_burnin", "num_draws"]
