@@ -58,7 +58,6 @@ def graph() -> dict[str, set[str]]:
             for name, tree in trees.items()}
 
 
-@pytest.mark.xfail(strict=True, reason="store<->parallel and llc<->samplers: being removed (issue 20)")
 def test_no_import_cycles():
     """Tarjan's strongly connected components of the import graph: each must be one module. A package's
     `__init__` importing its own submodules is not a cycle unless a submodule imports the package back."""
@@ -93,7 +92,6 @@ def test_no_import_cycles():
     assert not cycles, f"import cycles: {cycles}"
 
 
-@pytest.mark.xfail(strict=True, reason="being removed (issue 20)")
 def test_no_module_imports_another_modules_private_names():
     trees = modules()
     known = set(trees)
@@ -105,7 +103,7 @@ def test_no_module_imports_another_modules_private_names():
 def test_every_deliberate_exception_is_a_tl_devinterp_error():
     """`raise SomeBuiltinError(...)` in the package (a bare re-raise, or raising a caught error, is fine)."""
     builtin_errors = {n for n in dir(builtins) if isinstance(getattr(builtins, n), type)
-                      and issubclass(getattr(builtins, n), BaseException)} - {"SystemExit", "StopIteration"}
+                      and issubclass(getattr(builtins, n), BaseException)} - {"SystemExit", "StopIteration", "AssertionError"}  # an assertion is a bug
     raw = [f"{name}:{node.lineno} raise {node.exc.func.id}"
            for name, tree in modules().items() for node in ast.walk(tree)
            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)

@@ -64,7 +64,7 @@ def test_checkpoints_combine_to_the_finest_setting():
 
 
 def test_gamma_is_checked_before_sampling():
-    with pytest.raises(ValueError, match=r"SGLDConfig.gamma must be >= 0, got -1.0"):
+    with pytest.raises(ValueError, match=r"The 'gamma' option of SGLDConfig must be >= 0; got -1"):
         SGLDConfig(gamma=-1.0)
     with pytest.raises(ValueError, match="calibrate_llc needs gamma > 0"):
         calibrate_llc(Quadratic(), torch.zeros(8, 1), SGLDConfig(batch_size=4, gamma=0.0), progress=False)

@@ -21,6 +21,10 @@ class InvalidTypeError(TLDevinterpError, TypeError):
     """An option or an argument is of the wrong type."""
 
 
+class InvalidOptionError(TLDevinterpError, ValueError, TypeError):
+    """A configuration option that is unknown, of the wrong type or out of its range (`tl_devinterp.options`)."""
+
+
 class SeriesError(TLDevinterpError, ValueError):
     """A checkpoint series that cannot be used as given (the message names the file or step and the fix)."""
 
@@ -55,6 +59,10 @@ class FolderInUseError(TLDevinterpError, RuntimeError):
 
 class LLCDivergenceError(TLDevinterpError, RuntimeError):
     """An SGLD chain's loss became NaN/inf or exploded."""
+
+
+class TrainingDivergedError(TLDevinterpError, RuntimeError):
+    """A training run's loss became NaN/inf or grew by an order of magnitude (the message names the step)."""
 
 
 class WorkersLostError(TLDevinterpError, RuntimeError):

@@ -19,7 +19,7 @@ model's own loss, the one every later analysis sees.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from .errors import InvalidTypeError, InvalidValueError, NotSupportedError
-from .models import as_head, check_head, head_masks
-from .store import fingerprint
+from .files import fingerprint
+from .models import as_head, check_head, head_masks, model_device
+from .options import build, option, validate
 
 KINDS = ("zero", "mean", "clamp", "freeze")
 HEAD_AXIS = {"hook_pattern": 1, "hook_attn_scores": 1, "hook_z": 2, "hook_q": 2, "hook_k": 2, "hook_v": 2,
@@ -44,17 +45,16 @@ class Intervention:
     `end=None` lasts to the end of training. See the module docstring.
     """
 
-    hook: str
-    kind: str
-    head: int | None = None
-    start: int = 0
-    end: int | None = None
-    value: Any = None
+    hook: str = option(help="a TransformerLens hook name, e.g. 'blocks.0.attn.hook_z' (kind='freeze': a head, 'l0h1')")
+    kind: str = option(help="zero, mean, clamp or freeze", choices=KINDS)
+    head: int | None = option(None, "the head of a per-head hook (None: the whole activation)", ge=0)
+    start: int = option(0, "first training step it acts at", ge=0)
+    end: int | None = option(None, "the step it stops before (None: the end of training)", ge=1)
+    value: Any = option(None, "kind='clamp': a number, a tensor, a model, or {'series': DIR, 'step': STEP}")
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise InvalidValueError(f"Intervention kind {self.kind!r} is unknown; use one of {KINDS}.")
-        if self.start < 0 or (self.end is not None and self.end <= self.start):
+        validate(self, skip=("hook",))
+        if self.end is not None and self.end <= self.start:
             raise InvalidValueError(f"Intervention window start={self.start}, end={self.end} is empty or negative; "
                                     f"give 0 <= start < end (end=None: to the end of training).")
         if self.kind == "freeze":
@@ -105,8 +105,8 @@ class Intervention:
     def from_dict(cls, d: dict[str, Any]) -> Intervention:
         if not isinstance(d, dict):
             raise InvalidTypeError(f"An intervention is a table of hook, kind, head, start, end, value; got {d!r}.")
-        unknown = set(d) - {"hook", "kind", "head", "start", "end", "value"}
-        if unknown or not {"hook", "kind"} <= set(d):
+        d = build(cls, d, source="an intervention")
+        if not {"hook", "kind"} <= set(d):
             raise InvalidValueError(f"An intervention needs 'hook' and 'kind' and may have head, start, end, value; got "
                                     f"keys {sorted(d)}.")
         return cls(**d)
@@ -130,8 +130,10 @@ class Intervener:
     """
 
     def __init__(self, model: nn.Module, interventions: Sequence[Intervention], *,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None,
+                 inputs: Callable[[nn.Module, Any], dict[str, Any]] | None = None):
         self.model = model
+        self.inputs = inputs or (lambda model, tokens: {"input": tokens})  # a task's model_inputs (tasks.Task)
         self.items = list(interventions)
         self.references: dict[int, nn.Module] = {}  # id(Intervention) -> reference model
         self.frozen: dict[int, dict[str, torch.Tensor]] = {}  # id(Intervention) -> parameter masks
@@ -142,11 +144,11 @@ class Intervener:
                 continue
             _check_hook(model, item)
             if isinstance(item.value, (dict, nn.Module)):
-                self.references[id(item)] = _reference_model(item, device or next(model.parameters()).device)
+                self.references[id(item)] = _reference_model(item, device or model_device(model))
 
     @contextlib.contextmanager
-    def __call__(self, step: int, tokens: torch.Tensor) -> Iterator[None]:
-        """Install the interventions active at `step` for one training step on `tokens`."""
+    def __call__(self, step: int, tokens) -> Iterator[None]:
+        """Install the interventions active at `step` for one training step on `tokens` (a task's batch)."""
         active = [item for item in self.items if item.active(step)]
         if not active:
             yield
@@ -155,7 +157,8 @@ class Intervener:
         cached: dict[int, torch.Tensor] = {}
         for item in active:
             if id(item) in self.references:
-                cached[id(item)] = _capture(self.references[id(item)], item.hook, tokens)
+                reference = self.references[id(item)]
+                cached[id(item)] = _capture(reference, item.hook, self.inputs(reference, tokens))
         hooks = [(item.hook, _hook_fn(item, cached.get(id(item)))) for item in active if item.kind != "freeze"]
         # 2. frozen heads: remember their values and zero their gradient slices
         params = dict(self.model.named_parameters())
@@ -197,21 +200,21 @@ def _reference_model(item: Intervention, device) -> nn.Module:
     if item.hook not in model.hook_dict:
         raise InvalidValueError(f"The reference model of the clamp on {item.hook!r} has no such hook point; clamp to a "
                                 f"model of the same architecture.")
-    if next(model.parameters()).device != torch.device(device):
+    if model_device(model) != torch.device(device):
         model = model.to(device)
     return model.eval()
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, hook: str, tokens: torch.Tensor) -> torch.Tensor:
-    """The activation at `hook` of `model` on `tokens`."""
+def _capture(model: nn.Module, hook: str, inputs: dict[str, Any]) -> torch.Tensor:
+    """The activation at `hook` of `model` on `model(**inputs)`."""
     out = {}
 
     def save(x, hook):
         out["x"] = x.detach()
 
     with model.hooks(fwd_hooks=[(hook, save)]):
-        model(tokens)
+        model(**inputs)
     return out["x"]
 
 

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from ..errors import InvalidValueError, LLCDivergenceError
 from .diagnostics import PRIOR_DOMINATED
 from .heads import summary
-from .llc import SGLDConfig, estimate_llc
+from .llc import estimate_llc
+from .settings import SGLDConfig
 
 BURNIN_RELAXATIONS = 0.5  # first burn-in 0.5/(εγ) steps, half the prior's relaxation time; doubled while not mixed
 VIRIAL_TOLERANCE = 0.03  # virial − 1 above this: ε too coarse (the chains ≈ 3% wider than p)
