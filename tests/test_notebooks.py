@@ -135,3 +135,9 @@ def test_notebook_runs(path, tmp_path_factory):
         assert html.count("CircuitsVis.render(") >= 2 and "https://unpkg" not in html  # offline views
     else:
         assert any("image/png" in o.get("data", {}) for o in outputs)  # figures were drawn
+    if path.stem.startswith("07"):  # the closed forms and the planted k-gons' LLCs against the paper's
+        assert any("0.06874" in t and "0.04819" in t for t in tables)
+        assert any("paper" in t and "5+" in t for t in tables)
+    if path.stem.startswith("08"):  # ICL and IWL accuracies over training, the heads' induction scores
+        assert any("icl_accuracy" in t and "iwl_accuracy" in t for t in tables)
+        assert any("prefix_matching" in t for t in tables)

@@ -24,7 +24,7 @@ def counting_series(path, stop_after=None):
             raise Interrupt
         return saved.load(step)
 
-    series = CheckpointSeries(saved.steps, loader, meta=saved.meta, fingerprint=saved.source_fingerprint)
+    series = CheckpointSeries(saved.steps, loader, meta=saved.meta, fingerprint=saved.known_fingerprint)
     series.loads = 0
     return series
 

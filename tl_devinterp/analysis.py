@@ -4,8 +4,9 @@ The pipeline of the package, run in order: the LLC at every checkpoint (and each
 every checkpoint, or at the `head_steps` where the curves change most), head scores and behavioural metrics, head classes, stages from the LLC curve, essential dynamics,
 then at each stage boundary the attention of chosen heads and the per-token loss change on a sample
 sequence. Per-checkpoint results go through `ResultStore`s under `OUT/store/`, so a rerun after an
-interruption recomputes nothing that finished. Writes `OUT/results/*.csv`, `OUT/figures/*.png` and
-`OUT/report.html`. `AnalysisConfig` holds every option and its default; the command line and config
+interruption recomputes nothing that finished. Writes `OUT/results/*.csv`, `OUT/figures/*.png`,
+`OUT/report.html` and the settings that produced them, `OUT/config.json`: all staged whole first, then
+published together, config.json last (`_publish`). `AnalysisConfig` holds every option and its default; the command line and config
 files (JSON or TOML) set the same fields, all validated before any work.
 
 Stored results are keyed by each checkpoint's content, so they are never reused for other weights; when OUT
@@ -50,6 +51,7 @@ from .metrics import classify_heads
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import all_heads, bos_token_id, check_device, check_head, head_name, parse_head
 from .options import alias_table, build, option, read_config_file, validate
+from .results import head_rows, model_curve, model_rows
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, combine
 from .sampling.diagnostics import SamplerWarning
@@ -267,14 +269,12 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
         llc = pd.concat([llc, llc_over_series(series, train_data, sgld, heads=head_list, model=False, steps=head_steps,
                                               **run)])
     llc = llc.sort_values(["step", "scope", "layer", "head"], ignore_index=True)
-    n_heads = len(llc[llc["scope"] == "head"][["layer", "head"]].drop_duplicates())
+    n_heads = len(head_rows(llc)[["layer", "head"]].drop_duplicates())
     clusters = (cluster_heads([llc, head_metrics], n_clusters=config.n_clusters,
                               classes=classes if not classes.empty else None)
                 if config.n_clusters and n_heads >= 2 else None)
 
-    model_llc = llc[llc["scope"] == "model"]
-    stages = find_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), model_llc["llc_se"].to_numpy(),
-                         **config.stage_options())
+    stages = find_stages(*model_curve(llc), **config.stage_options())
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
     probes, proxy = task.probes(test_data, config.n_sequences)
     ed = essential_dynamics(series, probes, proxy=proxy, n_components=config.n_components, sigma=config.ed_sigma,
@@ -304,7 +304,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
                             calibration=calibration, head_clusters=clusters)
     # the outputs, with the record of the settings that produced them, staged whole and then published
     staging = out / STAGING
-    prior = "{}/{}".format(*prior_share(model_llc))  # beside the stages: how many of their LLCs were prior-dominated
+    prior = "{}/{}".format(*prior_share(model_rows(llc)))  # beside the stages: how many of their LLCs were prior-dominated
     frames = {"llc": llc, "metrics": metrics, "head_classes": classes,
               "stages": stages_frame(stages).assign(prior_dominated_llcs=prior),
               "essential_dynamics": ed.frame(), "loss_differences": loss_differences,
@@ -581,7 +581,7 @@ def _head_steps(steps: list[int], n: int | None, llc: pd.DataFrame, metrics: pd.
         return [steps[0], steps[-1]][:n]
     curves = metrics.assign(curve=metrics["metric"].astype(str) + metrics["layer"].astype(str) + metrics["head"].astype(str))
     curves = curves.pivot_table(index="step", columns="curve", values="value")
-    curves["llc"] = llc[llc["scope"] == "model"].set_index("step")["llc_mean"]
+    curves["llc"] = model_rows(llc).set_index("step")["llc_mean"]
     curves = curves.reindex(steps)
     spread = (curves.max() - curves.min()).replace(0, np.nan)
     change = (curves.diff().abs() / spread).sum(axis=1).to_numpy()[1:-1]  # the change arriving at each inner step
