@@ -53,11 +53,11 @@ from .models import all_heads, bos_token_id, check_device, check_head, head_name
 from .options import alias_table, build, option, read_config_file, validate
 from .results import head_rows, model_curve, model_rows
 from .sampling import llc_over_series
-from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
+from .sampling.calibration import Calibration, calibrate_llc, combine
 from .sampling.diagnostics import SamplerWarning
 from .sampling.plan import plan_llcs
 from .sampling.restrict import resolve_restriction
-from .sampling.settings import SGLDConfig, default_nbeta
+from .sampling.settings import SGLDConfig
 from .series import CheckpointSeries
 from .store import StoreWarning
 from .tasks import Task, TokenTask, make_task
@@ -104,8 +104,10 @@ class AnalysisConfig:
     auto_scope: bool = option(True, f"a model of more than {AUTO_SCOPE_HEADS} heads, given no heads, layers or "
                               f"head_steps: the heads of its first, middle and last layers at head_steps=3 "
                               f"checkpoints (--no-auto-scope: every head at every checkpoint)")
-    calibrate: bool = option(False, "first sweep epsilon x gamma x nbeta (calibrate_llc) on 3 checkpoints and use "
-                           "the recommended setting (results/calibration.csv); else the settings above")
+    calibrate: bool = option(False, "first run calibrate_llc's ladder (nbeta up, epsilon from the virial, checked at "
+                             "epsilon/2) on 3 checkpoints and use the setting it recommends, if any "
+                             "(results/calibration.csv); else the settings above")
+    calibrate_steps: int = option(50_000, "calibrate_llc's budget: SGLD steps per chain per checkpoint", ge=1)
     # head scores and classes
     n_seqs: int = option(64, "probe sequences of the head scores", ge=1)
     thresholds: dict[str, float] = option({}, "classify_heads thresholds as JSON, e.g. '{\"prefix_matching\": 0.2}'")
@@ -238,8 +240,8 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
     sgld = dataclasses.replace(_task_sampler(config.sgld, task), seed=config.seed)
     calibration = None
     if config.calibrate:
-        calibration = _calibrate(series, train_data, sgld, task, progress)
-        say(f"calibration chose {calibration.choice} (rule: sampling.calibration)")
+        calibration = _calibrate(series, train_data, sgld, task, config.calibrate_steps, progress)
+        say(f"calibration chose {calibration.choice} {calibration.reason} (rule: sampling.calibration)")
         sgld = calibration.config(sgld) if calibration.choice else sgld
 
     # LLCs: every head at every checkpoint in one pass (sharing batches), or the model everywhere first and
@@ -308,7 +310,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
               "essential_dynamics": ed.frame(), "loss_differences": loss_differences,
               "head_clusters": clusters.assignments if clusters else pd.DataFrame()}
     if calibration is not None:
-        frames["calibration"] = calibration.table.drop(columns="llc_trace")
+        frames["calibration"] = calibration.table.drop(columns="llc_trace", errors="ignore")
     record = dataclasses.asdict(config) | ({"calibration": calibration.choice} if calibration is not None else {})
     try:
         (staging / "results").mkdir(parents=True, exist_ok=True)
@@ -559,15 +561,14 @@ def _task_sampler(sgld: SGLDConfig, task: Task) -> SGLDConfig:
     return SGLDConfig.build(sgld, **own)
 
 
-def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, task: Task, progress: bool) -> Calibration:
-    """`calibrate_llc` at 3 checkpoints (a third of the way through the series' index, two thirds, the last);
-    the chosen setting must pass the rule at all of them."""
+def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, task: Task, max_steps: int,
+               progress: bool) -> Calibration:
+    """`calibrate_llc` at 3 checkpoints (a third of the way through the series' index, two thirds, the last),
+    combined into one setting (`calibration.combine`); none if any checkpoint has none."""
     steps = sorted({series.steps[round(f * (len(series) - 1))] for f in (1 / 3, 2 / 3, 1)})
-    tables = [calibrate_llc(series.load(step), data, sgld, loss_fn=task.sampler_loss, progress=progress)
-              .table.assign(step=step)
-              for step in tqdm(steps, desc="calibration checkpoints", unit="ckpt", disable=not progress)]
-    table = judge(pd.concat(tables, ignore_index=True).drop(columns=["eps_change", "acceptable", "stable"]))
-    return Calibration(table, choose_setting(table, default_nbeta=default_nbeta(sgld.batch_size)))
+    return combine({step: calibrate_llc(series.load(step), data, sgld, loss_fn=task.sampler_loss, max_steps=max_steps,
+                                        progress=progress)
+                    for step in tqdm(steps, desc="calibration checkpoints", unit="ckpt", disable=not progress)})
 
 
 def _head_steps(steps: list[int], n: int | None, llc: pd.DataFrame, metrics: pd.DataFrame) -> list[int]:

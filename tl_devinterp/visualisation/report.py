@@ -129,10 +129,11 @@ def _sampler_parts(model_llc: pd.DataFrame, result) -> list[str]:
     parts = _regime_note(model_llc, "model")
     calibration = getattr(result, "calibration", None)
     if calibration is not None:
-        parts.append(f"<p>Calibration (sampling.calibration rule) chose {html.escape(str(calibration.choice))}.</p>")
-        shown = [c for c in ("step", "epsilon", "gamma", "nbeta", "llc_mean", "likelihood_fraction", "regime",
-                             "eps_change", "acceptable") if c in calibration.table]
-        parts.append("<details><summary>calibration cells</summary>" + table_html(calibration.table[shown]) + "</details>")
+        parts.append(f"<p>Calibration (sampling.calibration rule) chose {html.escape(str(calibration.choice))} "
+                     f"{html.escape(calibration.reason)}.</p>")
+        shown = [c for c in ("checkpoint", "step", "epsilon", "gamma", "nbeta", "num_burnin", "llc_mean", "llc_se",
+                             "virial", "r_hat", "regime", "verdict") if c in calibration.table]
+        parts.append("<details><summary>calibration runs</summary>" + table_html(calibration.table[shown]) + "</details>")
     shown = [c for c in ("step", "llc_mean", "llc_se", *DIAGNOSTIC_COLUMNS) if c in model_llc]
     if len(shown) > 3:
         parts.append("<details><summary>sampler diagnostics per checkpoint</summary>"
