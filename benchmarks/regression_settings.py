@@ -132,11 +132,14 @@ def sparse(work: Path, docs: Path, progress: bool) -> None:
                          progress=progress)
     llc = result.llc[result.llc["scope"] == "model"].set_index("step")
     heads = result.metrics[result.metrics["head"].notna()]
-    print("stages (T=16):", ", ".join(f"{s.start}-{s.end} {s.type}" for s in result.stages))
+    test_loss = pd.Series({int(s): v["test"] for s, v in series.meta["losses"].items()}).sort_index()
+    end, _ = plateau_end(series)
+    print(f"T=16 analysed ({n_parameters(series)} parameters); stages:",
+          ", ".join(f"{s.start}-{s.end} {s.type}" for s in result.stages))
     wide = heads.pivot_table(index="step", columns=["metric", "head"], values="value")
-    print(pd.DataFrame({"llc": llc["llc_mean"], "llc_se": llc["llc_se"]}).join(
+    print(pd.DataFrame({"test_loss": test_loss, "llc": llc["llc_mean"], "llc_se": llc["llc_se"]}).join(
         wide.set_axis([f"{m}_h{h}" for m, h in wide.columns], axis=1)).loc[
-        sorted({s.start for s in result.stages} | {result.stages[-1].end})].round(3).to_string())
+        sorted({s.start for s in result.stages} | {result.stages[-1].end, end})].round(3).to_string())
 
     fig = Figure(figsize=(13, 6.5), layout="constrained")
     (a, b, c), (d, e, f) = fig.subplots(2, 3)
@@ -148,8 +151,10 @@ def sparse(work: Path, docs: Path, progress: bool) -> None:
     b.loglog(runs["T"], runs["plateau_end"], "o", color="grey")
     b.loglog(mean.index, mean.values, "-", color="black", label=f"mean; fit ∝ T^{slope:.2f}")
     b.set(title="plateau length (loss < half of predicting 0)", xlabel="sequence length T", ylabel="step")
+    b.set_xticks(LENGTHS, labels=[str(T) for T in LENGTHS], minor=False)
+    b.set_xticks([], minor=True)
     b.legend(fontsize=7)
-    for ax, (name, curve) in zip((c, d), (("LLC (T=16, ± SE)", llc["llc_mean"]), ("test loss (T=16)", llc["init_loss"]))):
+    for ax, (name, curve) in zip((c, d), (("LLC (T=16, ± SE)", llc["llc_mean"]), ("test loss (T=16)", test_loss))):
         shade_stages(ax, result.stages)
         ax.plot(curve.index, curve.values, marker=".", color="black")
         ax.set(title=name, xlabel="step", xscale="symlog", xlim=(0, series.steps[-1] * 1.1))
