@@ -107,9 +107,9 @@ def test_a_model_vmap_cannot_batch_runs_chain_by_chain(tokens, recwarn):
 
 
 def test_max_batched_is_validated_and_no_part_of_the_results_key():
-    with pytest.raises(ValueError, match=r"max_batched must be >= 1"):
+    with pytest.raises(ValueError, match=r"'max_batched' option of SGLDConfig must be >= 1"):
         SGLDConfig(max_batched=0)
-    with pytest.raises(TypeError, match=r"max_batched must be an integer"):
+    with pytest.raises(TypeError, match=r"'max_batched' option of SGLDConfig must be an integer"):
         SGLDConfig(max_batched=2.5)
     config = SGLDConfig()
     assert config.to_dict() == dataclasses.replace(config, max_batched=1).to_dict()  # stored results stay valid
@@ -119,7 +119,7 @@ def test_max_batched_is_validated_and_no_part_of_the_results_key():
 def test_fast_forward_and_precision_are_validated_and_only_precision_keys_results():
     with pytest.raises(ValueError, match=r"precision='fp16' is unknown.*SGLDConfig.precision"):
         SGLDConfig(precision="fp16")
-    with pytest.raises(TypeError, match=r"fast_forward must be True or False"):
+    with pytest.raises(TypeError, match=r"'fast_forward' option of SGLDConfig must be true or false"):
         SGLDConfig(fast_forward="yes")
     config = SGLDConfig()
     assert config.to_dict() == dataclasses.replace(config, fast_forward=False).to_dict()  # same numbers

@@ -75,9 +75,9 @@ def test_rule_rejects_llcs_that_follow_nbeta():
 
 
 def test_gamma_is_checked_before_sampling():
-    with pytest.raises(ValueError, match=r"SGLDConfig.gamma must be >= 0, got -1.0"):
+    with pytest.raises(ValueError, match=r"The 'gamma' option of SGLDConfig must be >= 0; got -1"):
         SGLDConfig(gamma=-1.0)
-    with pytest.raises(ValueError, match="gamma must be >= 0"):
+    with pytest.raises(ValueError, match="'gamma' option of SGLDConfig must be >= 0"):
         calibrate_llc(Quadratic(), torch.zeros(8, 1), SGLDConfig(batch_size=4), epsilons=[1e-3], gammas=[-1.0],
                       nbetas=[10.0], progress=False)
 

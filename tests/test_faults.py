@@ -2,6 +2,7 @@
 writers, full disks, read-only folders and bad options. Each case ends in a clear error or the right result,
 with nothing lost."""
 
+import codecs
 import errno
 import json
 import os
@@ -198,9 +199,9 @@ def test_a_failed_train_does_not_block_the_corrected_retry(tmp_path, monkeypatch
 
 
 def test_training_options_are_checked_first(tmp_path):
-    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+    with pytest.raises(ValueError, match="'seed' option of TrainConfig must be >= 0"):
         tiny_series(tmp_path / "s", seed=-1)
-    with pytest.raises(TypeError, match="Unknown TrainConfig field.*n_step"):
+    with pytest.raises(TypeError, match=r"Unknown option\(s\) \['n_step'\] of TrainConfig"):
         tiny_series(tmp_path / "s", n_step=3)
     assert not (tmp_path / "s").exists()
 
@@ -410,10 +411,10 @@ def test_cli_errors_of_train(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, pattern", [
-    (["--seed", "-1"], "seed must be >= 0"),
-    (["--n-components", "1"], "n_components must be >= 2"),
+    (["--seed", "-1"], "'seed' option of AnalysisConfig must be >= 0"),
+    (["--n-components", "1"], "'n_components' option of AnalysisConfig must be >= 2"),
     (["--attention-heads", "l9h9"], "L9H9"),
-    (["--num-chains", "1"], "num_chains must be >= 2"),
+    (["--num-chains", "1"], "'num_chains' option of SGLDConfig must be >= 2"),
     (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "device="),
     (["--device", "potato"], "not a torch device"),
 ])
@@ -431,7 +432,7 @@ def test_cli_analyze_damaged_inputs(series_dir, tmp_path, capsys):
                    "c.json", "cannot be parsed")
     config.write_text('{"num_draws": "3"}')
     one_line_error(*cli(["analyze", str(series_dir), "--out", str(tmp_path / "o"), "--config", str(config)], capsys),
-                   "num_draws must be an integer", "c.json")
+                   "'num_draws' option of SGLDConfig must be an integer", "c.json")
     (series_dir / "manifest.json").write_text("[]")
     one_line_error(*cli(["analyze", str(series_dir), "--out", str(tmp_path / "o")], capsys), "manifest.json",
                    "JSON list")
@@ -444,11 +445,11 @@ def test_cli_divergence_names_the_checkpoint(quick_tiny_dir, tmp_path, capsys):
 
 
 def test_wrong_types_name_the_option():
-    with pytest.raises(TypeError, match=r"attention_heads must be a list of strings or None, got 'l0h0'.*\['l0h0'\]"):
+    with pytest.raises(TypeError, match=r"'attention_heads' option of AnalysisConfig must be a list of strings or None; got 'l0h0'.*\['l0h0'\]"):
         AnalysisConfig(attention_heads="l0h0")
-    with pytest.raises(TypeError, match="num_draws must be an integer, got 2.5"):
+    with pytest.raises(TypeError, match="'num_draws' option of SGLDConfig must be an integer; got 2.5"):
         AnalysisConfig.from_dict({"num_draws": 2.5})
-    with pytest.raises(TypeError, match="thresholds must be a mapping"):
+    with pytest.raises(TypeError, match="'thresholds' option of AnalysisConfig must be a mapping"):
         AnalysisConfig.from_dict({"thresholds": {"induction": "high"}})
     assert AnalysisConfig.from_dict({"epsilon": 1}).sgld.epsilon == 1.0
     assert isinstance(AnalysisConfig.from_dict({"epsilon": 1}).sgld.epsilon, float)
@@ -569,3 +570,28 @@ def test_training_that_explodes_stops_naming_the_step(tmp_path, capsys):
     status, err = cli(["train", "--preset", "quick", "--n-steps", "4", "--lr", "1e6", "--out", str(tmp_path / "cli")],
                       capsys)
     one_line_error(status, err.splitlines(keepends=True)[-1], "diverged at step 1", "lr=1e+06")  # after the bar
+
+
+# --- 9. text data: its encoding read, or refused --------------------------------------------------------------
+def test_text_data_in_other_encodings_is_decoded_or_refused(tmp_path):
+    """Catches: binary, Latin-1 and UTF-16 `--data` files decoded as UTF-8 with replacement characters (1,627
+    U+FFFD and 13 NULs in one case) and tokenised as if they were text."""
+    from tl_devinterp.data import text_files
+    from tl_devinterp.errors import InvalidValueError
+
+    text = "def f(x):\n    return x  # café, naïve, 数据\n"
+    for name, data in {"utf8.txt": text.encode(), "bom8.txt": text.encode("utf-8-sig"),
+                       "utf16.txt": text.encode("utf-16"), "utf16be.txt": codecs.BOM_UTF16_BE + text.encode("utf-16-be"),
+                       "utf32.txt": text.encode("utf-32"), "utf16le-nobom.txt": text[:-9].encode("utf-16-le")}.items():
+        (tmp_path / name).write_bytes(data)
+        assert text_files(tmp_path / name)["text"][0] in (text, text[:-9]), name
+    (tmp_path / "latin1.txt").write_bytes("café naïve\n".encode("latin-1"))
+    with pytest.raises(InvalidValueError, match=r"latin1.txt is not UTF-8 text \(byte 0xe9 at offset 3\).*iconv -f "
+                                                r"latin1 -t utf-8 .*latin1.txt > latin1.utf8.txt"):
+        text_files([tmp_path / "utf8.txt", tmp_path / "latin1.txt"])
+    (tmp_path / "model.bin").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(InvalidValueError, match="model.bin (holds binary data|is not UTF-8 text)"):
+        text_files(tmp_path / "model.bin")
+    (tmp_path / "nul.txt").write_bytes(b"text\x00with a NUL" * 3)
+    with pytest.raises(InvalidValueError, match=r"nul.txt holds binary data \(3 NUL"):
+        text_files(tmp_path / "nul.txt")

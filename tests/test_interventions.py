@@ -121,7 +121,7 @@ def test_a_clamp_to_a_series_step_runs_and_is_recorded(tmp_path, plain_dir):
 
 
 def test_bad_interventions_are_refused_with_the_fix(tiny):
-    with pytest.raises(ValueError, match="unknown; use one of"):
+    with pytest.raises(ValueError, match="'kind' option of Intervention must be one of"):
         Intervention("blocks.0.attn.hook_z", "zap")
     with pytest.raises(ValueError, match="hook='l0h1'"):
         Intervention("blocks.0.attn.hook_z", "freeze")

@@ -105,7 +105,7 @@ def test_token_cross_entropy_matches_transformer_lens_loss():
 def test_config_validation_and_model_check():
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(d_model=30, n_heads=4)
-    with pytest.raises(ValueError, match="Unknown ModelConfig fields"):
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) .* of ModelConfig"):
         ModelConfig.from_dict({"d_modle": 3})
     with pytest.raises(TypeError, match="TransformerLens model"):
         check_model(torch.nn.Linear(2, 2))

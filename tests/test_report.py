@@ -138,7 +138,7 @@ def test_config_from_files_and_overrides(tmp_path):
     assert b.thresholds == {"prefix_matching": 0.2} and a.sgld.num_chains == AnalysisConfig().sgld.num_chains
     with pytest.raises(ValueError, match=r"Unknown option\(s\) \['num_drawz'\].*valid options"):
         AnalysisConfig.from_dict({"num_drawz": 3})
-    with pytest.raises(ValueError, match="num_chains must be >= 2"):
+    with pytest.raises(ValueError, match="'num_chains' option of SGLDConfig must be >= 2"):
         AnalysisConfig.from_dict({"num_chains": 0})
     assert AnalysisConfig.quick(num_draws=5).sgld.num_draws == 5
     nested = AnalysisConfig.from_dict({"sgld": {"epsilon": 3e-4, "num_draws": 9}, "num_draws": 11})

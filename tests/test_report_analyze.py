@@ -36,8 +36,8 @@ def test_analyze_resumes_without_recomputing(quick_series_dir, tmp_path, monkeyp
     monkeypatch.setattr(llc_module, "sample_llcs", lambda *a, **k: calls.append(1) or sample(*a, **k))
     out = tmp_path / "report"
 
-    with pytest.raises(Interrupt):  # stopped during the full-model LLCs: 4 checkpoints done
-        analyze(counting_series(quick_series_dir, stop_after=5), out, progress=False, **FAST)
+    with pytest.raises(Interrupt):  # stopped during the full-model LLCs (after the plan's load): 4 checkpoints done
+        analyze(counting_series(quick_series_dir, stop_after=6), out, progress=False, **FAST)
     done = {f: f.stat().st_mtime_ns for f in (out / "store").rglob("step_*.csv")}
     assert len(done) == 4 and len(calls) == 4
     assert not (out / "report.html").exists()

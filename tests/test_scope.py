@@ -14,7 +14,7 @@ def test_heads_and_layers_choose_the_sampled_heads():
         head_scope(AnalysisConfig(layers=[12]), 12, 12)
     with pytest.raises(ValueError, match=r"L0H12.*12 heads"):
         head_scope(AnalysisConfig(heads=["l0h12"]), 12, 12)
-    with pytest.raises(TypeError, match="layers must be a list of integers"):
+    with pytest.raises(TypeError, match="'layers' option of AnalysisConfig must be a list of integers"):
         AnalysisConfig(layers=["1"])
 
 
@@ -37,3 +37,53 @@ def test_the_command_line_reads_heads_and_layers(quick_series_dir, tmp_path, cap
     err = capsys.readouterr().err
     assert "layers=[0, 7]" in err and "drop [7]" in err and err.count("\n") == 1
     assert not (tmp_path / "r" / "store").exists()
+
+
+def test_the_plan_counts_chains_and_coordinates_and_splits_what_does_not_fit(monkeypatch):
+    """Catches: a plan that miscounts what it samples, or one that runs out of memory instead of stacking
+    fewer chains per forward (and refusing with the fix when even one chain does not fit)."""
+    import torch
+
+    import tl_devinterp.sampling.plan as plan_module
+    from tl_devinterp.models import ModelConfig, build_model
+    from tl_devinterp.sampling import SGLDConfig, resolve_restriction
+
+    model = build_model(ModelConfig(n_layers=2, n_heads=2, d_model=16, n_ctx=16, d_vocab=32))
+    tokens = torch.randint(0, 32, (32, 16), generator=torch.Generator().manual_seed(0))
+    restrictions = [resolve_restriction(model, (1, h)) for h in range(2)]
+    config = SGLDConfig(num_chains=2, num_draws=10, num_burnin=5, batch_size=8, max_batched=4)
+    plan = plan_module.plan_llcs(model, tokens, restrictions, config)
+    assert (plan.chains, plan.coordinates, plan.steps, plan.max_batched) == (4, 4 * restrictions[0].d, 15, 4)
+    assert plan.peak_bytes >= plan.baseline_bytes > 0 and plan.seconds > 0 and "4 chains" in str(plan)
+
+    monkeypatch.setattr(plan_module, "available_memory", lambda device: -1)  # no plan fits (a tiny one may need 0 B more)
+    calls = []
+    probe = plan_module._probe
+    monkeypatch.setattr(plan_module, "_probe", lambda *a: calls.append(a[3].max_batched) or probe(*a))
+    with pytest.raises(ValueError, match="does not fit: sample fewer heads"):
+        plan_module.plan_llcs(model, tokens, restrictions, config)
+    assert calls == [4, 2, 1]
+
+
+def test_prior_dominated_estimates_are_said_in_the_headline_and_beside_stages(tmp_path):
+    """Catches: a report of prior-dominated LLCs (Trainer checkpoints and GPT-2-size models under the default
+    setting) read as the model's LLC, with stages drawn from them and nothing said beside them."""
+    import pandas as pd
+
+    from tl_devinterp.analysis import AnalysisResult
+    from tl_devinterp.dynamics import Stage
+    from tl_devinterp.visualisation.report import analysis_report, proxy_headline
+
+    steps = [0, 10, 20, 30]
+    llc = pd.DataFrame(dict(step=steps, scope="model", layer=pd.NA, head=pd.NA, llc_mean=[1.0, 2, 3, 3.1],
+                            llc_std=0.1, llc_se=0.05, init_loss=[4.0, 3, 2, 1.9], regime=["prior", "prior", "likelihood", "prior"]))
+    assert proxy_headline(llc).startswith("3 of 4 LLC estimates are prior-dominated")
+    assert proxy_headline(llc.assign(regime="likelihood")) == ""
+    result = AnalysisResult(llc=llc, metrics=None, head_classes=None, stages=[Stage(0, 20, "A"), Stage(20, 30, "B")],
+                            ed=None, loss_differences=None, attention=[], sample_tokens=[], out_dir=tmp_path)
+    page = analysis_report(result, tmp_path / "report.html").read_text()
+    assert 'id="proxy-headline"' in page and page.index("proxy-headline") < page.index("checkpoints analysed")
+    assert "The stages are derived from LLC estimates of which 3 of 4 are prior-dominated" in page
+    clean = analysis_report(AnalysisResult(**{**result.__dict__, "llc": llc.assign(regime="likelihood")}),
+                            tmp_path / "clean.html").read_text()
+    assert "proxy-headline" not in clean and "prior-dominated:" not in clean

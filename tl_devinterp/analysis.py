@@ -22,10 +22,10 @@ import dataclasses
 import json
 import os
 import sys
-import typing
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,35 +39,36 @@ from .data import pack_texts, text_files
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
 from .dynamics.stages import check_stage_options
 from .dynamics.trajectories import HeadClusters, cluster_heads
-from .errors import InvalidTypeError, InvalidValueError, MissingFileError, NotAFolderError, SeriesError
+from .errors import (
+    InvalidOptionError,
+    InvalidTypeError,
+    InvalidValueError,
+    NotAFolderError,
+    SeriesError,
+)
 from .metrics import classify_heads
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import all_heads, bos_token_id, check_device, check_head, head_name, parse_head
+from .options import alias_table, build, option, read_config_file, validate
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
+from .sampling.diagnostics import SamplerWarning
 from .sampling.llc import SGLDConfig, default_nbeta
+from .sampling.plan import plan_llcs
+from .sampling.restrict import resolve_restriction
 from .series import CheckpointSeries
 from .store import StoreWarning, atomic_write, folder_lock
 from .tasks import Task, TokenTask, make_task
 from .tasks.base import index_batch
 from .visualisation.attention import AttentionView, attention_view
-from .visualisation.report import analysis_report
-
-
-def _opt(default: Any, help: str) -> Any:
-    """A config field with its help text (shown by `tl-devinterp analyze --help`)."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: default, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
+from .visualisation.report import analysis_report, prior_share, proxy_headline
 
 AUTO_SCOPE_HEADS = 48
 """Above this many heads (GPT-2 small has 144), `analyze` by default estimates fewer head LLCs (`auto_scope`)."""
 
-SGLD_OPTIONS = {f.name for f in dataclasses.fields(SGLDConfig)} - {"seed"}
-"""The sampler's options, given flat to `analyze` and the command line; `AnalysisConfig.seed` is its seed."""
+SGLD_OPTIONS = ({f.name for f in dataclasses.fields(SGLDConfig)} | set(alias_table(SGLDConfig))) - {"seed"}
+"""The sampler's options (and their other spellings), given flat to `analyze` and the command line;
+`AnalysisConfig.seed` is its seed."""
 
 
 @dataclass
@@ -82,40 +83,43 @@ class AnalysisConfig:
     """
 
     # data: the series' own data (its manifest's spec) unless `analyze(..., data=...)` is given
-    n_sequences: int = _opt(256, "test sequences for behavioural metrics and essential dynamics")
-    seq_len: int | None = _opt(None, "tokens per sequence cut from text data, BOS included (default: the model's "
-                               "context, at most 128)")
-    sample_index: int = _opt(0, "the test sequence shown in the token and attention pictures")
-    seed: int = _opt(0, "seed of sampling, probes and positions")
-    device: str | None = _opt(None, "torch device, e.g. cuda")
+    n_sequences: int = option(256, "test sequences for behavioural metrics and essential dynamics", ge=1)
+    seq_len: int | None = option(None, "tokens per sequence cut from text data, BOS included (default: the model's "
+                               "context, at most 128)", ge=2,
+                                 why="(BOS and one token)")
+    sample_index: int = option(0, "the test sequence shown in the token and attention pictures", ge=0)
+    seed: int = option(0, "seed of sampling, probes and positions", ge=0)
+    device: str | None = option(None, "torch device, e.g. cuda")
     # SGLD: the full model's LLC at every checkpoint, the heads' refined LLCs at `head_steps` of them; its
     # fields are options too (`--num-draws 200`, or "num_draws" in a config file), its seed is `seed`
-    sgld: SGLDConfig = _opt(SGLDConfig(num_chains=3, num_draws=60, num_burnin=20), "the sampler's settings")
-    head_steps: int | None = _opt(None, "checkpoints where every head's refined LLC is estimated: none = all "
+    sgld: SGLDConfig = option(SGLDConfig(num_chains=3, num_draws=60, num_burnin=20), "the sampler's settings")
+    head_steps: int | None = option(None, "checkpoints where every head's refined LLC is estimated: none = all "
                                   "(default); n = the first, the last and the n-2 where loss, LLC and head scores "
-                                  "change most; 0 = none")
-    heads: list[str] | None = _opt(None, "heads whose refined LLCs are estimated, e.g. l0h1 l11h7 (default: every head "
-                                   "of `layers`)")
-    layers: list[int] | None = _opt(None, "layers whose heads' refined LLCs are estimated (default: all)")
-    auto_scope: bool = _opt(True, f"a model of more than {AUTO_SCOPE_HEADS} heads, given no heads, layers or head_steps: "
-                            f"the heads of its first, middle and last layers at head_steps=3 checkpoints "
-                            f"(--no-auto-scope: every head at every checkpoint)")
-    calibrate: bool = _opt(False, "first sweep epsilon x gamma x nbeta (calibrate_llc) on 3 checkpoints and use "
+                                  "change most; 0 = none", ge=0)
+    heads: list[str] | None = option(None, "heads whose refined LLCs are estimated, e.g. l0h1 l11h7 (default: every "
+                                     "head of `layers`)")
+    layers: list[int] | None = option(None, "layers whose heads' refined LLCs are estimated (default: all)")
+    auto_scope: bool = option(True, f"a model of more than {AUTO_SCOPE_HEADS} heads, given no heads, layers or "
+                              f"head_steps: the heads of its first, middle and last layers at head_steps=3 "
+                              f"checkpoints (--no-auto-scope: every head at every checkpoint)")
+    calibrate: bool = option(False, "first sweep epsilon x gamma x nbeta (calibrate_llc) on 3 checkpoints and use "
                            "the recommended setting (results/calibration.csv); else the settings above")
     # head scores and classes
-    n_seqs: int = _opt(64, "probe sequences of the head scores")
-    thresholds: dict[str, float] = _opt({}, "classify_heads thresholds as JSON, e.g. '{\"prefix_matching\": 0.2}'")
-    n_clusters: int = _opt(3, "cluster_heads: groups of heads by their rLLC and score trajectories (0: none)")
+    n_seqs: int = option(64, "probe sequences of the head scores", ge=1)
+    thresholds: dict[str, float] = option({}, "classify_heads thresholds as JSON, e.g. '{\"prefix_matching\": 0.2}'")
+    n_clusters: int = option(3, "cluster_heads: groups of heads by their rLLC and score trajectories (0: none)",
+                            ge=0)
     # dynamics
-    n_components: int = _opt(3, "essential dynamics: principal components")
-    ed_sigma: float | None = _opt(None, "essential dynamics: smoothing width in checkpoints (default: its own)")
-    stage_z: float = _opt(4.0, "find_stages: standard errors by which a boundary's turn or change of speed must "
+    n_components: int = option(3, "essential dynamics: principal components", ge=2)
+    ed_sigma: float | None = option(None, "essential dynamics: smoothing width in checkpoints (default: its own)",
+                                   gt=0)
+    stage_z: float = option(4.0, "find_stages: standard errors by which a boundary's turn or change of speed must "
                           "exceed the noise")
-    stage_ratio: float = _opt(3.0, "find_stages: speed-up or slow-down of the LLC (|dLLC/dlog t|) that makes a "
+    stage_ratio: float = option(3.0, "find_stages: speed-up or slow-down of the LLC (|dLLC/dlog t|) that makes a "
                               "boundary")
-    stage_min_width: float = _opt(0.1, "find_stages: closest two bends of the LLC fit, in log-step units")
-    stage_min_change: float = _opt(0.02, "find_stages: smallest change of a stage, fraction of the LLC's range")
-    attention_heads: list[str] | None = _opt(None, "heads for the attention pictures, e.g. l0h1 l1h3 (default: "
+    stage_min_width: float = option(0.1, "find_stages: closest two bends of the LLC fit, in log-step units")
+    stage_min_change: float = option(0.02, "find_stages: smallest change of a stage, fraction of the LLC's range")
+    attention_heads: list[str] | None = option(None, "heads for the attention pictures, e.g. l0h1 l1h3 (default: "
                                              "the top previous-token and induction heads)")
 
     def stage_options(self) -> dict[str, float]:
@@ -124,30 +128,15 @@ class AnalysisConfig:
                     min_change=self.stage_min_change)
 
     def __post_init__(self):
-        """The one validator of analyze's options: each field's type, then its range."""
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            if f.name != "sgld":  # validated by SGLDConfig itself
-                setattr(self, f.name, _typed(f.name, getattr(self, f.name), hints[f.name]))
-        if not isinstance(self.sgld, SGLDConfig):
-            raise InvalidTypeError(f"sgld must be an SGLDConfig, got {type(self.sgld).__name__}.")
-        for name, low in (("n_sequences", 1), ("n_seqs", 1), ("n_components", 2), ("seed", 0), ("sample_index", 0)):
-            if getattr(self, name) < low:
-                raise InvalidValueError(f"{name} must be >= {low}, got {getattr(self, name)}.")
-        for name in ("ed_sigma",):
-            if getattr(self, name) is not None and not 0 < getattr(self, name) < float("inf"):
-                raise InvalidValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}.")
+        """Each option's type and range (`options.validate`), then what involves other modules: the stage
+        options (`find_stages`' own check), the heads, the thresholds' names and the device."""
+        validate(self)
         check_stage_options(**self.stage_options(), prefix="stage_")
-        if self.seq_len is not None and self.seq_len < 2:
-            raise InvalidValueError(f"seq_len must be >= 2 (BOS and one token) or None, got {self.seq_len}.")
-        if self.n_clusters < 0:
-            raise InvalidValueError(f"n_clusters must be >= 0 (0: no head clustering), got {self.n_clusters}.")
-        if self.head_steps is not None and self.head_steps < 0:
-            raise InvalidValueError(f"head_steps must be >= 0 (0: no head LLCs) or None (all), got {self.head_steps}.")
         if self.heads is not None:
             self.heads = [head_name(*parse_head(h)) for h in self.heads]
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise InvalidValueError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers}.")
+            raise InvalidOptionError(f"The 'layers' option of AnalysisConfig must be a non-empty list of layer indices "
+                                     f">= 0 or None; got {self.layers}.")
         if self.attention_heads is not None:
             self.attention_heads = [head_name(*parse_head(h)) for h in self.attention_heads]
         unknown = sorted(set(self.thresholds) - set(HEAD_LABELS))
@@ -163,24 +152,19 @@ class AnalysisConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "the config") -> AnalysisConfig:
-        """Options by name; the sampler's may be given flat (`num_draws`) or as an `sgld` table."""
-        d = dict(d)
+        """Options by name (or another spelling); the sampler's may be given flat (`num_draws`) or as an
+        `sgld` table."""
+        d = build(cls, d, source=source, extra=SGLD_OPTIONS)
         sampler = {k: d.pop(k) for k in list(d) if k in SGLD_OPTIONS}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InvalidValueError(f"Unknown option(s) {unknown} in {source}; valid options: {sorted(known | SGLD_OPTIONS)}.")
-        if sampler or "sgld" in d:
-            nested = d.get("sgld", {})
-            nested = dataclasses.asdict(nested) if isinstance(nested, SGLDConfig) else nested
-            if not isinstance(nested, dict):
-                raise InvalidTypeError(f"sgld in {source} must be a table of SGLD options, got {nested!r}.")
-            try:
+        try:
+            if sampler or "sgld" in d:
+                nested = d.get("sgld", {})
+                nested = dataclasses.asdict(nested) if isinstance(nested, SGLDConfig) else nested
+                if not isinstance(nested, dict):
+                    raise InvalidOptionError(f"The 'sgld' option of AnalysisConfig must be a table of SGLDConfig "
+                                             f"options; got {nested!r}.")
                 default = cls.__dataclass_fields__["sgld"].default_factory()
                 d["sgld"] = SGLDConfig.build(default, **{**nested, **sampler})
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"{e} (in {source})") from None
-        try:
             return cls(**d)
         except (TypeError, ValueError) as e:
             raise type(e)(f"{e} (in {source})") from None
@@ -189,29 +173,6 @@ class AnalysisConfig:
     def from_file(cls, path: str | os.PathLike) -> AnalysisConfig:
         """A JSON (`.json`) or TOML (`.toml`) file of option: value pairs."""
         return cls.from_dict(read_config_file(path), source=str(path))
-
-
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The option: value table of a JSON (`.json`) or TOML (`.toml`) config file."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"Config file {path} not found.")
-    if path.suffix not in (".json", ".toml"):
-        raise InvalidValueError(f"Config file {path} must end in .json or .toml.")
-    try:
-        if path.suffix == ".json":
-            d = json.loads(path.read_text())
-        else:
-            import tomllib  # Python >= 3.11
-
-            d = tomllib.loads(path.read_text())
-    except ImportError:
-        raise InvalidValueError(f"Reading {path} needs Python >= 3.11 (tomllib); use a JSON config.") from None
-    except ValueError as e:  # JSONDecodeError, TOMLDecodeError, bad UTF-8
-        raise InvalidValueError(f"Config file {path} cannot be parsed ({e}); fix its syntax.") from None
-    if not isinstance(d, dict):
-        raise InvalidValueError(f"Config file {path} must hold a table of option: value pairs.")
-    return d
 
 
 @dataclass
@@ -273,7 +234,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
     results.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     say = (lambda msg: tqdm.write(f"[analyze] {msg}", file=sys.stderr)) if progress else (lambda msg: None)
-    sgld = dataclasses.replace(config.sgld, seed=config.seed)
+    sgld = dataclasses.replace(_task_sampler(config.sgld, task), seed=config.seed)
     calibration = None
     if config.calibrate:
         calibration = _calibrate(series, train_data, sgld, task, progress)
@@ -292,6 +253,8 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
             f"{n_head_steps} checkpoints; --heads, --layers, --head-steps or --no-auto-scope choose others")
     n_head_steps = config.head_steps if n_head_steps is None else n_head_steps
     every = n_head_steps is None and bool(head_list)
+    # the plan, from a few timed steps at the last checkpoint; a plan that does not fit is split
+    sgld = _plan(series, train_data, sgld, head_list, every, n_head_steps, task, config.device, say)
     say(f"{series}: LLC at every checkpoint" + (f", with {len(head_list)} heads'" if every else ""))
     llc = llc_over_series(series, train_data, sgld, heads=head_list if every else False, **run)
     say("the task's metrics" + (" (head scores and behavioural metrics)" if isinstance(task, TokenTask) else ""))
@@ -341,13 +304,17 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
                             loss_differences=loss_differences, attention=attention, sample_tokens=sample_labels,
                             out_dir=out, title=f"tl_devinterp report: {series!r}",
                             calibration=calibration, head_clusters=clusters)
+    prior = "{}/{}".format(*prior_share(model_llc))  # beside the stages: how many of their LLCs were prior-dominated
     for name, frame in (("llc", llc), ("metrics", metrics), ("head_classes", classes),
-                        ("stages", stages_frame(stages)), ("essential_dynamics", ed.frame()),
+                        ("stages", stages_frame(stages).assign(prior_dominated_llcs=prior)), ("essential_dynamics", ed.frame()),
                         ("loss_differences", loss_differences),
                         ("head_clusters", clusters.assignments if clusters else pd.DataFrame())):
         atomic_write(results / f"{name}.csv", frame.to_csv(index=False))
     result.report = analysis_report(result, out / "report.html", figures_dir=out / "figures")
     say(f"report: {result.report}")
+    headline = proxy_headline(llc)
+    if headline:
+        warnings.warn(headline, SamplerWarning, stacklevel=3)
     return result
 
 
@@ -378,36 +345,6 @@ def _as_config(config, overrides: dict[str, Any]) -> AnalysisConfig:
     elif not isinstance(config, AnalysisConfig):
         raise InvalidTypeError(f"config must be an AnalysisConfig, a dict or a config file path; got {type(config).__name__}.")
     return AnalysisConfig.from_dict({**dataclasses.asdict(config), **overrides}, source="the arguments")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _typed(name: str, value: Any, hint: Any) -> Any:
-    """`value` as the option's declared type (bool, int, float, str, list[str], dict[str, float], or None where
-    allowed), or a TypeError naming the option and the expected type."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if value is None and optional:
-        return None
-    kind = next(a for a in args if a is not type(None)) if optional else hint
-    origin = typing.get_origin(kind) or kind
-    ok, expected = {
-        bool: (lambda v: isinstance(v, bool), "true or false"),
-        int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-        float: (_is_number, "a number"),
-        str: (lambda v: isinstance(v, str), "a string"),
-        list: ((lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-                "a list of integers") if typing.get_args(kind) == (int,) else
-               (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v), "a list of strings")),
-        dict: (lambda v: isinstance(v, dict) and all(map(_is_number, v.values())), "a mapping of names to numbers"),
-    }[origin]
-    if value is None or not ok(value):
-        hint_ = f" (for one head: [{value!r}])" if origin is list and isinstance(value, str) else ""
-        raise InvalidTypeError(f"{name} must be {expected}{' or None' if optional else ''}, got {value!r} "
-                               f"({type(value).__name__}){hint_}.")
-    return float(value) if origin is float else list(value) if origin is list else value
 
 
 def _as_series(series, config: AnalysisConfig) -> CheckpointSeries:
@@ -451,6 +388,22 @@ def head_scope(config: AnalysisConfig, n_layers: int, n_heads: int) -> tuple[lis
     if bad:
         raise InvalidValueError(f"heads {bad} do not exist: the model has {n_layers} layers of {n_heads} heads (0-indexed).")
     return heads, (3 if auto else None)
+
+
+def _plan(series: CheckpointSeries, data, sgld: SGLDConfig, heads: list[tuple[int, int]], together: bool,
+          head_steps: int | None, task: Task, device: str | None, say: Callable[[str], None]) -> SGLDConfig:
+    """Say what the LLC passes will cost (`plan_llcs` at the last checkpoint: the model and `heads` in one pass
+    when `together`, else each pass alone), and return `sgld` with the `max_batched` that fits."""
+    model = series.load(series.steps[-1])
+    model = model.to(device) if device is not None else model
+    whole = [resolve_restriction(model, None)]
+    parts = [resolve_restriction(model, h) for h in heads]
+    passes = [("model and heads", whole + parts)] if together else [("model", whole)] + [("heads", parts)] * bool(parts)
+    for what, restrictions in passes:
+        plan = plan_llcs(model, data, restrictions, sgld, loss_fn=task.sampler_loss)
+        say(f"{what}: {plan}; {plan.over(len(series) if what != 'heads' else min(head_steps or 0, len(series)))}")
+        sgld = dataclasses.replace(sgld, max_batched=min(sgld.max_batched, plan.max_batched))
+    return sgld
 
 
 def _shape(series: CheckpointSeries) -> tuple[int, int]:
@@ -540,6 +493,13 @@ def _is_text(data) -> bool:
     if isinstance(data, (list, tuple)):
         return bool(data) and all(isinstance(d, (str, os.PathLike)) for d in data)
     return isinstance(data, datasets.Dataset) and "input_ids" not in data.column_names
+
+
+def _task_sampler(sgld: SGLDConfig, task: Task) -> SGLDConfig:
+    """The task's own sampler settings (`Task.sampler_defaults`) for each option left at analyze's default."""
+    default = AnalysisConfig.__dataclass_fields__["sgld"].default_factory()
+    own = {k: v for k, v in task.sampler_defaults.items() if getattr(sgld, k) == getattr(default, k)}
+    return SGLDConfig.build(sgld, **own)
 
 
 def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, task: Task, progress: bool) -> Calibration:

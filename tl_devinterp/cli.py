@@ -49,7 +49,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> None:
-    from .analysis import read_config_file
+    from .options import read_config_file
     from .training import train
 
     overrides = read_config_file(args.config) if args.config else {}
@@ -65,7 +65,8 @@ def _add_analyze(sub) -> None:
     import json
     import typing
 
-    from .analysis import SGLD_OPTIONS, AnalysisConfig
+    from .analysis import AnalysisConfig
+    from .options import spec
     from .sampling import SGLDConfig
 
     p = sub.add_parser("analyze", help="LLCs, head scores, stages, essential dynamics and a report of a series",
@@ -85,7 +86,7 @@ def _add_analyze(sub) -> None:
                    "is at ADDRESS, e.g. tcp://10.0.0.1:8786")
     hints = typing.get_type_hints(AnalysisConfig) | typing.get_type_hints(SGLDConfig)
     sgld = AnalysisConfig().sgld  # the analysis's own sampler defaults
-    options = [(f, getattr(sgld, f.name)) for f in dataclasses.fields(SGLDConfig) if f.name in SGLD_OPTIONS]
+    options = [(f, getattr(sgld, f.name)) for f in dataclasses.fields(SGLDConfig) if f.name != "seed"]
     options += [(f, f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in dataclasses.fields(AnalysisConfig) if f.name != "sgld"]
     for f, default in options:
@@ -102,8 +103,11 @@ def _add_analyze(sub) -> None:
         else:
             base = next((a for a in args if a is not type(None)), kind)
             opts["type"] = (lambda text, base=base: None if text.lower() == "none" else base(text)) if args else base
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                       help=f"{f.metadata['help']} (default: {json.dumps(default)})", **opts)
+        option = spec(f)
+        notes = "".join(f"; --{a.replace('_', '-')}: {note}" for a, note in option.aliases.items() if note)
+        flags = [f"--{name.replace('_', '-')}" for name in (f.name, *option.aliases)]
+        p.add_argument(*dict.fromkeys(flags), dest=f.name, default=argparse.SUPPRESS,
+                       help=f"{option.help} (default: {json.dumps(default)}{notes})", **opts)
     p.set_defaults(run=_run_analyze)
 
 

@@ -8,6 +8,7 @@ tokenizer). A data *spec* (a small dict, stored in series manifests) regenerates
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import sysconfig
@@ -21,6 +22,7 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 
 from .errors import InvalidValueError, MissingFileError
+from .store import atomic_write
 
 BOS = 0
 BOS_TEXT = "<|bos|>"
@@ -147,7 +149,7 @@ def train_tokenizer(texts: datasets.Dataset, vocab_size: int, *, cache_dir: str 
     tok.train_from_iterator(texts[text_column], trainer=trainer)
     assert tok.token_to_id(BOS_TEXT) == BOS
     file.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(file))
+    atomic_write(file, tok.to_str())  # a cut cache file would fail every later run
     return tok
 
 
@@ -157,8 +159,37 @@ def text_files(paths: str | os.PathLike | list[str | os.PathLike]) -> datasets.D
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
         raise MissingFileError(f"Text data file(s) not found: {absent}. Give paths of plain text files.")
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+    texts = [read_text(p) for p in paths]
     return datasets.Dataset.from_dict({"text": texts, "path": [str(p) for p in paths]})
+
+
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def read_text(path: Path) -> str:
+    """A text file's contents: UTF-8, or the encoding its byte-order mark names (UTF-8, UTF-16, UTF-32), or
+    UTF-16 without one (every other byte NUL). Anything else (Latin-1, binary) is refused, naming the file and
+    the fix, rather than decoded with replacement characters and tokenised as if it were text."""
+    data = path.read_bytes()
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), None)
+    if encoding is None and data.count(0) and len(data) % 2 == 0:
+        for parity, enc in ((1, "utf-16-le"), (0, "utf-16-be")):  # mostly ASCII text: its high bytes are NUL
+            if data[parity::2].count(0) >= 0.9 * (len(data) // 2):
+                encoding = enc
+    try:
+        text = data.decode(encoding or "utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidValueError(
+            f"{path} is not {encoding or 'UTF-8'} text (byte 0x{data[e.start]:02x} at offset {e.start}): it may be "
+            f"Latin-1 / Windows-1252, or not text at all. Convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8 {path} "
+            f"> {path.stem}.utf8{path.suffix}) and pass that file.") from None
+    control = sum(c < " " and c not in "\t\n\r\f\v" for c in text)
+    if "\x00" in text or control > 0.01 * len(text):
+        raise InvalidValueError(f"{path} holds binary data ({text.count(chr(0))} NUL and {control} control "
+                                f"characters), not text: pass plain text files (UTF-8, or UTF-16 with a byte-order "
+                                f"mark).")
+    return text
 
 
 def pack_texts(

@@ -21,6 +21,10 @@ class InvalidTypeError(TLDevinterpError, TypeError):
     """An option or an argument is of the wrong type."""
 
 
+class InvalidOptionError(TLDevinterpError, ValueError, TypeError):
+    """A configuration option that is unknown, of the wrong type or out of its range (`tl_devinterp.options`)."""
+
+
 class SeriesError(TLDevinterpError, ValueError):
     """A checkpoint series that cannot be used as given (the message names the file or step and the fix)."""
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import InvalidTypeError, InvalidValueError, NotSupportedError
 from .models import as_head, check_head, head_masks
+from .options import build, option, validate
 from .store import fingerprint
 
 KINDS = ("zero", "mean", "clamp", "freeze")
@@ -44,17 +45,16 @@ class Intervention:
     `end=None` lasts to the end of training. See the module docstring.
     """
 
-    hook: str
-    kind: str
-    head: int | None = None
-    start: int = 0
-    end: int | None = None
-    value: Any = None
+    hook: str = option(help="a TransformerLens hook name, e.g. 'blocks.0.attn.hook_z' (kind='freeze': a head, 'l0h1')")
+    kind: str = option(help="zero, mean, clamp or freeze", choices=KINDS)
+    head: int | None = option(None, "the head of a per-head hook (None: the whole activation)", ge=0)
+    start: int = option(0, "first training step it acts at", ge=0)
+    end: int | None = option(None, "the step it stops before (None: the end of training)", ge=1)
+    value: Any = option(None, "kind='clamp': a number, a tensor, a model, or {'series': DIR, 'step': STEP}")
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise InvalidValueError(f"Intervention kind {self.kind!r} is unknown; use one of {KINDS}.")
-        if self.start < 0 or (self.end is not None and self.end <= self.start):
+        validate(self, skip=("hook",))
+        if self.end is not None and self.end <= self.start:
             raise InvalidValueError(f"Intervention window start={self.start}, end={self.end} is empty or negative; "
                                     f"give 0 <= start < end (end=None: to the end of training).")
         if self.kind == "freeze":
@@ -105,8 +105,8 @@ class Intervention:
     def from_dict(cls, d: dict[str, Any]) -> Intervention:
         if not isinstance(d, dict):
             raise InvalidTypeError(f"An intervention is a table of hook, kind, head, start, end, value; got {d!r}.")
-        unknown = set(d) - {"hook", "kind", "head", "start", "end", "value"}
-        if unknown or not {"hook", "kind"} <= set(d):
+        d = build(cls, d, source="an intervention")
+        if not {"hook", "kind"} <= set(d):
             raise InvalidValueError(f"An intervention needs 'hook' and 'kind' and may have head, start, end, value; got "
                                     f"keys {sorted(d)}.")
         return cls(**d)

@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from .errors import InvalidTypeError, InvalidValueError
+from .options import build, option, validate
 
 try:  # TL >= 3.9
     from transformer_lens.model_bridge import TransformerBridge
@@ -42,19 +43,20 @@ HEAD_PARAMS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
 class ModelConfig:
     """A small TransformerLens architecture, JSON-serialisable for series manifests."""
 
-    n_layers: int = 2
-    n_heads: int = 4
-    d_model: int = 64
-    d_head: int | None = None  # default d_model // n_heads
-    n_ctx: int = 64
-    d_vocab: int = 256
-    attn_only: bool = True
-    d_mlp: int | None = None  # default 4 * d_model; ignored when attn_only
-    normalization_type: str | None = "LN"  # "LN", "LNPre", "RMS" or None
-    act_fn: str = "gelu"
-    seed: int = 0
+    n_layers: int = option(2, "transformer blocks", ge=1)
+    n_heads: int = option(4, "attention heads per block", ge=1)
+    d_model: int = option(64, "residual stream width", ge=1)
+    d_head: int | None = option(None, "head width (default: d_model // n_heads)", ge=1)
+    n_ctx: int = option(64, "context length", ge=1)
+    d_vocab: int = option(256, "vocabulary size", ge=1)
+    attn_only: bool = option(True, "attention-only blocks (no MLPs)")
+    d_mlp: int | None = option(None, "MLP width (default: 4 * d_model; ignored when attn_only)", ge=1)
+    normalization_type: str | None = option("LN", "LN, LNPre, RMS or None", choices=("LN", "LNPre", "RMS", None))
+    act_fn: str = option("gelu", "MLP activation (a TransformerLens act_fn)")
+    seed: int = option(0, "initialisation seed")
 
     def __post_init__(self):
+        validate(self)
         if self.d_head is None:
             if self.d_model % self.n_heads:
                 raise InvalidValueError(
@@ -63,20 +65,13 @@ class ModelConfig:
             self.d_head = self.d_model // self.n_heads
         if self.d_mlp is None and not self.attn_only:
             self.d_mlp = 4 * self.d_model
-        for name in ("n_layers", "n_heads", "d_model", "d_head", "n_ctx", "d_vocab"):
-            if getattr(self, name) < 1:
-                raise InvalidValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise InvalidValueError(f"Unknown ModelConfig fields {sorted(unknown)}; known fields: {sorted(known)}.")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], *, source: str = "the arguments") -> ModelConfig:
+        return cls(**build(cls, d, source=source))
 
     def tl_kwargs(self) -> dict[str, Any]:
         kw = dict(

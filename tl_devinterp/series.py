@@ -30,8 +30,9 @@ from .errors import (
     SeriesError,
     UnknownKeyError,
 )
-from .models import ModelConfig, build_model, check_model, tl_parameter_names
+from .models import ModelConfig, build_model, tl_parameter_names
 from .store import file_sha256, fingerprint
+from .tasks import make_task
 
 MANIFEST = "manifest.json"
 FORMAT = "tl_devinterp.series/1"
@@ -160,9 +161,11 @@ class CheckpointSeries:
         files = _checkpoint_files(path, manifest, manifest_file)
         recorded = manifest.get("sha256", {})  # absent in series written before checksums were recorded
 
-        return cls(sorted(files), partial(_load_checked, config, files, recorded), meta=manifest,
+        build = partial(make_task(manifest["data"]).build_model, config) if manifest.get("data") else partial(
+            build_model, config)  # the task's model (a TL model, or e.g. the toy model of superposition)
+        return cls(sorted(files), partial(_load_checked, build, files, recorded), meta=manifest,
                    fingerprint=partial(_recorded_hash, files, recorded),
-                   verify=_FileCheck(partial(build_model, config), _safetensors_header, files, recorded, manifest_file))
+                   verify=_FileCheck(build, _safetensors_header, files, recorded, manifest_file))
 
     @classmethod
     def from_tl_save_dir(cls, path: str | os.PathLike, config: Any) -> CheckpointSeries:
@@ -184,12 +187,15 @@ class CheckpointSeries:
 
     @classmethod
     def from_models(cls, models: Sequence[nn.Module], steps: Sequence[int]) -> CheckpointSeries:
-        """Models already in memory, with the training step of each."""
+        """Models already in memory, with the training step of each: TransformerLens models, or any torch
+        module (e.g. `tasks.tms.TMS`), whose LLCs, stages and essential dynamics need only its loss."""
         models, steps = list(models), [int(s) for s in steps]
         if len(models) != len(steps):
             raise SeriesError(f"Got {len(models)} models but {len(steps)} steps; give one step per model.")
         for m in models:
-            check_model(m)
+            if not isinstance(m, nn.Module):
+                raise InvalidTypeError(f"from_models takes torch modules (TransformerLens models, or any module with a "
+                                       f"loss, e.g. tasks.tms.TMS); got a {type(m).__name__}.")
         shapes, configs = [_shapes(m) for m in models], [_architecture(m) for m in models]
         for s, sh, cfg in zip(steps[1:], shapes[1:], configs[1:]):
             differ = _shape_diff(shapes[0], sh) if sh != shapes[0] else ", ".join(
@@ -353,9 +359,10 @@ def _unpickle_models(blob: bytes) -> _InMemory:
     return _InMemory(pickle.loads(blob))
 
 
-def _load_checked(config: ModelConfig, files: dict[int, Path], recorded: dict[str, str], step: int) -> nn.Module:
+def _load_checked(build: Callable[[], nn.Module], files: dict[int, Path], recorded: dict[str, str],
+                  step: int) -> nn.Module:
     """A step of a series we wrote, its file checked against the recorded sha256 and the step stored in it."""
-    model = build_model(config)
+    model = build()
     _load_state(model, load_checkpoint_state(files[step], sha256=recorded.get(str(step)), step=step), files[step])
     return model
 

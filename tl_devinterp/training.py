@@ -21,7 +21,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,63 +30,59 @@ import torch
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from .errors import InvalidTypeError, InvalidValueError, SeriesError, TrainingDivergedError
+from .errors import InvalidValueError, SeriesError, TrainingDivergedError
 from .interventions import Intervener, Intervention, as_interventions
 from .llc_callback import llc_now
 from .models import ModelConfig, check_device
+from .options import build, option, validate
 from .series import FORMAT, MANIFEST, CheckpointSeries, load_checkpoint_state, read_manifest
 from .store import LOCK, TMP_SUFFIX, atomic_write, folder_lock
 from .tasks import Task, make_task
 from .tasks.base import batch_rows, batch_to, index_batch
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 @dataclass
 class TrainConfig:
     """Everything that determines a training run (stored in the manifest)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: dict[str, Any] = field(default_factory=dict)  # a task's spec (tl_devinterp.tasks.make_task)
-    n_steps: int = 3000
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    n_log_checkpoints: int = 20
-    n_linear_checkpoints: int = 20
-    extra_steps: list[int] = field(default_factory=list)  # more checkpoints, e.g. dense inside a transition
-    eval_batches: int = 4
-    seed: int = 0
-    interventions: list[Intervention] = field(default_factory=list)  # see tl_devinterp.interventions
+    model: ModelConfig = option(ModelConfig(), "the architecture (a ModelConfig or a table of its options)")
+    data: dict[str, Any] = option({}, "a task's spec (tl_devinterp.tasks.make_task)")
+    n_steps: int = option(3000, "training steps", ge=1)
+    batch_size: int = option(32, "sequences per step", ge=1)
+    lr: float = option(1e-3, "learning rate", ge=0)
+    weight_decay: float = option(0.0, "weight decay", ge=0)
+    optimizer: str = option("adamw", "adamw, or sgd (plain SGD, as the toy model of superposition's paper trains)",
+                            choices=sorted(OPTIMIZERS))
+    warmup_steps: int = option(0, "linear learning-rate warm-up steps", ge=0)
+    n_log_checkpoints: int = option(20, "log-spaced checkpoints", ge=0)
+    n_linear_checkpoints: int = option(20, "linearly spaced checkpoints", ge=0)
+    extra_steps: list[int] = option([], "more checkpoints, e.g. dense inside a transition")
+    eval_batches: int = option(4, "test batches of each checkpoint's logged loss", ge=1)
+    seed: int = option(0, "seed of initialisation and batches", ge=0)
+    interventions: list[Intervention] = option([], "see tl_devinterp.interventions")
 
     def __post_init__(self):
         if isinstance(self.model, dict):  # a config file's table
             self.model = ModelConfig.from_dict(self.model)
         self.interventions = as_interventions(self.interventions)
-        for name in ("n_steps", "batch_size", "eval_batches", "warmup_steps", "n_log_checkpoints",
-                     "n_linear_checkpoints", "seed"):
-            value, low = getattr(self, name), 1 if name in ("n_steps", "batch_size", "eval_batches") else 0
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise InvalidValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-        for name in ("lr", "weight_decay"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
-                raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        validate(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(dataclasses.replace(self, interventions=[]))
         d["model"] = self.model.to_dict()
-        if not self.extra_steps:  # manifests written before the field existed still match (and resume)
-            del d["extra_steps"]
+        for name, default in (("extra_steps", []), ("optimizer", "adamw")):
+            if d[name] == default:  # manifests written before the field existed still match (and resume)
+                del d[name]
         del d["interventions"]
         if self.interventions:  # only when present, so plain runs keep their manifests (and resume)
             d["interventions"] = [i.to_dict() for i in self.interventions]
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
-        d["model"] = ModelConfig.from_dict(d.get("model", {}))
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], *, source: str = "the arguments") -> TrainConfig:
+        return cls(**build(cls, d, source=source))
 
 
 def _markov(d_vocab: int, seq_len: int, n_train: int, **kw) -> dict[str, Any]:
@@ -140,6 +136,17 @@ PRESETS: dict[str, TrainConfig] = {
         data=dict(kind="stdlib", vocab_size=2048, seq_len=128, seed=0, repeat_fraction=0.5, min_len=8, max_len=32),
         n_steps=5000, batch_size=32, lr=1e-3, n_log_checkpoints=20, n_linear_checkpoints=20,
     ),
+    # The toy model of superposition (6 features, 2 dimensions) with the paper's SGD (Chen et al. 2023: 1000
+    # samples, batch 20, lr 0.005, 4500 epochs): k-gon plateaus and the drops between them. tasks.tms.
+    "tms": TrainConfig(
+        data=dict(kind="tms", n_features=6, n_hidden=2, n_train=1000), optimizer="sgd",
+        n_steps=225_000, batch_size=20, lr=0.005, n_log_checkpoints=40, n_linear_checkpoints=20,
+    ),
+    # About a minute on a CPU: a larger step reaches the 5+-gon by step ~2000.
+    "tms-quick": TrainConfig(
+        data=dict(kind="tms", n_features=6, n_hidden=2, n_train=1000, n_test=5000), optimizer="sgd",
+        n_steps=6000, batch_size=20, lr=0.05, n_log_checkpoints=16, n_linear_checkpoints=6,
+    ),
 }
 
 
@@ -184,10 +191,7 @@ def train(
         if preset not in PRESETS:
             raise InvalidValueError(f"Unknown preset {preset!r}; known presets: {sorted(PRESETS)}.")
         config = PRESETS[preset]
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if unknown:
-        raise InvalidTypeError(f"Unknown TrainConfig field(s) {unknown}; fields: {[f.name for f in dataclasses.fields(TrainConfig)]}.")
-    config = dataclasses.replace(config, **overrides)
+    config = dataclasses.replace(config, **build(TrainConfig, overrides))
     late = [i.to_dict() for i in config.interventions if i.start >= config.n_steps]
     if late:
         raise InvalidValueError(f"Interventions {late} start at or after n_steps={config.n_steps}: they would never act.")
@@ -219,7 +223,7 @@ def _train(out: Path, config: TrainConfig, overwrite: bool, task: Task, train_da
     model = task.build_model(config.model, device)
     model.train()
     intervener = Intervener(model, config.interventions, device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = OPTIMIZERS[config.optimizer](model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start = max(map(int, manifest["checkpoints"]), default=-1)
     if start >= 0:
         _restore(out, manifest, model, opt)
@@ -379,11 +383,12 @@ def _save(out: Path, manifest: dict, step: int, model, opt, train_loss: float, t
 
 
 def _optimizer_tensors(model, opt) -> dict[str, torch.Tensor]:
-    """AdamW state as flat tensors keyed by parameter name (safetensors holds tensors only)."""
+    """The optimizer's state as flat tensors keyed by parameter name (safetensors holds tensors only)."""
     out = {}
     for name, p in model.named_parameters():
         for key, value in opt.state.get(p, {}).items():
-            out[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            if value is not None:  # SGD without momentum keeps momentum_buffer None
+                out[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     return out
 
 

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError
+
 
 def rrr_lambda(M: int, H: int, N: int, r: int) -> float:
     """λ of reduced-rank regression y = BAx (A: H×M, B: N×H) at a truth of rank r (Aoyagi & Watanabe 2005)."""
     if not 0 <= r <= min(M, H, N):
-        raise ValueError(f"rank r must be in [0, min(M, H, N)] = [0, {min(M, H, N)}], got {r}.")
+        raise InvalidValueError(f"rank r must be in [0, min(M, H, N)] = [0, {min(M, H, N)}], got {r}.")
     if N + r <= M + H and M + r <= N + H and H + r <= M + N:
         lam = (2 * (H + r) * (M + N) - (M - N) ** 2 - (H + r) ** 2) / 8
         return lam + (1 / 8 if (M + H + N + r) % 2 else 0)
@@ -47,9 +49,9 @@ def dln_lambda(widths: Sequence[int], r: int) -> float:
     λ = (−r² + r(H_0 + H_L))/2 + a(ℓ − a)/(4ℓ) − ℓ(ℓ − 1)/4·(S/ℓ)² + ½·Σ_{i<j in Σ} Δ_i Δ_j."""
     widths = [int(h) for h in widths]
     if len(widths) < 3:
-        raise ValueError(f"a deep linear network needs >= 3 widths (input, hidden..., output), got {widths}.")
+        raise InvalidValueError(f"a deep linear network needs >= 3 widths (input, hidden..., output), got {widths}.")
     if not 0 <= r <= min(widths):
-        raise ValueError(f"rank r must be in [0, min(widths)] = [0, {min(widths)}], got {r}.")
+        raise InvalidValueError(f"rank r must be in [0, min(widths)] = [0, {min(widths)}], got {r}.")
     delta = sorted(h - r for h in widths)
     for ell in range(1, len(delta)):
         sigma, rest = delta[:ell + 1], delta[ell + 1:]
@@ -105,9 +107,9 @@ def known_answer(widths: Sequence[int], rank: int, *, loss: str = "sum", n: int 
     x ~ N(0, I), y = W_L ⋯ W_1 x."""
     widths = tuple(int(h) for h in widths)
     if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}.")
+        raise InvalidValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}.")
     if n < widths[0]:
-        raise ValueError(f"n = {n} inputs must be >= the input width {widths[0]} (a full-rank input covariance).")
+        raise InvalidValueError(f"n = {n} inputs must be >= the input width {widths[0]} (a full-rank input covariance).")
     llc = dln_lambda(widths, rank)  # also checks widths and rank
     g = torch.Generator().manual_seed(seed)
     layers = [nn.Linear(a, b, bias=False) for a, b in zip(widths[:-1], widths[1:])]

@@ -47,6 +47,7 @@ from ..models import (
     parameter_slots,
     sampled_parameters,
 )
+from ..options import build, option, validate
 from .batches import as_tensors, batch_stream, lm_batch
 from .diagnostics import TRACES, ChainStats, SamplerDiagnostics, SamplerWarning, summarise
 from .fast_forward import check_precision, precision_context, verified_fast_forward
@@ -72,73 +73,35 @@ class SGLDConfig:
     `nbeta=None` means n/log n of the batch size in use (`resolve`); a DataLoader's own batch size wins.
     """
 
-    epsilon: float = field(default=1e-3, metadata={"help": "SGLD step size epsilon"})
-    gamma: float = field(default=200.0, metadata={"help": "localisation strength gamma"})
-    nbeta: float | None = field(default=None, metadata={"help": "inverse temperature n*beta (default: n/log n "
-                                                        "of the batch size)"})
-    num_chains: int = field(default=4, metadata={"help": "chains"})
-    num_draws: int = field(default=100, metadata={"help": "draws per chain after burn-in"})
-    num_burnin: int = field(default=50, metadata={"help": "burn-in steps per chain"})
-    batch_size: int = field(default=32, metadata={"help": "minibatch size"})
-    seed: int = field(default=0, metadata={"help": "seed of the batches and the chains' noise"})
-    sampler: str = field(default="sgld", metadata={"help": "update rule: sgld, sgnht or rmsprop_sgld"})
-    diffusion: float = field(default=0.01, metadata={"help": "SGNHT's diffusion A (the thermostat's start)"})
-    rmsprop_decay: float = field(default=0.999, metadata={"help": "RMSprop-SGLD's running-mean decay alpha"})
-    rmsprop_delta: float = field(default=1.0, metadata={"help": "RMSprop-SGLD's delta: preconditioner <= 1/delta"})
-    draws_every: int = field(default=1, metadata={"help": "observables on every k-th draw (thinning)"})
-    max_batched: int = field(default=8, metadata={"help": "chains evaluated together in one batched forward+backward "
-                                                   "(1: one at a time; lower it if memory runs out)"})
-    fast_forward: bool = field(default=True, metadata={"help": "sample through sampling.fast_forward (plain torch "
-                                                       "from TL's weight views, fused attention) where it reproduces "
-                                                       "the TL forward and no hook point holds a hook; False: the TL forward"})
-    precision: str = field(default="fp32", metadata={"help": "fp32, tf32 (TF32 matmuls) or bf16 (autocast): CUDA "
-                                                     "only, a CPU always samples in float32"})
+    epsilon: float = option(1e-3, "SGLD step size epsilon", gt=0)
+    gamma: float = option(200.0, "localisation strength gamma", ge=0)
+    nbeta: float | None = option(None, "inverse temperature n*beta (default: n/log n of the batch size)", gt=0)
+    num_chains: int = option(4, "chains", ge=2, why="(the std across chains needs two)")
+    num_draws: int = option(100, "draws per chain after burn-in", ge=1)
+    num_burnin: int = option(50, "burn-in steps per chain", ge=0)
+    batch_size: int = option(32, "minibatch size", ge=1)
+    seed: int = option(0, "seed of the batches and the chains' noise", ge=0)
+    sampler: str = option("sgld", "update rule: sgld, sgnht or rmsprop_sgld", choices=sorted(SAMPLERS))
+    diffusion: float = option(0.01, "SGNHT's diffusion A (the thermostat's start)", gt=0)
+    rmsprop_decay: float = option(0.999, "RMSprop-SGLD's running-mean decay alpha", ge=0, lt=1)
+    rmsprop_delta: float = option(1.0, "RMSprop-SGLD's delta: preconditioner <= 1/delta", gt=0)
+    draws_every: int = option(1, "observables on every k-th draw (thinning; 1 = every draw)", ge=1)
+    max_batched: int = option(8, "chains evaluated together in one batched forward+backward (1: one at a time; "
+                              "lower it if memory runs out)", ge=1)
+    fast_forward: bool = option(True, "sample through sampling.fast_forward (plain torch from TL's weight views, "
+                                "fused attention) where it reproduces the TL forward and no hook point holds a "
+                                "hook; False: the TL forward")
+    precision: str = option("fp32", "fp32, tf32 (TF32 matmuls) or bf16 (autocast): CUDA only, a CPU always "
+                            "samples in float32")
 
     def __post_init__(self):
+        validate(self)
         check_precision(self.precision)
-        if not isinstance(self.fast_forward, bool):
-            raise InvalidTypeError(f"SGLDConfig.fast_forward must be True or False, got {self.fast_forward!r}.")
-        if self.sampler not in SAMPLERS:
-            raise InvalidValueError(f"SGLDConfig.sampler={self.sampler!r} is unknown; choose one of {sorted(SAMPLERS)}.")
-        for name in ("epsilon", "gamma", "nbeta", "diffusion", "rmsprop_decay", "rmsprop_delta"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                raise InvalidTypeError(f"SGLDConfig.{name} must be a finite number, got {v!r}.")
-            if v is not None:
-                object.__setattr__(self, name, float(v))  # 1 and 1.0 are one setting (and one store key)
-        for name in ("num_chains", "num_draws", "num_burnin", "batch_size", "seed", "draws_every", "max_batched"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise InvalidTypeError(f"SGLDConfig.{name} must be an integer, got {v!r}.")
-        if not self.epsilon > 0:
-            raise InvalidValueError(f"SGLDConfig.epsilon must be > 0, got {self.epsilon}.")
-        if self.nbeta is not None and not self.nbeta > 0:
-            raise InvalidValueError(f"SGLDConfig.nbeta must be > 0 (or None for n/log n), got {self.nbeta}.")
-        if self.gamma < 0:
-            raise InvalidValueError(f"SGLDConfig.gamma must be >= 0, got {self.gamma}.")
-        if self.num_chains < 2:
-            raise InvalidValueError(f"SGLDConfig.num_chains must be >= 2 (the std across chains needs two), got {self.num_chains}.")
-        if self.num_draws < 1 or self.num_burnin < 0 or self.batch_size < 1 or self.seed < 0:
-            raise InvalidValueError(
-                f"SGLDConfig needs num_draws >= 1, num_burnin >= 0, batch_size >= 1, seed >= 0; got "
-                f"{self.num_draws}, {self.num_burnin}, {self.batch_size}, {self.seed}."
-            )
-        if self.draws_every < 1:
-            raise InvalidValueError(f"SGLDConfig.draws_every must be >= 1 (1 = every draw), got {self.draws_every}.")
-        if self.max_batched < 1:
-            raise InvalidValueError(f"SGLDConfig.max_batched must be >= 1 (1 = one chain at a time), got {self.max_batched}.")
-        if not (self.diffusion > 0 and 0 <= self.rmsprop_decay < 1 and self.rmsprop_delta > 0):
-            raise InvalidValueError(f"SGLDConfig needs diffusion > 0, 0 <= rmsprop_decay < 1, rmsprop_delta > 0; got "
-                                    f"{self.diffusion}, {self.rmsprop_decay}, {self.rmsprop_delta}.")
 
     @classmethod
     def build(cls, config: SGLDConfig | None = None, **overrides: Any) -> SGLDConfig:
-        """`config` (default: the defaults) with keyword overrides, naming any unknown keyword."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise InvalidTypeError(f"Unknown SGLD option(s) {unknown}; the options are {sorted(known)}.")
-        return dataclasses.replace(config or cls(), **overrides)
+        """`config` (default: the defaults) with keyword overrides (other spellings too), naming any unknown one."""
+        return dataclasses.replace(config or cls(), **build(cls, overrides))
 
     def resolve(self, data) -> SGLDConfig:
         """The batch size in use (a DataLoader's own) and nβ filled in."""

@@ -69,6 +69,8 @@ class Task:
     kind: ClassVar[str] = ""
     OPTIONS: ClassVar[dict[str, Option]] = {}
     has_heads: ClassVar[bool] = True  # head LLCs, head clusters and attention views apply
+    sampler_defaults: ClassVar[dict[str, Any]] = {}  # SGLD settings suited to the task's loss scale (e.g.
+    # epsilon, gamma, nbeta): `analyze` uses them for the options the user leaves at the library's defaults
     tokenizer: Any = None  # a token task's tokenizer (saved with the series), else None
 
     def __init__(self, spec: dict[str, Any]):

@@ -95,6 +95,33 @@ def _regime_note(frame: pd.DataFrame, what: str) -> list[str]:
             f"{prior} prior-dominated (λ̂ there reflects nβ and γ more than the model); {negative} negative.</p>"]
 
 
+def prior_share(frame: pd.DataFrame) -> tuple[int, int]:
+    """(prior-dominated estimates, estimates) of an LLC frame, by its `regime` column (`diagnostics.regime`)."""
+    if "regime" not in frame or frame.empty:
+        return 0, len(frame)
+    return int((frame["regime"] == "prior").sum()), len(frame)
+
+
+def proxy_headline(llc: pd.DataFrame) -> str:
+    """One sentence for the top of a report (and the end of `analyze`) when LLC estimates are prior-dominated:
+    the curve then follows the sampler's fixed setting more than the model ("" when none is)."""
+    prior, total = prior_share(llc)
+    if not prior:
+        return ""
+    what = "All" if prior == total else f"{prior} of {total}"
+    return (f"{what} LLC estimates are prior-dominated (diagnostics.regime = 'prior'): the curves are a proxy at one "
+            f"fixed sampler setting (λ̂ follows nβ and γ more than the model), not the model's LLC; stages and head "
+            f"clusters drawn from them say so. Calibrate (calibrate=True, or raise nbeta / lower gamma) for estimates "
+            f"of the model.")
+
+
+def _from_prior(llc: pd.DataFrame, what: str) -> str:
+    """A warning beside a result derived from LLC estimates that were prior-dominated ("" when none was)."""
+    prior, total = prior_share(llc)
+    return (f'<p style="color:#b00">{html.escape(what)} derived from LLC estimates of which {prior} of {total} are '
+            f'prior-dominated: they describe the sampler\'s fixed setting as much as the model.</p>') if prior else ""
+
+
 def _sampler_parts(model_llc: pd.DataFrame, result) -> list[str]:
     """The settings used, the calibration's choice and table, and each checkpoint's diagnostics."""
     parts = _regime_note(model_llc, "model")
@@ -141,7 +168,9 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
 
     sections = []
     model_llc = result.llc[result.llc["scope"] == "model"].sort_values("step")
-    summary = [f"<p>{len(model_llc)} checkpoints analysed, steps {model_llc['step'].min()}–{model_llc['step'].max()}."
+    headline = proxy_headline(result.llc)
+    summary = [f'<p style="color:#b00;font-weight:bold" id="proxy-headline">{html.escape(headline)}</p>'] * bool(headline)
+    summary += [f"<p>{len(model_llc)} checkpoints analysed, steps {model_llc['step'].min()}–{model_llc['step'].max()}."
                f" Results as CSV in <code>results/</code>, figures as PNG in <code>figures/</code>.</p>"]
     if result.stages:
         level = model_llc.set_index("step").reindex(columns=["llc_mean", "llc_se"])  # raw values at the boundaries
@@ -150,8 +179,10 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
              "LLC at end": level.at[s.end, "llc_mean"], "SE at end": level.at[s.end, "llc_se"],
              "largest head-score change": stage_head_change(result.metrics, s.start, s.end)}
             for i, s in enumerate(result.stages)])))
+        summary.append(_from_prior(model_llc, "The stages are"))
     if result.head_classes is not None and not result.head_classes.empty:
-        summary.append("<p>Head classes at the last checkpoint:</p>" + table_html(result.head_classes))
+        summary.append("<p>Head classes at the last checkpoint (from head scores, not from LLCs):</p>"
+                       + table_html(result.head_classes))
     sections.append(("Summary", summary))
     sections.append(("LLC and stages", [png(
         plot_llc_stages(model_llc["step"], model_llc["llc_mean"], result.stages, llc_std=model_llc["llc_std"],
@@ -177,7 +208,8 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
             plot_head_clusters(clusters), "head-clusters",
             "Heads clustered by their normalised trajectories (rLLC and head scores over training, Ward linkage): "
             "the dendrogram, then each cluster's curves coloured by head class."),
-            "<p>Heads per cluster and class:</p>" + table_html(clusters.table.reset_index())]))
+            "<p>Heads per cluster and class:</p>" + table_html(clusters.table.reset_index()),
+            _from_prior(heads, "The clusters are")]))
     if result.ed is not None:
         sections.append(("Essential dynamics", [png(
             plot_essential_dynamics(result.ed, result.stages), "essential-dynamics",
