@@ -35,8 +35,7 @@ from tl_devinterp.training import PRESETS
 from tl_devinterp.visualisation.dynamics import shade_stages
 
 SGLD = dict(epsilon=3e-4, gamma=100.0, nbeta=30.0, num_chains=3, num_draws=80, num_burnin=40)
-"""The sampler for both settings: nβ = 30 (the default n/log n of batch 32 is 9.2, where calibrate_llc finds the
-chains prior-dominated on these MSE losses), a smaller step than the token default."""
+"""The sampler for both settings: the regression tasks' own `sampler_defaults` (ε, γ, nβ), more draws."""
 LENGTHS, SEEDS = (8, 16, 32, 64), (0, 1)
 
 
