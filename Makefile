@@ -32,6 +32,7 @@ notebook-data: setup
 test: setup
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 	    || echo "chromium not installed: browser tests will be skipped"
+	$(BIN)/ruff check tl_devinterp tests benchmarks
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 	$(MAKE) test-tl3
 

@@ -25,7 +25,7 @@ from distributed import Client
 from tl_devinterp.data import make_data, token_tensor
 from tl_devinterp.parallel import local_cluster
 from tl_devinterp.sampling import llc_over_series
-from tl_devinterp.sampling.llc import SGLDConfig
+from tl_devinterp.sampling.settings import SGLDConfig
 from tl_devinterp.training import train
 
 

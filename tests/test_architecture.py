@@ -58,7 +58,6 @@ def graph() -> dict[str, set[str]]:
             for name, tree in trees.items()}
 
 
-@pytest.mark.xfail(strict=True, reason="store<->parallel and llc<->samplers: being removed (issue 20)")
 def test_no_import_cycles():
     """Tarjan's strongly connected components of the import graph: each must be one module. A package's
     `__init__` importing its own submodules is not a cycle unless a submodule imports the package back."""
@@ -93,7 +92,6 @@ def test_no_import_cycles():
     assert not cycles, f"import cycles: {cycles}"
 
 
-@pytest.mark.xfail(strict=True, reason="being removed (issue 20)")
 def test_no_module_imports_another_modules_private_names():
     trees = modules()
     known = set(trees)

@@ -6,9 +6,14 @@ import codecs
 import errno
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
 import threading
+import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,29 +21,23 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import tl_devinterp.files as files_module
 import tl_devinterp.sampling.over_series as llc_module
-import tl_devinterp.store as store_module
 import tl_devinterp.training as training
 from tl_devinterp.analysis import AnalysisConfig, analyze
 from tl_devinterp.cli import main
 from tl_devinterp.dynamics import essential_dynamics
+from tl_devinterp.errors import FolderInUseError
+from tl_devinterp.files import TMP_SUFFIX, atomic_write, file_sha256, folder_lock
 from tl_devinterp.metrics import metrics_over_series
 from tl_devinterp.sampling import llc_over_series
 from tl_devinterp.series import CheckpointSeries, SeriesError, SeriesWarning
-from tl_devinterp.store import (
-    TMP_SUFFIX,
-    FolderInUseError,
-    ResultStore,
-    StoreWarning,
-    atomic_write,
-    file_sha256,
-    folder_lock,
-)
+from tl_devinterp.store import REUSABLE, ResultStore, StoreWarning
 from tl_devinterp.training import PRESETS, train
 
 TINY = dict(n_steps=4, data={**PRESETS["quick"].data, "n_train": 200, "n_test": 32})  # 5 checkpoints, ~0.3 s
 LLC = dict(num_chains=2, num_draws=3, num_burnin=1, batch_size=8)
-FAST = dict(LLC, head_steps=0, n_sequences=16, n_seqs=4, n_components=2)
+FAST = dict(LLC, head_steps=0, n_sequences=16, n_seqs=4, n_components=2, n_clusters=0)
 
 
 def tiny_series(path, **kw):
@@ -132,7 +131,7 @@ def crash_after(monkeypatch, n):
                 raise Crash
         return f
 
-    monkeypatch.setattr(training, "atomic_write", counted(store_module.atomic_write))
+    monkeypatch.setattr(training, "atomic_write", counted(files_module.atomic_write))
     monkeypatch.setattr(training, "_remove", counted(lambda p: p.unlink(missing_ok=True)))
     return count
 
@@ -323,22 +322,21 @@ def test_a_damaged_feature_array_is_recomputed(quick_tiny_dir, tmp_path):
 
 
 def test_two_writers_and_a_reader_never_see_a_partial_file(tmp_path):
-    store = ResultStore(tmp_path, "x", {})
-    store.fingerprints[5] = "ab" * 8
+    store, weights = ResultStore(tmp_path, "x", {}), "ab" * 8
     frame = pd.DataFrame({"value": np.arange(2000.0)})
     errors, reads = [], [0]
 
     def write():
         try:
             for _ in range(40):
-                store.save(5, frame)
+                store.save(5, weights, frame)
         except Exception as e:  # noqa: BLE001 - any failure of a writer fails the test
             errors.append(e)
 
     def read():
         while any(t.is_alive() for t in writers):
-            if store.has(5):
-                pd.testing.assert_frame_equal(store.load(5), frame)
+            if store.status(5, weights) == REUSABLE:
+                pd.testing.assert_frame_equal(store.load(5, weights), frame)
                 reads[0] += 1
 
     writers = [threading.Thread(target=write) for _ in range(2)]
@@ -358,7 +356,7 @@ def test_a_failed_write_leaves_no_file_under_its_name(tmp_path, monkeypatch, cod
     def full(fd):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(store_module.os, "fsync", full)
+    monkeypatch.setattr(files_module.os, "fsync", full)
     with pytest.raises(OSError, match="f.csv") as e:
         atomic_write(tmp_path / "f.csv", "new")
     assert e.value.errno == code and (tmp_path / "f.csv").read_text() == "old"
@@ -385,7 +383,7 @@ def test_cli_disk_full_and_unwritable_folder(tmp_path, monkeypatch, capsys, code
     def refuse(*args, **kwargs):
         raise OSError(code, os.strerror(code), str(args[0]) if args else None)
 
-    monkeypatch.setattr(store_module.tempfile, "mkstemp", lambda **kw: refuse(kw["dir"]))
+    monkeypatch.setattr(files_module.tempfile, "mkstemp", lambda **kw: refuse(kw["dir"]))
     out = tmp_path / "s"
     status, err = cli(["train", "--preset", "quick", "--n-steps", "2", "--out", str(out)], capsys)
     one_line_error(status, err, "manifest.json", "no space left" if code == errno.ENOSPC else "writable folder")
@@ -441,7 +439,7 @@ def test_cli_analyze_damaged_inputs(series_dir, tmp_path, capsys):
 def test_cli_divergence_names_the_checkpoint(quick_tiny_dir, tmp_path, capsys):
     status, err = cli(["analyze", str(quick_tiny_dir), "--out", str(tmp_path / "o"), "--quiet", "--epsilon", "1e6",
                        "--head-steps", "0", "--num-chains", "2", "--num-draws", "2"], capsys)
-    one_line_error(status, err, "diverged", "Lower epsilon", "at checkpoint step 0")
+    one_line_error(status, err, "diverged", "Lower epsilon", "at checkpoint step ")
 
 
 def test_wrong_types_name_the_option():
@@ -528,6 +526,20 @@ def test_every_checkpoint_is_checked_before_the_first_estimate(series_dir, monke
     assert not calls
 
 
+def test_a_cut_trainer_checkpoint_is_found_before_the_first_estimate(hf_run, tmp_path, monkeypatch):
+    """Catches: a transformers Trainer run whose last checkpoint's weights were cut (a full disk while it saved)
+    found only when the run reaches it."""
+    run = shutil.copytree(hf_run("gpt2"), tmp_path / "run")
+    weights = run / "checkpoint-8" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    calls = []
+    monkeypatch.setattr(llc_module, "sample_llcs", lambda *a, **k: calls.append(1))
+    series = CheckpointSeries.from_hf_checkpoints(run)
+    with pytest.raises(SeriesError, match="checkpoint-8/model.safetensors is corrupt or unreadable"):
+        llc_over_series(series, tokens_of(series), **LLC)
+    assert not calls
+
+
 # --- 8. training: files it did not write, a second trainer, a run that explodes ------------------------------
 def test_train_deletes_only_what_its_manifest_names(tmp_path, monkeypatch):
     """Catches: a resume or --overwrite deleting a user's `step_000000005.safetensors` or `.mybackup.tl-tmp`
@@ -595,3 +607,153 @@ def test_text_data_in_other_encodings_is_decoded_or_refused(tmp_path):
     (tmp_path / "nul.txt").write_bytes(b"text\x00with a NUL" * 3)
     with pytest.raises(InvalidValueError, match=r"nul.txt holds binary data \(3 NUL"):
         text_files(tmp_path / "nul.txt")
+
+
+# --- 10. analyze killed (kill -9) anywhere: the rerun's outputs are byte-identical, or it is refused ----------
+def published(out, staging=True):
+    """Every file `analyze` leaves in `out` but its per-checkpoint store and lock: {relative path: bytes};
+    `staging=False`: what a reader sees, without the outputs staged but not published yet."""
+    skip = {"store"} | (set() if staging else {".tl_devinterp-staging"})
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.relative_to(out).parts[0] not in skip and p.name != files_module.LOCK}
+
+
+def killed(pattern, n, *args, before=False, hold=None, **kwargs):
+    """Run `analyze(*args, **kwargs)` in a forked child that dies by SIGKILL right after (or `before`) the n-th
+    file whose path matches `pattern` lands (`os.replace`, which every write and publication goes through); with
+    `hold` (a path) it waits there until that file exists, then goes on. Returns the child's pid and status."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            real, seen = os.replace, [0]
+
+            def replace(src, dst, *a, **k):
+                hit = re.search(pattern, str(dst)) is not None
+                seen[0] += hit
+                if hit and before and seen[0] == n:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real(src, dst, *a, **k)
+                if hit and seen[0] == n:
+                    if hold is None:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    (Path(hold).parent / "reached").touch()
+                    while not Path(hold).exists():
+                        time.sleep(0.05)
+
+            os.replace = replace
+            analyze(*args, progress=False, **kwargs)
+            os._exit(0)
+        except BaseException:  # noqa: BLE001 - any failure of the child is its exit status
+            os._exit(1)
+    return pid
+
+
+def died(pid):
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_analyze_killed_anywhere_resumes_byte_identical(quick_tiny_dir, tmp_path):
+    """Catches: outputs cut or mixed by a kill -9 during the LLC, the metrics, essential dynamics, the staging
+    or the publication of the outputs; a rerun with other settings killed midway leaving its settings
+    (config.json) beside the old numbers; two `analyze` in one folder at once."""
+    first, other = dict(FAST), dict(FAST, seed=1)
+    staged = r"\.tl_devinterp-staging/"
+    points = {"LLC": (r"store/llc-.*/step_\d+-\w+\.json$", 2), "metrics": (r"store/metrics-.*\.json$", 1),
+              "essential dynamics": (r"store/ed-features-.*\.json$", 3), "staging": (staged + r"figures/", 1),
+              "publication": (r"/out[^/]*/results/\w+\.csv$", 2)}
+    # 1. two analyses at once: the second is refused, the first finishes as if alone (the reference)
+    out = tmp_path / "out-first"
+    pid = killed(points["LLC"][0], 1, quick_tiny_dir, out, hold=tmp_path / "go", **first)
+    while not (tmp_path / "reached").exists():
+        time.sleep(0.05)
+    with pytest.raises(FolderInUseError, match="in use by tl_devinterp analyze"):
+        analyze(quick_tiny_dir, out, progress=False, **other)
+    (tmp_path / "go").touch()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    analyze(quick_tiny_dir, tmp_path / "out-other", progress=False, **other)
+    reference = {"first": published(out), "other": published(tmp_path / "out-other")}
+    assert reference["first"]["config.json"] != reference["other"]["config.json"]
+    assert reference["first"]["results/llc.csv"] != reference["other"]["results/llc.csv"]
+
+    def consistent(out):
+        """config.json, where present, stands beside the outputs of its own settings, and nothing else."""
+        now = published(out, staging=False)
+        if "config.json" in now:
+            assert now in (reference["first"], reference["other"]), sorted(now)
+
+    # 2. an analysis killed at each point in turn (each run resuming the last); the last rerun completes it
+    out = tmp_path / "out"
+    for point, (pattern, n) in points.items():
+        assert died(killed(pattern, n, quick_tiny_dir, out, **first)), point  # the kill point was reached
+        consistent(out)
+    assert "config.json" not in published(out)  # killed while publishing: no settings record meanwhile
+    analyze(quick_tiny_dir, out, progress=False, **first)
+    assert published(out) == reference["first"]
+    # 3. a rerun with other settings killed midway, then finished
+    for point in ("LLC", "staging", "publication"):
+        pattern, n = points[point]
+        assert died(killed(pattern, n, quick_tiny_dir, out, **other)), point
+        consistent(out)
+        if point != "publication":
+            assert published(out, staging=False) == reference["first"], point  # old settings and numbers
+    analyze(quick_tiny_dir, out, progress=False, **other)
+    assert published(out) == reference["other"]
+
+
+def test_new_settings_never_stand_beside_old_numbers(quick_tiny_dir, tmp_path):
+    """Catches: `analyze` writing config.json at its start and the results at its end, so a rerun with new
+    settings killed midway left the new settings beside the old numbers."""
+    out = tmp_path / "out"
+    analyze(quick_tiny_dir, out, progress=False, **FAST)
+    before = published(out)
+    assert died(killed(r"store/llc-.*\.json$", 1, quick_tiny_dir, out, **dict(FAST, seed=1, num_draws=4)))
+    assert published(out, staging=False) == before  # config.json still records the settings of these numbers
+
+
+@pytest.fixture()
+def small_disk(tmp_path, monkeypatch):
+    """`fill(leave)`: a folder on a real 4 MiB tmpfs (mounted when we may, as root) filled up to `leave` free
+    bytes; where mounting is not allowed, writes of report.html fail with ENOSPC at their fsync instead."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0
+
+    def fill(leave):
+        if mounted:
+            st = os.statvfs(disk)
+            (disk / "filler").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+        else:
+            real = os.fsync
+
+            def fsync(fd):
+                if "report.html" in os.readlink(f"/proc/self/fd/{fd}"):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                real(fd)
+
+            monkeypatch.setattr(os, "fsync", fsync)
+
+    yield disk, fill
+    if mounted:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_leaves_the_published_report_whole(quick_tiny_dir, small_disk, capsys):
+    """Catches: report.html and the figures written with write_text / write_bytes: a full disk mid-write left a
+    cut page where a complete one was (and half-staged outputs taking the space)."""
+    disk, fill = small_disk
+    out = disk / "out"
+    analyze(quick_tiny_dir, out, progress=False, **FAST)
+    before = published(out)
+    pages = sum(-(-len(data) // 4096) for name, data in before.items() if name != "report.html")
+    assert len(before["report.html"]) > 1 << 20  # the page needs far more than the 256 KiB of slack below
+    fill(4096 * pages + (256 << 10))  # room for the staged results and figures, not for the page
+    status, err = cli(["analyze", str(quick_tiny_dir), "--out", str(out), "--quiet", *(
+        f"--{k.replace('_', '-')}={v}" for k, v in FAST.items())], capsys)
+    one_line_error(status, err.splitlines(keepends=True)[-1], "no space left on the device writing",
+                   "report.html", "free some space")
+    assert published(out) == before  # nothing staged left behind, the published page whole
+    assert not list(out.rglob(f"*{TMP_SUFFIX}"))

@@ -1,5 +1,7 @@
-"""The notebooks run top to bottom and are committed without outputs; 01-03 read the part of a demo run shipped
-in notebooks/data/demo (written by notebooks/data/ship_demo.py), 04 trains the quick preset."""
+"""The notebooks run top to bottom and are committed without outputs (the settings' notebooks, EXECUTED, with
+their outputs); 01-03 read the part of a demo run shipped
+in notebooks/data/demo (written by notebooks/data/ship_demo.py), 04 trains the quick preset, 05-08 the settings'
+-quick presets."""
 
 import importlib.util
 import json
@@ -18,13 +20,30 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 DEMO = Path(__file__).parent.parent / "notebooks" / "data" / "demo"
 
 
+EXECUTED = ("05_icl_regression.ipynb", "06_sparse_regression.ipynb", "07_tms.ipynb", "08_bursty_classification.ipynb")
+"""The settings' notebooks, committed with their outputs (what a reader of the repository sees)."""
+
+
 def test_notebooks_exist_without_outputs():
     assert [p.name for p in NOTEBOOKS] == [
         "01_head_llcs.ipynb", "02_stage_analysis.ipynb", "03_attention_across_stages.ipynb",
-        "04_interventions.ipynb"]
+        "04_interventions.ipynb", *EXECUTED]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
-        assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+        if path.name not in EXECUTED:
+            assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("name", EXECUTED)
+def test_settings_notebooks_are_committed_executed(name):
+    """Catches: a settings notebook committed unexecuted, half-executed (a cell skipped or run twice) or with an
+    error, or without its figures."""
+    nb = nbformat.read(Path(__file__).parent.parent / "notebooks" / name, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.get("execution_count") for c in code] == list(range(1, len(code) + 1))
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1
 
 
 def test_shipped_demo_loads():

@@ -17,9 +17,10 @@ from tl_devinterp.data import make_data, token_tensor
 from tl_devinterp.dynamics import essential_dynamics
 from tl_devinterp.metrics import metrics_over_series
 from tl_devinterp.parallel import WorkersLostError, local_cluster
+from tl_devinterp.runner import map_series
 from tl_devinterp.sampling import llc_over_series
-from tl_devinterp.sampling.llc import SGLDConfig
-from tl_devinterp.store import ResultStore, map_series
+from tl_devinterp.sampling.settings import SGLDConfig
+from tl_devinterp.store import ResultStore
 
 distributed = pytest.importorskip("distributed")
 
@@ -134,10 +135,10 @@ def test_killed_driver_rerun_computes_only_the_rest(series, executor, tmp_path, 
     steps = series.steps[:6]
     save, saved = ResultStore.save, []
 
-    def dying_save(self, step, frame):
+    def dying_save(self, step, weights, frame, array=None):
         if len(saved) == 2:
             raise KeyboardInterrupt
-        save(self, step, frame)
+        save(self, step, weights, frame, array)
         saved.append(step)
 
     monkeypatch.setattr(ResultStore, "save", dying_save)
@@ -160,3 +161,41 @@ def test_cli_refuses_workers_with_scheduler(quick_series_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["analyze", str(quick_series_dir), "--out", str(tmp_path), "--workers", "2", "--scheduler", "tcp://x:1"])
     assert stop.value.code == 2 and "--workers" in capsys.readouterr().err
+
+
+MMAPS = """
+import ctypes, sys
+import torch
+from tl_devinterp.parallel import undo_malloc_trim
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+acted = undo_malloc_trim() if sys.argv[1] == "undo" else False
+before = libc.mallinfo2().hblks
+kept = [torch.ones(256 * 1024) for _ in range(8)]  # 1 MiB each
+print(acted, libc.mallinfo2().hblks - before, undo_malloc_trim())
+"""
+
+
+@pytest.mark.skipif(not Path("/lib/x86_64-linux-gnu/libc.so.6").exists() and not Path("/lib64/libc.so.6").exists(),
+                    reason="glibc only")
+def test_a_dask_worker_gets_the_usual_mmap_threshold_back(tmp_path):
+    """Catches: jobs on a Dask cluster other than ours (SLURM, a user's LocalCluster) running with Dask's
+    MALLOC_TRIM_THRESHOLD_, which turns every tensor of more than 128 KiB into its own mmap (torch ~2x slower)."""
+    import subprocess
+    import sys
+
+    def run(mode: str, env: dict) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", MMAPS, mode], env={**os.environ, **env}, capture_output=True,
+                             text=True, check=True, timeout=120)
+        return out.stdout.split()
+
+    assert run("plain", {"MALLOC_TRIM_THRESHOLD_": "65536"}) == ["False", "8", "True"]  # one mmap per tensor
+    assert run("undo", {"MALLOC_TRIM_THRESHOLD_": "65536"}) == ["True", "0", "False"]  # from the heap; once
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    out = subprocess.run([sys.executable, "-c", MMAPS, "undo"], env=env, capture_output=True, text=True, check=True,
+                         timeout=120)
+    assert out.stdout.split()[0] == "False"  # nothing to undo

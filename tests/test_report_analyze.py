@@ -16,16 +16,16 @@ class Interrupt(Exception):
 
 def counting_series(path, stop_after=None):
     """The series at `path`, counting loads and raising Interrupt at load number `stop_after`."""
-    series = CheckpointSeries.from_dir(path)
-    load, series.loads = series._loader, 0
+    saved = CheckpointSeries.from_dir(path)
 
     def loader(step):
         series.loads += 1
         if stop_after is not None and series.loads >= stop_after:
             raise Interrupt
-        return load(step)
+        return saved.load(step)
 
-    series._loader = loader
+    series = CheckpointSeries(saved.steps, loader, meta=saved.meta, fingerprint=saved.source_fingerprint)
+    series.loads = 0
     return series
 
 

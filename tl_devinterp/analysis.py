@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -45,7 +46,9 @@ from .errors import (
     InvalidValueError,
     NotAFolderError,
     SeriesError,
+    TLDevinterpError,
 )
+from .files import atomic_write, folder_lock
 from .metrics import classify_heads
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import all_heads, bos_token_id, check_device, check_head, head_name, parse_head
@@ -53,11 +56,11 @@ from .options import alias_table, build, option, read_config_file, validate
 from .sampling import llc_over_series
 from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
 from .sampling.diagnostics import SamplerWarning
-from .sampling.llc import SGLDConfig, default_nbeta
 from .sampling.plan import plan_llcs
 from .sampling.restrict import resolve_restriction
+from .sampling.settings import SGLDConfig, default_nbeta
 from .series import CheckpointSeries
-from .store import StoreWarning, atomic_write, folder_lock
+from .store import StoreWarning
 from .tasks import Task, TokenTask, make_task
 from .tasks.base import index_batch
 from .visualisation.attention import AttentionView, attention_view
@@ -229,10 +232,9 @@ def analyze(
 def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: Task, train_data, test_data,
              progress: bool, executor: Executor | None) -> AnalysisResult:
     """`analyze` once its inputs are checked and it holds `out`'s lock."""
+    _publish(out)  # a run stopped while publishing its outputs: finish that first
     _keep_apart(out, series)
-    store, results = out / "store", out / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
+    store = out / "store"
     say = (lambda msg: tqdm.write(f"[analyze] {msg}", file=sys.stderr)) if progress else (lambda msg: None)
     sgld = dataclasses.replace(_task_sampler(config.sgld, task), seed=config.seed)
     calibration = None
@@ -240,9 +242,6 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
         calibration = _calibrate(series, train_data, sgld, task, progress)
         say(f"calibration chose {calibration.choice} (rule: sampling.calibration)")
         sgld = calibration.config(sgld) if calibration.choice else sgld
-        atomic_write(results / "calibration.csv", calibration.table.drop(columns="llc_trace").to_csv(index=False))
-        atomic_write(out / "config.json", json.dumps({**dataclasses.asdict(config), "calibration": calibration.choice},
-                                                     indent=2))
 
     # LLCs: every head at every checkpoint in one pass (sharing batches), or the model everywhere first and
     # the heads where the curves say development happens
@@ -304,18 +303,74 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
                             loss_differences=loss_differences, attention=attention, sample_tokens=sample_labels,
                             out_dir=out, title=f"tl_devinterp report: {series!r}",
                             calibration=calibration, head_clusters=clusters)
+    # the outputs, with the record of the settings that produced them, staged whole and then published
+    staging = out / STAGING
     prior = "{}/{}".format(*prior_share(model_llc))  # beside the stages: how many of their LLCs were prior-dominated
-    for name, frame in (("llc", llc), ("metrics", metrics), ("head_classes", classes),
-                        ("stages", stages_frame(stages).assign(prior_dominated_llcs=prior)), ("essential_dynamics", ed.frame()),
-                        ("loss_differences", loss_differences),
-                        ("head_clusters", clusters.assignments if clusters else pd.DataFrame())):
-        atomic_write(results / f"{name}.csv", frame.to_csv(index=False))
-    result.report = analysis_report(result, out / "report.html", figures_dir=out / "figures")
+    frames = {"llc": llc, "metrics": metrics, "head_classes": classes,
+              "stages": stages_frame(stages).assign(prior_dominated_llcs=prior),
+              "essential_dynamics": ed.frame(), "loss_differences": loss_differences,
+              "head_clusters": clusters.assignments if clusters else pd.DataFrame()}
+    if calibration is not None:
+        frames["calibration"] = calibration.table.drop(columns="llc_trace")
+    record = dataclasses.asdict(config) | ({"calibration": calibration.choice} if calibration is not None else {})
+    try:
+        (staging / "results").mkdir(parents=True, exist_ok=True)
+        for name, frame in frames.items():
+            atomic_write(staging / "results" / f"{name}.csv", frame.to_csv(index=False))
+        analysis_report(result, staging / "report.html", figures_dir=staging / "figures")
+        atomic_write(staging / "config.json", json.dumps(record, indent=2))
+        files = sorted(str(f.relative_to(staging)) for f in staging.rglob("*") if f.is_file())
+        atomic_write(staging / OUTPUTS, json.dumps(files, indent=2))  # the staged set is whole: publish it
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # e.g. a full disk: the published outputs stay as they were
+        raise
+    _publish(out)
+    result.report = out / "report.html"
     say(f"report: {result.report}")
     headline = proxy_headline(llc)
     if headline:
         warnings.warn(headline, SamplerWarning, stacklevel=3)
     return result
+
+
+STAGING = ".tl_devinterp-staging"
+"""The folder (in OUT) where an analysis's outputs are written before they are published."""
+OUTPUTS = ".tl_devinterp-outputs.json"
+"""The files (relative to OUT) the last published analysis wrote; its presence in STAGING marks them whole."""
+
+
+def _publish(out: Path) -> None:
+    """Publish the outputs staged in `out/STAGING`: remove the settings record (config.json), replace each
+    output, remove the outputs of the last analysis that this one did not write, then put config.json in place
+    last, with the list of files. config.json therefore never stands beside numbers other settings produced:
+    a crash leaves either the old outputs with their config.json, or the staged set to finish publishing
+    (which the next `analyze` in `out` does first), with no config.json meanwhile. A staging folder without
+    its list was interrupted while being written, and is removed."""
+    staging = out / STAGING
+    if not (staging / OUTPUTS).exists():
+        if staging.exists():
+            shutil.rmtree(staging)
+        return
+    new = json.loads((staging / OUTPUTS).read_text())
+    if (staging / "config.json").exists():
+        (out / "config.json").unlink(missing_ok=True)
+    for name in _published(out):  # only files our own record lists: never a user's
+        if name not in new:
+            (out / name).unlink(missing_ok=True)
+    for name in sorted(new, key=lambda n: n == "config.json"):
+        if (staging / name).exists():  # else moved before a crash
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, out / name)
+    os.replace(staging / OUTPUTS, out / OUTPUTS)
+    shutil.rmtree(staging)
+
+
+def _published(out: Path) -> list[str]:
+    """The files the last published analysis in `out` wrote (none recorded: none known)."""
+    try:
+        return [str(n) for n in json.loads((out / OUTPUTS).read_text())]
+    except (OSError, ValueError, TypeError):
+        return []
 
 
 def demo(out_dir: str | os.PathLike = "tl_devinterp_demo", *, quick: bool = False, progress: bool = True,
@@ -400,7 +455,12 @@ def _plan(series: CheckpointSeries, data, sgld: SGLDConfig, heads: list[tuple[in
     parts = [resolve_restriction(model, h) for h in heads]
     passes = [("model and heads", whole + parts)] if together else [("model", whole)] + [("heads", parts)] * bool(parts)
     for what, restrictions in passes:
-        plan = plan_llcs(model, data, restrictions, sgld, loss_fn=task.sampler_loss)
+        try:
+            plan = plan_llcs(model, data, restrictions, sgld, loss_fn=task.sampler_loss)
+        except TLDevinterpError as e:  # e.g. a diverging sampler: say where, as the passes themselves do
+            if hasattr(e, "add_note"):  # Python >= 3.11
+                e.add_note(f"(at checkpoint step {series.steps[-1]})")
+            raise
         say(f"{what}: {plan}; {plan.over(len(series) if what != 'heads' else min(head_steps or 0, len(series)))}")
         sgld = dataclasses.replace(sgld, max_batched=min(sgld.max_batched, plan.max_batched))
     return sgld
@@ -425,7 +485,7 @@ def _keep_apart(out: Path, series: CheckpointSeries) -> None:
         theirs = json.loads(record.read_text())["fingerprints"] if record.exists() else None
     except (ValueError, KeyError, TypeError):
         theirs = {}  # damaged: treat as another series
-    outputs = [out / n for n in ("results", "figures", "report.html", "config.json", "series.json")]
+    outputs = [out / n for n in ("results", "figures", "report.html", "config.json", "series.json", OUTPUTS)]
     if theirs is None and not (out / "results").exists():
         other = False  # a new folder
     else:

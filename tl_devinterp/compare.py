@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from .analysis import AnalysisConfig, AnalysisResult, task_data
 from .dynamics import Stage, find_stages, stages_frame
 from .errors import InvalidTypeError, InvalidValueError, MissingFileError
+from .files import atomic_write
 from .metrics import metrics_over_series
 from .metrics.over_series import HEAD_METRICS
 from .sampling import llc_over_series
@@ -150,7 +151,7 @@ class SeriesComparison:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name, frame in (("comparison", self.aligned), ("stages", self.stages), ("phase_changes", self.phase_changes)):
-            frame.to_csv(out / f"{name}.csv", index=False)
+            atomic_write(out / f"{name}.csv", frame.to_csv(index=False))
         return write_report(out / "comparison.html", [self.report_section(figures_dir=out / "figures")],
                             title=f"tl_devinterp comparison: {self.labels[0]} vs {self.labels[1]}")
 

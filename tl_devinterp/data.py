@@ -22,7 +22,7 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 
 from .errors import InvalidValueError, MissingFileError
-from .store import atomic_write
+from .files import atomic_write
 
 BOS = 0
 BOS_TEXT = "<|bos|>"

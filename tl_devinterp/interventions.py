@@ -19,7 +19,7 @@ model's own loss, the one every later analysis sees.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from .errors import InvalidTypeError, InvalidValueError, NotSupportedError
-from .models import as_head, check_head, head_masks
+from .files import fingerprint
+from .models import as_head, check_head, head_masks, model_device
 from .options import build, option, validate
-from .store import fingerprint
 
 KINDS = ("zero", "mean", "clamp", "freeze")
 HEAD_AXIS = {"hook_pattern": 1, "hook_attn_scores": 1, "hook_z": 2, "hook_q": 2, "hook_k": 2, "hook_v": 2,
@@ -130,8 +130,10 @@ class Intervener:
     """
 
     def __init__(self, model: nn.Module, interventions: Sequence[Intervention], *,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None,
+                 inputs: Callable[[nn.Module, Any], dict[str, Any]] | None = None):
         self.model = model
+        self.inputs = inputs or (lambda model, tokens: {"input": tokens})  # a task's model_inputs (tasks.Task)
         self.items = list(interventions)
         self.references: dict[int, nn.Module] = {}  # id(Intervention) -> reference model
         self.frozen: dict[int, dict[str, torch.Tensor]] = {}  # id(Intervention) -> parameter masks
@@ -142,11 +144,11 @@ class Intervener:
                 continue
             _check_hook(model, item)
             if isinstance(item.value, (dict, nn.Module)):
-                self.references[id(item)] = _reference_model(item, device or next(model.parameters()).device)
+                self.references[id(item)] = _reference_model(item, device or model_device(model))
 
     @contextlib.contextmanager
-    def __call__(self, step: int, tokens: torch.Tensor) -> Iterator[None]:
-        """Install the interventions active at `step` for one training step on `tokens`."""
+    def __call__(self, step: int, tokens) -> Iterator[None]:
+        """Install the interventions active at `step` for one training step on `tokens` (a task's batch)."""
         active = [item for item in self.items if item.active(step)]
         if not active:
             yield
@@ -155,7 +157,8 @@ class Intervener:
         cached: dict[int, torch.Tensor] = {}
         for item in active:
             if id(item) in self.references:
-                cached[id(item)] = _capture(self.references[id(item)], item.hook, tokens)
+                reference = self.references[id(item)]
+                cached[id(item)] = _capture(reference, item.hook, self.inputs(reference, tokens))
         hooks = [(item.hook, _hook_fn(item, cached.get(id(item)))) for item in active if item.kind != "freeze"]
         # 2. frozen heads: remember their values and zero their gradient slices
         params = dict(self.model.named_parameters())
@@ -197,21 +200,21 @@ def _reference_model(item: Intervention, device) -> nn.Module:
     if item.hook not in model.hook_dict:
         raise InvalidValueError(f"The reference model of the clamp on {item.hook!r} has no such hook point; clamp to a "
                                 f"model of the same architecture.")
-    if next(model.parameters()).device != torch.device(device):
+    if model_device(model) != torch.device(device):
         model = model.to(device)
     return model.eval()
 
 
 @torch.no_grad()
-def _capture(model: nn.Module, hook: str, tokens: torch.Tensor) -> torch.Tensor:
-    """The activation at `hook` of `model` on `tokens`."""
+def _capture(model: nn.Module, hook: str, inputs: dict[str, Any]) -> torch.Tensor:
+    """The activation at `hook` of `model` on `model(**inputs)`."""
     out = {}
 
     def save(x, hook):
         out["x"] = x.detach()
 
     with model.hooks(fwd_hooks=[(hook, save)]):
-        model(tokens)
+        model(**inputs)
     return out["x"]
 
 

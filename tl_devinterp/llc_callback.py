@@ -23,8 +23,9 @@ from torch import nn
 
 from .errors import InvalidTypeError, InvalidValueError, MissingDependencyError
 from .models import is_supported_model
-from .sampling.llc import SGLDConfig, sample_llcs
+from .sampling.llc import sample_llcs
 from .sampling.restrict import resolve_restriction, restriction_label
+from .sampling.settings import SGLDConfig
 
 try:
     from transformers import TrainerCallback

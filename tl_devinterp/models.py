@@ -239,6 +239,20 @@ def parse_head(spec: str | tuple[int, int]) -> tuple[int, int]:
     return head
 
 
+def parse_heads(heads) -> list[tuple[int, int]]:
+    """A list of heads (`parse_head` spellings: "l0h1", (0, 1), ...) as (layer, head) pairs: the one
+    normalisation of a list of heads."""
+    if isinstance(heads, str) or not hasattr(heads, "__iter__"):
+        raise InvalidTypeError(f"heads={heads!r} must be a list of heads, e.g. ['l0h0', (1, 2)]; for one head write "
+                               f"[{heads!r}].")
+    return [parse_head(h) for h in heads]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's weights."""
+    return next(model.parameters()).device
+
+
 def head_name(layer: int, head: int) -> str:
     """The display name of a head in figures and tables: `L1H3`."""
     return f"L{layer}H{head}"

@@ -1,8 +1,8 @@
 """Checkpoints of a series computed in parallel on any `concurrent.futures.Executor`.
 
 A job is one checkpoint: the worker loads the model itself from the series (its files; an in-memory series
-is pickled and shipped), runs `compute(step, model)` and sends back a frame. `map_series` writes each frame
-to its store on the driver as it arrives, so the store stays the single source of truth: a driver killed
+is pickled and shipped), runs `compute(step, model)` and sends back a frame. `runner.map_series` writes each
+frame to its store on the driver as it arrives, so the store stays the single source of truth: a driver killed
 mid-run loses only the jobs in flight, and the rerun skips every finished checkpoint. Results equal the
 serial run's, since each checkpoint's random stream depends only on the seed and the data.
 
@@ -16,29 +16,29 @@ and `--scheduler`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, wait
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from .errors import InvalidValueError, MissingDependencyError, WorkersLostError
-from .store import _at_step
 
 JOBS_PER_SLOT = 2  # jobs in flight per worker thread: workers never wait, the driver holds few job payloads
 POLL_SECONDS = 10  # how often we look for workers that joined (a SLURM cluster starts while we run)
 
 
 
-def map_steps(series, compute: Callable[[int, torch.nn.Module], pd.DataFrame], steps: list[int],
-              executor: Executor, *, desc: str = "checkpoints",
-              progress: bool = True) -> Iterator[tuple[int, pd.DataFrame]]:
-    """Yield `(step, compute(step, series.load(step)))` for each of `steps` as its job finishes (any order).
+def map_steps(job: Callable[[int], Any], steps: list[int], executor: Executor, *, desc: str = "checkpoints",
+              progress: bool = True) -> Iterator[tuple[int, Any]]:
+    """Yield `(step, job(step))` for each of `steps` as its job finishes (any order); `job` must pickle (e.g.
+    a `functools.partial` of `runner.at_step`, which loads the step's model on the worker).
 
     A worker killed mid-job: Dask reruns the job on another worker (up to its `allowed-failures`; give
     `get_executor(retries=n)` to also retry jobs that raise). A `ProcessPoolExecutor` breaks for good, so we
@@ -52,7 +52,7 @@ def map_steps(series, compute: Callable[[int, torch.nn.Module], pd.DataFrame], s
                 per_host, slots = _slots(executor)
                 while todo and len(running) < JOBS_PER_SLOT * slots:
                     step = todo.pop(0)
-                    running[executor.submit(_job, series, compute, step, per_host)] = step
+                    running[executor.submit(_job, job, step, per_host)] = step
                 finished, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
                 lost = []
                 for future in sorted(finished, key=running.get):
@@ -77,16 +77,43 @@ def map_steps(series, compute: Callable[[int, torch.nn.Module], pd.DataFrame], s
             future.cancel()
 
 
-def _job(series, compute: Callable, step: int, per_host: int) -> tuple[pd.DataFrame, list[tuple[str, type]]]:
+def _job(job: Callable[[int], Any], step: int, per_host: int) -> tuple[Any, list[tuple[str, type]]]:
     """One checkpoint on a worker: share the host's cores between its workers, pin a GPU, load, compute; the
     frame comes back with the warnings raised, for the driver to show."""
     torch.set_num_threads(max(1, _cores() // per_host))
+    undo_malloc_trim()
     if "CUDA_VISIBLE_DEVICES" not in os.environ and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         torch.cuda.set_device(_worker_index() % torch.cuda.device_count())  # "cuda" now means this GPU
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        frame = _at_step(compute, step, series)
+        frame = job(step)
     return frame, [(str(w.message), w.category) for w in caught]
+
+
+def undo_malloc_trim() -> bool:
+    """In a process started with `MALLOC_TRIM_THRESHOLD_` set (Dask's nanny sets it for every worker on any
+    cluster), give glibc's allocator back the mmap threshold it would have: with the variable set, every
+    allocation above 128 KiB is a fresh mmap, and torch on the CPU runs about 1.5-2x slower. The threshold is
+    set to glibc's dynamic maximum (32 MiB) and trimming to twice that, as `mallopt` allows at run time.
+    Returns whether it acted; warns once where the variable is set and this libc has no `mallopt`."""
+    global _MALLOC_DONE
+    if _MALLOC_DONE or "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        return False
+    _MALLOC_DONE = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20) == 1
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        warnings.warn("MALLOC_TRIM_THRESHOLD_ is set in this worker (Dask's default) and this C library cannot be "
+                      "told otherwise: torch may run about 2x slower here. Set distributed.nanny.pre-spawn-environ."
+                      "MALLOC_TRIM_THRESHOLD_: null in the Dask config.", RuntimeWarning, stacklevel=2)
+    return ok
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_MALLOC_DONE = False  # once per process
 
 
 def _cores() -> int:
@@ -147,8 +174,7 @@ def dask_executor(*, workers: int | None = None, scheduler: str | None = None,
 def local_cluster(workers: int):
     """A Dask `LocalCluster` of `workers` single-thread processes, without the `MALLOC_TRIM_THRESHOLD_` that
     Dask sets for its workers by default: it makes torch on the CPU about 2x slower (every tensor allocation
-    becomes an mmap). Set `distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null` in the Dask
-    config of other clusters."""
+    becomes an mmap). On other clusters each job undoes it in its worker (`undo_malloc_trim`)."""
     import dask
     from distributed import LocalCluster
 

@@ -30,8 +30,8 @@ from .errors import (
     SeriesError,
     UnknownKeyError,
 )
+from .files import file_sha256, fingerprint
 from .models import ModelConfig, build_model, tl_parameter_names
-from .store import file_sha256, fingerprint
 from .tasks import make_task
 
 MANIFEST = "manifest.json"
@@ -62,13 +62,7 @@ class CheckpointSeries:
         self._fingerprint = fingerprint
         self._verify = verify  # checks a step's file without loading it; True when a recorded checksum matched
         self._fingerprints: dict[int, str] = {}  # content hashes of loaded models, when no `fingerprint` is given
-        self._held: tuple[int, nn.Module] | None = None  # the model `fingerprint` loaded, until `load` takes it
         self.meta: dict[str, Any] = meta or {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled (a parallel job) without the model `fingerprint` holds for the next `load`: a model may not
-        pickle, and each job loads its own checkpoint anyway."""
-        return {**self.__dict__, "_held": None}
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -83,9 +77,6 @@ class CheckpointSeries:
     def load(self, step: int) -> nn.Module:
         """The model at `step`; NaN or inf weights are refused, naming the step."""
         self._check_step(step)
-        if self._held is not None and self._held[0] == step:  # loaded by `fingerprint` just before
-            model, self._held = self._held[1], None
-            return model
         model = self._loader(step)
         params = dict(model.named_parameters())
         bad = [name for name, own in tl_parameter_names(model).items() if not torch.isfinite(params[own]).all()]
@@ -102,16 +93,21 @@ class CheckpointSeries:
     def fingerprint(self, step: int) -> str:
         """A hash of the checkpoint's contents: results are reused only for the weights they were computed for.
 
-        The source's own (the sha256 recorded in a manifest, a file's hash) or, by default, a hash of the loaded
-        model's tensors (computed once per step).
+        The source's own (`source_fingerprint`: the sha256 recorded in a manifest, a file's hash) or a hash
+        of the loaded model's tensors, computed when the step is loaded (here, if it was not loaded before).
         """
-        self._check_step(step)
-        if self._fingerprint is not None:
-            return self._fingerprint(step)
+        own = self.source_fingerprint(step)
+        if own is not None:
+            return own
         if step not in self._fingerprints:
-            self._held = None
-            self._held = (step, self.load(step))  # kept for the `load(step)` that usually follows
+            self.load(step)
         return self._fingerprints[step]
+
+    def source_fingerprint(self, step: int) -> str | None:
+        """The source's own hash of the step's weights, without loading them; None for a source without one
+        (a loader of the caller's: then `fingerprint` hashes the loaded model)."""
+        self._check_step(step)
+        return None if self._fingerprint is None else self._fingerprint(step)
 
     def verify(self, steps: Sequence[int] | None = None) -> None:
         """Check every checkpoint's file before any work is spent on the series: its header, its tensors' names
@@ -271,7 +267,8 @@ class CheckpointSeries:
         weights = {step: _hf_weight_files(folder) for step, folder in folders.items()}
         tokenizer = _hf_tokenizer(tokenizer, [run_dir, *(folders[s] for s in sorted(folders, reverse=True))])
         return cls(sorted(folders), partial(_boot_hf_checkpoint, folders, weights, tokenizer, device),
-                   meta={"source": str(run_dir)}, fingerprint=partial(_files_hash, weights))
+                   meta={"source": str(run_dir)}, fingerprint=partial(_files_hash, weights),
+                   verify=partial(_check_headers, weights))
 
     @classmethod
     def _from_hub_revisions(
@@ -479,6 +476,14 @@ def _torch_header(file: Path, step: int) -> dict[str, tuple[int, ...]]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SeriesError(f"Checkpoint {file} is not a state dict of tensors (got {type(state).__name__}).")
     return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _check_headers(files: dict[int, list[Path]], step: int) -> bool:
+    """`series.verify`'s check of a Trainer checkpoint: each weight file's header reads (a cut or damaged file
+    is named now); transformers checks the shapes against config.json when it boots the model."""
+    for file in files[step]:
+        (_safetensors_header if file.suffix == ".safetensors" else _torch_header)(file, step)
+    return True  # a Trainer records no checksums: nothing to warn about
 
 
 class _FileCheck:

@@ -32,7 +32,9 @@ from jaxtyping import Float, Int
 
 from ..data import token_tensor
 from ..errors import InvalidValueError
-from ..store import ResultStore, callable_key, fingerprint, map_series
+from ..files import fingerprint
+from ..runner import map_series
+from ..store import ResultStore, callable_key
 from .geometry import curvature_extrema, osculating_circles
 
 PROXIES = ("true_logit", "outputs")
@@ -128,35 +130,25 @@ def _logit_features(proxy: str, tokens: torch.Tensor, pos_t: torch.Tensor, batch
     return torch.cat(out).float().cpu().numpy().ravel()
 
 
-class _FeatureStore(ResultStore):
-    """A store whose steps carry their feature row (in `frame.attrs`), saved beside the step's CSV."""
-
-    def save(self, step: int, frame: pd.DataFrame) -> None:
-        self.save_array(step, frame.attrs.pop("features"))  # first: the CSV marks the step as done
-        super().save(step, frame)
+def _feature_row(features: Callable, step: int, model) -> tuple[pd.DataFrame, np.ndarray]:
+    """One checkpoint's features, kept by the store beside its row (a module-level function, so jobs pickle)."""
+    f = features(model)
+    return pd.DataFrame({"proxy_mean": [f.mean()]}), f
 
 
-def _feature_row(features: Callable, device, step: int, model) -> pd.DataFrame:
-    """One checkpoint's features (a module-level function, so jobs pickle), carried to the store."""
-    f = features(model if device is None else model.to(device))
-    frame = pd.DataFrame({"proxy_mean": [f.mean()]})
-    frame.attrs["features"] = f
-    return frame
-
-
-def _stream_features(series, steps, features: Callable, path: Path, device, store: _FeatureStore,
+def _stream_features(series, steps, features: Callable, path: Path, device, store: ResultStore,
                      executor: Executor | None, progress: bool) -> tuple[np.memmap, np.ndarray]:
     """Write features(model) of each checkpoint as one row of a float32 memmap at `path`.
 
     Each row is first saved per step in `store`, and rows saved by an earlier run are read back instead of
     recomputed; the memmap is then filled from the store, one row in memory at a time.
     """
-    map_series(series, partial(_feature_row, features, device), steps=steps, store=store, desc="essential dynamics",
-               executor=executor, progress=progress)
+    map_series(series, partial(_feature_row, features), steps=steps, store=store, desc="essential dynamics",
+               executor=executor, device=device, progress=progress)
     X: np.memmap | None = None
     means = np.empty(len(steps))
     for i, step in enumerate(steps):
-        f = store.load_array(step)
+        f = store.load_array(step, series.fingerprint(step))
         if X is None:
             X = np.memmap(path, dtype=np.float32, mode="w+", shape=(len(steps), f.size))
         elif f.size != X.shape[1]:
@@ -364,9 +356,9 @@ def essential_dynamics(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp if features_dir is None else features_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        store = _FeatureStore(tmp if store_dir is None else store_dir, "ed-features",
-                              {"proxy": name, "inputs": fingerprint(*(tokens if isinstance(tokens, tuple) else (tokens,)),
-                                                                     pos)})
+        store = ResultStore(tmp if store_dir is None else store_dir, "ed-features",
+                            {"proxy": name, "inputs": fingerprint(*(tokens if isinstance(tokens, tuple) else (tokens,)),
+                                                                   pos)})
         X, means = _stream_features(series, steps, features, folder / "features.f32", device, store, executor,
                                     progress)
         result = essential_dynamics_of_features(

@@ -18,9 +18,8 @@ from jaxtyping import Bool, Float, Int
 from torch import nn
 
 from ..errors import InvalidValueError
-from ..models import check_model, eval_mode, token_cross_entropy
+from ..models import check_model, eval_mode, model_device, token_cross_entropy
 from ..sampling.batches import lm_batch
-from .heads import _device
 
 
 def _check_tokens(model: nn.Module, tokens: torch.Tensor, min_len: int = 2) -> None:
@@ -46,7 +45,7 @@ def per_token_loss(
     _check_tokens(model, tokens)
     with torch.no_grad(), eval_mode(model):
         loss = torch.cat([
-            token_cross_entropy(model(chunk.to(_device(model))), chunk.to(_device(model))).float().cpu()
+            token_cross_entropy(model(chunk.to(model_device(model))), chunk.to(model_device(model))).float().cpu()
             for chunk in tokens.split(batch_size)
         ])
     if attention_mask is None:
@@ -196,7 +195,7 @@ def bigram_score(
     total, count = 0.0, 0
     with torch.no_grad():
         for chunk in tokens.split(batch_size):
-            logp = model(chunk.to(_device(model)))[:, :-1].log_softmax(-1).flatten(0, 1).double()
+            logp = model(chunk.to(model_device(model)))[:, :-1].log_softmax(-1).flatten(0, 1).double()
             rows = table.index_select(0, chunk[:, :-1].flatten().cpu())
             rows = (rows.to_dense() if rows.is_sparse else rows).to(logp.device).double()
             loss = -(rows * logp).sum(-1) + (torch.xlogy(rows, rows).sum(-1) if kl else 0)

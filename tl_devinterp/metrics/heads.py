@@ -26,13 +26,9 @@ from torch import nn
 
 from ..data import repeated_random_tokens
 from ..errors import InvalidValueError
-from ..models import bos_token_id, check_model
+from ..models import bos_token_id, check_model, model_device
 
 Probe = Literal["random", "repeated"]
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def probe_tokens(
@@ -70,8 +66,8 @@ def _offset_attention(
     cfg = model.cfg
     if batch_size < 1:
         raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}.")
-    q = torch.arange(first_query, tokens.shape[1], device=_device(model))
-    total = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64, device=_device(model))
+    q = torch.arange(first_query, tokens.shape[1], device=model_device(model))
+    total = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64, device=model_device(model))
 
     def add(pattern: Float[torch.Tensor, "batch head q k"], hook, layer: int) -> None:
         total[layer] += pattern[:, :, q, q - offset].sum((0, 2)).double()
@@ -79,7 +75,7 @@ def _offset_attention(
     hooks = [(f"blocks.{layer}.attn.hook_pattern", partial(add, layer=layer)) for layer in range(cfg.n_layers)]
     with torch.no_grad():
         for chunk in tokens.split(batch_size):
-            model.run_with_hooks(chunk.to(_device(model)), fwd_hooks=hooks)
+            model.run_with_hooks(chunk.to(model_device(model)), fwd_hooks=hooks)
     return (total / (len(tokens) * len(q))).float().cpu()
 
 

@@ -13,7 +13,9 @@ import torch
 from jaxtyping import Int
 
 from ..errors import InvalidValueError
-from ..store import ResultStore, fingerprint, map_series
+from ..files import fingerprint
+from ..runner import map_series
+from ..store import ResultStore
 from .behaviour import (
     bigram_score,
     bigram_table,

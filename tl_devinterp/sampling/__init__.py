@@ -6,12 +6,13 @@ from .calibration import calibrate_llc, plot_calibration
 from .diagnostics import SamplerDiagnostics, SamplerWarning, plot_trace
 from .heads import estimate_head_llcs
 from .influence import BayesianInfluence, bayesian_influence, top_influences
-from .llc import LLCResult, SGLDConfig, default_nbeta, estimate_llc
+from .llc import LLCResult, estimate_llc
 from .observables import ObservableTraces, posterior_covariance, sample_observables
 from .over_series import llc_over_series
 from .refine import contains_repeated_span, filter_dataset
 from .restrict import Restriction, resolve_restriction
 from .samplers import SAMPLERS, rmsprop_sgld_step, sgld_step, sgnht_step
+from .settings import SGLDConfig, default_nbeta
 from .susceptibility import susceptibilities, susceptibilities_over_series, susceptibility
 
 __all__ = [

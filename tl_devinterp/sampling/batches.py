@@ -18,7 +18,7 @@ from jaxtyping import Bool, Int
 
 from ..data import token_column, token_tensor
 from ..errors import InvalidTypeError, InvalidValueError
-from ..store import fingerprint
+from ..files import fingerprint
 
 LM_COLUMNS = ("input_ids", "attention_mask", "labels")
 """The columns of Hugging Face language-model data that sampling reads; any other column is left aside."""

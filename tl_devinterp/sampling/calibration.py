@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from ..errors import InvalidValueError, LLCDivergenceError
 from .diagnostics import DRIFT_T, LOW_ACCEPTANCE
 from .heads import summary
-from .llc import SGLDConfig, default_nbeta, estimate_llc
+from .llc import estimate_llc
+from .settings import SGLDConfig, default_nbeta
 
 EPS_TOLERANCE = 0.1  # λ̂ may change by at most this fraction when ε halves
 MAX_ELASTICITY = 0.5  # d log λ̂ / d log nβ above this: λ̂ follows nβ, not the model

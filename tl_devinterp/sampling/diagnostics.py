@@ -86,7 +86,8 @@ class ChainStats:
         self.mala = mala  # score steps as MALA proposals (SGLD's update only; other samplers report NaN)
         self.n_chains = n_chains
         self.rows: dict[str, list[np.ndarray]] = {k: [] for k in TRACES[1:]}
-        self.previous: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None  # U, drift, noise
+        # U(w_prev), (ε/2)∇U(w_prev) − √ε·ξ_prev (one [chains, coords] tensor), ‖ξ_prev‖²: all a MALA score needs
+        self.previous: tuple[np.ndarray, torch.Tensor, np.ndarray] | None = None
 
     def update(self, *, loss: np.ndarray, offset: torch.Tensor, grad: torch.Tensor, drift: torch.Tensor,
                noise: torch.Tensor, config) -> None:
@@ -101,16 +102,18 @@ class ChainStats:
         potential = config.nbeta * loss + config.gamma * distance**2 / 2  # U(w)
         if self.mala and self.previous is not None:  # the step w_prev → w just taken, scored as a MALA proposal
             eps = config.epsilon
-            u_prev, drift_prev, noise_prev = self.previous
+            u_prev, carry, noise_sq = self.previous
             # w_prev − w + (ε/2)∇U(w), with w − w_prev = −(ε/2)∇U(w_prev) + √ε·ξ_prev
-            back = torch.add((eps / 2) * (drift + drift_prev), noise_prev, alpha=-math.sqrt(eps))
+            back = carry.add_(drift, alpha=eps / 2)  # the carried tensor is used once: updated in place
             log_q_back = -(norms(back) ** 2) / (2 * eps)
-            log_q_forward = -(norms(noise_prev) ** 2) / 2
+            log_q_forward = -noise_sq / 2
             log_alpha = u_prev - potential + log_q_back - log_q_forward
             row["acceptance"] = np.exp(np.minimum(0.0, log_alpha))
         for k, v in row.items():
             self.rows[k].append(v)
-        self.previous = (potential, drift, noise)
+        if self.mala:
+            eps = config.epsilon
+            self.previous = (potential, torch.add((eps / 2) * drift, noise, alpha=-math.sqrt(eps)), norms(noise) ** 2)
 
     def traces(self) -> dict[str, np.ndarray]:
         """Each metric as [chains, steps] (the first step's acceptance is NaN: no step was taken before it)."""

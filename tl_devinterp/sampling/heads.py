@@ -14,10 +14,10 @@ from collections.abc import Callable
 import pandas as pd
 from torch import nn
 
-from ..errors import InvalidTypeError
-from ..models import all_heads, check_model, parse_head
-from .llc import LLCResult, SGLDConfig, sample_llcs
+from ..models import all_heads, check_model, parse_heads
+from .llc import LLCResult, sample_llcs
 from .restrict import resolve_restriction
+from .settings import SGLDConfig
 
 
 def estimate_head_llcs(model: nn.Module, data, config: SGLDConfig | None = None, *,
@@ -29,16 +29,10 @@ def estimate_head_llcs(model: nn.Module, data, config: SGLDConfig | None = None,
     """
     check_model(model)
     config = SGLDConfig.build(config, **options)
-    heads = all_heads(model) if heads is None else _head_list(heads)
+    heads = all_heads(model) if heads is None else parse_heads(heads)
     results = sample_llcs(model, data, [resolve_restriction(model, head) for head in heads], config, loss_fn=loss_fn,
                           desc=f"LLC ({len(heads)} heads)", progress=progress)
     return pd.DataFrame([dict(layer=layer, head=h, **summary(r)) for (layer, h), r in zip(heads, results, strict=True)])
-
-
-def _head_list(heads) -> list[tuple[int, int]]:
-    if isinstance(heads, str) or not hasattr(heads, "__iter__"):
-        raise InvalidTypeError(f"heads={heads!r} must be a list of heads, e.g. ['l0h0', (1, 2)]; for one head write [{heads!r}].")
-    return [parse_head(h) for h in heads]
 
 
 def summary(result: LLCResult) -> dict:

@@ -19,9 +19,9 @@ import pandas as pd
 from torch import nn
 
 from ..errors import QueryOutOfRangeError
-from .llc import SGLDConfig
 from .observables import MEMORY_LIMIT, ObservableTraces, posterior_covariance, sample_traces
 from .restrict import resolve_restriction
+from .settings import SGLDConfig
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The local learning coefficient (LLC) by SGLD around a checkpoint w* (design.md §4).
+"""The local learning coefficient (LLC) by SGLD around a checkpoint w* (docs/design.md, "The estimator").
 
     Δw = −(ε/2)·[nβ·∇L_B(w) + γ·(w − w*)] + N(0, ε)       (drift and noise masked by a restriction)
     λ̂  = nβ · mean over chains and post-burn-in draws of [L_B(w_t) − L_B(w*)]
@@ -14,6 +14,12 @@ sample the same parameters (a restriction's chains, the heads of one layer) are 
 one `torch.func.vmap`-ed forward+backward, `SGLDConfig.max_batched` at a time; each keeps its own noise
 generator, so the numbers are those of the chains run one at a time (the path taken where vmap cannot
 batch the model). The sampled set is `models.sampled_parameters`: each weight the forward uses, once.
+
+Memory is proportional to what is sampled: a chain's state holds its restriction's d coordinates only
+(a GPT-2-small head: 196,800, not its layer's 2,361,600), placed into w* inside the forward; the diagnostics
+keep per-step numbers and one [chains, d] tensor for the MALA score; w* is held once per stack. A stack of
+k chains costs about 5·k·d floats of state plus the activations of k forward+backward passes
+(`sampling.plan` measures it before a run).
 
 Hyperparameters of the papers: full-model LLC (ICL paper, 3M LM) ε=0.003, γ=300, nβ≈21.7 (batch 100),
 20 chains × 200 draws; per-head rLLC ε=0.001, γ=200, nβ=30, 4 chains × 200 draws, batch 32. The defaults
@@ -44,78 +50,20 @@ from ..models import (
     hf_boot_hint,
     is_supported_model,
     mean_token_loss,
+    model_device,
     parameter_slots,
     sampled_parameters,
 )
-from ..options import build, option, validate
-from .batches import as_tensors, batch_stream, lm_batch
+from .batches import batch_stream, lm_batch
 from .diagnostics import TRACES, ChainStats, SamplerDiagnostics, SamplerWarning, summarise
-from .fast_forward import check_precision, precision_context, verified_fast_forward
+from .fast_forward import precision_context, verified_fast_forward
 from .restrict import Restriction, resolve_restriction
-from .samplers import SAMPLERS, Chains
+from .samplers import MALA, SAMPLERS, Chains
+from .settings import SGLDConfig
 
 EXPLODE = 100.0
 """A chain has diverged when its loss exceeds L(w*) + EXPLODE·max(1, |L(w*)|) (or is NaN/inf)."""
 
-
-
-def default_nbeta(batch_size: int) -> float:
-    """nβ = n/log n for n = batch_size: the papers' "adaptive" β = 1/log n. The one source of this default."""
-    if batch_size < 2:
-        raise InvalidValueError(f"batch_size must be >= 2 for the default nbeta = n/log n, got {batch_size}.")
-    return batch_size / math.log(batch_size)
-
-
-@dataclass(frozen=True)
-class SGLDConfig:
-    """The sampler's hyperparameters, declared and validated once; every estimator takes one.
-
-    `nbeta=None` means n/log n of the batch size in use (`resolve`); a DataLoader's own batch size wins.
-    """
-
-    epsilon: float = option(1e-3, "SGLD step size epsilon", gt=0)
-    gamma: float = option(200.0, "localisation strength gamma", ge=0)
-    nbeta: float | None = option(None, "inverse temperature n*beta (default: n/log n of the batch size)", gt=0)
-    num_chains: int = option(4, "chains", ge=2, why="(the std across chains needs two)")
-    num_draws: int = option(100, "draws per chain after burn-in", ge=1)
-    num_burnin: int = option(50, "burn-in steps per chain", ge=0)
-    batch_size: int = option(32, "minibatch size", ge=1)
-    seed: int = option(0, "seed of the batches and the chains' noise", ge=0)
-    sampler: str = option("sgld", "update rule: sgld, sgnht or rmsprop_sgld", choices=sorted(SAMPLERS))
-    diffusion: float = option(0.01, "SGNHT's diffusion A (the thermostat's start)", gt=0)
-    rmsprop_decay: float = option(0.999, "RMSprop-SGLD's running-mean decay alpha", ge=0, lt=1)
-    rmsprop_delta: float = option(1.0, "RMSprop-SGLD's delta: preconditioner <= 1/delta", gt=0)
-    draws_every: int = option(1, "observables on every k-th draw (thinning; 1 = every draw)", ge=1)
-    max_batched: int = option(8, "chains evaluated together in one batched forward+backward (1: one at a time; "
-                              "lower it if memory runs out)", ge=1)
-    fast_forward: bool = option(True, "sample through sampling.fast_forward (plain torch from TL's weight views, "
-                                "fused attention) where it reproduces the TL forward and no hook point holds a "
-                                "hook; False: the TL forward")
-    precision: str = option("fp32", "fp32, tf32 (TF32 matmuls) or bf16 (autocast): CUDA only, a CPU always "
-                            "samples in float32")
-
-    def __post_init__(self):
-        validate(self)
-        check_precision(self.precision)
-
-    @classmethod
-    def build(cls, config: SGLDConfig | None = None, **overrides: Any) -> SGLDConfig:
-        """`config` (default: the defaults) with keyword overrides (other spellings too), naming any unknown one."""
-        return dataclasses.replace(config or cls(), **build(cls, overrides))
-
-    def resolve(self, data) -> SGLDConfig:
-        """The batch size in use (a DataLoader's own) and nβ filled in."""
-        loader = as_tensors(data)
-        batch_size = self.batch_size
-        if isinstance(loader, torch.utils.data.DataLoader) and loader.batch_size is not None:
-            batch_size = loader.batch_size
-        nbeta = default_nbeta(batch_size) if self.nbeta is None else float(self.nbeta)
-        return dataclasses.replace(self, batch_size=batch_size, nbeta=nbeta)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings that determine the numbers (a stored result's key): all but `max_batched` and
-        `fast_forward`, which only change how the same numbers are computed (to float rounding)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("max_batched", "fast_forward")}
 
 
 @dataclass
@@ -136,8 +84,14 @@ class LLCResult:
     batched: bool = False  # its chains ran in batched (vmapped) forwards; False with max_batched=1 or where
     # the model has an op torch.func.vmap cannot batch (the chains then run one at a time, to the same numbers)
     forward: str = "model"  # "fast" (sampling.fast_forward) or why the model's own forward ran
-    final_params: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # name -> [chains, ...]
+    final: _Final | None = field(repr=False, default=None)  # the chains' last coordinates (final_params)
     trace: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # diagnostics.TRACES -> [chains, draws]
+
+    @property
+    def final_params(self) -> dict[str, torch.Tensor]:
+        """Name -> [chains, *shape]: the chains' last weights of each parameter the restriction touches (w*
+        outside it), built on demand from the [chains, d] coordinates the result keeps."""
+        return {} if self.final is None else self.final.params()
 
     @property
     def se(self) -> float:
@@ -223,7 +177,7 @@ def choose_forward(model: nn.Module, loss_fn: Callable | None, config: SGLDConfi
     if any(h._forward_hooks or h._forward_pre_hooks or h._backward_hooks for h in model.hook_dict.values()):
         forward, problem = None, "hooks attached (the fast forward would skip them)"
     else:
-        device = next(model.parameters()).device
+        device = model_device(model)
         with eval_mode(model):
             forward, problem = verified_fast_forward(model, lm_batch(batch)[0], sdpa=device.type == "cuda")
     if forward is not None:
@@ -289,7 +243,7 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.loss, self.precision = model, loss, precision
         self.slots = parameter_slots(model)
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
 
     def forward(self, batch, *extra):
         with precision_context(self.precision, self.device):
@@ -395,26 +349,24 @@ def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config
                 trace[(*stack.index, draw)] = torch.from_numpy(values).float()
                 if observe is not None and draw % config.draws_every == 0:
                     with torch.no_grad():
-                        for (r, c), row in zip(stack.members, chains.weights, strict=True):
-                            observe(r, c, draw // config.draws_every, w_star | stack.unflat(row))
+                        for i, (r, c) in enumerate(stack.members):
+                            observe(r, c, draw // config.draws_every, w_star | stack.unflat(stack.full(i)))
             with torch.no_grad():
-                # 4. Each chain's noise from its own generator; gradient and noise masked to its restriction.
-                noise = torch.stack([torch.randn(stack.star.numel(), generator=g, device=device) for g in chains.generators])
-                if stack.mask is not None:
-                    grad, noise = grad * stack.mask, noise * stack.mask
+                # 4. Each chain's noise from its own generator, on its restriction's coordinates only.
+                noise = torch.stack([torch.randn(stack.star.shape[-1], generator=g, device=device) for g in chains.generators])
                 offset = chains.weights - stack.star  # 5. the state about to be left, for the diagnostics
                 drift = step_rule(chains, stack.star, grad, noise, config)  # 6. the sampler's update
                 if draw >= 0:
                     chains.stats.update(loss=values, offset=offset, grad=grad, drift=drift, noise=noise, config=config)
 
     per_step = {k: np.empty((len(restrictions), config.num_chains, config.num_draws)) for k in TRACES[1:]}
-    finals, unflat, batched = {}, {}, {}
+    finals, batched = {}, {}
     for stack in stacks:
         for k, v in stack.chains.stats.traces().items():
             per_step[k][stack.index] = v
-        finals.update(zip(stack.members, stack.chains.weights, strict=True))
-        for r, _ in stack.members:
-            unflat[r], batched[r] = stack.unflat, batched.get(r, True) and stack.batched
+        for i, (r, c) in enumerate(stack.members):
+            finals[r, c] = (stack, i)
+            batched[r] = batched.get(r, True) and stack.batched
     results = []
     for r, restriction in enumerate(restrictions):
         increase = trace[r] - init_losses
@@ -422,27 +374,33 @@ def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config
         traces = {"loss": trace[r].double().numpy()} | {k: v[r] for k, v in per_step.items()}
         diagnostics = summarise(traces, config.nbeta * increase.double().numpy(), loss_increase=float(increase.mean()),
                                 d=restriction.d, gamma=config.gamma, label=f"{restriction.label} ({desc})")
-        final = unflat[r](torch.stack([finals[r, c] for c in range(config.num_chains)]))
+        stack = finals[r, 0][0]
+        final = _Final(stack.names, stack.shapes, stack.star_full,
+                       None if stack.coords is None else stack.coords[finals[r, 0][1]],
+                       torch.stack([finals[r, c][0].chains.weights[finals[r, c][1]] for c in range(config.num_chains)]))
         results.append(LLCResult(
             mean=float(llcs.mean()), std=float(llcs.std(ddof=1)), per_chain=llcs, loss_trace=trace[r].clone(),
             init_losses=init_losses.clone(), init_loss=float(init_losses.mean()), d=restriction.d,
             restrict=restriction.label, config=config, diagnostics=diagnostics, note=restriction.note,
-            batched=batched[r], forward=how, final_params={n: t.cpu() for n, t in final.items()}, trace=traces,
+            batched=batched[r], forward=how, final=final, trace=traces,
         ))
     return results
 
 
 @dataclass
 class _Stack:
-    """Chains run together: (restriction, chain) pairs that sample the same parameters from the same start
-    layer, each chain's coordinates one flat row (the parameters' coordinates concatenated)."""
+    """Chains run together: (restriction, chain) pairs that sample as many coordinates of the same parameters
+    from the same start layer. Each chain's state is one row of its restriction's coordinates only (d of
+    them, not the parameters' D): `coords` says where they sit in the parameters' flat concatenation, which
+    holds w* once for the whole stack (`star_full`)."""
 
     members: list[tuple[int, int]]  # (restriction, chain) of each row
-    names: list[str]  # the parameters, in the restrictions' order (the noise's order)
+    names: list[str]  # the parameters, in the restrictions' order
     shapes: list[torch.Size]
     start: int  # the block the forward starts at
-    star: Float[torch.Tensor, " coords"]  # w*
-    mask: torch.Tensor | None  # [chains, coords]: the coordinates each chain moves (None: all)
+    star_full: Float[torch.Tensor, " D"]  # w* of the parameters, flat
+    coords: torch.Tensor | None  # [chains, d] positions in star_full of each row's coordinates (None: all D)
+    star: Float[torch.Tensor, "chains d"]  # each row's coordinates at w*
     chains: Chains
     batched: bool | None  # whether vmap runs the stack; None until its first call tries
 
@@ -451,49 +409,84 @@ class _Stack:
         """(restrictions, chains) of the rows, to index [restriction, chain] arrays."""
         return [r for r, _ in self.members], [c for _, c in self.members]
 
+    def full(self, i: int) -> Float[torch.Tensor, " D"]:
+        """Row i's weights of the stack's parameters, flat: its coordinates, w* elsewhere."""
+        return _place(self.star_full, self.coords[i] if self.coords is not None else None, self.chains.weights[i])
+
     def unflat(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Name -> view of `rows` ([coords] or [chains, coords]) as that parameter."""
-        parts = rows.split([math.prod(s) for s in self.shapes], dim=-1)
-        return {n: z.view(*rows.shape[:-1], *s) for n, z, s in zip(self.names, parts, self.shapes, strict=True)}
+        """Name -> view of `rows` ([D] or [chains, D]) as that parameter."""
+        return _unflat(self.names, self.shapes, rows)
+
+
+@dataclass
+class _Final:
+    """A restriction's chains at their last step: [chains, d] coordinates, and where they sit."""
+
+    names: list[str]
+    shapes: list[torch.Size]
+    star_full: torch.Tensor  # shared with the other restrictions of its stack
+    coords: torch.Tensor | None  # [d] (None: all)
+    rows: torch.Tensor  # [chains, d]
+
+    def params(self) -> dict[str, torch.Tensor]:
+        full = torch.stack([_place(self.star_full, self.coords, row) for row in self.rows])
+        return {n: t.cpu() for n, t in _unflat(self.names, self.shapes, full).items()}
+
+
+def _place(star_full: torch.Tensor, coords: torch.Tensor | None, row: torch.Tensor) -> torch.Tensor:
+    """w* with `row` written at `coords` (a new tensor, differentiable in `row`; vmap batches it)."""
+    return row if coords is None else star_full.scatter(0, coords, row)
+
+
+def _unflat(names: list[str], shapes: list[torch.Size], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    parts = rows.split([math.prod(s) for s in shapes], dim=-1)
+    return {n: z.view(*rows.shape[:-1], *s) for n, z, s in zip(names, parts, shapes, strict=True)}
 
 
 def _stacks(restrictions: list[Restriction], starts: list[int], w_star: dict[str, torch.Tensor], config: SGLDConfig,
             device) -> list[_Stack]:
-    """Every (restriction, chain) pair in a stack with the pairs of the same parameters and start layer, at
-    most `config.max_batched` per stack; each chain at w*, with its own generator."""
+    """Every (restriction, chain) pair in a stack with the pairs of the same parameters, start layer and number
+    of coordinates, at most `config.max_batched` per stack; each chain at w*, with its own generator."""
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for r, restriction in enumerate(restrictions):
         for c in range(config.num_chains):
-            groups.setdefault((starts[r], tuple(restriction.masks)), []).append((r, c))
+            groups.setdefault((starts[r], tuple(restriction.masks), restriction.d), []).append((r, c))
+    coords: dict[int, torch.Tensor | None] = {}  # restriction -> its coordinates' positions, shared by its chains
     stacks = []
-    for (start, names), pairs in groups.items():
-        star = torch.cat([w_star[n].flatten() for n in names])
+    for (start, names, _), pairs in groups.items():
+        star_full = torch.cat([w_star[n].flatten() for n in names])
+        offsets = dict(zip(names, np.cumsum([0] + [w_star[n].numel() for n in names])[:-1].tolist(), strict=True))
+        for r in {r for r, _ in pairs}:
+            masks = restrictions[r].masks
+            coords[r] = None if all(masks[n] is None for n in names) else torch.cat([
+                offsets[n] + (torch.arange(w_star[n].numel(), device=device) if masks[n] is None
+                              else masks[n].to(device).flatten().nonzero().squeeze(1)) for n in names])
         for i in range(0, len(pairs), config.max_batched):
             members = pairs[i:i + config.max_batched]
-            masks = [restrictions[r].masks for r, _ in members]
-            mask = None if all(m[n] is None for m in masks for n in names) else torch.stack([torch.cat([
-                (torch.ones_like(w_star[n], dtype=torch.bool) if m[n] is None else m[n].to(device)).flatten() for n in names
-            ]) for m in masks])
-            chains = Chains(star.expand(len(members), -1).clone(),
-                            [_generator(config.seed, restrictions[r].label, c, device) for r, c in members],
+            index = None if coords[members[0][0]] is None else torch.stack([coords[r] for r, _ in members])
+            star = star_full.expand(len(members), -1) if index is None else star_full[index]
+            chains = Chains(star.clone(), [_generator(config.seed, restrictions[r].label, c, device) for r, c in members],
                             torch.tensor([float(restrictions[r].d) for r, _ in members], device=device),
-                            ChainStats(len(members), mala=config.sampler == "sgld"))
-            stacks.append(_Stack(members, list(names), [w_star[n].shape for n in names], start, star, mask, chains,
-                                 None if len(members) > 1 else False))
+                            ChainStats(len(members), mala=config.sampler in MALA))
+            stacks.append(_Stack(members, list(names), [w_star[n].shape for n in names], start, star_full, index,
+                                 star, chains, None if len(members) > 1 else False))
     return stacks
 
 
 def _losses_and_grads(objective: Objective, stack: _Stack, w_star: dict[str, torch.Tensor], batch,
-                      extra: tuple) -> tuple[Float[torch.Tensor, " chains"], Float[torch.Tensor, "chains coords"]]:
-    """L_B(w) and ∇L_B(w) of every chain of the stack: one vmapped forward+backward, or chain by chain
-    where vmap cannot batch the model (found on the stack's first call, then kept; same numbers)."""
+                      extra: tuple) -> tuple[Float[torch.Tensor, " chains"], Float[torch.Tensor, "chains d"]]:
+    """L_B(w) and ∇L_B(w) on each chain's coordinates, for every chain of the stack: one vmapped
+    forward+backward, or chain by chain where vmap cannot batch the model (found on the stack's first call,
+    then kept; same numbers)."""
 
-    def loss(row):  # one chain: its coordinates in the stack's parameters, w* elsewhere
-        return objective.at(w_star | stack.unflat(row), batch, *extra)
+    def loss(row, coords):  # one chain: its coordinates placed in the stack's parameters, w* elsewhere
+        return objective.at(w_star | stack.unflat(_place(stack.star_full, coords, row)), batch, *extra)
 
+    index = stack.coords if stack.coords is not None else [None] * len(stack.members)
     if stack.batched is not False:
         try:
-            grad, losses = torch.func.vmap(torch.func.grad_and_value(loss))(stack.chains.weights)
+            dims = (0, None if stack.coords is None else 0)
+            grad, losses = torch.func.vmap(torch.func.grad_and_value(loss), in_dims=dims)(stack.chains.weights, stack.coords)
             stack.batched = True
             return losses.detach(), grad
         except Exception:  # an op without a batching rule (or a real error, which the loop below raises again)
@@ -501,9 +494,9 @@ def _losses_and_grads(objective: Objective, stack: _Stack, w_star: dict[str, tor
                 raise
             stack.batched = False
     losses, grads = [], []
-    for row in stack.chains.weights:  # plain autograd, one chain's graph at a time
+    for row, coords in zip(stack.chains.weights, index, strict=True):  # plain autograd, one chain's graph at a time
         row = row.detach().requires_grad_(True)
-        value = loss(row)
+        value = loss(row, coords)
         losses.append(value.detach())
         grads.append(torch.autograd.grad(value, row)[0])
     return torch.stack(losses), torch.stack(grads)

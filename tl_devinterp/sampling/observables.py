@@ -25,10 +25,11 @@ from jaxtyping import Float
 from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
-from ..models import is_supported_model, sampled_parameters, token_cross_entropy
+from ..models import is_supported_model, model_device, sampled_parameters, token_cross_entropy
 from .batches import as_tensors, batch_stream, lm_batch
-from .llc import LLCResult, Objective, SGLDConfig, choose_forward, resolve_loss, sample_llcs
+from .llc import LLCResult, Objective, choose_forward, resolve_loss, sample_llcs
 from .restrict import Restriction, resolve_restriction
+from .settings import SGLDConfig
 
 MEMORY_LIMIT = 2**28
 """Bytes of traces kept in memory (256 MiB); larger traces go to a memmap on disk."""
@@ -97,7 +98,7 @@ def sample_traces(model: nn.Module, data, restrictions: list[Restriction], obser
     if not observables:
         raise InvalidValueError("observables is empty: pass a dict name -> callable f(model) or evaluation dataset.")
     config = config.resolve(data)
-    device = next(model.parameters()).device
+    device = model_device(model)
     sampling = choose_forward(model, loss_fn, config, next(batch_stream(data, config.batch_size, config.seed, device))[1])
     evaluate = {name: _evaluator(model, obs, loss_fn, config.batch_size, name, sampling[0])
                 for name, obs in observables.items()}
@@ -131,7 +132,7 @@ def _evaluator(model: nn.Module, observable, loss_fn: Callable | None, batch_siz
         raise InvalidTypeError(f"observables[{name!r}] is neither a callable f(model) nor a dataset: {e}") from None
     if isinstance(rows, torch.utils.data.DataLoader):
         raise InvalidTypeError(f"observables[{name!r}] is a DataLoader: pass its tensors, so each draw sees the same items.")
-    device = next(model.parameters()).device
+    device = model_device(model)
     if isinstance(rows, dict):  # Hugging Face's form: padding (attention_mask 0, labels -100) contributes 0
         rows = {k: t.to(device) for k, t in rows.items()}
         n, tokens, keep = len(rows["input_ids"]), *lm_batch(rows)

@@ -11,12 +11,14 @@ import pandas as pd
 import torch
 
 from ..errors import InvalidValueError
-from ..models import all_heads
-from ..store import ResultStore, callable_key, map_series
+from ..models import all_heads, parse_heads
+from ..runner import map_series
+from ..store import ResultStore, callable_key
 from .batches import data_fingerprint
-from .heads import _head_list, summary
-from .llc import SGLDConfig, sample_llcs
+from .heads import summary
+from .llc import sample_llcs
 from .restrict import resolve_restriction
+from .settings import SGLDConfig
 
 
 def llc_over_series(series, data, config: SGLDConfig | None = None, *,
@@ -36,27 +38,25 @@ def llc_over_series(series, data, config: SGLDConfig | None = None, *,
     closure) a `key=` naming it, or it is refused before any sampling.
     """
     config = SGLDConfig.build(config, **options).resolve(data)
-    head_spec = heads if isinstance(heads, bool) else _head_list(heads)
+    head_spec = heads if isinstance(heads, bool) else parse_heads(heads)
     if not model and not head_spec:
         raise InvalidValueError("llc_over_series with model=False needs heads (True or a list): nothing to sample.")
     compute = partial(_checkpoint_llcs, data=data, config=config, head_spec=head_spec, with_model=model, loss_fn=loss_fn,
-                      device=device, progress=progress and executor is None)  # one bar per checkpoint, if serial
+                      progress=progress and executor is None)  # one bar per checkpoint, if serial
     store = None
     if store_dir is not None:
         params = dict(config.to_dict(), heads=head_spec, data=data_fingerprint(data),
                       loss_fn=callable_key(loss_fn, key=key), **({} if model else {"model": False}))
         store = ResultStore(store_dir, "llc", params)
     frame = map_series(series, compute, store=store, steps=steps, desc="LLC over checkpoints", executor=executor,
-                       progress=progress)
+                       device=device, progress=progress)
     return frame.astype({"layer": "Int64", "head": "Int64"})
 
 
-def _checkpoint_llcs(step: int, model, *, data, config: SGLDConfig, head_spec, with_model: bool, loss_fn, device,
+def _checkpoint_llcs(step: int, model, *, data, config: SGLDConfig, head_spec, with_model: bool, loss_fn,
                      progress: bool) -> pd.DataFrame:
     """One checkpoint's rows: the whole model (if `with_model`), then each head (a module-level function, so
     jobs pickle)."""
-    if device is not None:
-        model = model.to(device)
     head_list = all_heads(model) if head_spec is True else list(head_spec or [])
     restrictions = [resolve_restriction(model, None)] * with_model + [resolve_restriction(model, h) for h in head_list]
     results = sample_llcs(model, data, restrictions, config, loss_fn=loss_fn, desc=f"step {step}", progress=progress)

@@ -31,9 +31,11 @@ import torch
 from torch import nn
 
 from ..errors import InvalidValueError
+from ..models import model_device
 from .diagnostics import SamplerWarning
-from .llc import SGLDConfig, sample_llcs
+from .llc import sample_llcs
 from .restrict import Restriction
+from .settings import SGLDConfig
 
 PROBE_STEPS = 3
 """Steps a plan times (after the first, which pays the one-time checks)."""
@@ -87,7 +89,7 @@ def plan_llcs(model: nn.Module, data, restrictions: list[Restriction], config: S
     raise `InvalidValueError` when even one chain at a time does not."""
     if probe_steps < 2:
         raise InvalidValueError(f"probe_steps must be >= 2 (step times are differences), got {probe_steps}.")
-    device = next(model.parameters()).device
+    device = model_device(model)
     available = available_memory(device)
     config = config.resolve(data)
     while True:

@@ -20,15 +20,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from jaxtyping import Float
 
 from .diagnostics import ChainStats
 
-if TYPE_CHECKING:
-    from .llc import SGLDConfig
+
+class SGLDConfig(Protocol):
+    """The settings an update rule reads (`settings.SGLDConfig` has them; this module imports no settings)."""
+
+    epsilon: float
+    gamma: float
+    nbeta: float
+    diffusion: float
+    rmsprop_decay: float
+    rmsprop_delta: float
 
 
 @dataclass
@@ -96,4 +104,6 @@ def rmsprop_sgld_step(chains: Chains, w_star, grad, noise, config: SGLDConfig) -
 
 
 SAMPLERS = {"sgld": sgld_step, "sgnht": sgnht_step, "rmsprop_sgld": rmsprop_sgld_step}
+MALA = {"sgld"}
+"""The samplers whose step is a Langevin proposal, so the MALA acceptance of `diagnostics` measures them."""
 """Name → update rule `step(chains, w_star, grad, noise, config) -> ∇U(w)`."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import Executor
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -25,13 +27,14 @@ import torch
 from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
-from ..models import all_heads, is_supported_model
-from ..store import ResultStore, callable_key, fingerprint, map_series
+from ..files import fingerprint
+from ..models import all_heads, is_supported_model, parse_heads
+from ..runner import map_series
+from ..store import ResultStore, callable_key
 from .batches import data_fingerprint
-from .heads import _head_list
-from .llc import SGLDConfig
 from .observables import MEMORY_LIMIT, ObservableTraces, posterior_covariance, sample_traces
 from .restrict import resolve_restriction
+from .settings import SGLDConfig
 
 
 def susceptibilities(model: nn.Module, data, shifts: dict, config: SGLDConfig | None = None, *, restrict=None,
@@ -49,7 +52,7 @@ def susceptibilities(model: nn.Module, data, shifts: dict, config: SGLDConfig | 
     """
     config = SGLDConfig.build(config, **options)
     _check_shifts(shifts)
-    specs = [restrict] + ([] if heads is False else all_heads(model) if heads is True else _head_list(heads))
+    specs = [restrict] + ([] if heads is False else all_heads(model) if heads is True else parse_heads(heads))
     restrictions = [resolve_restriction(model, spec) for spec in specs]
     observables = {"base": data} | {f"shift/{name}": q for name, q in shifts.items() if not _is_weighting(q)}
     traces = sample_traces(model, data, restrictions, observables, config, loss_fn=loss_fn, trace_dir=trace_dir,
@@ -106,26 +109,32 @@ def susceptibilities_over_series(series, data, shifts: dict, config: SGLDConfig 
                                  heads: bool | list = True, store_dir: str | os.PathLike | None = None,
                                  steps: list[int] | None = None, loss_fn: Callable | None = None,
                                  device: str | torch.device | None = None, progress: bool = True,
-                                 key: str | None = None, **options) -> pd.DataFrame:
+                                 executor: Executor | None = None, key: str | None = None,
+                                 **options) -> pd.DataFrame:
     """`susceptibilities` of the whole model and each head (all by default) at every checkpoint: the frame
     with a `step` column first; resumable through a ResultStore with `store_dir` (a `loss_fn` that is not a
-    module-level function needs a `key=` naming it, as in `llc_over_series`)."""
+    module-level function needs a `key=` naming it, as in `llc_over_series`). The run options (`executor`,
+    `device`, `progress`) are those of every pass over a series (`runner.map_series`)."""
     config = SGLDConfig.build(config, **options).resolve(data)
     _check_shifts(shifts)
-    head_spec = heads if isinstance(heads, bool) else _head_list(heads)
+    head_spec = heads if isinstance(heads, bool) else parse_heads(heads)
 
-    def compute(step: int, model) -> pd.DataFrame:
-        if device is not None:
-            model = model.to(device)
-        return susceptibilities(model, data, shifts, config, heads=head_spec if is_supported_model(model) else False,
-                                loss_fn=loss_fn, progress=progress)
-
+    compute = partial(_checkpoint_susceptibilities, data=data, shifts=shifts, config=config, head_spec=head_spec,
+                      loss_fn=loss_fn, progress=progress and executor is None)  # one bar per checkpoint, if serial
     store = None
     if store_dir is not None:
         params = dict(config.to_dict(), heads=head_spec, data=data_fingerprint(data),
                       shifts={n: fingerprint(q) if _is_weighting(q) else data_fingerprint(q) for n, q in shifts.items()},
                       loss_fn=callable_key(loss_fn, key=key))
         store = ResultStore(store_dir, "susceptibility", params)
-    frame = map_series(series, compute, store=store, steps=steps, desc="susceptibilities over checkpoints")
+    frame = map_series(series, compute, store=store, steps=steps, desc="susceptibilities over checkpoints",
+                       executor=executor, device=device, progress=progress)
     return frame.astype({"layer": "Int64", "head": "Int64"})
+
+
+def _checkpoint_susceptibilities(step: int, model, *, data, shifts, config, head_spec, loss_fn,
+                                 progress: bool) -> pd.DataFrame:
+    """One checkpoint's rows (a module-level function, so jobs pickle)."""
+    return susceptibilities(model, data, shifts, config, heads=head_spec if is_supported_model(model) else False,
+                            loss_fn=loss_fn, progress=progress)
 

@@ -34,13 +34,16 @@ in one place, `Task.check_spec`, with one message format), write `data`, `loss`,
 
 Tasks here: token tasks (`markov`, `stdlib`, and `TokenTask.of_tokens` for given tokens); in-context linear
 regression (`icl-regression`) and sparse-attention regression (`sparse-regression`), `tasks.regression`; the toy
-model of superposition (`tms`), `tasks.tms`.
+model of superposition (`tms`), `tasks.tms`; bursty few-shot classification (`bursty-classification`),
+`tasks.bursty`.
 """
 
 from .base import TASKS, Batch, Option, Task, make_task, register
+from .bursty import BurstyClassification
 from .regression import ICLRegression, SparseRegression, dmmse_predictions, ridge_predictions
 from .tms import TMSTask
 from .tokens import MarkovTokens, StdlibTokens, TokenTask
 
 __all__ = ["TASKS", "Batch", "Option", "Task", "make_task", "register", "TokenTask", "MarkovTokens", "StdlibTokens",
-           "ICLRegression", "SparseRegression", "ridge_predictions", "dmmse_predictions", "TMSTask"]
+           "ICLRegression", "SparseRegression", "ridge_predictions", "dmmse_predictions", "TMSTask",
+           "BurstyClassification"]

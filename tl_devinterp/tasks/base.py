@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
-from ..models import ModelConfig, build_model
-from ..store import ResultStore, fingerprint, map_series
+from ..files import fingerprint
+from ..models import ModelConfig, build_model, model_device
+from ..runner import map_series
+from ..store import ResultStore
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...]
 """What a task's data holds and its loss reads: one tensor (tokens) or a tuple of tensors sharing the first
@@ -183,7 +185,7 @@ def task_features(spec: dict[str, Any], model: nn.Module, inputs: Batch) -> torc
 
 def _checkpoint_metrics(task: Task, test: Batch, step: int, model: nn.Module) -> pd.DataFrame:
     with torch.no_grad():
-        rows = task.metrics(model, batch_to(test, next(model.parameters()).device))
+        rows = task.metrics(model, batch_to(test, model_device(model)))
     return pd.DataFrame(rows, columns=METRIC_COLUMNS[1:])
 
 

@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from torch import nn
 
 from ..errors import InvalidValueError
-from ..models import check_head, head_name, parse_head
+from ..models import check_head, head_name, model_device, parse_head
 
 _ids = itertools.count()
 
@@ -42,7 +42,7 @@ def attention_patterns(
         check_head(model, layer, h)
     names = {f"blocks.{layer}.attn.hook_pattern" for layer, _ in heads}
     if inputs is None:
-        inputs = {"input": tokens[None].to(next(model.parameters()).device)}
+        inputs = {"input": tokens[None].to(model_device(model))}
     _, cache = model.run_with_cache(**inputs, names_filter=lambda n: n in names)
     return torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][0, h] for layer, h in heads]).float().cpu()
 

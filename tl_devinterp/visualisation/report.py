@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..files import atomic_write
 from ..models import head_name
 from ..sampling.diagnostics import ROW as DIAGNOSTIC_COLUMNS
 from .attention import circuitsvis_script
@@ -46,7 +47,7 @@ def png_figure(fig: Figure, fig_id: str, caption: str = "", *, save_dir: str | o
     png = buf.getvalue()
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-        (Path(save_dir) / f"{fig_id}.png").write_bytes(png)
+        atomic_write(Path(save_dir) / f"{fig_id}.png", png)
     uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     return _figure(f'<img alt="{html.escape(caption or fig_id)}" src="{uri}">', fig_id, caption, "png")
 
@@ -81,7 +82,7 @@ def write_report(
             f"<title>{html.escape(title)}</title><style>{_CSS}</style>{script}</head>\n<body>\n{body}\n</body></html>\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    atomic_write(path, page.encode("utf-8"))
     return path
 
 

@@ -1,0 +1,80 @@
+"""The sampler's settings, declared once (`SGLDConfig`), and the papers' default inverse temperature.
+
+Every estimator (LLC, head LLCs, observables, susceptibilities, calibration, the callback during training)
+takes one `SGLDConfig`; its options are `options.option` fields, so the command line, config files and
+devinterp's spellings all reach the same validator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import InvalidValueError
+from ..options import build, option, validate
+from .batches import as_tensors
+from .fast_forward import check_precision
+from .samplers import SAMPLERS
+
+
+def default_nbeta(batch_size: int) -> float:
+    """nβ = n/log n for n = batch_size: the papers' "adaptive" β = 1/log n. The one source of this default."""
+    if batch_size < 2:
+        raise InvalidValueError(f"batch_size must be >= 2 for the default nbeta = n/log n, got {batch_size}.")
+    return batch_size / math.log(batch_size)
+
+
+@dataclass(frozen=True)
+class SGLDConfig:
+    """The sampler's hyperparameters, declared and validated once; every estimator takes one.
+
+    `nbeta=None` means n/log n of the batch size in use (`resolve`); a DataLoader's own batch size wins.
+    """
+
+    epsilon: float = option(1e-3, "SGLD step size epsilon", gt=0)
+    gamma: float = option(200.0, "localisation strength gamma", ge=0)
+    nbeta: float | None = option(None, "inverse temperature n*beta (default: n/log n of the batch size)", gt=0)
+    num_chains: int = option(4, "chains", ge=2, why="(the std across chains needs two)")
+    num_draws: int = option(100, "draws per chain after burn-in", ge=1)
+    num_burnin: int = option(50, "burn-in steps per chain", ge=0)
+    batch_size: int = option(32, "minibatch size", ge=1)
+    seed: int = option(0, "seed of the batches and the chains' noise", ge=0)
+    sampler: str = option("sgld", "update rule: sgld, sgnht or rmsprop_sgld", choices=sorted(SAMPLERS))
+    diffusion: float = option(0.01, "SGNHT's diffusion A (the thermostat's start)", gt=0)
+    rmsprop_decay: float = option(0.999, "RMSprop-SGLD's running-mean decay alpha", ge=0, lt=1)
+    rmsprop_delta: float = option(1.0, "RMSprop-SGLD's delta: preconditioner <= 1/delta", gt=0)
+    draws_every: int = option(1, "observables on every k-th draw (thinning; 1 = every draw)", ge=1)
+    max_batched: int = option(8, "chains evaluated together in one batched forward+backward (1: one at a time; "
+                              "lower it if memory runs out)", ge=1)
+    fast_forward: bool = option(True, "sample through sampling.fast_forward (plain torch from TL's weight views, "
+                                "fused attention) where it reproduces the TL forward and no hook point holds a "
+                                "hook; False: the TL forward")
+    precision: str = option("fp32", "fp32, tf32 (TF32 matmuls) or bf16 (autocast): CUDA only, a CPU always "
+                            "samples in float32")
+
+    def __post_init__(self):
+        validate(self)
+        check_precision(self.precision)
+
+    @classmethod
+    def build(cls, config: SGLDConfig | None = None, **overrides: Any) -> SGLDConfig:
+        """`config` (default: the defaults) with keyword overrides (other spellings too), naming any unknown one."""
+        return dataclasses.replace(config or cls(), **build(cls, overrides))
+
+    def resolve(self, data) -> SGLDConfig:
+        """The batch size in use (a DataLoader's own) and nβ filled in."""
+        loader = as_tensors(data)
+        batch_size = self.batch_size
+        if isinstance(loader, torch.utils.data.DataLoader) and loader.batch_size is not None:
+            batch_size = loader.batch_size
+        nbeta = default_nbeta(batch_size) if self.nbeta is None else float(self.nbeta)
+        return dataclasses.replace(self, batch_size=batch_size, nbeta=nbeta)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings that determine the numbers (a stored result's key): all but `max_batched` and
+        `fast_forward`, which only change how the same numbers are computed (to float rounding)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("max_batched", "fast_forward")}
