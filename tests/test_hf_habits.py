@@ -160,3 +160,23 @@ def test_per_token_loss_is_nan_on_padding_and_equal_elsewhere(gpt2):
     n = tokens.shape[1] - 1
     torch.testing.assert_close(padded[:, :n], plain, rtol=1e-4, atol=1e-5)
     assert padded[:, n:].isnan().all()
+
+
+def test_one_time_checks_run_once_per_checkpoint_not_per_call(gpt2, monkeypatch):
+    """Catches: the fast-forward check (a TL and a fast forward+backward) and the unused-parameter probe
+    repeated by every call on the same weights (minutes at GPT-2 size), or kept after the weights changed."""
+    import tl_devinterp.sampling.llc as llc_module
+
+    calls = []
+    check = llc_module.verified_fast_forward
+    monkeypatch.setattr(llc_module, "verified_fast_forward", lambda *a, **k: calls.append(1) or check(*a, **k))
+    tokens = _tokens()
+    with torch.no_grad():
+        next(gpt2.parameters()).add_(0.0)  # weights in a state no earlier test checked
+    first = _quiet(estimate_llc, gpt2, tokens, **CFG)
+    again = _quiet(estimate_head_llcs, gpt2, tokens, heads=["l0h0"], **CFG)
+    assert len(calls) == 1 and first.forward == "fast" and again["forward"].tolist() == ["fast"]
+    with torch.no_grad():
+        next(gpt2.parameters()).add_(0.0)  # an in-place change, as an optimizer step makes
+    _quiet(estimate_llc, gpt2, tokens, **CFG)
+    assert len(calls) == 2

@@ -33,6 +33,7 @@ import hashlib
 import inspect
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +57,7 @@ from ..models import (
 )
 from .batches import batch_stream, lm_batch
 from .diagnostics import TRACES, ChainStats, SamplerDiagnostics, SamplerWarning, summarise
-from .fast_forward import precision_context, verified_fast_forward
+from .fast_forward import fast_forward, precision_context, verified_fast_forward
 from .restrict import Restriction, resolve_restriction
 from .samplers import MALA, SAMPLERS, Chains
 from .settings import SGLDConfig
@@ -177,14 +178,33 @@ def choose_forward(model: nn.Module, loss_fn: Callable | None, config: SGLDConfi
     if any(h._forward_hooks or h._forward_pre_hooks or h._backward_hooks for h in model.hook_dict.values()):
         forward, problem = None, "hooks attached (the fast forward would skip them)"
     else:
-        device = model_device(model)
-        with eval_mode(model):
-            forward, problem = verified_fast_forward(model, lm_batch(batch)[0], sdpa=device.type == "cuda")
+        sdpa = model_device(model).type == "cuda"
+
+        def check() -> str:
+            with eval_mode(model):
+                return verified_fast_forward(model, lm_batch(batch)[0], sdpa=sdpa)[1]
+
+        problem = once_per_weights(model, ("fast forward", sdpa), check)
+        forward = None if problem else fast_forward(model, sdpa)
     if forward is not None:
         return forward, "fast"
     warnings.warn(f"Sampling through the TransformerLens forward, not the fast forward (several times slower): "
                   f"{problem}.", SamplerWarning, stacklevel=3)  # once per reason, by Python's default filter
     return None, f"model: {problem}"
+
+
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(check, weights' state): verdict}
+
+
+def once_per_weights(model: nn.Module, check: Any, compute: Callable[[], Any]) -> Any:
+    """`compute()`, once per model, `check` and state of the model's weights (each parameter's in-place version
+    and device): the one-time checks of a checkpoint (a few bare forward+backward passes) are not repeated by
+    later calls on it, and are redone once its weights change. Verdicts must not refer to the model."""
+    key = (check, tuple((p._version, p.device) for p in model.parameters()))
+    verdicts = _CHECKED.setdefault(model, {})
+    if key not in verdicts:
+        verdicts[key] = compute()
+    return verdicts[key]
 
 
 def skips_lower_blocks(model: nn.Module, batch) -> bool:
@@ -297,7 +317,7 @@ def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config
     first = next(batch_stream(data, config.batch_size, config.seed, device))[1]  # for the one-time checks below
     forward, how = sampling_forward or choose_forward(model, loss_fn, config, first)
     objective = Objective(model, fast_lm_loss(forward) if forward else resolve_loss(model, loss_fn), config.precision)
-    restrictions = _drop_unused(objective, w_star, restrictions, first)
+    restrictions = _drop_unused(objective, w_star, restrictions, first, cache=loss_fn is None and forward is not None)
 
     # With the LM loss, a restriction to blocks >= l shares the residual stream before block l: computed
     # once per batch at w*, its chains run only blocks l and up (where the model really skips the rest).
@@ -503,14 +523,21 @@ def _losses_and_grads(objective: Objective, stack: _Stack, w_star: dict[str, tor
 
 
 def _drop_unused(objective: Objective, w_star: dict[str, torch.Tensor], restrictions: list[Restriction],
-                 batch) -> list[Restriction]:
-    """One fwd+bwd at w*: a sampled parameter the forward does not use is named (`SamplerWarning`) and
-    dropped, so d counts only coordinates the loss depends on."""
-    wanted = sorted({n for r in restrictions for n in r.masks})
-    leaves = {n: w_star[n].clone().requires_grad_(True) for n in wanted}
-    loss = objective.at(w_star | leaves, batch)
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    unused = {n for n, g in zip(leaves, grads, strict=True) if g is None}
+                 batch, cache: bool = False) -> list[Restriction]:
+    """One fwd+bwd at w* (with `cache`, the fast forward's LM loss: once per checkpoint, `once_per_weights`):
+    a sampled parameter the forward does not use is named (`SamplerWarning`) and dropped, so d counts only
+    coordinates the loss depends on."""
+
+    def probe() -> frozenset[str]:
+        leaves = {n: w.clone().requires_grad_(True) for n, w in w_star.items()}
+        grads = torch.autograd.grad(objective.at(leaves, batch), list(leaves.values()), allow_unused=True)
+        return frozenset(n for n, g in zip(leaves, grads, strict=True) if g is None)
+
+    if cache:
+        unused = once_per_weights(objective.model, "unused parameters", probe)
+    else:  # a custom loss may use other parameters at each call
+        unused = probe()
+    unused = unused & {n for r in restrictions for n in r.masks}
     if not unused:
         return restrictions
     warnings.warn(f"Not sampled: the forward does not use the parameter(s) {sorted(unused)}.", SamplerWarning, stacklevel=3)
