@@ -85,7 +85,7 @@ def run(model, tokens, restrictions, config) -> tuple[float, float, dict]:
         warnings.simplefilter("ignore", SamplerWarning)
         start = time.perf_counter()
         sample_llcs(model, tokens, restrictions, config, progress=False,
-                    observe=lambda r, c, d, w: stamps.setdefault(d, time.perf_counter()))
+                    observe=lambda r, c, d, w: stamps.__setitem__(d, time.perf_counter()))  # a step's last stack
         wall = time.perf_counter() - start
     steps = sorted(stamps[d + 1] - stamps[d] for d in range(len(stamps) - 1))
     return wall, stamps[0] - start - statistics.median(steps), peak
