@@ -19,7 +19,7 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 DEMO = Path(__file__).parent.parent / "notebooks" / "data" / "demo"
 
 
-EXECUTED = ("07_tms.ipynb", "08_bursty_classification.ipynb")
+EXECUTED = ("07_tms.ipynb", "08_bursty_classification.ipynb", "09_known_answers.ipynb")
 """The settings' notebooks, committed with their outputs (what a reader of the repository sees)."""
 
 
@@ -110,6 +110,10 @@ def test_notebook_runs(path, tmp_path_factory):
     model_llc = pd.read_csv(DEMO / "llc.csv").query("scope == 'model'")
     if not path.stem.startswith("04"):
         assert "TqdmWarning" not in errors
+    if path.stem.startswith("09"):  # the known-answer notebook: the good setting within 10% of Aoyagi's λ = 8
+        text = "".join(o.get("text", "") for o in outputs)
+        found = re.search(r"λ = 8\.0, λ̂ = ([0-9.]+)", text)
+        assert found and abs(float(found.group(1)) / 8 - 1) < 0.1, text[:500]
     if path.stem.startswith("01"):  # the head rLLC table: every head, finite values at >= 3 checkpoints
         config = CheckpointSeries.from_dir(DEMO).meta["model_config"]
         table = next(t for t in tables if "class" in t and "L0H0" in t)
@@ -131,3 +135,9 @@ def test_notebook_runs(path, tmp_path_factory):
         assert html.count("CircuitsVis.render(") >= 2 and "https://unpkg" not in html  # offline views
     else:
         assert any("image/png" in o.get("data", {}) for o in outputs)  # figures were drawn
+    if path.stem.startswith("07"):  # the closed forms and the planted k-gons' LLCs against the paper's
+        assert any("0.06874" in t and "0.04819" in t for t in tables)
+        assert any("paper" in t and "5+" in t for t in tables)
+    if path.stem.startswith("08"):  # ICL and IWL accuracies over training, the heads' induction scores
+        assert any("icl_accuracy" in t and "iwl_accuracy" in t for t in tables)
+        assert any("prefix_matching" in t for t in tables)

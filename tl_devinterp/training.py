@@ -293,7 +293,7 @@ training diverged."""
 def _check_loss(out: Path, manifest: dict, config: TrainConfig, step: int, loss: float, kind: str) -> None:
     """Stop a diverged run, naming the step and the likely cause, before it writes another checkpoint."""
     init = manifest["losses"].get("0", {}).get("test", loss)
-    if math.isfinite(loss) and loss <= DIVERGED * init:
+    if math.isfinite(loss) and (init <= 0 or loss <= DIVERGED * init):  # a zero loss at init has no scale
         return
     kept = sorted(map(int, manifest["checkpoints"]))
     raise TrainingDivergedError(

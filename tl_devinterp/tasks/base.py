@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import InvalidTypeError, InvalidValueError
 from ..files import fingerprint
 from ..models import ModelConfig, build_model, model_device
+from ..results import METRIC_COLUMNS
 from ..runner import map_series
 from ..store import ResultStore
 
@@ -29,7 +30,6 @@ Batch = torch.Tensor | tuple[torch.Tensor, ...]
 """What a task's data holds and its loss reads: one tensor (tokens) or a tuple of tensors sharing the first
 dimension (e.g. inputs, targets, read-out mask). The sampler's `batch_stream` yields the same form."""
 
-METRIC_COLUMNS = ["step", "metric", "layer", "head", "value"]
 
 
 REQUIRED = object()
