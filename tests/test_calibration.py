@@ -1,7 +1,6 @@
-"""Calibration chooses by its rule: on a quadratic loss (λ = d/2 exactly in the likelihood regime) it rejects
-prior-dominated, diverged and step-size-biased cells and recommends the setting the rule names."""
+"""Calibration climbs its ladder: on a quadratic loss (λ = d/2 as nβ → ∞) it recommends a setting within 10%
+of d/2, says why when its budget runs out, and combines checkpoints conservatively."""
 
-import math
 
 import matplotlib
 import pandas as pd
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from tl_devinterp.sampling import SGLDConfig, calibrate_llc, plot_calibration
-from tl_devinterp.sampling.calibration import choose_setting, judge
+from tl_devinterp.sampling.calibration import Calibration, combine
 
 matplotlib.use("Agg")
 D = 100
@@ -28,58 +27,49 @@ class Quadratic(nn.Module):
 
 
 @pytest.mark.slow
-def test_calibration_recommends_the_rules_cell():
-    config = SGLDConfig(num_chains=4, num_draws=300, num_burnin=200, batch_size=8)
-    cal = calibrate_llc(Quadratic(), torch.zeros(64, 1), config, epsilons=[0.002, 0.004, 0.008, 0.016, 0.032],
-                        gammas=[1.0, 1000.0], nbetas=[100.0], progress=False)
-    t = cal.table.set_index(["gamma", "epsilon"])
-    assert (t.loc[1000.0, "regime"].dropna() == "prior").all()  # nβ·h = 100 < γ: the prior shapes the chains
-    assert t.loc[(1000.0, 0.032), "diverged"]  # ε·(nβ + γ) = 35 > 2
-    assert (t.loc[1.0, "regime"] == "likelihood").all()
-    assert t.loc[(1.0, 0.002), "llc_mean"] == pytest.approx(D / 2 * 100 / 101, rel=0.05)
-    # SGLD's variance is 1/(k(1 − εk/4)), k = 101: λ̂ grows by 5.6% from ε = 0.002 to 0.004, by 13% to 0.008
-    assert t.loc[(1.0, 0.004), "eps_change"] < 0.1 < t.loc[(1.0, 0.008), "eps_change"]
-    assert math.isnan(t.loc[(1.0, 0.002), "eps_change"])  # no ε/2 cell: cannot pass rule 3
-    assert cal.choice == {"epsilon": 0.004, "gamma": 1.0, "nbeta": 100.0}
-    assert cal.config(config).epsilon == 0.004 and cal.config(config).num_draws == 300
+def test_ladder_finds_half_the_dimension():
+    """On L = ½‖w‖² λ = d/2 = 50 only as nβ → ∞: λ̂ = (d/2)·nβ/(nβ + γ) below. With γ = 10 the ladder climbs
+    nβ from 8 until λ̂ moves < 5%, checks ε/2, and recommends a setting whose λ̂ is within 10% of 50, with
+    the burn-in it used. Catches: a rule that stops at the first stable cell (λ̂ = 40 at nβ = 40), a control
+    that compares with itself, a choice without its burn-in."""
+    config = SGLDConfig(num_chains=4, num_draws=200, num_burnin=100, batch_size=8, gamma=10.0, nbeta=8.0)
+    cal = calibrate_llc(Quadratic(), torch.zeros(64, 1), config, max_steps=150_000, progress=False)
+    assert cal.choice is not None, (cal.reason, cal.table[["nbeta", "epsilon", "llc_mean", "verdict"]])
+    assert cal.table["llc_mean"].iloc[-1] == pytest.approx(D / 2, rel=0.1)
+    assert cal.choice["nbeta"] >= 320 and cal.choice["num_burnin"] >= 0.5 / (cal.choice["epsilon"] * 10)
+    assert "ε/2 control" in set(cal.table["step"]) and cal.steps <= 150_000
+    chosen = cal.config(config)
+    assert chosen.nbeta == cal.choice["nbeta"] and chosen.num_burnin == int(cal.choice["num_burnin"])
     fig = plot_calibration(cal)
-    assert len(fig.axes) == 10 and any("diverged" in t.get_text() for ax in fig.axes for t in ax.texts)
+    assert sum(ax.get_visible() for ax in fig.axes) == len(cal.table)
 
 
-def _cell(step, epsilon, gamma, llc, regime="likelihood", drift=0.0, nbeta=100.0):
-    return dict(step=step, epsilon=epsilon, gamma=gamma, nbeta=nbeta, diverged=False, llc_mean=llc, regime=regime,
-                trace_drift=drift, acceptance=0.9)
+def test_budget_that_runs_out_recommends_nothing_and_says_where():
+    """Catches: a recommendation from an unfinished ladder; a config() that silently returns the defaults."""
+    config = SGLDConfig(num_chains=2, num_draws=20, num_burnin=10, batch_size=8, gamma=10.0, nbeta=8.0)
+    cal = calibrate_llc(Quadratic(), torch.zeros(64, 1), config, max_steps=3000, progress=False)
+    assert cal.choice is None and "budget" in cal.reason and cal.steps <= 3000
+    with pytest.raises(ValueError, match="found no setting: the budget"):
+        cal.config()
 
 
-def test_rule_needs_every_step_and_prefers_small_gamma_then_large_epsilon():
-    cells = [_cell(s, e, g, llc) for s in (1, 2) for g in (1.0, 10.0) for e, llc in ((1e-4, 10.0), (2e-4, 10.5), (4e-4, 13.0))]
-    table = judge(pd.DataFrame(cells))
-    assert choose_setting(table) == {"epsilon": 2e-4, "gamma": 1.0, "nbeta": 100.0}  # 4e-4 moved λ̂ by 24%
-    cells[1] = _cell(1, 2e-4, 1.0, 10.5, regime="prior")  # γ = 1 prior-dominated at step 1: γ = 10 wins
-    assert choose_setting(judge(pd.DataFrame(cells))) == {"epsilon": 2e-4, "gamma": 10.0, "nbeta": 100.0}
-    cells = [_cell(1, e, 1.0, 10.0, drift=9.0) for e in (1e-4, 2e-4)]  # traces still rising: none
-    assert choose_setting(judge(pd.DataFrame(cells))) is None
-
-
-def test_rule_rejects_llcs_that_follow_nbeta():
-    """λ̂ ∝ nβ (the demo's case: 9.9× for nβ × 10) is the prior's or the diffusion's answer, not the model's,
-    whatever the norm-based regime says; λ̂ flat in nβ passes."""
-    follows = [_cell(1, e, 1.0, 0.2 * nbeta * (1 + e), nbeta=nbeta) for e in (1e-4, 2e-4) for nbeta in (30.0, 300.0)]
-    table = judge(pd.DataFrame(follows))
-    assert table["nbeta_elasticity"].to_numpy() == pytest.approx(1.0)
-    assert not table["acceptable"].any() and choose_setting(table) is None
-    flat = [_cell(1, e, 1.0, 10.0 * nbeta**0.05, nbeta=nbeta) for e in (1e-4, 2e-4) for nbeta in (30.0, 300.0)]
-    table = judge(pd.DataFrame(flat))
-    assert table["nbeta_elasticity"].to_numpy() == pytest.approx(0.05)
-    assert choose_setting(table, default_nbeta=30.0) == {"epsilon": 2e-4, "gamma": 1.0, "nbeta": 30.0}
+def test_checkpoints_combine_to_the_finest_setting():
+    """Several checkpoints: the largest nβ, ε·nβ of the stiffest, the longest burn-in; none if one has none."""
+    a = Calibration(pd.DataFrame(), dict(epsilon=1e-4, gamma=10.0, nbeta=100.0, num_burnin=1000, num_draws=500))
+    b = Calibration(pd.DataFrame(), dict(epsilon=1e-5, gamma=10.0, nbeta=400.0, num_burnin=4000, num_draws=200))
+    both = combine({1: a, 2: b})
+    assert both.choice == pytest.approx(dict(epsilon=1e-5, gamma=10.0, nbeta=400.0, num_burnin=4000, num_draws=500))
+    none = combine({1: a, 2: Calibration(pd.DataFrame(), None, reason="the budget ran out")})
+    assert none.choice is None and "step 2: the budget" in none.reason
 
 
 def test_gamma_is_checked_before_sampling():
     with pytest.raises(ValueError, match=r"The 'gamma' option of SGLDConfig must be >= 0; got -1"):
         SGLDConfig(gamma=-1.0)
-    with pytest.raises(ValueError, match="'gamma' option of SGLDConfig must be >= 0"):
-        calibrate_llc(Quadratic(), torch.zeros(8, 1), SGLDConfig(batch_size=4), epsilons=[1e-3], gammas=[-1.0],
-                      nbetas=[10.0], progress=False)
+    with pytest.raises(ValueError, match="calibrate_llc needs gamma > 0"):
+        calibrate_llc(Quadratic(), torch.zeros(8, 1), SGLDConfig(batch_size=4, gamma=0.0), progress=False)
+    with pytest.raises(ValueError, match="tolerance .* must be in"):
+        calibrate_llc(Quadratic(), torch.zeros(8, 1), SGLDConfig(batch_size=4), tolerance=1.5, progress=False)
 
 
 class _BigQuadratic(nn.Module):

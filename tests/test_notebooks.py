@@ -1,6 +1,7 @@
 """The notebooks run top to bottom and are committed without outputs (the settings' notebooks, EXECUTED, with
 their outputs); 01-03 read the part of a demo run shipped
-in notebooks/data/demo (written by notebooks/data/ship_demo.py), 04 trains the quick preset."""
+in notebooks/data/demo (written by notebooks/data/ship_demo.py), 04 trains the quick preset, 05-08 the settings'
+-quick presets."""
 
 import importlib.util
 import json
@@ -19,7 +20,7 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 DEMO = Path(__file__).parent.parent / "notebooks" / "data" / "demo"
 
 
-EXECUTED = ("07_tms.ipynb", "08_bursty_classification.ipynb")
+EXECUTED = ("06_sparse_regression.ipynb", "07_tms.ipynb", "08_bursty_classification.ipynb", "09_known_answers.ipynb")
 """The settings' notebooks, committed with their outputs (what a reader of the repository sees)."""
 
 
@@ -31,6 +32,19 @@ def test_notebooks_exist_without_outputs():
         nb = nbformat.read(path, as_version=4)
         if path.name not in EXECUTED:
             assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("name", EXECUTED[:1])  # 07 and 08 join once committed with their outputs
+def test_settings_notebooks_are_committed_executed(name):
+    """Catches: a settings notebook committed unexecuted, half-executed (a cell skipped or run twice) or with an
+    error, or without its figures."""
+    nb = nbformat.read(Path(__file__).parent.parent / "notebooks" / name, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    counts = [c.get("execution_count") for c in code]
+    assert counts == list(range(1, len(code) + 1)) or not any(counts)  # in order, or counts stripped
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1
 
 
 def test_shipped_demo_loads():
@@ -110,6 +124,10 @@ def test_notebook_runs(path, tmp_path_factory):
     model_llc = pd.read_csv(DEMO / "llc.csv").query("scope == 'model'")
     if not path.stem.startswith("04"):
         assert "TqdmWarning" not in errors
+    if path.stem.startswith("09"):  # the known-answer notebook: the good setting within 10% of Aoyagi's λ = 8
+        text = "".join(o.get("text", "") for o in outputs)
+        found = re.search(r"λ = 8\.0, λ̂ = ([0-9.]+)", text)
+        assert found and abs(float(found.group(1)) / 8 - 1) < 0.1, text[:500]
     if path.stem.startswith("01"):  # the head rLLC table: every head, finite values at >= 3 checkpoints
         config = CheckpointSeries.from_dir(DEMO).meta["model_config"]
         table = next(t for t in tables if "class" in t and "L0H0" in t)

@@ -24,7 +24,7 @@ def counting_series(path, stop_after=None):
             raise Interrupt
         return saved.load(step)
 
-    series = CheckpointSeries(saved.steps, loader, meta=saved.meta, fingerprint=saved.source_fingerprint)
+    series = CheckpointSeries(saved.steps, loader, meta=saved.meta, fingerprint=saved.known_fingerprint)
     series.loads = 0
     return series
 
@@ -85,13 +85,14 @@ def test_analyze_input_errors(quick_series_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cli_head_steps_none_and_calibrate(quick_series_dir, tmp_path):
-    """`--head-steps none` estimates every head at every checkpoint; `--calibrate` records its sweep and choice."""
+    """`--head-steps none` estimates every head at every checkpoint; `--calibrate` records its runs and choice (none within a 400-step budget)."""
     import json
 
     from tl_devinterp.cli import main
 
     out = tmp_path / "report"
     main(["analyze", str(quick_series_dir), "--out", str(out), "--quiet", "--head-steps", "none", "--calibrate",
+          "--calibrate-steps", "400",
           "--num-chains", "2", "--num-draws", "4", "--num-burnin", "2", "--batch-size", "16", "--n-sequences", "32",
           "--n-seqs", "8"])
     llc = pd.read_csv(out / "results" / "llc.csv")
@@ -99,8 +100,8 @@ def test_cli_head_steps_none_and_calibrate(quick_series_dir, tmp_path):
     assert sorted(llc.loc[llc["scope"] == "head", "step"].unique()) == steps
     assert (llc.loc[llc["scope"] == "head"].groupby("step").size() == 4).all()
     assert llc["llc_mean"].notna().all()
-    cells = pd.read_csv(out / "results" / "calibration.csv")
-    assert len(cells) == 3 * 4 * 3 * 4 and {"regime", "eps_change", "acceptable"} <= set(cells.columns)
+    runs = pd.read_csv(out / "results" / "calibration.csv")
+    assert runs["checkpoint"].nunique() == 3 and {"nbeta", "epsilon", "num_burnin", "llc_mean"} <= set(runs.columns)
     config = json.loads((out / "config.json").read_text())
     assert "calibration" in config and config["head_steps"] is None
     page = (out / "report.html").read_text()

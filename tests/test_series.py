@@ -146,6 +146,6 @@ def test_a_fingerprinted_series_still_pickles():
 
     Catches: `fingerprint` keeping the model it loaded for a later `load` (it used to)."""
     series = CheckpointSeries([0], _fresh_model)  # no fingerprint of its own: the loaded model is hashed
-    assert series.source_fingerprint(0) is None
+    assert series.known_fingerprint(0) is None
     fp = series.fingerprint(0)
     assert pickle.loads(pickle.dumps(series)).fingerprint(0) == fp

@@ -1,9 +1,12 @@
 """Everything about one checkpoint series, computed, saved and shown: `analyze(series, out_dir)`.
 
 The pipeline of the package, run in order: the LLC at every checkpoint (and each head's refined LLC at
-every checkpoint, or at the `head_steps` where the curves change most), head scores and behavioural metrics, head classes, stages from the LLC curve, essential dynamics,
-then at each stage boundary the attention of chosen heads and the per-token loss change on a sample
-sequence. Per-checkpoint results go through `ResultStore`s under `OUT/store/`, so a rerun after an
+every checkpoint, or at the `head_steps` where the curves change most), the task's metrics (for token tasks
+head scores and behavioural metrics), head classes, stages from the LLC curve, essential dynamics, then at each
+stage boundary the attention of chosen heads and the per-position loss change on a sample sequence. The
+series' task (`tl_devinterp.tasks`, from its manifest's data spec; a token task for given tokens or text)
+supplies the data, the sampler's loss, the metrics and essential dynamics' probes; heads are skipped for a
+model without them. Per-checkpoint results go through `ResultStore`s under `OUT/store/`, so a rerun after an
 interruption recomputes nothing that finished. Writes `OUT/results/*.csv`, `OUT/figures/*.png`,
 `OUT/report.html` and the settings that produced them, `OUT/config.json`: all staged whole first, then
 published together, config.json last (`_publish`). `AnalysisConfig` holds every option and its default; the command line and config
@@ -51,12 +54,13 @@ from .metrics import classify_heads
 from .metrics.classify import LABELS as HEAD_LABELS
 from .models import all_heads, bos_token_id, check_device, check_head, head_name, parse_head
 from .options import alias_table, build, option, read_config_file, validate
+from .results import head_rows, model_curve, model_rows
 from .sampling import llc_over_series
-from .sampling.calibration import Calibration, calibrate_llc, choose_setting, judge
+from .sampling.calibration import Calibration, calibrate_llc, combine
 from .sampling.diagnostics import SamplerWarning
 from .sampling.plan import plan_llcs
 from .sampling.restrict import resolve_restriction
-from .sampling.settings import SGLDConfig, default_nbeta
+from .sampling.settings import SGLDConfig
 from .series import CheckpointSeries
 from .store import StoreWarning
 from .tasks import Task, TokenTask, make_task
@@ -103,8 +107,10 @@ class AnalysisConfig:
     auto_scope: bool = option(True, f"a model of more than {AUTO_SCOPE_HEADS} heads, given no heads, layers or "
                               f"head_steps: the heads of its first, middle and last layers at head_steps=3 "
                               f"checkpoints (--no-auto-scope: every head at every checkpoint)")
-    calibrate: bool = option(False, "first sweep epsilon x gamma x nbeta (calibrate_llc) on 3 checkpoints and use "
-                           "the recommended setting (results/calibration.csv); else the settings above")
+    calibrate: bool = option(False, "first run calibrate_llc's ladder (nbeta up, epsilon from the virial, checked at "
+                             "epsilon/2) on 3 checkpoints and use the setting it recommends, if any "
+                             "(results/calibration.csv); else the settings above")
+    calibrate_steps: int = option(50_000, "calibrate_llc's budget: SGLD steps per chain per checkpoint", ge=1)
     # head scores and classes
     n_seqs: int = option(64, "probe sequences of the head scores", ge=1)
     thresholds: dict[str, float] = option({}, "classify_heads thresholds as JSON, e.g. '{\"prefix_matching\": 0.2}'")
@@ -237,8 +243,8 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
     sgld = dataclasses.replace(_task_sampler(config.sgld, task), seed=config.seed)
     calibration = None
     if config.calibrate:
-        calibration = _calibrate(series, train_data, sgld, task, progress)
-        say(f"calibration chose {calibration.choice} (rule: sampling.calibration)")
+        calibration = _calibrate(series, train_data, sgld, task, config.calibrate_steps, progress)
+        say(f"calibration chose {calibration.choice} {calibration.reason} (rule: sampling.calibration)")
         sgld = calibration.config(sgld) if calibration.choice else sgld
 
     # LLCs: every head at every checkpoint in one pass (sharing batches), or the model everywhere first and
@@ -266,14 +272,12 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
         llc = pd.concat([llc, llc_over_series(series, train_data, sgld, heads=head_list, model=False, steps=head_steps,
                                               **run)])
     llc = llc.sort_values(["step", "scope", "layer", "head"], ignore_index=True)
-    n_heads = len(llc[llc["scope"] == "head"][["layer", "head"]].drop_duplicates())
+    n_heads = len(head_rows(llc)[["layer", "head"]].drop_duplicates())
     clusters = (cluster_heads([llc, head_metrics], n_clusters=config.n_clusters,
                               classes=classes if not classes.empty else None)
                 if config.n_clusters and n_heads >= 2 else None)
 
-    model_llc = llc[llc["scope"] == "model"]
-    stages = find_stages(model_llc["step"].to_numpy(), model_llc["llc_mean"].to_numpy(), model_llc["llc_se"].to_numpy(),
-                         **config.stage_options())
+    stages = find_stages(*model_curve(llc), **config.stage_options())
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
     probes, proxy = task.probes(test_data, config.n_sequences)
     ed = essential_dynamics(series, probes, proxy=proxy, n_components=config.n_components, sigma=config.ed_sigma,
@@ -303,13 +307,13 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
                             calibration=calibration, head_clusters=clusters)
     # the outputs, with the record of the settings that produced them, staged whole and then published
     staging = out / STAGING
-    prior = "{}/{}".format(*prior_share(model_llc))  # beside the stages: how many of their LLCs were prior-dominated
+    prior = "{}/{}".format(*prior_share(model_rows(llc)))  # beside the stages: how many of their LLCs were prior-dominated
     frames = {"llc": llc, "metrics": metrics, "head_classes": classes,
               "stages": stages_frame(stages).assign(prior_dominated_llcs=prior),
               "essential_dynamics": ed.frame(), "loss_differences": loss_differences,
               "head_clusters": clusters.assignments if clusters else pd.DataFrame()}
     if calibration is not None:
-        frames["calibration"] = calibration.table.drop(columns="llc_trace")
+        frames["calibration"] = calibration.table.drop(columns="llc_trace", errors="ignore")
     record = dataclasses.asdict(config) | ({"calibration": calibration.choice} if calibration is not None else {})
     try:
         (staging / "results").mkdir(parents=True, exist_ok=True)
@@ -560,15 +564,14 @@ def _task_sampler(sgld: SGLDConfig, task: Task) -> SGLDConfig:
     return SGLDConfig.build(sgld, **own)
 
 
-def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, task: Task, progress: bool) -> Calibration:
-    """`calibrate_llc` at 3 checkpoints (a third of the way through the series' index, two thirds, the last);
-    the chosen setting must pass the rule at all of them."""
+def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, task: Task, max_steps: int,
+               progress: bool) -> Calibration:
+    """`calibrate_llc` at 3 checkpoints (a third of the way through the series' index, two thirds, the last),
+    combined into one setting (`calibration.combine`); none if any checkpoint has none."""
     steps = sorted({series.steps[round(f * (len(series) - 1))] for f in (1 / 3, 2 / 3, 1)})
-    tables = [calibrate_llc(series.load(step), data, sgld, loss_fn=task.sampler_loss, progress=progress)
-              .table.assign(step=step)
-              for step in tqdm(steps, desc="calibration checkpoints", unit="ckpt", disable=not progress)]
-    table = judge(pd.concat(tables, ignore_index=True).drop(columns=["eps_change", "acceptable", "stable"]))
-    return Calibration(table, choose_setting(table, default_nbeta=default_nbeta(sgld.batch_size)))
+    return combine({step: calibrate_llc(series.load(step), data, sgld, loss_fn=task.sampler_loss, max_steps=max_steps,
+                                        progress=progress)
+                    for step in tqdm(steps, desc="calibration checkpoints", unit="ckpt", disable=not progress)})
 
 
 def _head_steps(steps: list[int], n: int | None, llc: pd.DataFrame, metrics: pd.DataFrame) -> list[int]:
@@ -581,7 +584,7 @@ def _head_steps(steps: list[int], n: int | None, llc: pd.DataFrame, metrics: pd.
         return [steps[0], steps[-1]][:n]
     curves = metrics.assign(curve=metrics["metric"].astype(str) + metrics["layer"].astype(str) + metrics["head"].astype(str))
     curves = curves.pivot_table(index="step", columns="curve", values="value")
-    curves["llc"] = llc[llc["scope"] == "model"].set_index("step")["llc_mean"]
+    curves["llc"] = model_rows(llc).set_index("step")["llc_mean"]
     curves = curves.reindex(steps)
     spread = (curves.max() - curves.min()).replace(0, np.nan)
     change = (curves.diff().abs() / spread).sum(axis=1).to_numpy()[1:-1]  # the change arriving at each inner step

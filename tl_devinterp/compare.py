@@ -31,6 +31,7 @@ from .errors import InvalidTypeError, InvalidValueError, MissingFileError
 from .files import atomic_write
 from .metrics import metrics_over_series
 from .metrics.over_series import HEAD_METRICS
+from .results import long_form, model_curve, model_rows
 from .sampling import llc_over_series
 from .series import MANIFEST, CheckpointSeries
 from .tasks import TokenTask
@@ -246,9 +247,7 @@ def _results(x, label: str, *, data, sgld, store_dir, n_sequences: int, n_seqs: 
     if sgld is None:
         return None, metrics, []
     llc = llc_over_series(x, train, store_dir=store, progress=progress, loss_fn=task.sampler_loss, **sgld)
-    model = llc[llc["scope"] == "model"].sort_values("step")
-    stages = (find_stages(model["step"].to_numpy(), model["llc_mean"].to_numpy(), model["llc_se"].to_numpy())
-              if len(model) >= 4 else [])
+    stages = find_stages(*model_curve(llc)) if len(model_rows(llc)) >= 4 else []
     return llc, metrics, stages
 
 
@@ -258,12 +257,7 @@ def _meta_hash(meta: dict) -> str:
 
 def _long(llc: pd.DataFrame | None, metrics: pd.DataFrame) -> pd.DataFrame:
     """`step, quantity, layer, head, value, se` from an LLC frame (model: "llc", heads: "rllc") and metrics."""
-    parts = [metrics.assign(quantity=metrics["metric"].astype(str), se=np.nan)]
-    if llc is not None:
-        parts.append(llc.assign(quantity=np.where(llc["scope"] == "model", "llc", "rllc"), value=llc["llc_mean"],
-                                se=llc["llc_se"]))
-    frame = pd.concat([p[["step", "quantity", "layer", "head", "value", "se"]] for p in parts], ignore_index=True)
-    return frame.astype({"step": "int64", "layer": "Int64", "head": "Int64", "value": "float64", "se": "float64"})
+    return long_form(llc, metrics)
 
 
 def _palette(n: int) -> list:

@@ -59,8 +59,8 @@ def map_series(
     def stored(step: int) -> bool:
         if store is None:
             return False
-        fp = series.source_fingerprint(step)
-        if fp is None:  # no hash of its own: hash the loaded model (and keep it for the computation here)
+        fp = series.known_fingerprint(step)
+        if fp is None:  # no hash yet: hash the loaded model (and keep it for the computation here)
             model = series.load(step)
             fp = series.fingerprint(step)
             if executor is None:

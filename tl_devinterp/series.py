@@ -93,21 +93,20 @@ class CheckpointSeries:
     def fingerprint(self, step: int) -> str:
         """A hash of the checkpoint's contents: results are reused only for the weights they were computed for.
 
-        The source's own (`source_fingerprint`: the sha256 recorded in a manifest, a file's hash) or a hash
-        of the loaded model's tensors, computed when the step is loaded (here, if it was not loaded before).
+        The source's own (the sha256 recorded in a manifest, a file's hash) or a hash of the loaded model's
+        tensors, taken when the step is loaded (here, if it was not loaded before; the model is not kept).
         """
-        own = self.source_fingerprint(step)
-        if own is not None:
-            return own
-        if step not in self._fingerprints:
-            self.load(step)
+        known = self.known_fingerprint(step)
+        if known is not None:
+            return known
+        self.load(step)
         return self._fingerprints[step]
 
-    def source_fingerprint(self, step: int) -> str | None:
-        """The source's own hash of the step's weights, without loading them; None for a source without one
-        (a loader of the caller's: then `fingerprint` hashes the loaded model)."""
+    def known_fingerprint(self, step: int) -> str | None:
+        """The step's fingerprint without loading it: the source's own hash, or the hash taken when the step was
+        loaded before; None otherwise (a loader of the caller's, not yet loaded: `fingerprint` loads it)."""
         self._check_step(step)
-        return None if self._fingerprint is None else self._fingerprint(step)
+        return self._fingerprints.get(step) if self._fingerprint is None else self._fingerprint(step)
 
     def verify(self, steps: Sequence[int] | None = None) -> None:
         """Check every checkpoint's file before any work is spent on the series: its header, its tensors' names

@@ -74,7 +74,6 @@ class EDResult:
             }))
         return pd.concat(rows, ignore_index=True)
 
-    to_frame = frame
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,17 +9,20 @@ the checkpoints' standard errors.
    (Akaike's price of a knot's two parameters), moved in turn to their best places, and dropped while one
    costs less. The fit only describes the curve; whether a bend is a boundary is step 2.
 2. Boundaries. Each piece between knots starts as a stage; a stage's change of λ̂ and its chord slope are
-   linear in the data, so their SEs follow from the fit. A boundary between stages L and R holds when, by
+   linear in the data, so their SEs follow from the fit. Boundaries sit where design.md §7 puts them: at
+   critical points and at local minima of |dλ̂/dlog t|. A boundary between stages L and R holds when, by
    more than `z` standard errors, either
      - λ̂ turns (a critical point): L and R change in opposite directions, each significantly, or
-     - the speed changes (a burst's onset or end, a rise's pause): the faster side's |slope| exceeds
-       `ratio` × the slower side's.
-   The weakest boundary is removed (its stages merged) and the others re-tested until all hold. A
-   monotone curve whose slope varies by less than `ratio` has no boundary.
+     - its slower side is a pause (a plateau, a flat top, a slow stretch between two faster ones): both of
+       that stage's neighbours change λ̂ `ratio` times faster than it, each significantly.
+   A mere change of speed is no boundary: a rise linear in step speeds up 10⁵-fold over five decades of
+   log-step, and a sigmoid burst slows down to the end of the run; neither is a local minimum of the speed,
+   so each is one stage whatever the parametrisation. The weakest boundary is removed (its stages merged)
+   and the others re-tested until all hold.
 3. Plateaus. A stage whose change is within `z` SEs of 0 or below `min_change` × the fitted curve's range,
    or that changes in the direction of both neighbours `ratio` times slower than each (a pause), is not a
-   stage of its own (no third type): inside the run it becomes one boundary, at the middle (in steps) of
-   its flattest pieces (Hoogland et al. 2024 put boundaries at plateaus); at an end of the run it joins
+   stage of its own (no third type): inside the run it becomes one boundary, at the middle checkpoint (by
+   index: the grid's own middle, linear or log) of its flattest pieces (Hoogland et al. 2024 put boundaries at plateaus); at an end of the run it joins
    its neighbour. So each stage's change is significant, unless the whole run is one stage.
 4. Types and places. A stage over which the fitted λ̂ rises is type A (new structure), one where it falls
    type B (compression). A boundary between two checkpoints goes to the one whose fitted λ̂ is closer to
@@ -28,11 +31,12 @@ the checkpoints' standard errors.
 `se` (one standard error per checkpoint, e.g. the std across chains / √chains) defaults to each
 checkpoint's scatter about the line through its neighbours (median over the 21 nearest, / 0.6745). With the
 defaults (z = 4, ratio = 3, min_width = 0.1, min_change = 0.02) the demo run (`tests/data/demo_llc.csv`,
-its SEs) gives A 0–8, B 8–122 (λ̂ 3.22 → 2.36), A 122–1286, A 1286–1714 (the burst 7.7 → 18.9 where the
-previous-token and induction heads form), A 1714–3000. The paper's two-layer language model
-(`tests/data/paper_l2_llc.csv`, SE from the scatter) gives boundaries at 800, 6.1k, 8.6k and 15.9k, types
-A, A, B, A, A; the published ones are 900, 6.5k, 8.5k and 17.5k. Without `min_change` its small wiggles
-after 15.9k (significant against the scatter, whose errors are correlated along the curve) become stages.
+its SEs) gives A 0–8, B 8–122 (λ̂ 3.22 → 2.36), A 122–3000 (the burst 7.7 → 18.9 of 1286–1714, where the
+previous-token and induction heads form, inside it: the rise speeds up from the trough on and slows down to
+the end, with no pause in between). The paper's two-layer language model (`tests/data/paper_l2_llc.csv`, SE
+from the scatter) gives boundaries at 800, 6.5k, 8.6k and 22.2k, types A, A, B, A, A; the published ones
+are 900, 6.5k, 8.5k and 17.5k. Without `min_change` its small wiggles
+after 17.5k (significant against the scatter, whose errors are correlated along the curve) become stages.
 Its published std across chains (≈ 20) is far above the checkpoint-to-checkpoint scatter, and with it as
 SE no boundary is significant: pass the SE that describes differences along the curve.
 """
@@ -209,14 +213,23 @@ def find_stages(
         width = edges[i + 1] - edges[i]
         return np.sign(d) * row / width, abs(d) / width
 
+    def pause(k: int) -> float:
+        """How many SEs stage k is a pause by: both neighbours change λ̂ `ratio` times faster than k (point
+        estimates) and significantly (the smaller of their changes in SEs); 0 at an end of the run."""
+        if k == 0 or k == len(edges) - 2:
+            return 0.0
+        if min(speed(k - 1)[1], speed(k + 1)[1]) <= ratio * speed(k)[1]:
+            return 0.0
+        return min(abs(change(n)[1]) / change(n)[2] for n in (k - 1, k + 1))
+
     def strength(i: int) -> float:
         """How many SEs the boundary between stages i - 1 and i clears the noise by: the larger of its turn
-        (each side's change, when they have opposite signs) and its change of speed (fast − ratio × slow)."""
+        (each side's change, when they have opposite signs) and the pause its slower side is (a local minimum
+        of |dλ̂/dlog t|: a plateau, a flat top or a pause; a slow-down that never speeds up again, like a
+        burst's end, is no boundary)."""
         (_, dl, sl), (_, dr, sr) = change(i - 1), change(i)
         turn = min(abs(dl) / sl, abs(dr) / sr) if dl * dr < 0 else 0.0
-        (rl, vl), (rr, vr) = speed(i - 1), speed(i)
-        contrast = rl - ratio * rr if vl >= vr else rr - ratio * rl
-        return max(turn, float(contrast @ fit.beta / np.sqrt(contrast @ fit.cov @ contrast)))
+        return max(turn, pause(i - 1 if speed(i - 1)[1] < speed(i)[1] else i))
 
     while len(edges) > 2:  # merge across the weakest boundary until all hold
         scores = [strength(i) for i in range(1, len(edges) - 1)]
@@ -242,7 +255,7 @@ def find_stages(
         if not flat(i):
             i += 1
         elif 0 < i < len(edges) - 2:
-            edges[i:i + 2] = [_flattest_middle(fit, edges[i], edges[i + 1])]
+            edges[i:i + 2] = [_flattest_middle(fit, x, edges[i], edges[i + 1])]
         else:
             edges.pop(max(i, 1))  # at an end of the run: joins its neighbour
 
@@ -254,9 +267,10 @@ def find_stages(
     return [Stage(int(steps[a]), int(steps[b]), "A" if level[b] > level[a] else "B") for a, b in zip(idx[:-1], idx[1:])]
 
 
-def _flattest_middle(fit: PiecewiseFit, a: float, b: float) -> float:
-    """The middle, in steps, of the run of the fit's pieces in [a, b] whose |slope| is within 2 SEs (a knot's
-    price, √KNOT_COST) of the flattest piece's: where a plateau is flattest, its whole length when it is flat throughout."""
+def _flattest_middle(fit: PiecewiseFit, x: np.ndarray, a: float, b: float) -> float:
+    """The middle checkpoint (by index: the grid's own middle, linear or log) of the run of the fit's pieces in
+    [a, b] whose |slope| is within 2 SEs (a knot's price, √KNOT_COST) of the flattest piece's: where a plateau
+    is flattest, its whole length when it is flat throughout."""
     ends = np.array([a, *fit.knots[(fit.knots > a) & (fit.knots < b)], b])
     rows = np.diff(fit.rows(ends), axis=0) / np.diff(ends)[:, None]  # β -> each piece's slope
     slope = rows @ fit.beta
@@ -268,4 +282,7 @@ def _flattest_middle(fit: PiecewiseFit, a: float, b: float) -> float:
         lo -= 1
     while hi < len(close) - 1 and close[hi + 1]:
         hi += 1
-    return float(np.log(np.exp(ends[[lo, hi + 1]]).mean()))
+    inside = x[(x >= ends[lo]) & (x <= ends[hi + 1])]
+    if len(inside) == 0:
+        return float((ends[lo] + ends[hi + 1]) / 2)
+    return float((inside[(len(inside) - 1) // 2] + inside[len(inside) // 2]) / 2)

@@ -21,6 +21,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from ..errors import InvalidValueError
 from ..metrics.classify import LABELS, classify_heads
 from ..models import head_name
+from ..results import head_rows, long_form
 
 NORMALISE = ("quantity", "head", None)
 
@@ -113,11 +114,9 @@ def _long(frame: pd.DataFrame) -> pd.DataFrame:
     """Per-head rows of an LLC or metrics frame as `layer, head, quantity, step, value`."""
     columns = ["layer", "head", "quantity", "step", "value"]
     if {"scope", "llc_mean"} <= set(frame.columns):
-        rows = frame[frame["scope"] == "head"]
-        out = rows.assign(quantity="rllc", value=rows["llc_mean"])
+        out = long_form(llc=head_rows(frame))
     elif {"metric", "value"} <= set(frame.columns):
-        rows = frame.dropna(subset=["layer", "head"])
-        out = rows.assign(quantity=rows["metric"].astype(str))
+        out = long_form(metrics=frame.dropna(subset=["layer", "head"]))
     else:
         raise InvalidValueError(f"Expected an LLC frame (step, scope, layer, head, llc_mean) or a metrics frame (step, "
                                 f"metric, layer, head, value); got columns {list(frame.columns)}.")

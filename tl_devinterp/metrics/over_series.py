@@ -14,6 +14,7 @@ from jaxtyping import Int
 
 from ..errors import InvalidValueError
 from ..files import fingerprint
+from ..results import METRIC_COLUMNS
 from ..runner import map_series
 from ..store import ResultStore
 from .behaviour import (
@@ -37,7 +38,6 @@ HEAD_METRICS = {
 """Per-head metrics: one row per (layer, head)."""
 MODEL_METRICS = ("loss", "icl_score", "repeat_icl_score", "bigram_score", "ngram_score")
 """Model-level metrics (layer and head empty); `ngram_score` gives one metric `ngram_score_{n}` per n."""
-COLUMNS = ["step", "metric", "layer", "head", "value"]
 
 
 def metrics_over_series(
@@ -103,7 +103,7 @@ def metrics_over_series(
         store = ResultStore(store_dir, "metrics", params)
     frame = map_series(series, compute, store=store, steps=None if steps is None else list(steps), desc="metrics",
                        executor=executor, progress=progress)
-    frame = frame.reindex(columns=COLUMNS)
+    frame = frame.reindex(columns=METRIC_COLUMNS)
     return frame.astype({"step": "int64", "metric": "string", "layer": "Int64", "head": "Int64", "value": "float64"})
 
 
@@ -127,4 +127,4 @@ def _checkpoint_metrics(step: int, model, *, metrics: list[str], probe: dict, to
         rows += [(f"ngram_score_{n}", None, None, ngram_relative_loss(loss, tokens, g)) for n, g in ngrams.items()]
     if "bigram_score" in metrics:
         rows.append(("bigram_score", None, None, bigram_score(model, tokens, table, batch_size=batch_size)))
-    return pd.DataFrame(rows, columns=COLUMNS[1:])
+    return pd.DataFrame(rows, columns=METRIC_COLUMNS[1:])

@@ -1,30 +1,35 @@
-"""Calibration that chooses: sweep step size ε × localisation γ × inverse temperature nβ, read each cell's λ̂
-and sampler diagnostics, and recommend one setting by a fixed rule.
+"""Calibration that finds λ, not stability: a ladder of runs, each step of it aimed at one bias of SGLD's λ̂.
 
-The rule (`choose_setting`). A cell (ε, γ, nβ) is acceptable when
-1. its chains are stable: no divergence, λ̂ > 0, a flat trace after burn-in (|trace_drift| < DRIFT_T) and,
-   for SGLD, a MALA acceptance of at least LOW_ACCEPTANCE;
-2. they are likelihood-dominated: the diagnostics' `regime` says so (the loss, not the prior, pulls the
-   chains) and, where the sweep holds a larger nβ at the same (ε, γ), λ̂ is not proportional to nβ:
-   its elasticity d log λ̂ / d log nβ (`nbeta_elasticity`, from neighbouring nβ cells) is below
-   MAX_ELASTICITY. The elasticity is the direct test: ≈ 0 when the likelihood sets the loss increase
-   (λ̂ is a property of the model), ≈ 1 when the prior or the chains' diffusion does; the norm-based
-   `regime` alone misses prior-dominated chains in models whose few stiff directions carry large gradients;
-3. λ̂ is settled in ε: the cell at ε/2 (same γ, nβ; it must be in the sweep and stable) gives a λ̂ within
-   EPS_TOLERANCE (10%) of this one, so the step size no longer sets the answer.
-Swept over several checkpoints, a setting must be acceptable at every one. Among acceptable settings the
-recommendation is the smallest γ (the least prior), then the largest ε (the fastest mixing), then the nβ
-closest (in ratio) to the default n/log n of the batch size. No acceptable cell: no recommendation (None).
+SGLD's λ̂ = nβ·E[L_B(w) − L_B(w*)] is the model's λ only in the limit of its settings, and each setting has
+its own bias (design.md §4). The rule removes them in turn, on chains that have mixed:
+1. Mixing. The localising prior relaxes ‖w − w*‖² in ≈ 1/(εγ) steps (an Ornstein-Uhlenbeck process), the
+   likelihood only speeds that up (often by far: nβ·h ≫ γ in its stiff directions). Each run starts with
+   BURNIN_RELAXATIONS of them (at least the config's own num_burnin) and draws half as many (at least
+   MIN_DRAWS); a run the diagnostics call "not mixed" (virial E[(w − w*)·∇U]/d below 1: chains still
+   spreading out; ‖w − w*‖ or the trace still moving; R-hat > 1.05) runs again with twice the burn-in.
+2. Step size. SGLD's discretisation widens a direction of stiffness k by 1/(1 − εk/4): the virial measures
+   that inflation directly (`diagnostics`). ε is halved until the virial is within VIRIAL_TOLERANCE of 1
+   (or a chain diverges: ε ÷ 4). A rung's first ε is the previous rung's scaled by nβ_prev/nβ (stiffness ∝ nβ).
+3. Temperature and prior. With γ fixed, raising nβ shrinks the prior's pull and the finite-nβ bias at once
+   (the chains concentrate where the likelihood, not γ, holds them): nβ climbs a ladder (×10 while the prior
+   dominates, ×4 after) from the config's nβ until λ̂ moves by less than `tolerance` (relative, beyond 2 SEs)
+   between rungs. The setting is the last rung's.
+4. Control. The chosen setting is run again at ε/2 (twice the burn-in): λ̂ must stay within `tolerance`,
+   else ε halves and the control repeats. The recommendation is the setting whose ε/2 control agreed.
+Every run counts towards `max_steps` (SGLD steps per chain, burn-in included); when the budget runs out first
+there is no recommendation, and `Calibration.reason` says which step it was at. On the known-answer zoo
+(`known_answers`, `python -m tl_devinterp.sampling.known_answers`) the README states the accuracy measured.
 
-Why nβ matters: when the prior dominates, the chains' loss increase is set by the noise and γ, not by nβ,
-so λ̂ = nβ·(L − L*) grows in proportion to nβ. Only in the likelihood regime does the increase shrink as
-1/nβ, making λ̂ a property of the model. The table's `regime` column says which one a cell is in.
+On a model whose checkpoint is not a minimum of the sampled loss (a language model mid-training) λ̂ has no
+nβ → ∞ limit (the chains run downhill as nβ grows): the ladder then ends without a recommendation, and the
+table shows how λ̂ follows nβ.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,29 +39,34 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import InvalidValueError, LLCDivergenceError
-from .diagnostics import DRIFT_T, LOW_ACCEPTANCE
+from .diagnostics import PRIOR_DOMINATED
 from .heads import summary
 from .llc import estimate_llc
-from .settings import SGLDConfig, default_nbeta
+from .settings import SGLDConfig
 
-EPS_TOLERANCE = 0.1  # λ̂ may change by at most this fraction when ε halves
-MAX_ELASTICITY = 0.5  # d log λ̂ / d log nβ above this: λ̂ follows nβ, not the model
-SETTING = ["epsilon", "gamma", "nbeta"]
+BURNIN_RELAXATIONS = 0.5  # first burn-in 0.5/(εγ) steps, half the prior's relaxation time; doubled while not mixed
+VIRIAL_TOLERANCE = 0.03  # virial − 1 above this: ε too coarse (the chains ≈ 3% wider than p)
+MIN_DRAWS = 200
+SETTING = ["epsilon", "gamma", "nbeta", "num_burnin", "num_draws"]
 
 
 @dataclass
 class Calibration:
-    """A sweep's table (one row per cell: λ̂, diagnostics and the rule's verdicts) and the chosen setting."""
+    """The runs (`table`: one row per run, its setting, λ̂, diagnostics and the rule's `step`/`verdict`), the
+    recommended setting (`choice`, None when the budget ran out or λ̂ follows nβ: `reason` says which), and
+    the SGLD steps per chain spent (`steps`)."""
 
     table: pd.DataFrame
-    choice: dict[str, float] | None  # epsilon, gamma, nbeta; None when no cell passes the rule
+    choice: dict[str, float] | None
+    steps: int = 0
+    reason: str = ""
 
     def config(self, base: SGLDConfig | None = None) -> SGLDConfig:
-        """`base` (default: the defaults) with the chosen ε, γ and nβ."""
+        """`base` (default: the defaults) with the recommended ε, γ, nβ, burn-in and draws."""
         if self.choice is None:
-            raise InvalidValueError("No setting of the sweep passed the calibration rule; widen the sweep (smaller "
-                                    "gammas, larger nbetas, smaller epsilons) and read `table` for why cells failed.")
-        return SGLDConfig.build(base, **self.choice)
+            raise InvalidValueError(f"calibrate_llc found no setting: {self.reason}. Read `table` for the runs; "
+                                    f"raise max_steps or start from a larger nbeta.")
+        return SGLDConfig.build(base, **{k: (int(v) if k.startswith("num_") else v) for k, v in self.choice.items()})
 
 
 def calibrate_llc(
@@ -64,111 +74,141 @@ def calibrate_llc(
     data,
     config: SGLDConfig | None = None,
     *,
-    epsilons: Sequence[float] = (2.5e-5, 5e-5, 1e-4, 2e-4),
-    gammas: Sequence[float] = (1.0, 10.0, 100.0),
-    nbetas: Sequence[float] = (30.0, 100.0, 300.0, 1000.0),
+    tolerance: float = 0.05,
+    max_steps: int = 200_000,
+    max_nbeta: float = 1e9,
     restrict=None,
     loss_fn: Callable | None = None,
     progress: bool = True,
 ) -> Calibration:
-    """Estimate λ̂ at every (epsilon, gamma, nbeta) of the sweep with `config`'s other settings, and choose
-    one by the module's rule. The ε grid should hold halvings (each ε next to ε/2) for rule 3.
+    """Recommend ε, nβ, burn-in and draws (γ, chains and batch size from `config`) by the module's rule:
+    λ̂ converged in nβ within `tolerance` on mixed chains whose virial says ε is fine, confirmed at ε/2.
+    `max_steps` bounds the SGLD steps per chain over all runs; `max_nbeta` the ladder's top."""
+    config = SGLDConfig.build(config).resolve(data)
+    if not 0 < tolerance < 1:
+        raise InvalidValueError(f"tolerance (relative change of λ̂ that counts as converged) must be in (0, 1), got "
+                                f"{tolerance}.")
+    if config.gamma <= 0:
+        raise InvalidValueError(f"calibrate_llc needs gamma > 0 (the prior sets the mixing time), got {config.gamma}.")
+    rows: list[dict] = []
+    spent = 0
+    bar = tqdm(total=max_steps, desc="calibration", unit="step", disable=not progress)
 
-    Table columns: epsilon, gamma, nbeta, diverged, llc_mean, llc_se, ..., the diagnostics (loss_increase,
-    distance, prior_radius, likelihood_fraction, acceptance, regime, trace_drift), stable, eps_change and
-    acceptable; `llc_trace` holds each cell's chains × draws trace. A diverged cell is reported, not raised.
-    """
-    config = SGLDConfig.build(config)
-    cells = [(e, g, b) for g in gammas for b in nbetas for e in epsilons]
-    rows = []
-    for epsilon, gamma, nbeta in tqdm(cells, desc="calibration", unit="cell", disable=not progress):
-        setting = dict(epsilon=float(epsilon), gamma=float(gamma), nbeta=float(nbeta))
+    def run(step: str, epsilon: float, nbeta: float, burnin: int):
+        """One estimate (None when a chain diverged), recorded in the table."""
+        nonlocal spent
+        draws = max(MIN_DRAWS, config.num_draws, burnin // 2)
+        setting = dict(epsilon=epsilon, gamma=config.gamma, nbeta=nbeta, num_burnin=burnin, num_draws=draws)
+        spent += burnin + draws
+        bar.update(burnin + draws)
         try:
-            r = estimate_llc(model, data, SGLDConfig.build(config, **setting), restrict=restrict, loss_fn=loss_fn,
-                             progress=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the table holds each run's diagnostics
+                r = estimate_llc(model, data, SGLDConfig.build(config, **setting), restrict=restrict, loss_fn=loss_fn,
+                                 progress=False)
         except LLCDivergenceError:
-            rows.append(dict(setting, diverged=True, llc_mean=math.nan, llc_trace=None))
-            continue
-        rows.append(dict(setting, diverged=False, **summary(r), trace_drift=r.diagnostics.trace_drift,
-                         llc_trace=r.llc_trace.numpy()))
-    table = judge(pd.DataFrame(rows))
-    return Calibration(table, choose_setting(table, default_nbeta=default_nbeta(config.resolve(data).batch_size)))
+            rows.append(dict(setting, step=step, diverged=True, llc_mean=math.nan, llc_trace=None))
+            return None
+        rows.append(dict(setting, step=step, diverged=False, **summary(r), llc_trace=r.llc_trace.numpy()))
+        return r
+
+    def mixed_run(step: str, epsilon: float, nbeta: float):
+        """Steps 1-2 at one nβ: (result, ε) with mixed chains and a virial within tolerance, or (None, why)."""
+        burnin = max(config.num_burnin, math.ceil(BURNIN_RELAXATIONS / (epsilon * config.gamma)))
+        while spent + burnin + max(MIN_DRAWS, config.num_draws, burnin // 2) <= max_steps:
+            r = run(step, epsilon, nbeta, burnin)
+            if r is None:
+                epsilon /= 4
+                burnin *= 4
+                continue
+            d = r.diagnostics
+            if d.virial - 1 > VIRIAL_TOLERANCE:
+                rows[-1]["verdict"] = "ε too coarse"
+                epsilon /= 2
+                burnin *= 2
+            elif d.regime == "not mixed":
+                rows[-1]["verdict"] = "not mixed"
+                burnin *= 2
+            else:
+                return r, epsilon
+        return None, f"the budget ({max_steps} steps per chain) ran out at nβ = {nbeta:g} ({step})"
+
+    nbeta, epsilon = config.nbeta, config.epsilon
+    previous, choice, reason = None, None, ""
+    while True:
+        r, epsilon_or_why = mixed_run("nβ ladder", epsilon, nbeta)
+        if r is None:
+            reason = epsilon_or_why
+            break
+        epsilon = epsilon_or_why
+        prior = r.diagnostics.prior_share > PRIOR_DOMINATED or r.diagnostics.likelihood_fraction < PRIOR_DOMINATED
+        converged = previous is not None and not prior and _agree(previous, r, tolerance)
+        rows[-1]["verdict"] = "converged in nβ" if converged else ("prior-dominated" if prior else "moving with nβ")
+        if converged:
+            control, why = mixed_run("ε/2 control", epsilon / 2, nbeta)
+            if control is None:
+                reason = why
+                break
+            if _agree(r, control, tolerance):
+                rows[-1]["verdict"] = "agrees at ε/2: recommended"
+                choice = {k: float(rows[-1][k]) for k in SETTING}  # the control's own setting (finer ε)
+                break
+            rows[-1]["verdict"] = "moves at ε/2"
+            epsilon /= 2
+            r = control
+        previous = r
+        factor = 10.0 if prior else 4.0
+        if nbeta * factor > max_nbeta:
+            reason = f"λ̂ still moves with nβ at max_nbeta = {max_nbeta:g}"
+            break
+        nbeta, epsilon = nbeta * factor, epsilon / factor
+    bar.close()
+    return Calibration(pd.DataFrame(rows), choice, spent, reason)
 
 
-def judge(table: pd.DataFrame) -> pd.DataFrame:
-    """Add the rule's verdicts per cell: `stable`, `eps_change` (relative change of λ̂ from ε/2 to ε),
-    `nbeta_elasticity` (d log λ̂ / d log nβ towards the next larger nβ of the same ε, γ, else from the next
-    smaller; NaN with one nβ) and `acceptable` (stable, likelihood-dominated, eps_change < EPS_TOLERANCE).
-    Cells of several checkpoints carry a `step` column and are judged per step."""
-    t = table.copy()
-    for column, fill in (("regime", "prior"), ("trace_drift", math.inf), ("acceptance", math.nan)):
-        t[column] = t[column].fillna(fill) if column in t else fill  # diverged cells have no diagnostics
-    t["stable"] = (~t["diverged"].astype(bool) & (t["llc_mean"] > 0) & (t["trace_drift"].abs() < DRIFT_T)
-                   & ~(t["acceptance"] < LOW_ACCEPTANCE))
-    keys = (["step"] if "step" in t else []) + ["gamma", "nbeta"]
-    half = t.assign(epsilon=t["epsilon"] * 2)[[*keys, "epsilon", "llc_mean", "stable"]]  # the cell at ε/2
-    half = half.rename(columns={"llc_mean": "llc_half", "stable": "stable_half"})
-    t["epsilon_key"] = t["epsilon"].round(15)
-    half["epsilon_key"] = half.pop("epsilon").round(15)
-    t = t.merge(half, on=[*keys, "epsilon_key"], how="left").drop(columns="epsilon_key")
-    t["eps_change"] = ((t["llc_mean"] - t["llc_half"]) / t["llc_half"].abs()).abs().where(t["stable_half"] == True)  # noqa: E712
-    t["nbeta_elasticity"] = _elasticity(t, [*keys[:-2], "epsilon", "gamma"])
-    likelihood = (t["regime"] == "likelihood") & ~(t["nbeta_elasticity"] >= MAX_ELASTICITY)
-    t["acceptable"] = t["stable"] & likelihood & (t["eps_change"] < EPS_TOLERANCE)
-    return t.drop(columns=["llc_half", "stable_half"])
+def combine(calibrations: dict[int, Calibration]) -> Calibration:
+    """One recommendation for several checkpoints (step -> its calibration): the largest nβ, the smallest ε
+    scaled to it (ε·nβ is what stiffness limits), the longest burn-in and draws; none if any has none."""
+    table = pd.concat([c.table.assign(checkpoint=step) for step, c in calibrations.items()], ignore_index=True)
+    steps = sum(c.steps for c in calibrations.values())
+    missing = {step: c.reason for step, c in calibrations.items() if c.choice is None}
+    if missing:
+        return Calibration(table, None, steps, "; ".join(f"step {s}: {why}" for s, why in missing.items()))
+    choices = [c.choice for c in calibrations.values()]
+    nbeta = max(c["nbeta"] for c in choices)
+    choice = dict(epsilon=min(c["epsilon"] * c["nbeta"] for c in choices) / nbeta, gamma=choices[0]["gamma"],
+                  nbeta=nbeta, num_burnin=max(c["num_burnin"] for c in choices),
+                  num_draws=max(c["num_draws"] for c in choices))
+    return Calibration(table, choice, steps)
 
 
-def _elasticity(t: pd.DataFrame, keys: list[str]) -> pd.Series:
-    """d log λ̂ / d log nβ between each cell and its neighbour in nβ (the next larger; the last cell of a
-    group uses the next smaller), within groups of equal `keys`; NaN where λ̂ ≤ 0 or the group has one nβ."""
-    out = pd.Series(math.nan, index=t.index)
-    for _, g in t.groupby(keys):
-        g = g.sort_values("nbeta")
-        log_llc = np.log(g["llc_mean"].where(g["llc_mean"] > 0)).to_numpy()
-        log_nbeta = np.log(g["nbeta"].to_numpy())
-        slopes = np.diff(log_llc) / np.diff(log_nbeta)
-        if len(slopes):
-            out[g.index] = np.append(slopes, slopes[-1])
-    return out
-
-
-def choose_setting(table: pd.DataFrame, *, default_nbeta: float | None = None) -> dict[str, float] | None:
-    """The module's rule on a judged table (`judge`): among settings acceptable at every step, the smallest
-    γ, then the largest ε, then the nβ closest in ratio to `default_nbeta`. None when none is acceptable."""
-    ok = table.groupby(SETTING)["acceptable"].all().reset_index()
-    ok = ok[ok["acceptable"]]
-    if ok.empty:
-        return None
-    distance = np.abs(np.log(ok["nbeta"] / default_nbeta)) if default_nbeta else 0.0
-    best = ok.assign(neg_eps=-ok["epsilon"], nbeta_distance=distance).sort_values(
-        ["gamma", "neg_eps", "nbeta_distance"]).iloc[0]
-    return {k: float(best[k]) for k in SETTING}
+def _agree(a, b, tolerance: float) -> bool:
+    """λ̂ of two runs within `tolerance` of each other (relative), or within 2 combined SEs."""
+    gap = abs(a.mean - b.mean)
+    return gap < tolerance * max(abs(b.mean), 1e-12) or gap < 2 * math.hypot(a.se, b.se)
 
 
 def plot_calibration(result: Calibration | pd.DataFrame) -> Figure:
-    """Trace plots (rows: epsilon; columns: gamma × nbeta), one line per chain, the mean dashed; the title
-    gives λ̂ and the regime, green when the cell passed the rule, red when it diverged."""
+    """One panel per run in the order run: its λ̂ trace (one line per chain, the mean dashed), titled with its
+    setting, λ̂, regime and the rule's verdict (green: recommended)."""
     table = result.table if isinstance(result, Calibration) else result
-    if "gamma" not in table:
-        table = table.assign(gamma=math.nan)
-    epsilons = sorted(table["epsilon"].unique())
-    columns = sorted(table[["gamma", "nbeta"]].drop_duplicates().itertuples(index=False, name=None))
-    fig = Figure(figsize=(2.6 * len(columns), 2.0 * len(epsilons)), layout="constrained")
-    axes = fig.subplots(len(epsilons), len(columns), squeeze=False, sharex=True)
-    for row in table.itertuples():
-        ax = axes[epsilons.index(row.epsilon), columns.index((row.gamma, row.nbeta))]
+    n = len(table)
+    cols = min(4, max(n, 1))
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(3.0 * cols, 2.2 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax, row in zip(axes, table.itertuples()):
         if row.diverged:
             ax.text(0.5, 0.5, "diverged", ha="center", va="center", color="red", transform=ax.transAxes)
         else:
-            ax.plot(np.asarray(row.llc_trace).T, lw=0.7, alpha=0.7)
+            ax.plot(np.asarray(row.llc_trace).T, lw=0.6, alpha=0.7)
             ax.axhline(row.llc_mean, color="k", ls="--", lw=1)
-        passed = bool(getattr(row, "acceptable", False))
-        regime = getattr(row, "regime", "")
-        ax.set_title(f"ε={row.epsilon:g} γ={row.gamma:g} nβ={row.nbeta:g}\nλ̂={row.llc_mean:.3g} {regime}",
-                     fontsize=7, color="green" if passed else "black")
-    for ax in axes[-1]:
-        ax.set_xlabel("draw")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("nβ·(L − L*)")
-    fig.suptitle("SGLD calibration (green: passes the rule)")
+        verdict = getattr(row, "verdict", "")
+        verdict = verdict if isinstance(verdict, str) else ""
+        ax.set_title(f"ε={row.epsilon:.2g} γ={row.gamma:g} nβ={row.nbeta:.3g}\nλ̂={row.llc_mean:.3g} "
+                     f"{getattr(row, 'regime', '') if not row.diverged else ''} {verdict}", fontsize=7,
+                     color="green" if "recommended" in verdict else "black")
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle("SGLD calibration runs (nβ·(L − L*) per draw)")
     return fig

@@ -140,3 +140,41 @@ ZOO = [  # (widths, rank): reduced-rank regressions, deep linear networks of dep
 def zoo(losses: Sequence[str] = ("sum", "mean"), *, n: int = 1024) -> list[KnownAnswer]:
     """Every `ZOO` shape with every loss of `losses`."""
     return [known_answer(widths, rank, loss=loss, n=n) for widths, rank in ZOO for loss in losses]
+
+
+def accuracy_table(cases: Sequence[KnownAnswer], *, gamma: float = 30.0, batch_size: int = 64, max_steps: int = 100_000,
+                   progress: bool = False):
+    """`calibrate_llc` on each case from nβ = n/log n of the batch (γ, batch size and budget as given): the
+    recommended setting, the λ̂ of its run (the ε/2 control the recommendation rests on), its error against
+    λ, the SGLD steps per chain spent and the seconds taken. One row per case (pandas)."""
+    import time
+
+    import pandas as pd
+
+    from .calibration import calibrate_llc
+    from .llc import SGLDConfig
+
+    rows = []
+    for case in cases:
+        start = time.perf_counter()
+        cal = calibrate_llc(case.model, case.data, SGLDConfig(gamma=gamma, batch_size=batch_size), loss_fn=case.loss_fn,
+                            max_steps=max_steps, progress=progress)
+        llc = float(cal.table["llc_mean"].iloc[-1]) if cal.choice else math.nan
+        rows.append(dict(model=case.name, d=case.d, llc_true=case.llc, llc_hat=llc, error=llc / case.llc - 1,
+                         **(cal.choice or {}), steps=cal.steps, seconds=time.perf_counter() - start,
+                         reason=cal.reason))
+    return pd.DataFrame(rows)
+
+
+if __name__ == "__main__":  # the README's zoo table: python -m tl_devinterp.sampling.known_answers [names...]
+    import argparse
+
+    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser(description="calibrate_llc on the known-answer zoo; prints its accuracy")
+    parser.add_argument("names", nargs="*", help="cases to run (default: all), e.g. rrr_5x3x5_r1_sum")
+    parser.add_argument("--max-steps", type=int, default=100_000, help="SGLD steps per chain per case")
+    parser.add_argument("--gamma", type=float, default=30.0)
+    args = parser.parse_args()
+    cases = [c for c in zoo() if not args.names or c.name in args.names]
+    table = accuracy_table(cases, gamma=args.gamma, max_steps=args.max_steps)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import InvalidValueError
 from ..models import all_heads, parse_heads
+from ..results import HEAD, MODEL
 from ..runner import map_series
 from ..store import ResultStore, callable_key
 from .batches import data_fingerprint
@@ -60,7 +61,7 @@ def _checkpoint_llcs(step: int, model, *, data, config: SGLDConfig, head_spec, w
     head_list = all_heads(model) if head_spec is True else list(head_spec or [])
     restrictions = [resolve_restriction(model, None)] * with_model + [resolve_restriction(model, h) for h in head_list]
     results = sample_llcs(model, data, restrictions, config, loss_fn=loss_fn, desc=f"step {step}", progress=progress)
-    rows = [dict(scope="model", layer=pd.NA, head=pd.NA, **summary(results[0]))] * with_model
-    rows += [dict(scope="head", layer=layer, head=h, **summary(r))
+    rows = [dict(scope=MODEL, layer=pd.NA, head=pd.NA, **summary(results[0]))] * with_model
+    rows += [dict(scope=HEAD, layer=layer, head=h, **summary(r))
              for (layer, h), r in zip(head_list, results[with_model:], strict=True)]
     return pd.DataFrame(rows)

@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import InvalidTypeError, InvalidValueError
 from ..files import fingerprint
 from ..models import all_heads, is_supported_model, parse_heads
+from ..results import HEAD, MODEL
 from ..runner import map_series
 from ..store import ResultStore, callable_key
 from .batches import data_fingerprint
@@ -62,7 +63,7 @@ def susceptibilities(model: nn.Module, data, shifts: dict, config: SGLDConfig | 
         head = (None, None) if i == 0 else spec
         for name, q in shifts.items():
             chi, se = susceptibility(t, q if _is_weighting(q) else f"shift/{name}")
-            rows.append(dict(scope="model" if i == 0 else "head", restrict=t.restrict,
+            rows.append(dict(scope=MODEL if i == 0 else HEAD, restrict=t.restrict,
                              layer=pd.NA if head[0] is None else head[0], head=pd.NA if head[1] is None else head[1],
                              shift=name, susceptibility=chi, susceptibility_se=se, llc_mean=t.llc.mean, d=t.llc.d,
                              **t.llc.diagnostics.as_row()))

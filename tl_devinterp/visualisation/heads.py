@@ -19,6 +19,7 @@ from matplotlib.lines import Line2D
 
 from ..errors import InvalidValueError
 from ..models import head_name
+from ..results import head_rows
 
 CLASS_COLORS = {
     "previous-token": "#1f77b4",
@@ -86,7 +87,7 @@ def plot_head_llcs(llc: pd.DataFrame, labels: pd.DataFrame | None = None, *, ban
     if xscale not in ("log", "linear"):
         raise InvalidValueError(f"xscale must be 'log' or 'linear', got {xscale!r}.")
     _require(llc, ["step", "scope", "layer", "head", "llc_mean", "llc_std"], "LLC")
-    heads = llc[llc["scope"] == "head"]
+    heads = head_rows(llc)
     if heads.empty:
         raise InvalidValueError("The LLC frame has no per-head rows (scope == 'head'); estimate head LLCs first.")
     lab = {}

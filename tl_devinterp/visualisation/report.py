@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from ..files import atomic_write
 from ..models import head_name
+from ..results import head_rows, model_rows
 from ..sampling.diagnostics import ROW as DIAGNOSTIC_COLUMNS
 from .attention import circuitsvis_script
 
@@ -128,10 +129,11 @@ def _sampler_parts(model_llc: pd.DataFrame, result) -> list[str]:
     parts = _regime_note(model_llc, "model")
     calibration = getattr(result, "calibration", None)
     if calibration is not None:
-        parts.append(f"<p>Calibration (sampling.calibration rule) chose {html.escape(str(calibration.choice))}.</p>")
-        shown = [c for c in ("step", "epsilon", "gamma", "nbeta", "llc_mean", "likelihood_fraction", "regime",
-                             "eps_change", "acceptable") if c in calibration.table]
-        parts.append("<details><summary>calibration cells</summary>" + table_html(calibration.table[shown]) + "</details>")
+        parts.append(f"<p>Calibration (sampling.calibration rule) chose {html.escape(str(calibration.choice))} "
+                     f"{html.escape(calibration.reason)}.</p>")
+        shown = [c for c in ("checkpoint", "step", "epsilon", "gamma", "nbeta", "num_burnin", "llc_mean", "llc_se",
+                             "virial", "r_hat", "regime", "verdict") if c in calibration.table]
+        parts.append("<details><summary>calibration runs</summary>" + table_html(calibration.table[shown]) + "</details>")
     shown = [c for c in ("step", "llc_mean", "llc_se", *DIAGNOSTIC_COLUMNS) if c in model_llc]
     if len(shown) > 3:
         parts.append("<details><summary>sampler diagnostics per checkpoint</summary>"
@@ -168,7 +170,7 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
         return png_figure(fig, fig_id, caption, save_dir=figures_dir)
 
     sections = []
-    model_llc = result.llc[result.llc["scope"] == "model"].sort_values("step")
+    model_llc = model_rows(result.llc)
     headline = proxy_headline(result.llc)
     summary = [f'<p style="color:#b00;font-weight:bold" id="proxy-headline">{html.escape(headline)}</p>'] * bool(headline)
     summary += [f"<p>{len(model_llc)} checkpoints analysed, steps {model_llc['step'].min()}–{model_llc['step'].max()}."
@@ -190,7 +192,7 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
                         loss=model_llc["init_loss"]),
         "llc-stages", "Local learning coefficient over training (± std across chains) and the loss on the "
         "sampled data; stages shaded (A: LLC rises, B: it falls)."), *_sampler_parts(model_llc, result)]))
-    heads = result.llc[result.llc["scope"] == "head"]
+    heads = head_rows(result.llc)
     if not heads.empty:
         sections.append(("Per-head refined LLCs", [png(
             plot_head_llcs(result.llc, result.head_classes, xscale="linear"), "head-llcs",

@@ -12,12 +12,13 @@ from matplotlib.figure import Figure
 
 from ..errors import InvalidValueError
 from ..models import head_name
+from ..results import head_rows
 
 
 def plot_susceptibilities(frame: pd.DataFrame, step: int | None = None) -> Figure:
     """Without `step` over a series: one panel per shift, χ of each head against training step (±SE).
     Otherwise (or for a single checkpoint's frame) a heads × shifts heatmap, diverging around 0."""
-    heads = frame[frame.scope == "head"]
+    heads = head_rows(frame)
     if heads.empty:
         raise InvalidValueError("The frame has no per-head rows: compute it with heads=True.")
     if "step" in heads and step is None and heads.step.nunique() > 1:
