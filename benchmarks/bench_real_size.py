@@ -85,7 +85,7 @@ def run(model, tokens, restrictions, config) -> tuple[float, float, dict]:
         warnings.simplefilter("ignore", SamplerWarning)
         start = time.perf_counter()
         sample_llcs(model, tokens, restrictions, config, progress=False,
-                    observe=lambda r, c, d, w: stamps.setdefault(d, time.perf_counter()))
+                    observe=lambda r, c, d, w: stamps.__setitem__(d, time.perf_counter()))  # a step's last stack
         wall = time.perf_counter() - start
     steps = sorted(stamps[d + 1] - stamps[d] for d in range(len(stamps) - 1))
     return wall, stamps[0] - start - statistics.median(steps), peak
@@ -143,6 +143,17 @@ def bench(name: str, args) -> list[bool]:
           f"{bare_blocks:.3g} s; peak {bare_peak['peak'] / GIB:.2f} GiB", flush=True)
 
     ok = []
+    if args.setup_only:  # (3) alone: the first call on a checkpoint (cold one-time checks), then a second one
+        heads = [resolve_restriction(model, (cfg.n_layers - 1, h)) for h in range(cfg.n_heads)]
+        short = SGLDConfig.build(config, num_draws=3)
+        for call in ("first", "second"):
+            start = time.perf_counter()
+            restrictions = [resolve_restriction(model, (cfg.n_layers - 1, h)) for h in range(cfg.n_heads)]
+            masks = time.perf_counter() - start
+            _, setup, _ = run(model, tokens, restrictions, short)
+            print(f"(3) setup of the {call} call on this checkpoint: {masks + setup:.3g} s ({masks:.3g} s head masks) "
+                  f"= {(masks + setup) / bare_full:.1f} bare whole-model steps", flush=True)
+        return ok
     heads = [resolve_restriction(model, (layer, h)) for h in range(cfg.n_heads)]
     whole = [resolve_restriction(model, None)]
     for what, restrictions, bare in (("layer's heads", heads, bare_blocks), ("whole model", whole, bare_full)):
@@ -180,6 +191,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-devinterp", dest="devinterp", action="store_false")
+    ap.add_argument("--setup-only", action="store_true", help="only (1) and the setup of a first and a second call")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["HF_HUB_OFFLINE"] = "1"

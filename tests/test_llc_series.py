@@ -6,7 +6,6 @@ import torch
 from tl_devinterp.data import repeated_random_tokens
 from tl_devinterp.models import ModelConfig, build_model
 from tl_devinterp.sampling import contains_repeated_span, filter_dataset, llc_over_series
-from tl_devinterp.sampling import over_series as over_series_module
 from tl_devinterp.sampling.llc import lm_loss
 from tl_devinterp.series import CheckpointSeries
 
@@ -45,30 +44,32 @@ def test_over_series_tidy_frame(series, tokens):
         llc_over_series(series, tokens, model=False, **FAST)
 
 
-def test_over_series_resumes_and_never_reuses_stale_results(series, tokens, tmp_path, monkeypatch):
+def test_over_series_resumes_and_never_reuses_stale_results(series, tokens, tmp_path):
+    """Catches: a resume that recomputes finished checkpoints, or reuses one for other settings or data.
+    Computed checkpoints are counted by their loads (a series with its own fingerprints loads a checkpoint
+    only to compute it)."""
     calls, killed = [], []
-    real = over_series_module.sample_llcs
 
-    def flaky(model, *args, **kwargs):
+    def load(step):
         calls.append(1)
         if len(calls) == 2 and not killed:
             killed.append(1)
             raise Killed  # the first run is killed during the second checkpoint
-        return real(model, *args, **kwargs)
+        return series.load(step)
 
-    monkeypatch.setattr(over_series_module, "sample_llcs", flaky)
+    counted = CheckpointSeries(series.steps, load, fingerprint=series.fingerprint)
     with pytest.raises(Killed):
-        llc_over_series(series, tokens, store_dir=tmp_path, **FAST)
+        llc_over_series(counted, tokens, store_dir=tmp_path, **FAST)
     calls.clear()
-    first = llc_over_series(series, tokens, store_dir=tmp_path, **FAST)
+    first = llc_over_series(counted, tokens, store_dir=tmp_path, **FAST)
     assert len(calls) == 2  # only the two missing checkpoints
     calls.clear()
-    again = llc_over_series(series, tokens, store_dir=tmp_path, **FAST)
+    again = llc_over_series(counted, tokens, store_dir=tmp_path, **FAST)
     assert len(calls) == 0 and again.llc_mean.tolist() == pytest.approx(first.llc_mean.tolist())
-    llc_over_series(series, tokens, store_dir=tmp_path, **{**FAST, "num_draws": 4})
+    llc_over_series(counted, tokens, store_dir=tmp_path, **{**FAST, "num_draws": 4})
     assert len(calls) == 3  # new hyperparameters: nothing reused
     calls.clear()
-    llc_over_series(series, tokens[:8], store_dir=tmp_path, **FAST)
+    llc_over_series(counted, tokens[:8], store_dir=tmp_path, **FAST)
     assert len(calls) == 3  # new data: nothing reused
 
 

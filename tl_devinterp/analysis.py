@@ -1,9 +1,12 @@
 """Everything about one checkpoint series, computed, saved and shown: `analyze(series, out_dir)`.
 
 The pipeline of the package, run in order: the LLC at every checkpoint (and each head's refined LLC at
-every checkpoint, or at the `head_steps` where the curves change most), head scores and behavioural metrics, head classes, stages from the LLC curve, essential dynamics,
-then at each stage boundary the attention of chosen heads and the per-token loss change on a sample
-sequence. Per-checkpoint results go through `ResultStore`s under `OUT/store/`, so a rerun after an
+every checkpoint, or at the `head_steps` where the curves change most), the task's metrics (for token tasks
+head scores and behavioural metrics), head classes, stages from the LLC curve, essential dynamics, then at each
+stage boundary the attention of chosen heads and the per-position loss change on a sample sequence. The
+series' task (`tl_devinterp.tasks`, from its manifest's data spec; a token task for given tokens or text)
+supplies the data, the sampler's loss, the metrics and essential dynamics' probes; heads are skipped for a
+model without them. Per-checkpoint results go through `ResultStore`s under `OUT/store/`, so a rerun after an
 interruption recomputes nothing that finished. Writes `OUT/results/*.csv`, `OUT/figures/*.png`,
 `OUT/report.html` and the settings that produced them, `OUT/config.json`: all staged whole first, then
 published together, config.json last (`_publish`). `AnalysisConfig` holds every option and its default; the command line and config

@@ -38,7 +38,7 @@ from .models import ModelConfig, check_device
 from .options import build, option, validate
 from .series import FORMAT, MANIFEST, CheckpointSeries, load_checkpoint_state, read_manifest
 from .tasks import Task, make_task
-from .tasks.base import batch_rows, index_batch
+from .tasks.base import batch_rows, batch_to, index_batch
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -247,7 +247,7 @@ def _train(out: Path, config: TrainConfig, overwrite: bool, task: Task, train_da
     def batch(step: int):
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         rows = torch.randint(batch_rows(train_data), (config.batch_size,), generator=g)
-        return _to(index_batch(train_data, rows), device)
+        return batch_to(index_batch(train_data, rows), device)
 
     recent: list[float] = []
     with tqdm(desc="training", unit="step", disable=not progress, initial=max(start, 0), total=config.n_steps) as bar:
@@ -310,16 +310,10 @@ def _evaluate(model, task: Task, data, config: TrainConfig, device) -> float:
     was = model.training
     model.eval()
     n = min(batch_rows(data), config.eval_batches * config.batch_size)
-    losses = [task.loss(model, _to(index_batch(data, slice(i, min(i + config.batch_size, n))), device)).item()
+    losses = [task.loss(model, batch_to(index_batch(data, slice(i, min(i + config.batch_size, n))), device)).item()
               for i in range(0, n, config.batch_size)]
     model.train(was)
     return float(np.mean(losses))
-
-
-def _to(batch, device):
-    if device is None:
-        return batch
-    return batch.to(device) if isinstance(batch, torch.Tensor) else tuple(t.to(device) for t in batch)
 
 
 def _start(out: Path, config: TrainConfig, overwrite: bool, writing: list[str]) -> dict[str, Any]:

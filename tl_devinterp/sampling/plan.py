@@ -104,12 +104,13 @@ def plan_llcs(model: nn.Module, data, restrictions: list[Restriction], config: S
 
 
 def _probe(model, data, restrictions, config: SGLDConfig, loss_fn, probe_steps: int, device, available) -> SamplingPlan:
-    """One short run, timed at each step by the observe hook (called first for each draw as the step ends)."""
+    """One short run, timed at each step by the observe hook (its last call of a draw comes as the step's last
+    stack has its losses, so consecutive draws are one step apart)."""
     probe = dataclasses.replace(config, num_burnin=0, num_draws=probe_steps + 1, draws_every=1)
     stamps: dict[int, float] = {}
 
     def observe(r: int, c: int, draw: int, weights) -> None:
-        stamps.setdefault(draw, time.perf_counter())
+        stamps[draw] = time.perf_counter()
 
     with warnings.catch_warnings(), peak_memory(device) as peak:
         warnings.simplefilter("ignore", SamplerWarning)  # a few steps' diagnostics say nothing

@@ -13,7 +13,9 @@ A task owns five things, and the pipeline (`train`, `analyze`) asks it for each:
    regression task embeds real vectors linearly through the model's own `W_E` and `W_pos` and starts at
    block 0).
 3. **the loss**: `task.loss(model, batch)`, what training minimises, and `task.sampler_loss`, what the SGLD
-   sampler uses (None for token tasks: the sampler's own LM loss with its fast forward, the same function).
+   sampler uses (None for token tasks: the sampler's own LM loss with its fast forward, the same function; else
+   a module-level function or a partial of one, which result stores can key), with `task.sampler_defaults`,
+   the SGLD settings suited to its loss scale, used where the user sets none.
 4. **probes**: `task.probes(test, n) -> (inputs, proxy)`, the fixed inputs and the functional proxy that
    essential dynamics reads (`task.features(model, inputs)` unless the task names a built-in proxy).
 5. **metrics**: `task.metrics(model, test)`, one checkpoint's (metric, layer, head, value) rows, run over a

@@ -185,7 +185,7 @@ def task_features(spec: dict[str, Any], model: nn.Module, inputs: Batch) -> torc
 
 def _checkpoint_metrics(task: Task, test: Batch, step: int, model: nn.Module) -> pd.DataFrame:
     with torch.no_grad():
-        rows = task.metrics(model, _to(test, model_device(model)))
+        rows = task.metrics(model, batch_to(test, model_device(model)))
     return pd.DataFrame(rows, columns=METRIC_COLUMNS[1:])
 
 
@@ -197,7 +197,10 @@ def _head(batch: Batch, n: int) -> Batch:
     return batch[:n] if isinstance(batch, torch.Tensor) else tuple(t[:n] for t in batch)
 
 
-def _to(batch: Batch, device) -> Batch:
+def batch_to(batch: Batch, device) -> Batch:
+    """Every tensor of a batch on `device` (None: where it is)."""
+    if device is None:
+        return batch
     return batch.to(device) if isinstance(batch, torch.Tensor) else tuple(t.to(device) for t in batch)
 
 

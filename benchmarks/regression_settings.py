@@ -1,0 +1,191 @@
+"""The two regression settings (tl_devinterp.tasks.regression) on 2 CPU cores: the numbers and figures of the
+README's sections "In-context linear regression" and "Sparse-attention regression".
+
+    python benchmarks/regression_settings.py [--work DIR] [--docs docs] [--quiet]
+
+1. In-context linear regression: trains the `icl-regression-quick` preset (D=3, K=8, Gaussian tasks, a 2-layer
+   transformer of 13,760 parameters, 1500 steps; the paper's run is D=4, K=16, ~50k parameters, far longer) and
+   analyses it (LLC at every checkpoint, head LLCs at 6, the task's metrics, stages, essential dynamics). Prints
+   the stages and, at each boundary, the loss, its distance to ridge and dMMSE, the prediction norm, the ICL
+   score, the LayerNorm-weight norms and the effective rank of W_pos. Figure: docs/icl_regression.png.
+2. Sparse-attention regression: trains the `sparse-regression-quick` architecture (D=8, 1 layer, 2 heads) at
+   T = 8, 16, 32, 64 with two seeds each, 1200 steps, a checkpoint every 20, and measures the plateau length:
+   the first checkpoint whose test loss is below half the loss of predicting 0. Prints each length and the
+   fitted exponent of plateau ∝ T^a. Then analyses the T=16 run (LLC with stages, attention on the relevant
+   token and its entropy per head). Figure: docs/sparse_regression.png.
+Runs in about 10 minutes on 2 shared CPU cores; every step resumes from WORK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+import tl_devinterp as tdi
+from tl_devinterp.tasks import make_task
+from tl_devinterp.training import PRESETS
+from tl_devinterp.visualisation.dynamics import shade_stages
+
+SGLD = dict(epsilon=3e-4, gamma=100.0, nbeta=30.0, num_chains=3, num_draws=80, num_burnin=40)
+"""The sampler for both settings: the regression tasks' own `sampler_defaults` (ε, γ, nβ), more draws."""
+LENGTHS, SEEDS = (8, 16, 32, 64), (0, 1)
+
+
+def n_parameters(series: tdi.CheckpointSeries) -> int:
+    return sum(p.numel() for p in series.load(series.steps[-1]).parameters())
+
+
+def icl(work: Path, docs: Path, progress: bool) -> None:
+    series = tdi.train(work / "icl" / "series", "icl-regression-quick", progress=progress)
+    config = tdi.AnalysisConfig.from_dict(dict(head_steps=6, n_sequences=256, **SGLD))
+    result = tdi.analyze(series, work / "icl" / "report", config=config, progress=progress)
+    task = make_task(series.meta["data"])
+    wide = result.metrics[result.metrics["layer"].isna()].pivot_table(index="step", columns="metric", values="value")
+    ln = result.metrics[result.metrics["metric"] == "ln_weight_norm"].pivot_table(index="step", columns="layer",
+                                                                                   values="value")
+    llc = result.llc[result.llc["scope"] == "model"].set_index("step")
+    x, y, _ = task.sample(task.spec["n_test"], 2)
+    ridge, dmmse = (float(((task.reference()[k] - y) ** 2).mean()) for k in ("ridge", "dmmse"))
+    print(f"\n== in-context linear regression ({n_parameters(series)} parameters, {series.steps[-1]} steps)")
+    print(f"loss of predicting 0: {float((y ** 2).mean()):.3f}; ridge: {ridge:.3f}; dMMSE: {dmmse:.3f} (Gaussian tasks:"
+          f" dMMSE is ridge)")
+    print("stages:", ", ".join(f"{s.start}-{s.end} {s.type}" for s in result.stages))
+    at = sorted({s.start for s in result.stages} | {result.stages[-1].end})
+    table = pd.DataFrame({"llc": llc["llc_mean"], "llc_se": llc["llc_se"]}).join(wide[[
+        "loss", "loss_minus_ridge", "prediction_norm", "icl_score", "unembed_norm", "pos_effective_rank"]]).join(
+        ln.add_prefix("ln_norm_L"))
+    print(table.loc[at].round(3).to_string())
+    low = wide["prediction_norm"].idxmin()
+    print(f"prediction norm: {wide['prediction_norm'].iloc[0]:.3f} at step 0, lowest {wide['prediction_norm'][low]:.3f}"
+          f" at step {low}, {wide['prediction_norm'].iloc[-1]:.3f} at the end")
+    print(f"ICL score: {wide['icl_score'].iloc[0]:.3f} at step 0, {wide['icl_score'].iloc[-1]:.3f} at the end")
+
+    fig = Figure(figsize=(13, 6.5), layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
+    panels = [("test loss", wide["loss"]), ("LLC (± SE)", llc["llc_mean"]), ("prediction norm", wide["prediction_norm"]),
+              ("ICL score (loss at x_K − at x_1)", wide["icl_score"]), ("LayerNorm weight norm", None),
+              ("effective rank of W_pos", wide["pos_effective_rank"])]
+    for ax, (name, curve) in zip(axes, panels):
+        shade_stages(ax, result.stages)
+        if name == "LayerNorm weight norm":
+            for layer in ln:
+                ax.plot(ln.index, ln[layer], marker=".", label=f"layer {layer}" if layer < 2 else "final")
+            ax.legend(fontsize=7)
+        else:
+            ax.plot(curve.index, curve.values, marker=".", color="black")
+        if name == "test loss":
+            ax.axhline(ridge, color="tab:green", ls="--", label="ridge = dMMSE")
+            ax.legend(fontsize=7)
+        if name.startswith("LLC"):
+            ax.fill_between(llc.index, llc["llc_mean"] - llc["llc_se"], llc["llc_mean"] + llc["llc_se"], alpha=0.2,
+                            color="black", lw=0)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(0, series.steps[-1] * 1.1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+    fig.suptitle("In-context linear regression (icl-regression-quick, 2 CPU cores); stages shaded (blue A, orange B)")
+    fig.savefig(docs / "icl_regression.png", dpi=110)
+
+
+def plateau_end(series: tdi.CheckpointSeries) -> tuple[int | None, float]:
+    """The first checkpoint whose test loss is below half the loss of predicting 0 (None: never), and that loss."""
+    _, (_, targets, _) = make_task(series.meta["data"]).data()
+    zero = float((targets[:, -1] ** 2).mean())
+    losses = sorted((int(s), v["test"]) for s, v in series.meta["losses"].items())
+    return next((s for s, v in losses if v < zero / 2), None), zero
+
+
+def sparse(work: Path, docs: Path, progress: bool) -> None:
+    base = PRESETS["sparse-regression-quick"]
+    runs, curves = [], {}
+    print("\n== sparse-attention regression: plateau length against sequence length T")
+    for T in LENGTHS:
+        for seed in SEEDS:
+            config = dataclasses.replace(
+                base, model=dataclasses.replace(base.model, n_ctx=T, seed=seed), seed=seed, n_steps=1200,
+                n_log_checkpoints=0, n_linear_checkpoints=60, data={**base.data, "T": T, "seed": seed})
+            series = tdi.train(work / "sparse" / f"T{T}-seed{seed}", config=config, progress=progress)
+            end, zero = plateau_end(series)
+            runs.append({"T": T, "seed": seed, "plateau_end": end, "loss_of_zero": zero,
+                         "final_loss": series.meta["losses"][str(series.steps[-1])]["test"]})
+            curves[(T, seed)] = sorted((int(s), v["test"]) for s, v in series.meta["losses"].items())
+    runs = pd.DataFrame(runs)
+    print(runs.to_string(index=False))
+    mean = runs.groupby("T")["plateau_end"].mean()
+    slope = np.polyfit(np.log(mean.index), np.log(mean.values), 1)[0]
+    print(f"mean plateau end per T: {mean.to_dict()}; fit plateau ∝ T^{slope:.2f} "
+          f"({'longer' if slope > 0 else 'shorter'} for longer sequences)")
+
+    config = dataclasses.replace(base, model=dataclasses.replace(base.model, n_ctx=16), n_steps=1200,
+                                 n_log_checkpoints=10, n_linear_checkpoints=24)
+    series = tdi.train(work / "sparse" / "analysed", config=config, progress=progress)
+    result = tdi.analyze(series, work / "sparse" / "report", config=tdi.AnalysisConfig.from_dict(dict(head_steps=6, **SGLD)),
+                         progress=progress)
+    llc = result.llc[result.llc["scope"] == "model"].set_index("step")
+    heads = result.metrics[result.metrics["head"].notna()]
+    test_loss = pd.Series({int(s): v["test"] for s, v in series.meta["losses"].items()}).sort_index()
+    end, _ = plateau_end(series)
+    print(f"T=16 analysed ({n_parameters(series)} parameters); stages:",
+          ", ".join(f"{s.start}-{s.end} {s.type}" for s in result.stages))
+    wide = heads.pivot_table(index="step", columns=["metric", "head"], values="value")
+    print(pd.DataFrame({"test_loss": test_loss, "llc": llc["llc_mean"], "llc_se": llc["llc_se"]}).join(
+        wide.set_axis([f"{m}_h{h}" for m, h in wide.columns], axis=1)).loc[
+        sorted({s.start for s in result.stages} | {result.stages[-1].end, end})].round(3).to_string())
+
+    fig = Figure(figsize=(13, 6.5), layout="constrained")
+    (a, b, c), (d, e, f) = fig.subplots(2, 3)
+    for (T, seed), curve in curves.items():
+        steps, values = zip(*curve)
+        a.plot(steps, values, color=f"C{LENGTHS.index(T)}", alpha=0.8, label=f"T={T}" if seed == 0 else None)
+    a.set(title="test loss (2 seeds per T)", xlabel="step", yscale="log")
+    a.legend(fontsize=7)
+    b.loglog(runs["T"], runs["plateau_end"], "o", color="grey")
+    b.loglog(mean.index, mean.values, "-", color="black", label=f"mean; fit ∝ T^{slope:.2f}")
+    b.set(title="plateau length (loss < half of predicting 0)", xlabel="sequence length T", ylabel="step")
+    b.set_xticks(LENGTHS, labels=[str(T) for T in LENGTHS], minor=False)
+    b.set_xticks([], minor=True)
+    b.legend(fontsize=7)
+    for ax, (name, curve) in zip((c, d), (("LLC (T=16, ± SE)", llc["llc_mean"]), ("test loss (T=16)", test_loss))):
+        shade_stages(ax, result.stages)
+        ax.plot(curve.index, curve.values, marker=".", color="black")
+        ax.set(title=name, xlabel="step", xscale="symlog", xlim=(0, series.steps[-1] * 1.1))
+    c.fill_between(llc.index, llc["llc_mean"] - llc["llc_se"], llc["llc_mean"] + llc["llc_se"], alpha=0.2,
+                   color="black", lw=0)
+    for ax, metric in ((e, "relevant_attention"), (f, "attention_entropy")):
+        shade_stages(ax, result.stages)
+        for h, g in heads[heads["metric"] == metric].groupby("head"):
+            ax.plot(g["step"], g["value"], marker=".", label=f"head {h}")
+        ax.set(title=f"{metric} (T=16, last query)", xlabel="step", xscale="symlog", xlim=(0, series.steps[-1] * 1.1))
+        ax.legend(fontsize=7)
+    f.axhline(np.log(16), color="grey", ls="--")
+    fig.suptitle("Sparse-attention regression (sparse-regression-quick architecture, 2 CPU cores); stages shaded")
+    fig.savefig(docs / "sparse_regression.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="regression_settings", help="folder for the series and reports")
+    parser.add_argument("--docs", default="docs", help="folder for the figures")
+    parser.add_argument("--only", choices=("icl", "sparse"), help="run one setting")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    warnings.filterwarnings("ignore", category=tdi.SamplerWarning)  # reported in each report's diagnostics
+    work, docs = Path(args.work), Path(args.docs)
+    docs.mkdir(exist_ok=True)
+    if args.only in (None, "icl"):
+        icl(work, docs, not args.quiet)
+    if args.only in (None, "sparse"):
+        sparse(work, docs, not args.quiet)
+
+
+if __name__ == "__main__":
+    main()
