@@ -103,9 +103,9 @@ def test_sparse_targets_and_attention_metrics_of_uniform_attention():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ({"kind": "icl-regression", "K": 0}, r"The 'K' option of the 'icl-regression' data spec must be an integer >= 1; got 0"),
-    ({"kind": "icl-regression", "D": 0}, r"'D' option .* must be an integer >= 1; got 0"),
-    ({"kind": "sparse-regression", "D": 0}, r"'D' option .* must be an integer >= 1; got 0"),
+    ({"kind": "icl-regression", "K": 0}, r"The 'K' option of the 'icl-regression' data spec must be >= 1; got 0"),
+    ({"kind": "icl-regression", "D": 0}, r"'D' option .* must be >= 1; got 0"),
+    ({"kind": "sparse-regression", "D": 0}, r"'D' option .* must be >= 1; got 0"),
     ({"kind": "sparse-regression", "T": 8, "relevant": 8}, r"'relevant' option .* an integer in \[0, T - n_relevant\] = \[0, 7\]; got 8"),
     ({"kind": "icl-regresion"}, r"'kind' option of the data spec must be one of \[.*'icl-regression'"),
 ])
