@@ -138,7 +138,7 @@ class AnalysisConfig:
         """Each option's type and range (`options.validate`), then what involves other modules: the stage
         options (`find_stages`' own check), the heads, the thresholds' names and the device."""
         validate(self)
-        check_stage_options(**self.stage_options(), prefix="stage_")
+        check_stage_options(**self.stage_options(), prefix="stage_", owner="AnalysisConfig")
         if self.heads is not None:
             self.heads = [head_name(*parse_head(h)) for h in self.heads]
         if self.layers is not None and (not self.layers or min(self.layers) < 0):

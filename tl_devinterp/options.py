@@ -161,13 +161,17 @@ def check(owner: str, name: str, value: Any, hint: Any, opt: Option) -> Any:
     return value
 
 
+REQUIRED: Any = object()
+"""The default of a declared option that must be given."""
+
+
 @dataclass(frozen=True)
 class Declared:
-    """An option declared in a mapping (a task spec's `OPTIONS`): its type hint, its default (`MISSING`: it must
+    """An option declared in a mapping (a task spec's `OPTIONS`): its type hint, its default (`REQUIRED`: it must
     be given) and its constraints."""
 
     hint: Any
-    default: Any = MISSING
+    default: Any = REQUIRED
     option: Option = Option()
 
 
@@ -181,7 +185,7 @@ def check_mapping(owner: str, values: Mapping[str, Any], declared: Mapping[str, 
     out = {}
     for name, d in declared.items():
         value = values.get(name, d.default)
-        if value is MISSING:
+        if value is REQUIRED:
             allowed = d.option.allowed()
             raise InvalidOptionError(f"The '{name}' option of {owner} must be given{f' ({allowed})' * bool(allowed)}.")
         check(owner, name, value, d.hint, d.option)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import MISSING
 from functools import partial
 from typing import Any, ClassVar
 
@@ -21,7 +20,7 @@ from torch import nn
 from ..errors import InvalidTypeError, InvalidValueError
 from ..files import fingerprint
 from ..models import ModelConfig, build_model, model_device
-from ..options import Declared, Option, check_mapping
+from ..options import REQUIRED, Declared, Option, check_mapping
 from ..results import METRIC_COLUMNS
 from ..runner import map_series
 from ..store import ResultStore
@@ -32,12 +31,12 @@ dimension (e.g. inputs, targets, read-out mask). The sampler's `batch_stream` yi
 
 
 
-def integer(low: int, default: Any = MISSING) -> Declared:
-    """An integer option >= `low` (`default` MISSING: the spec must give it; None: it may be None)."""
+def integer(low: int, default: Any = REQUIRED) -> Declared:
+    """An integer option >= `low` (`default` REQUIRED: the spec must give it; None: it may be None)."""
     return Declared(int | None if default is None else int, default, Option(ge=low))
 
 
-def number(low: float, default: Any = MISSING, *, strict: bool = False, high: float | None = None) -> Declared:
+def number(low: float, default: Any = REQUIRED, *, strict: bool = False, high: float | None = None) -> Declared:
     """A finite number option >= `low` (> with `strict`), <= `high` if given (None default: it may be None)."""
     bounds = dict(gt=low) if strict else dict(ge=low)
     return Declared(float | None if default is None else float, default, Option(le=high, **bounds))
