@@ -43,8 +43,8 @@ class SGLDConfig:
     num_chains: int = option(4, "chains", ge=2, why="(the std across chains needs two)")
     num_draws: int = option(100, "draws per chain after burn-in", ge=1)
     num_burnin: int = option(50, "burn-in steps per chain", ge=0, aliases={
-        "num_burnin_steps": "devinterp's default is 0 and its estimate averages the burn-in steps too; ours leaves "
-                            "them out"})
+        "num_burnin_steps": "devinterp's default is 0; ours is 50, and our estimate averages only the draws "
+                            "after burn-in"})
     batch_size: int = option(32, "minibatch size", ge=1)
     seed: int = option(0, "seed of the batches and the chains' noise", ge=0)
     sampler: str = option("sgld", "update rule: sgld, sgnht or rmsprop_sgld", choices=sorted(SAMPLERS),
