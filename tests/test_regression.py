@@ -141,7 +141,7 @@ def test_train_then_analyze_a_regression_preset_on_the_command_line(preset, tmp_
     train_config, analysis = tmp_path / "train.json", tmp_path / "analysis.json"
     train_config.write_text(json.dumps(dict(n_steps=24, n_log_checkpoints=4, n_linear_checkpoints=2, data={
         **PRESETS[preset].data, "n_train": 256, "n_test": 64})))
-    analysis.write_text(json.dumps(dict(num_chains=2, num_draws=6, num_burnin=2, head_steps=2, n_sequences=32,
+    analysis.write_text(json.dumps(dict(num_chains=2, num_draws=6, num_burnin=2, head_steps=2, n_test_seqs=32,
                                         n_clusters=2)))
     assert main(["train", "--preset", preset, "--out", str(tmp_path / "s"), "--config", str(train_config)]) == 0
     assert main(["analyze", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "--config", str(analysis),
