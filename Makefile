@@ -7,7 +7,7 @@ TL3 ?= transformer_lens==3.9.0
 BIN := $(VENV)/bin
 BIN_TL3 := $(VENV)-tl3/bin
 
-.PHONY: setup demo notebook-data test test-tl3 lint hooks
+.PHONY: setup demo notebook-data notebooks test test-tl3 lint hooks
 
 $(BIN)/tl-devinterp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: setup
 # The part of the demo run that notebooks 01-03 read (notebooks/data/demo); after `make demo`.
 notebook-data: setup
 	$(BIN)/python notebooks/data/ship_demo.py tl_devinterp_demo
+
+# Every notebook executed top to bottom and saved in place with its outputs and figures (after notebook-data).
+notebooks: setup
+	$(BIN)/python notebooks/execute.py
 
 # Chromium drives the report's browser test; it is installed with apt where missing (root or sudo).
 test: setup

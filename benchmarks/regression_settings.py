@@ -45,7 +45,7 @@ def n_parameters(series: tdi.CheckpointSeries) -> int:
 
 def icl(work: Path, docs: Path, progress: bool) -> None:
     series = tdi.train(work / "icl" / "series", "icl-regression-quick", progress=progress)
-    config = tdi.AnalysisConfig.from_dict(dict(head_steps=6, n_sequences=256, **SGLD))
+    config = tdi.AnalysisConfig.from_dict(dict(head_steps=6, n_test_seqs=256, **SGLD))
     result = tdi.analyze(series, work / "icl" / "report", config=config, progress=progress)
     task = make_task(series.meta["data"])
     wide = result.metrics[result.metrics["layer"].isna()].pivot_table(index="step", columns="metric", values="value")

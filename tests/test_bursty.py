@@ -84,8 +84,8 @@ def train_quick(task, tmp=None, **overrides):
 
 
 @pytest.mark.parametrize("spec, message", [
-    (dict(kind="bursty-classification", K=0), "'K' option .* must be an integer >= 1"),
-    (dict(kind="bursty-classification", D=0), "'D' option .* must be an integer >= 1"),
+    (dict(kind="bursty-classification", K=0), "'K' option .* must be >= 1"),
+    (dict(kind="bursty-classification", D=0), "'D' option .* must be >= 1"),
     (dict(kind="bursty-classification", K=3, N=8, B=2), "'K' option .* must be >= N/B = 4"),
     (dict(kind="bursty-classification", N=8, B=3), "'B' option .* must divide N=8"),
     (dict(kind="bursty-clasification"), "'kind' option of the data spec must be one of"),

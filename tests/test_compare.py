@@ -64,7 +64,7 @@ def test_compare_two_trained_series(tmp_path):
     plain = train(tmp_path / "plain", "quick", progress=False, n_steps=20)
     ablated = train(tmp_path / "ablated", "quick", progress=False, n_steps=20,
                     interventions=[Intervention("blocks.0.attn.hook_z", "zero", head=0)])
-    c = compare_series(tmp_path / "plain", tmp_path / "ablated", n_sequences=16, n_seqs=8)
+    c = compare_series(tmp_path / "plain", tmp_path / "ablated", n_test_seqs=16, n_probe_seqs=8)
     assert sorted(c.aligned["step"].unique()) == plain.steps == ablated.steps
     loss = c.aligned[c.aligned["quantity"] == "loss"]
     assert loss["diff"].iloc[0] == 0 and (loss["diff"].iloc[1:] != 0).any()  # same init, then apart

@@ -71,4 +71,71 @@ def test_summary_keys_and_ecosystem_views(model, tokens):
     idata = r.to_inference_data()
     assert float(idata.posterior["llc"].mean()) == pytest.approx(r.mean)
     assert float(az.rhat(idata)["llc"]) == pytest.approx(float(az.rhat(r.llc_trace.numpy())))
-    assert "loss" in idata.sample_stats
+    assert {"loss", "distance", "acceptance"} <= set(idata.sample_stats.data_vars)
+    assert np.array_equal(idata.sample_stats["distance"], r.trace["distance"])
+
+
+def test_steps_between_draws_thin_the_draws(model, tokens):
+    """Catches: steps between draws that only thin observables (λ̂ still averaging every step), or that
+    shift the chain (its batches or noise) instead of keeping every k-th state of the same chain."""
+    every = estimate_llc(model, tokens, **{**FAST, "num_draws": 12})
+    thinned = estimate_llc(model, tokens, steps_between_draws=2, **FAST)
+    assert torch.equal(thinned.loss_trace, every.loss_trace[:, ::2])
+    assert torch.equal(thinned.init_losses, every.init_losses[::2])
+    assert thinned.mean == pytest.approx(float(thinned.llc_trace.mean()), rel=1e-6) and thinned.mean != every.mean
+
+
+def test_gradient_accumulation_equals_the_large_batch(model, tokens):
+    """Catches: accumulated micro-batches that differ from the large batch (other rows, a sum instead of a
+    mean, nβ from the micro-batch size)."""
+    large = estimate_llc(model, tokens, **{**FAST, "batch_size": 16})
+    accumulated = estimate_llc(model, tokens, gradient_accumulation_steps=2, **{**FAST, "batch_size": 8})
+    assert accumulated.config.nbeta == large.config.nbeta
+    assert torch.allclose(accumulated.loss_trace, large.loss_trace, rtol=1e-5)
+    assert accumulated.mean == pytest.approx(large.mean, rel=1e-3, abs=1e-4)
+
+
+def test_weight_decay_init_noise_and_bounding_box(model, tokens):
+    """Catches: weight decay, init noise or the box moving coordinates outside the restriction; a box not
+    holding; init noise of another scale; weight decay without effect."""
+    star = dict(model.named_parameters())
+    plain = estimate_llc(model, tokens, restrict="l0h1", **FAST)
+    for options in (dict(weight_decay=50.0), dict(init_noise=0.01, epsilon=1e-12), dict(bounding_box_size=1e-3)):
+        r = estimate_llc(model, tokens, restrict="l0h1", **options, **FAST)
+        mask = resolve_restriction(model, "l0h1").masks
+        for name, final in r.final_params.items():
+            moved = final - star[name].detach()
+            if mask[name] is not None:
+                assert torch.all(moved[:, ~mask[name]] == 0), (options, name)
+            if "bounding_box_size" in options:
+                assert moved.abs().max() <= 1e-3 + 1e-7
+        if "init_noise" in options:
+            sampled = torch.cat([(f - star[n].detach())[:, mask[n] if mask[n] is not None else ...].flatten()
+                                 for n, f in r.final_params.items()])
+            assert sampled.std() == pytest.approx(0.01, rel=0.1)
+        if "weight_decay" in options:
+            assert r.mean != plain.mean
+
+
+def test_devinterp_names_give_our_estimate(model, tokens, tmp_path):
+    """Catches: a devinterp option name refused (`Unknown SGLD option(s) ['lr']`) or mapped to another option
+    (the same call then gives another number), in Python, in its optimizer_kwargs dict, or in a config file;
+    a devinterp name and ours both given, one silently winning."""
+    import json
+
+    from tl_devinterp import AnalysisConfig
+
+    class SGLD:  # devinterp's sampler class, as a user passes it
+        pass
+
+    names = dict(epsilon=3e-4, gamma=100.0, nbeta=5.0, num_burnin=3, steps_between_draws=2)
+    theirs = dict(lr=3e-4, localization=100.0, n_beta=5.0, num_burnin_steps=3, num_steps_bw_draws=2)
+    base = dict(num_chains=2, num_draws=4, batch_size=8)
+    ours = estimate_llc(model, tokens, **names, **base)
+    assert estimate_llc(model, tokens, sampling_method=SGLD, **theirs, **base).mean == ours.mean
+    kwargs = dict(optimizer_kwargs=dict(lr=3e-4, localization=100.0, nbeta=5.0), num_burnin_steps=3, num_steps_bw_draws=2)
+    assert estimate_llc(model, tokens, **kwargs, **base).mean == ours.mean
+    (tmp_path / "analysis.json").write_text(json.dumps(theirs))
+    assert AnalysisConfig.from_file(tmp_path / "analysis.json").sgld == AnalysisConfig.from_dict(names).sgld
+    with pytest.raises(ValueError, match="'epsilon' option of SGLDConfig is given twice"):
+        estimate_llc(model, tokens, lr=1e-3, epsilon=1e-3, **base)

@@ -37,7 +37,7 @@ from tl_devinterp.training import PRESETS, train
 
 TINY = dict(n_steps=4, data={**PRESETS["quick"].data, "n_train": 200, "n_test": 32})  # 5 checkpoints, ~0.3 s
 LLC = dict(num_chains=2, num_draws=3, num_burnin=1, batch_size=8)
-FAST = dict(LLC, head_steps=0, n_sequences=16, n_seqs=4, n_components=2, n_clusters=0)
+FAST = dict(LLC, head_steps=0, n_test_seqs=16, n_probe_seqs=4, n_components=2, n_clusters=0)
 
 
 def tiny_series(path, **kw):

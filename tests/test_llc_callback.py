@@ -37,6 +37,7 @@ def test_llc_callback_logs_without_touching_training(tmp_path):
     """Catches: the callback changing training (weights moved by sampling, dropout or data-order RNG drawn,
     .grad or the optimizer touched, the step's own loss log swallowed by the callback's), estimates missing from the log history or the TensorBoard file, refined
     LLCs of chosen parameter sets not logged under their own keys."""
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     plain, w_plain = _trainer_run(tmp_path / "plain", None)
@@ -74,3 +75,17 @@ def test_train_llc_every_keeps_the_run(tmp_path):
     assert sorted(estimates, key=int) == ["5", "10"] and all(e["llc_se"] > 0 for e in estimates.values())
     with pytest.raises(ValueError, match="llc_every must be an integer >= 0"):
         train(tmp_path / "bad", "quick", llc_every=-1)
+
+
+def test_missing_logger_names_the_extra(monkeypatch):
+    """Catches: a Trainer reporting to W&B/TensorBoard without the package failing later with a raw import
+    error instead of the extra to install."""
+    import importlib.util
+
+    from tl_devinterp import LLCCallback
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    trainer = type("T", (), {"args": type("A", (), {"report_to": ["wandb"]})()})()
+    with pytest.raises(ImportError, match=r"pip install 'tl_devinterp\[wandb\]'"):
+        LLCCallback(torch.zeros(8, 4, dtype=torch.long), every=1).attach(trainer)

@@ -51,8 +51,8 @@ def test_every_configuration_uses_the_declared_options():
         SGLDConfig(epsilon=-1)
     with pytest.raises(TypeError, match=r"Unknown option\(s\) \['num_drawz'\] of SGLDConfig"):
         SGLDConfig.build(num_drawz=3)
-    with pytest.raises(ValueError, match="The 'n_seqs' option of AnalysisConfig must be >= 1; got 0"):
-        AnalysisConfig(n_seqs=0)
+    with pytest.raises(ValueError, match="The 'n_probe_seqs' option of AnalysisConfig must be >= 1; got 0"):
+        AnalysisConfig(n_probe_seqs=0)
     from tl_devinterp import Intervention, ModelConfig, TrainConfig
 
     with pytest.raises(ValueError, match="The 'lr' option of TrainConfig must be >= 0; got -0.1"):
@@ -61,3 +61,14 @@ def test_every_configuration_uses_the_declared_options():
         ModelConfig(n_heads=0)
     with pytest.raises(ValueError, match="The 'start' option of Intervention must be >= 0; got -1"):
         Intervention("blocks.0.attn.hook_z", "zero", start=-1)
+
+
+def test_analysis_sequence_counts_have_one_name_each_and_keep_their_old_spellings():
+    """Catches: the test-sequence and probe-sequence counts swapped when their old spellings (`n_sequences`,
+    `n_seqs`) are read, or an old spelling refused as unknown."""
+    from tl_devinterp import AnalysisConfig
+
+    config = AnalysisConfig.from_dict(dict(n_sequences=32, n_seqs=8), source="a config file")
+    assert (config.n_test_seqs, config.n_probe_seqs) == (32, 8)
+    with pytest.raises(ValueError, match="'n_test_seqs' option of AnalysisConfig is given twice"):
+        AnalysisConfig.from_dict(dict(n_sequences=32, n_test_seqs=32))

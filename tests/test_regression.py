@@ -103,9 +103,9 @@ def test_sparse_targets_and_attention_metrics_of_uniform_attention():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ({"kind": "icl-regression", "K": 0}, r"The 'K' option of the 'icl-regression' data spec must be an integer >= 1; got 0"),
-    ({"kind": "icl-regression", "D": 0}, r"'D' option .* must be an integer >= 1; got 0"),
-    ({"kind": "sparse-regression", "D": 0}, r"'D' option .* must be an integer >= 1; got 0"),
+    ({"kind": "icl-regression", "K": 0}, r"The 'K' option of the 'icl-regression' data spec must be >= 1; got 0"),
+    ({"kind": "icl-regression", "D": 0}, r"'D' option .* must be >= 1; got 0"),
+    ({"kind": "sparse-regression", "D": 0}, r"'D' option .* must be >= 1; got 0"),
     ({"kind": "sparse-regression", "T": 8, "relevant": 8}, r"'relevant' option .* an integer in \[0, T - n_relevant\] = \[0, 7\]; got 8"),
     ({"kind": "icl-regresion"}, r"'kind' option of the data spec must be one of \[.*'icl-regression'"),
 ])
@@ -141,7 +141,7 @@ def test_train_then_analyze_a_regression_preset_on_the_command_line(preset, tmp_
     train_config, analysis = tmp_path / "train.json", tmp_path / "analysis.json"
     train_config.write_text(json.dumps(dict(n_steps=24, n_log_checkpoints=4, n_linear_checkpoints=2, data={
         **PRESETS[preset].data, "n_train": 256, "n_test": 64})))
-    analysis.write_text(json.dumps(dict(num_chains=2, num_draws=6, num_burnin=2, head_steps=2, n_sequences=32,
+    analysis.write_text(json.dumps(dict(num_chains=2, num_draws=6, num_burnin=2, head_steps=2, n_test_seqs=32,
                                         n_clusters=2)))
     assert main(["train", "--preset", preset, "--out", str(tmp_path / "s"), "--config", str(train_config)]) == 0
     assert main(["analyze", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "--config", str(analysis),

@@ -7,7 +7,7 @@ import tl_devinterp.sampling.over_series as llc_module
 from tl_devinterp.analysis import analyze
 from tl_devinterp.series import CheckpointSeries, SeriesError
 
-FAST = dict(num_chains=2, num_draws=4, num_burnin=2, batch_size=16, head_steps=2, n_sequences=32, n_seqs=8)
+FAST = dict(num_chains=2, num_draws=4, num_burnin=2, batch_size=16, head_steps=2, n_test_seqs=32, n_probe_seqs=8)
 
 
 class Interrupt(Exception):
@@ -93,8 +93,8 @@ def test_cli_head_steps_none_and_calibrate(quick_series_dir, tmp_path):
     out = tmp_path / "report"
     main(["analyze", str(quick_series_dir), "--out", str(out), "--quiet", "--head-steps", "none", "--calibrate",
           "--calibrate-steps", "400",
-          "--num-chains", "2", "--num-draws", "4", "--num-burnin", "2", "--batch-size", "16", "--n-sequences", "32",
-          "--n-seqs", "8"])
+          "--num-chains", "2", "--num-draws", "4", "--num-burnin", "2", "--batch-size", "16", "--n-test-seqs", "32",
+          "--n-probe-seqs", "8"])
     llc = pd.read_csv(out / "results" / "llc.csv")
     steps = sorted(llc["step"].unique())
     assert sorted(llc.loc[llc["scope"] == "head", "step"].unique()) == steps

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tl_devinterp import Stage, find_stages, stages_frame
+from tl_devinterp import AnalysisConfig, Stage, find_stages, stages_frame
 from tl_devinterp.dynamics.stages import fit_piecewise_linear
 from tl_devinterp.visualisation.dynamics import plot_llc_stages
 
@@ -210,14 +210,18 @@ def test_stages_frame_and_validation():
         find_stages(np.arange(3), np.arange(3.0))
     with pytest.raises(ValueError, match="one finite, positive standard error per checkpoint"):
         find_stages(np.arange(5), np.arange(5.0), [1, 1, 0, 1, 1])
-    with pytest.raises(ValueError, match="z .* must be >= 0"):
+    with pytest.raises(ValueError, match=r"^The 'z' option of find_stages must be >= 0; got -1\.$"):
         find_stages(np.arange(5), np.arange(5.0), z=-1)
-    with pytest.raises(ValueError, match="ratio .* must be > 1"):
+    with pytest.raises(ValueError, match="'z' option of find_stages must be a finite number; got inf"):
+        find_stages(np.arange(5), np.arange(5.0), z=np.inf)
+    with pytest.raises(ValueError, match="'ratio' option .* must be > 1; got 1"):
         find_stages(np.arange(5), np.arange(5.0), ratio=1)
-    with pytest.raises(ValueError, match="min_width .* must be >= 0"):
+    with pytest.raises(ValueError, match="'min_width' option .* must be >= 0"):
         find_stages(np.arange(5), np.arange(5.0), min_width=-0.1)
-    with pytest.raises(ValueError, match="min_change .* must be in"):
+    with pytest.raises(ValueError, match="'min_change' option .* must be >= 0 and < 1; got 1"):
         find_stages(np.arange(5), np.arange(5.0), min_change=1)
+    with pytest.raises(ValueError, match="'stage_ratio' option of AnalysisConfig must be > 1; got 0.5"):
+        AnalysisConfig(stage_ratio=0.5)
     with pytest.raises(ValueError, match="step \\+ offset > 0"):
         find_stages(np.arange(5), np.arange(5.0), offset=0)
 

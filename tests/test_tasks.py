@@ -22,9 +22,12 @@ def test_a_token_spec_gives_the_data_make_data_gives():
 
 @pytest.mark.parametrize("spec, message", [
     ({"kind": "nope"}, r"'kind' option of the data spec must be one of \["),
-    ({"kind": "markov", "d_vocab": 32, "seq_len": 8, "n_train": 10}, r"needs the option 'n_test'"),
-    ({"kind": "markov", "d_vocab": 32, "seq_len": 8, "n_train": 0, "n_test": 5}, r"'n_train' option .* must be an integer >= 1; got 0"),
+    ({"kind": "markov", "d_vocab": 32, "seq_len": 8, "n_train": 10}, r"The 'n_test' option of the 'markov' data spec must be given \(>= 1\)"),
+    ({"kind": "markov", "d_vocab": 32, "seq_len": 8, "n_train": 0, "n_test": 5}, r"'n_train' option .* must be >= 1; got 0"),
     ({"kind": "markov", "d_vocab": 32, "seq_len": 8, "n_train": 4, "n_test": 5, "alfa": 1}, r"Unknown option\(s\) \['alfa'\]"),
+    ({"kind": "markov", "d_vocab": "32", "seq_len": 8, "n_train": 4, "n_test": 5},
+     r"^The 'd_vocab' option of the 'markov' data spec must be an integer; got '32' \(str\)\.$"),
+    ({"kind": "markov", "d_vocab": 32, "seq_len": 8, "n_train": True, "n_test": 5}, r"'n_train' option .* an integer; got True"),
 ])
 def test_bad_specs_are_refused_naming_the_option(spec, message):
     """Catches: a misspelt or impossible spec reaching data generation (or training) instead of one line naming

@@ -88,7 +88,8 @@ class AnalysisConfig:
     """
 
     # data: the series' own data (its manifest's spec) unless `analyze(..., data=...)` is given
-    n_sequences: int = option(256, "test sequences for behavioural metrics and essential dynamics", ge=1)
+    n_test_seqs: int = option(256, "test sequences for behavioural metrics and essential dynamics", ge=1,
+                              aliases=("n_sequences",))
     seq_len: int | None = option(None, "tokens per sequence cut from text data, BOS included (default: the model's "
                                "context, at most 128)", ge=2,
                                  why="(BOS and one token)")
@@ -112,7 +113,7 @@ class AnalysisConfig:
                              "(results/calibration.csv); else the settings above")
     calibrate_steps: int = option(50_000, "calibrate_llc's budget: SGLD steps per chain per checkpoint", ge=1)
     # head scores and classes
-    n_seqs: int = option(64, "probe sequences of the head scores", ge=1)
+    n_probe_seqs: int = option(64, "probe sequences of the head scores (metrics' n_seqs)", ge=1, aliases=("n_seqs",))
     thresholds: dict[str, float] = option({}, "classify_heads thresholds as JSON, e.g. '{\"prefix_matching\": 0.2}'")
     n_clusters: int = option(3, "cluster_heads: groups of heads by their rLLC and score trajectories (0: none)",
                             ge=0)
@@ -138,7 +139,7 @@ class AnalysisConfig:
         """Each option's type and range (`options.validate`), then what involves other modules: the stage
         options (`find_stages`' own check), the heads, the thresholds' names and the device."""
         validate(self)
-        check_stage_options(**self.stage_options(), prefix="stage_")
+        check_stage_options(**self.stage_options(), prefix="stage_", owner="AnalysisConfig")
         if self.heads is not None:
             self.heads = [head_name(*parse_head(h)) for h in self.heads]
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
@@ -154,8 +155,8 @@ class AnalysisConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> AnalysisConfig:
         """Few draws, head LLCs at 3 checkpoints, small probes: a rough analysis in about a minute."""
-        return cls.from_dict({**dict(num_chains=2, num_draws=20, num_burnin=10, head_steps=3, n_sequences=64,
-                                     n_seqs=16), **overrides}, source="the arguments")
+        return cls.from_dict({**dict(num_chains=2, num_draws=20, num_burnin=10, head_steps=3, n_test_seqs=64,
+                                     n_probe_seqs=16), **overrides}, source="the arguments")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "the config") -> AnalysisConfig:
@@ -261,7 +262,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
     say(f"{series}: LLC at every checkpoint" + (f", with {len(head_list)} heads'" if every else ""))
     llc = llc_over_series(series, train_data, sgld, heads=head_list if every else False, **run)
     say("the task's metrics" + (" (head scores and behavioural metrics)" if isinstance(task, TokenTask) else ""))
-    metrics = task.metrics_over_series(series, train_data, test_data, store_dir=store, n_seqs=config.n_seqs,
+    metrics = task.metrics_over_series(series, train_data, test_data, store_dir=store, n_seqs=config.n_probe_seqs,
                                        seed=config.seed, executor=executor, progress=progress)
     head_metrics = metrics[metrics["head"].notna()]
     classes = (classify_heads(metrics, thresholds=config.thresholds)
@@ -279,7 +280,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
 
     stages = find_stages(*model_curve(llc), **config.stage_options())
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
-    probes, proxy = task.probes(test_data, config.n_sequences)
+    probes, proxy = task.probes(test_data, config.n_test_seqs)
     ed = essential_dynamics(series, probes, proxy=proxy, n_components=config.n_components, sigma=config.ed_sigma,
                             seed=config.seed, device=config.device, store_dir=store, executor=executor,
                             progress=progress)
@@ -507,7 +508,7 @@ def _keep_apart(out: Path, series: CheckpointSeries) -> None:
 
 
 def task_data(series: CheckpointSeries, data, config: AnalysisConfig, progress: bool = True) -> tuple[Task, Any, Any]:
-    """(task, train data for sampling and the task's statistics, test data cut to `n_sequences`): the series'
+    """(task, train data for sampling and the task's statistics, test data cut to `n_test_seqs`): the series'
     own task from its manifest's spec, or a token task on `data` (tokens, or text the model's tokenizer cuts)."""
     spec = series.meta.get("data")
     if data is None and not spec:
@@ -530,7 +531,7 @@ def task_data(series: CheckpointSeries, data, config: AnalysisConfig, progress: 
             data = pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos, progress=progress)["train"]
         task = TokenTask.of_tokens(data, data, tokenizer=tokenizer, bos=bos)
     train, test = task.data()
-    test = index_batch(test, slice(0, config.n_sequences))
+    test = index_batch(test, slice(0, config.n_test_seqs))
     n_test = len(test) if isinstance(test, torch.Tensor) else len(test[0])
     if not 0 <= config.sample_index < n_test:
         raise InvalidValueError(f"sample_index={config.sample_index} is out of range: {n_test} test sequences.")

@@ -167,24 +167,24 @@ def compare_series(
     data: Any = None,
     sgld: dict[str, Any] | None = None,
     store_dir: str | os.PathLike | None = None,
-    n_sequences: int = 256,
-    n_seqs: int = 64,
+    n_test_seqs: int = 256,
+    n_probe_seqs: int = 64,
     progress: bool = True,
 ) -> SeriesComparison:
     """Align two series' results on their common steps (see the module docstring).
 
     `a`, `b`: `AnalysisResult`s, `analyze` output folders, or series / series folders. For series: `data`
     replaces their own data; `sgld` (keyword arguments of `llc_over_series`, e.g. `dict(num_draws=40,
-    heads=True)`) also estimates LLCs; `store_dir` keeps per-checkpoint results for reruns; `n_sequences`
-    test sequences for the loss, `n_seqs` probe sequences for the head scores; `progress` shows their bars.
+    heads=True)`) also estimates LLCs; `store_dir` keeps per-checkpoint results for reruns; `n_test_seqs`
+    test sequences for the loss, `n_probe_seqs` probe sequences for the head scores; `progress` shows their bars.
     The phase change is the first step where max over heads of `metric` >= `threshold`.
     """
     if metric not in HEAD_METRICS:
         raise InvalidValueError(f"metric must be a head score, one of {list(HEAD_METRICS)}; got {metric!r}.")
     if len(labels) != 2 or labels[0] == labels[1]:
         raise InvalidValueError(f"labels must be two different names, got {labels!r}.")
-    sides = [_results(x, label, data=data, sgld=sgld, store_dir=store_dir, n_sequences=n_sequences, n_seqs=n_seqs,
-                      progress=progress) for x, label in zip((a, b), labels)]
+    sides = [_results(x, label, data=data, sgld=sgld, store_dir=store_dir, n_test_seqs=n_test_seqs,
+                      n_probe_seqs=n_probe_seqs, progress=progress) for x, label in zip((a, b), labels)]
     long = [_long(llc, metrics) for llc, metrics, _ in sides]
     aligned = long[0].merge(long[1], on=["step", "quantity", "layer", "head"], suffixes=("_a", "_b"))
     if aligned.empty:
@@ -219,7 +219,7 @@ def phase_change(metrics: pd.DataFrame, *, metric: str = "prefix_matching", thre
 
 
 # --------------------------------------------------------------------------------------------------
-def _results(x, label: str, *, data, sgld, store_dir, n_sequences: int, n_seqs: int, progress: bool):
+def _results(x, label: str, *, data, sgld, store_dir, n_test_seqs: int, n_probe_seqs: int, progress: bool):
     """(LLC frame or None, metrics frame, stages) of one side."""
     if isinstance(x, AnalysisResult):
         return x.llc, x.metrics, x.stages
@@ -236,14 +236,14 @@ def _results(x, label: str, *, data, sgld, store_dir, n_sequences: int, n_seqs: 
     if not isinstance(x, CheckpointSeries):
         raise InvalidTypeError(f"{label} must be an AnalysisResult, an analyze output folder, a CheckpointSeries or a series "
                                f"folder; got {type(x).__name__}.")
-    task, train, test = task_data(x, data, AnalysisConfig(n_sequences=n_sequences))
+    task, train, test = task_data(x, data, AnalysisConfig(n_test_seqs=n_test_seqs))
     # one store folder per series (its manifest, so another series under the same label never reuses results)
     store = None if store_dir is None or not x.meta else Path(store_dir) / f"{label}-{_meta_hash(x.meta)}"
     if isinstance(task, TokenTask):
-        metrics = metrics_over_series(x, metrics=[*HEAD_METRICS, "loss"], tokens=test, n_seqs=n_seqs,
+        metrics = metrics_over_series(x, metrics=[*HEAD_METRICS, "loss"], tokens=test, n_seqs=n_probe_seqs,
                                       store_dir=store, progress=progress)
     else:
-        metrics = task.metrics_over_series(x, train, test, store_dir=store, n_seqs=n_seqs, progress=progress)
+        metrics = task.metrics_over_series(x, train, test, store_dir=store, n_seqs=n_probe_seqs, progress=progress)
     if sgld is None:
         return None, metrics, []
     llc = llc_over_series(x, train, store_dir=store, progress=progress, loss_fn=task.sampler_loss, **sgld)

@@ -13,6 +13,7 @@ callback has the weights and the loss curve of the run without it.
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -104,6 +105,11 @@ class LLCCallback(TrainerCallback):
 
     def attach(self, trainer) -> LLCCallback:
         """The Trainer whose `log` receives the estimates (returns self, for `trainer.add_callback`)."""
+        report_to = getattr(trainer.args, "report_to", None) or []
+        for extra in ("tensorboard", "wandb"):
+            if extra in report_to and importlib.util.find_spec(extra) is None:
+                raise MissingDependencyError(f"The Trainer reports to {extra}, which is not installed: "
+                                  f"pip install 'tl_devinterp[{extra}]'.")
         self.trainer = trainer
         return self
 

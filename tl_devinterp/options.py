@@ -15,6 +15,9 @@ note where the meaning or default differs). Then:
 
    Checks that involve several options stay in the class, after `validate`, in the same words.
 
+Options that live in a mapping rather than a dataclass (a task's data spec) are declared as `Declared(hint,
+default, Option(...))` and checked by `check_mapping`, with the same messages.
+
 Config files (JSON or TOML tables of option: value) are read by `read_config_file`.
 """
 
@@ -156,6 +159,38 @@ def check(owner: str, name: str, value: Any, hint: Any, opt: Option) -> Any:
         raise InvalidOptionError(f"The '{name}' option of {owner} must be {opt.allowed()}"
                                  f"{' ' + opt.why if opt.why else ''}; got {given!r}.")
     return value
+
+
+REQUIRED: Any = object()
+"""The default of a declared option that must be given."""
+
+
+@dataclass(frozen=True)
+class Declared:
+    """An option declared in a mapping (a task spec's `OPTIONS`): its type hint, its default (`REQUIRED`: it must
+    be given) and its constraints."""
+
+    hint: Any
+    default: Any = REQUIRED
+    option: Option = Option()
+
+
+def check_mapping(owner: str, values: Mapping[str, Any], declared: Mapping[str, Declared], *,
+                  extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`values` with defaults filled in, in the order declared, each checked by `check` (kept as given: an int
+    stays an int); an InvalidOptionError names an unknown or missing key (`extra`: keys taken besides, dropped)."""
+    unknown = sorted(set(values) - set(declared) - set(extra))
+    if unknown:
+        raise InvalidOptionError(f"Unknown option(s) {unknown} of {owner}; valid options: {sorted(declared)}.")
+    out = {}
+    for name, d in declared.items():
+        value = values.get(name, d.default)
+        if value is REQUIRED:
+            allowed = d.option.allowed()
+            raise InvalidOptionError(f"The '{name}' option of {owner} must be given{f' ({allowed})' * bool(allowed)}.")
+        check(owner, name, value, d.hint, d.option)
+        out[name] = value
+    return out
 
 
 def _is_number(v: Any) -> bool:

@@ -51,6 +51,7 @@ import pandas as pd
 from jaxtyping import Float
 
 from ..errors import InvalidValueError
+from ..options import Declared, Option, check
 
 KNOT_COST = 4.0  # χ² a knot must save to enter the fit (Akaike: 2 per parameter, its place and its bend)
 
@@ -140,20 +141,22 @@ def fit_piecewise_linear(
     return PiecewiseFit(np.array(knots), cov @ X.T @ (w * y), cov)
 
 
-def check_stage_options(z: float, ratio: float, min_width: float, min_change: float, *, prefix: str = "") -> None:
-    """The one check of `find_stages`' options; `prefix` names them as the caller does (`stage_` in
-    AnalysisConfig)."""
-    if not 0 <= z < np.inf:
-        raise InvalidValueError(f"{prefix}z (standard errors a boundary must exceed the noise by) must be >= 0 and finite, "
-                                f"got {z}.")
-    if not 1 < ratio < np.inf:
-        raise InvalidValueError(f"{prefix}ratio (speed-up or slow-down that makes a boundary) must be > 1 and finite, got "
-                                f"{ratio}.")
-    if not 0 <= min_width < np.inf:
-        raise InvalidValueError(f"{prefix}min_width (narrowest stage in log-step) must be >= 0 and finite, got {min_width}.")
-    if not 0 <= min_change < 1:
-        raise InvalidValueError(f"{prefix}min_change (smallest change of a stage, fraction of λ̂'s range) must be in [0, 1), "
-                         f"got {min_change}.")
+STAGE_OPTIONS = {
+    "z": Declared(float, option=Option(ge=0, help="standard errors a boundary must exceed the noise by")),
+    "ratio": Declared(float, option=Option(gt=1, help="speed-up or slow-down that makes a boundary")),
+    "min_width": Declared(float, option=Option(ge=0, help="narrowest stage in log-step")),
+    "min_change": Declared(float, option=Option(ge=0, lt=1, help="smallest change of a stage, fraction of λ̂'s range")),
+}
+"""`find_stages`' options, declared once (`options.Declared`); `AnalysisConfig` gives them as `stage_*`."""
+
+
+def check_stage_options(z: float, ratio: float, min_width: float, min_change: float, *, prefix: str = "",
+                        owner: str = "find_stages") -> None:
+    """The one check of `find_stages`' options (`options.check`, its message format); `prefix` and `owner`
+    name them as the caller does (`stage_`, AnalysisConfig)."""
+    for name, value in dict(z=z, ratio=ratio, min_width=min_width, min_change=min_change).items():
+        declared = STAGE_OPTIONS[name]
+        check(owner, prefix + name, value, declared.hint, declared.option)
 
 
 def find_stages(

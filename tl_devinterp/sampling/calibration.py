@@ -8,8 +8,9 @@ its own bias (design.md §4). The rule removes them in turn, on chains that have
    MIN_DRAWS); a run the diagnostics call "not mixed" (virial E[(w − w*)·∇U]/d below 1: chains still
    spreading out; ‖w − w*‖ or the trace still moving; R-hat > 1.05) runs again with twice the burn-in.
 2. Step size. SGLD's discretisation widens a direction of stiffness k by 1/(1 − εk/4): the virial measures
-   that inflation directly (`diagnostics`). ε is halved until the virial is within VIRIAL_TOLERANCE of 1
-   (or a chain diverges: ε ÷ 4). A rung's first ε is the previous rung's scaled by nβ_prev/nβ (stiffness ∝ nβ).
+   that inflation directly (`diagnostics`). ε is halved while the virial exceeds 1 by more than
+   VIRIAL_TOLERANCE and 2 of its MCSEs (a chain diverging: ε ÷ 4); while 2 MCSEs exceed VIRIAL_UNDECIDED,
+   the run is repeated with twice the burn-in and draws (draws are spent where the choice is made). A rung's first ε is the previous rung's scaled by nβ_prev/nβ (stiffness ∝ nβ).
 3. Temperature and prior. With γ fixed, raising nβ shrinks the prior's pull and the finite-nβ bias at once
    (the chains concentrate where the likelihood, not γ, holds them): nβ climbs a ladder (×10 while the prior
    dominates, ×4 after) from the config's nβ until λ̂ moves by less than `tolerance` (relative, beyond 2 SEs)
@@ -39,13 +40,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import InvalidValueError, LLCDivergenceError
-from .diagnostics import PRIOR_DOMINATED
+from .diagnostics import PRIOR_DOMINATED, mcmc_summary
 from .heads import summary
 from .llc import estimate_llc
 from .settings import SGLDConfig
 
 BURNIN_RELAXATIONS = 0.5  # first burn-in 0.5/(εγ) steps, half the prior's relaxation time; doubled while not mixed
-VIRIAL_TOLERANCE = 0.03  # virial − 1 above this: ε too coarse (the chains ≈ 3% wider than p)
+VIRIAL_TOLERANCE = 0.03  # virial − 1 above this (and 2 MCSEs): ε too coarse (the chains ≈ 3% wider than p)
+VIRIAL_UNDECIDED = 0.1  # 2 MCSEs of the virial above this: too few draws to judge ε, run longer
 MIN_DRAWS = 200
 SETTING = ["epsilon", "gamma", "nbeta", "num_burnin", "num_draws"]
 
@@ -122,9 +124,14 @@ def calibrate_llc(
                 burnin *= 4
                 continue
             d = r.diagnostics
-            if d.virial - 1 > VIRIAL_TOLERANCE:
+            se = mcmc_summary(r.trace["virial"] / r.d)["mcse"]  # the virial's own noise: decide only beyond it
+            se = se if math.isfinite(se) else math.inf
+            if d.virial - 1 > max(VIRIAL_TOLERANCE, 2 * se):
                 rows[-1]["verdict"] = "ε too coarse"
                 epsilon /= 2
+                burnin *= 2
+            elif 2 * se > VIRIAL_UNDECIDED:  # too few draws to tell: spend more where the choice is made
+                rows[-1]["verdict"] = "virial undecided: more draws"
                 burnin *= 2
             elif d.regime == "not mixed":
                 rows[-1]["verdict"] = "not mixed"

@@ -45,7 +45,12 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from ..errors import InvalidTypeError, InvalidValueError, LLCDivergenceError, UnknownKeyError
+from ..errors import (
+    InvalidTypeError,
+    InvalidValueError,
+    LLCDivergenceError,
+    UnknownKeyError,
+)
 from ..models import (
     eval_mode,
     hf_boot_hint,
@@ -55,7 +60,7 @@ from ..models import (
     parameter_slots,
     sampled_parameters,
 )
-from .batches import batch_stream, lm_batch
+from .batches import as_tensors, batch_stream, lm_batch
 from .diagnostics import TRACES, ChainStats, SamplerDiagnostics, SamplerWarning, summarise
 from .fast_forward import fast_forward, precision_context, verified_fast_forward
 from .restrict import Restriction, resolve_restriction
@@ -120,7 +125,8 @@ class LLCResult:
 
     def to_xarray(self):
         """The traces as an `xarray.Dataset` on dims (chain, draw): `llc` (nβ·(L_B(w_t) − L_B(w*))), `loss`
-        (L_B(w_t)) and `init_loss` (L_B(w*), per draw), with the estimate and its settings as attributes."""
+        (L_B(w_t)) and the other per-draw sampler metrics of `trace` (‖w − w*‖, ‖∇L‖, acceptance, ...), and
+        `init_loss` (L_B(w*), per draw), with the estimate and its settings as attributes."""
         import xarray as xr
 
         chains, draws = self.loss_trace.shape
@@ -128,19 +134,19 @@ class LLCResult:
         attrs = {"llc_mean": self.mean, "llc_std": self.std, "llc_se": self.se, "d": self.d,
                  "restrict": self.restrict, "init_loss": self.init_loss, "forward": self.forward,
                  **{f"sgld_{k}": v for k, v in self.config.to_dict().items()}}
-        return xr.Dataset({"llc": (("chain", "draw"), self.llc_trace.double().numpy()),
-                           "loss": (("chain", "draw"), self.loss_trace.double().numpy()),
-                           "init_loss": (("draw",), self.init_losses.double().numpy())}, coords=coords, attrs=attrs)
+        per_draw = {"llc": self.llc_trace.double().numpy(), **self.trace, "loss": self.loss_trace.double().numpy()}
+        return xr.Dataset({k: (("chain", "draw"), np.asarray(v)) for k, v in per_draw.items()}
+                          | {"init_loss": (("draw",), self.init_losses.double().numpy())}, coords=coords, attrs=attrs)
 
     def to_inference_data(self):
         """An ArviZ `InferenceData`: `llc` in its posterior group (for `arviz.summary`, `rhat`, `ess`,
-        `plot_trace`), the losses in `sample_stats`, on dims (chain, draw)."""
+        `plot_trace`), the losses and sampler metrics in `sample_stats`, on dims (chain, draw)."""
         import arviz as az
 
         data = self.to_xarray()
         attrs = {k: v for k, v in data.attrs.items() if v is not None}  # netCDF-safe attributes
         return az.InferenceData(posterior=data[["llc"]].assign_attrs(attrs),
-                                sample_stats=data[["loss", "init_loss"]].assign_attrs(attrs))
+                                sample_stats=data.drop_vars("llc").assign_attrs(attrs))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +319,9 @@ def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config
     params = sampled_parameters(model)
     device = next(iter(params.values())).device
     w_star = {n: p.detach() for n, p in params.items()}
-    batches = batch_stream(data, config.batch_size, config.seed, device)
+    accumulate, thin = config.gradient_accumulation_steps, config.steps_between_draws
+    loader = isinstance(as_tensors(data), torch.utils.data.DataLoader)  # a loader's batches are taken k at a time
+    batches = batch_stream(data, config.batch_size * (1 if loader else accumulate), config.seed, device)
     first = next(batch_stream(data, config.batch_size, config.seed, device))[1]  # for the one-time checks below
     forward, how = sampling_forward or choose_forward(model, loss_fn, config, first)
     objective = Objective(model, fast_lm_loss(forward) if forward else resolve_loss(model, loss_fn), config.precision)
@@ -326,20 +334,28 @@ def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config
         starts = [0] * len(restrictions)
 
     stacks = _stacks(restrictions, starts, w_star, config, device)
+    if config.init_noise:  # chains start at w* + init_noise·N(0, 1) on their coordinates
+        for stack in stacks:
+            stack.chains.weights.add_(_noise(stack, device), alpha=config.init_noise)
     step_rule = SAMPLERS[config.sampler]
     trace = torch.empty(len(restrictions), config.num_chains, config.num_draws)
     init_losses = torch.empty(config.num_draws)
     checkpoint_losses: dict[int, float] = {}  # batch key -> L_B(w*)
     reference = limit = None  # the checkpoint's loss on the first batch, and the loss a chain may not exceed
 
-    for step in tqdm(range(config.num_burnin + config.num_draws), desc=desc, unit="step", leave=False, disable=not progress):
+    for step in tqdm(range(config.num_burnin + config.num_draws * thin), desc=desc, unit="step", leave=False,
+                     disable=not progress):
+        # A step's batch: `accumulate` micro-batches of batch_size (the rows of one batch of batch_size × k).
         key, batch = next(batches)
-        draw = step - config.num_burnin
+        micro = (_split(batch, accumulate) if not loader else [batch, *(next(batches)[1] for _ in range(accumulate - 1))]
+                 ) if accumulate > 1 else [batch]
+        since = step - config.num_burnin  # steps after burn-in; every `thin`-th is a draw
+        draw, recorded = since // thin, since >= 0 and since % thin == 0
         # 1. The checkpoint's loss on this batch (once per batch), the reference every draw is paired with.
         l_star = checkpoint_losses.get(key) if key is not None else None
-        if l_star is None and (draw >= 0 or limit is None):
+        if l_star is None and (recorded or limit is None):
             with torch.no_grad():
-                l_star = objective(batch).item()
+                l_star = sum(objective(b).item() for b in micro) / len(micro)
             if not math.isfinite(l_star):
                 raise InvalidValueError(f"{desc}: the checkpoint's own loss is {l_star} on the sampled data, so its weights "
                                         f"are damaged (NaN/inf); reload or retrain the checkpoint.")
@@ -347,15 +363,18 @@ def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config
                 checkpoint_losses[key] = l_star
         if limit is None:
             reference, limit = l_star, l_star + EXPLODE * max(1.0, abs(l_star))
-        if draw >= 0:
+        if recorded:
             init_losses[draw] = l_star
         with torch.no_grad():  # 2. the shared residual streams at w*
-            extra = {layer: () if layer == 0 else (model(lm_batch(batch)[0], stop_at_layer=layer), layer) for layer in set(starts)}
+            extra = [{layer: () if layer == 0 else (model(lm_batch(b)[0], stop_at_layer=layer), layer) for layer in set(starts)}
+                     for b in micro]
         for stack in stacks:
             chains = stack.chains
             # 3. Every chain's loss and gradient in one batched call: its coordinates in its restriction's
-            #    parameters, w* elsewhere.
-            losses, grad = _losses_and_grads(objective, stack, w_star, batch, extra[stack.start])
+            #    parameters, w* elsewhere (averaged over the micro-batches).
+            parts = [_losses_and_grads(objective, stack, w_star, b, e[stack.start]) for b, e in zip(micro, extra)]
+            losses, grad = (parts[0] if len(parts) == 1 else
+                            (sum(p[0] for p in parts) / len(parts), sum(p[1] for p in parts) / len(parts)))
             values = losses.double().cpu().numpy()
             if not (values < limit).all():  # also catches NaN
                 g = int(np.argmin(values < limit))
@@ -365,7 +384,7 @@ def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config
                     f"({'burn-in' if draw < 0 else f'draw {draw}'}): loss {values[g]:.4g} vs {reference:.4g} at "
                     f"the checkpoint. Lower epsilon (now {config.epsilon:g}) or raise gamma (now {config.gamma:g})."
                 )
-            if draw >= 0:
+            if recorded:
                 trace[(*stack.index, draw)] = torch.from_numpy(values).float()
                 if observe is not None and draw % config.draws_every == 0:
                     with torch.no_grad():
@@ -373,17 +392,22 @@ def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config
                             observe(r, c, draw // config.draws_every, w_star | stack.unflat(stack.full(i)))
             with torch.no_grad():
                 # 4. Each chain's noise from its own generator, on its restriction's coordinates only.
-                noise = torch.stack([torch.randn(stack.star.shape[-1], generator=g, device=device) for g in chains.generators])
+                noise = _noise(stack, device)
                 offset = chains.weights - stack.star  # 5. the state about to be left, for the diagnostics
-                drift = step_rule(chains, stack.star, grad, noise, config)  # 6. the sampler's update
-                if draw >= 0:
+                pull = grad if not config.weight_decay else grad.add(  # devinterp's weight decay: + weight_decay·w
+                    chains.weights, alpha=config.weight_decay / config.nbeta)
+                drift = step_rule(chains, stack.star, pull, noise, config)  # 6. the sampler's update
+                if config.bounding_box_size is not None:  # devinterp's box: w* ± bounding_box_size
+                    box = config.bounding_box_size
+                    torch.clamp(chains.weights, stack.star - box, stack.star + box, out=chains.weights)
+                if since >= 0:  # every step after burn-in (MALA scores consecutive states); thinned below
                     chains.stats.update(loss=values, offset=offset, grad=grad, drift=drift, noise=noise, config=config)
 
     per_step = {k: np.empty((len(restrictions), config.num_chains, config.num_draws)) for k in TRACES[1:]}
     finals, batched = {}, {}
     for stack in stacks:
         for k, v in stack.chains.stats.traces().items():
-            per_step[k][stack.index] = v
+            per_step[k][stack.index] = v[:, ::thin]  # the draws' steps
         for i, (r, c) in enumerate(stack.members):
             finals[r, c] = (stack, i)
             batched[r] = batched.get(r, True) and stack.batched
@@ -520,6 +544,18 @@ def _losses_and_grads(objective: Objective, stack: _Stack, w_star: dict[str, tor
         losses.append(value.detach())
         grads.append(torch.autograd.grad(value, row)[0])
     return torch.stack(losses), torch.stack(grads)
+
+
+def _noise(stack: _Stack, device) -> Float[torch.Tensor, "chains d"]:
+    """N(0, 1) on each chain's coordinates, from its own generator."""
+    return torch.stack([torch.randn(stack.star.shape[-1], generator=g, device=device) for g in stack.chains.generators])
+
+
+def _split(batch, k: int) -> list:
+    """A batch (a tensor or a tuple of tensors) as k equal micro-batches along its rows."""
+    if isinstance(batch, torch.Tensor):
+        return list(batch.tensor_split(k))
+    return [type(batch)(parts) for parts in zip(*(t.tensor_split(k) for t in batch))]
 
 
 def _drop_unused(objective: Objective, w_star: dict[str, torch.Tensor], restrictions: list[Restriction],

@@ -38,12 +38,13 @@ model of superposition (`tms`), `tasks.tms`; bursty few-shot classification (`bu
 `tasks.bursty`.
 """
 
-from .base import TASKS, Batch, Option, Task, make_task, register
+from ..options import Declared
+from .base import TASKS, Batch, Task, make_task, register
 from .bursty import BurstyClassification
 from .regression import ICLRegression, SparseRegression, dmmse_predictions, ridge_predictions
 from .tms import TMSTask
 from .tokens import MarkovTokens, StdlibTokens, TokenTask
 
-__all__ = ["TASKS", "Batch", "Option", "Task", "make_task", "register", "TokenTask", "MarkovTokens", "StdlibTokens",
+__all__ = ["TASKS", "Batch", "Declared", "Task", "make_task", "register", "TokenTask", "MarkovTokens", "StdlibTokens",
            "ICLRegression", "SparseRegression", "ridge_predictions", "dmmse_predictions", "TMSTask",
            "BurstyClassification"]

@@ -6,11 +6,9 @@ derives from, the declaration of a spec's options, and the registry that turns a
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
@@ -22,6 +20,7 @@ from torch import nn
 from ..errors import InvalidTypeError, InvalidValueError
 from ..files import fingerprint
 from ..models import ModelConfig, build_model, model_device
+from ..options import REQUIRED, Declared, Option, check_mapping
 from ..results import METRIC_COLUMNS
 from ..runner import map_series
 from ..store import ResultStore
@@ -32,32 +31,19 @@ dimension (e.g. inputs, targets, read-out mask). The sampler's `batch_stream` yi
 
 
 
-REQUIRED = object()
-"""The default of an option a spec must give."""
+def integer(low: int, default: Any = REQUIRED) -> Declared:
+    """An integer option >= `low` (`default` REQUIRED: the spec must give it; None: it may be None)."""
+    return Declared(int | None if default is None else int, default, Option(ge=low))
 
 
-@dataclass(frozen=True)
-class Option:
-    """One option of a spec: its default (`REQUIRED`: none), its kind and the allowed values in words."""
-
-    default: Any
-    kind: type | tuple[type, ...]
-    allowed: str  # e.g. "an integer >= 1"
-    check: Callable[[Any], bool] = lambda v: True
-    choices: tuple[Any, ...] | None = None
+def number(low: float, default: Any = REQUIRED, *, strict: bool = False, high: float | None = None) -> Declared:
+    """A finite number option >= `low` (> with `strict`), <= `high` if given (None default: it may be None)."""
+    bounds = dict(gt=low) if strict else dict(ge=low)
+    return Declared(float | None if default is None else float, default, Option(le=high, **bounds))
 
 
-def integer(low: int, default: Any = REQUIRED) -> Option:
-    return Option(default, int, f"an integer >= {low}", lambda v: v >= low)
-
-
-def number(low: float, default: Any = REQUIRED, *, strict: bool = False) -> Option:
-    return Option(default, (int, float), f"a finite number {'>' if strict else '>='} {low}",
-                  lambda v: math.isfinite(v) and (v > low if strict else v >= low))
-
-
-def choice(values: Sequence[Any], default: Any) -> Option:
-    return Option(default, object, f"one of {list(values)}", lambda v: v in values, tuple(values))
+def choice(values: Sequence[Any], default: Any) -> Declared:
+    return Declared(Any, default, Option(choices=tuple(values)))
 
 
 class Task:
@@ -69,7 +55,7 @@ class Task:
     """
 
     kind: ClassVar[str] = ""
-    OPTIONS: ClassVar[dict[str, Option]] = {}
+    OPTIONS: ClassVar[dict[str, Declared]] = {}  # made by `integer`, `number`, `choice` or `options.Declared`
     has_heads: ClassVar[bool] = True  # head LLCs, head clusters and attention views apply
     sampler_defaults: ClassVar[dict[str, Any]] = {}  # SGLD settings suited to the task's loss scale (e.g.
     # epsilon, gamma, nbeta): `analyze` uses them for the options the user leaves at the library's defaults
@@ -85,23 +71,7 @@ class Task:
     @classmethod
     def check_spec(cls, spec: dict[str, Any]) -> dict[str, Any]:
         """The spec with defaults filled in; a ValueError naming the option and its allowed values otherwise."""
-        unknown = sorted(set(spec) - set(cls.OPTIONS) - {"kind"})
-        if unknown:
-            raise InvalidValueError(f"Unknown option(s) {unknown} of a {cls.kind!r} data spec; its options: "
-                                    f"{sorted(cls.OPTIONS)}.")
-        out = {"kind": cls.kind}
-        for name, opt in cls.OPTIONS.items():
-            value = spec.get(name, opt.default)
-            if value is REQUIRED:
-                raise InvalidValueError(f"The {cls.kind!r} data spec needs the option {name!r} ({opt.allowed}).")
-            if value is not None:
-                ok = (opt.choices is not None and value in opt.choices) or (
-                    opt.choices is None and isinstance(value, opt.kind) and not isinstance(value, bool)
-                    and opt.check(value))
-                if not ok:
-                    raise InvalidValueError(f"The {name!r} option of the {cls.kind!r} data spec must be {opt.allowed}; "
-                                            f"got {value!r}.")
-            out[name] = value
+        out = {"kind": cls.kind, **check_mapping(f"the {cls.kind!r} data spec", spec, cls.OPTIONS, extra=("kind",))}
         cls.check_shapes(out)
         return out
 

@@ -36,7 +36,8 @@ from torch import nn
 
 from ..errors import InvalidValueError
 from ..models import ModelConfig, model_device
-from .base import Option, Task, integer, number, register
+from ..options import Declared, Option
+from .base import Task, integer, number, register
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs [n, 2N+1, D+L], query labels [n], classes [n, N+1]
 
@@ -50,10 +51,10 @@ class BurstyClassification(Task):
     kind = "bursty-classification"
     OPTIONS = dict(
         K=integer(1, 64), L=integer(2, 8), D=integer(1, 16), N=integer(1, 8), B=integer(1, 2),
-        p_bursty=Option(0.9, (int, float), "a number in [0, 1]", lambda v: 0 <= v <= 1),
+        p_bursty=number(0.0, 0.9, high=1.0),
         alpha=number(0.0, 1.0), epsilon=number(0.0, 0.1),
-        exemplar_file=Option(None, str, "None (Gaussian clusters) or the path of a .npy array [classes, exemplars "
-                             "per class, D]", lambda v: v.endswith(".npy")),
+        exemplar_file=Declared(str | None, None, Option(help="None (Gaussian clusters) or the path of a .npy array "
+                                                            "[classes, exemplars per class, D]")),
         n_train=integer(1, 20_000), n_test=integer(1, 512), n_eval=integer(1, 512), seed=integer(0, 0),
     )
 
@@ -72,7 +73,7 @@ class BurstyClassification(Task):
                                     f"(the classes of a bursty context); got {K}.")
         if spec["exemplar_file"] is not None:
             path = Path(spec["exemplar_file"])
-            if not path.is_file():
+            if path.suffix != ".npy" or not path.is_file():
                 raise InvalidValueError(f"The 'exemplar_file' option of the 'bursty-classification' data spec must name a "
                                         f".npy file; {path} does not exist.")
             shape = np.load(path, mmap_mode="r").shape

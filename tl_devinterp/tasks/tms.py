@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import InvalidValueError
 from ..models import ModelConfig
-from .base import Option, Task, integer, number, register
+from .base import Task, integer, number, register
 
 PAPER_KGONS = {  # Chen et al. 2023, c = 6: (optimal length l*, bias b*, loss) of the standard k-gons
     5: (1.17046, -0.28230, 0.06874),
@@ -233,8 +233,7 @@ class TMSTask(Task):
         "n_hidden": integer(1, 2),
         "n_train": integer(1, 1000),
         "n_test": integer(1, 10_000),
-        "p_active": Option(None, (int, float), "None (one active feature) or a number in (0, 1]",
-                           lambda v: 0 < v <= 1),
+        "p_active": number(0, None, strict=True, high=1),  # None: one active feature
         "init_scale": number(0, 0.1, strict=True),
         "seed": integer(0, 0),
     }
