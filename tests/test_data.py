@@ -4,6 +4,7 @@ import torch
 
 from tl_devinterp.data import (
     BOS,
+    data_form,
     make_data,
     markov_tokens,
     pack_texts,
@@ -83,3 +84,19 @@ def test_data_specs_regenerate_identical_data():
     assert a["train"]["input_ids"] != make_data({**spec, "seed": 1})["train"]["input_ids"]
     with pytest.raises(ValueError, match="Unknown data kind"):
         make_data({"kind": "wikipedia"})
+
+
+def test_data_form_is_decided_once_and_a_tensorlens_tokens_dataset_is_not_text(tmp_path):
+    """Catches: a TransformerLens `tokenize_and_concatenate` dataset (column "tokens") read as text by one reader
+    and as tokens by another (analyze's old test looked for "input_ids" only), or filtered by a missing column."""
+    from tl_devinterp.sampling import filter_dataset
+
+    tokens = repeated_random_tokens(4, 3, 10)
+    tl_style = datasets.Dataset.from_dict({"tokens": tokens.tolist()})
+    cases = [(torch.utils.data.DataLoader(tokens), "loader"), (tokens, "tensor"), ((tokens, tokens), "tensors"),
+             ({"input_ids": tokens}, "mapping"), (tl_style, "dataset"),
+             (datasets.Dataset.from_dict({"text": ["a b"]}), "text dataset"), (tmp_path / "a.txt", "text files"),
+             (["a.txt", tmp_path / "b.txt"], "text files"), (3, None), ([], None)]
+    assert [data_form(data) for data, _ in cases] == [form for _, form in cases]
+    kept = filter_dataset(tl_style, lambda row: row[1] == tokens[0, 1].item())
+    assert kept["tokens"][0] == tokens[0].tolist()

@@ -31,13 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import pack_texts, text_files
+from .data import data_form, pack_texts, text_files
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
 from .dynamics.stages import check_stage_options
 from .dynamics.trajectories import HeadClusters, cluster_heads
@@ -522,11 +521,12 @@ def task_data(series: CheckpointSeries, data, config: AnalysisConfig, progress: 
             raise InvalidValueError(f"data= replaces a token series' data; this series' task is {spec.get('kind')!r}, "
                                     f"whose data come from its spec: drop data= (--data).")
         tokenizer, bos, n_ctx = _tokenizer(series)
-        if _is_text(data):
+        form = data_form(data)
+        if form in ("text dataset", "text files"):
             if tokenizer is None:
                 raise InvalidValueError("Text data needs the models' tokenizer and this series has none: pass token data "
                                         "(a tensor [n, seq] or a dataset with input_ids).")
-            texts = data if isinstance(data, datasets.Dataset) else text_files(data)
+            texts = data if form == "text dataset" else text_files(data)
             seq_len = config.seq_len or min(n_ctx, 128)
             data = pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos, progress=progress)["train"]
         task = TokenTask.of_tokens(data, data, tokenizer=tokenizer, bos=bos)
@@ -547,15 +547,6 @@ def _tokenizer(series: CheckpointSeries):
         return task.tokenizer, task.bos, model_config["n_ctx"]
     model = series.load(series.steps[0])
     return getattr(model, "tokenizer", None), bos_token_id(model), model.cfg.n_ctx
-
-
-def _is_text(data) -> bool:
-    """Text files (a path or a list of paths) or a text dataset, rather than tokens."""
-    if isinstance(data, (str, os.PathLike)):
-        return True
-    if isinstance(data, (list, tuple)):
-        return bool(data) and all(isinstance(d, (str, os.PathLike)) for d in data)
-    return isinstance(data, datasets.Dataset) and "input_ids" not in data.column_names
 
 
 def _task_sampler(sgld: SGLDConfig, task: Task) -> SGLDConfig:

@@ -274,6 +274,26 @@ TOKEN_COLUMNS = ("input_ids", "tokens")
 `tokenize_and_concatenate` `tokens`."""
 
 
+def data_form(data: Any) -> str | None:
+    """What form `data` is in, decided here once for every reader: "loader" (a torch DataLoader), "tensor" (one
+    tensor), "tensors" (a list or tuple of tensors), "mapping" (a dict or a tokenizer's BatchEncoding), "dataset"
+    (a `datasets.Dataset` with a token column, `TOKEN_COLUMNS`), "text dataset" (one without), "text files" (a
+    path or a list of paths); None for anything else."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        return "loader"
+    if isinstance(data, torch.Tensor):
+        return "tensor"
+    if isinstance(data, (str, os.PathLike)):
+        return "text files"
+    if isinstance(data, (list, tuple)) and data:
+        if all(isinstance(t, torch.Tensor) for t in data):
+            return "tensors"
+        return "text files" if all(isinstance(d, (str, os.PathLike)) for d in data) else None
+    if isinstance(data, datasets.Dataset):
+        return "dataset" if any(c in data.column_names for c in TOKEN_COLUMNS) else "text dataset"
+    return "mapping" if hasattr(data, "keys") else None
+
+
 def token_column(data) -> str:
     """The column of a `datasets.Dataset` that holds its token ids (`TOKEN_COLUMNS`, in that order)."""
     column = next((c for c in TOKEN_COLUMNS if c in data.column_names), None)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int
 
-from ..data import token_column, token_tensor
+from ..data import data_form, token_column, token_tensor
 from ..errors import InvalidTypeError, InvalidValueError
 from ..files import fingerprint
 
@@ -27,11 +27,12 @@ LM_COLUMNS = ("input_ids", "attention_mask", "labels")
 def as_tensors(data) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor] | torch.utils.data.DataLoader:
     """`data` as a tuple of tensors sharing the first dimension, a dict of them (`input_ids`, with
     `attention_mask` and `labels` where given), or the DataLoader itself."""
-    if isinstance(data, torch.utils.data.DataLoader):
+    form = data_form(data)
+    if form == "loader":
         return data
-    if isinstance(data, torch.Tensor):
+    if form == "tensor":
         return (data,)
-    if hasattr(data, "keys") and not hasattr(data, "column_names"):  # a dict, or a tokenizer's BatchEncoding
+    if form == "mapping":  # a dict, or a tokenizer's BatchEncoding
         if "input_ids" not in data:
             raise InvalidValueError(f"The data dict has no 'input_ids' (keys: {sorted(data.keys())}); pass what the "
                                     f"tokenizer returned, or a token tensor [N, seq].")
@@ -39,11 +40,11 @@ def as_tensors(data) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor] | tor
         if len({len(t) for t in out.values()}) != 1:
             raise InvalidValueError(f"The tensors in data have different lengths {({k: len(t) for k, t in out.items()})}.")
         return out if len(out) > 1 else (out["input_ids"],)
-    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+    if form == "tensors":
         if len({len(t) for t in data}) != 1:
             raise InvalidValueError(f"The tensors in data have different lengths {[len(t) for t in data]}.")
         return tuple(data)
-    if hasattr(data, "column_names"):  # a datasets.Dataset
+    if form in ("dataset", "text dataset"):  # a text dataset: token_column says to tokenize it first
         column = token_column(data)
         try:
             out = {"input_ids": token_tensor(data)}

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..data import data_form, token_column
 from ..errors import InvalidTypeError, InvalidValueError
 from .batches import as_tensors
 
@@ -18,8 +19,9 @@ Predicate = Callable[[Sequence[int]], bool]
 def filter_dataset(data, predicate: Predicate):
     """The rows of `data` whose token sequence satisfies `predicate(tokens) -> bool`, in the same form
     (a `datasets.Dataset`, a token tensor, or a tuple of tensors filtered by their first tensor)."""
-    if hasattr(data, "column_names"):
-        out = data.filter(lambda row: predicate(row["input_ids"]))
+    if data_form(data) == "dataset":
+        column = token_column(data)
+        out = data.filter(lambda row: predicate(row[column]))
         n = len(out)
     else:
         tensors = as_tensors(data)
