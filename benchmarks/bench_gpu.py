@@ -47,7 +47,7 @@ from tl_devinterp.models import (
 )
 from tl_devinterp.sampling import default_nbeta, estimate_head_llcs, estimate_llc
 from tl_devinterp.sampling.fast_forward import PRECISIONS, fast_forward, precision_context
-from tl_devinterp.sampling.llc import lm_loss
+from tl_devinterp.sampling.objective import lm_loss
 
 SCALES = {
     "demo": ModelConfig(n_layers=2, n_heads=4, d_model=64, n_ctx=64, d_vocab=128, attn_only=True),

@@ -37,7 +37,7 @@ from tl_devinterp.data import repeated_random_tokens
 from tl_devinterp.models import ModelConfig, build_model, clone_model, head_masks
 from tl_devinterp.sampling import default_nbeta, estimate_head_llcs, estimate_llc
 from tl_devinterp.sampling.batches import batch_stream
-from tl_devinterp.sampling.llc import lm_loss
+from tl_devinterp.sampling.objective import lm_loss
 
 
 class Copyable(nn.Module):

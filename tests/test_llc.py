@@ -154,7 +154,7 @@ def test_head_llcs_match_single_head_runs(model, tokens):
 
 def test_shared_residual_prefix_matches_full_forward(model, tokens):
     """Head restrictions in block 1 run from the cached residual stream: same numbers as the full forward."""
-    from tl_devinterp.sampling.llc import lm_loss
+    from tl_devinterp.sampling.objective import lm_loss
 
     fast = estimate_llc(model, tokens, restrict="l1h0", **FAST)
     full = estimate_llc(model, tokens, restrict="l1h0", loss_fn=lm_loss, **FAST)  # a custom loss: no prefix

@@ -6,7 +6,7 @@ import torch
 from tl_devinterp.data import repeated_random_tokens
 from tl_devinterp.models import ModelConfig, build_model
 from tl_devinterp.sampling import contains_repeated_span, filter_dataset, llc_over_series
-from tl_devinterp.sampling.llc import lm_loss
+from tl_devinterp.sampling.objective import lm_loss
 from tl_devinterp.series import CheckpointSeries
 
 FAST = dict(num_chains=2, num_draws=3, num_burnin=1, batch_size=8)

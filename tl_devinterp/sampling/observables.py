@@ -27,7 +27,8 @@ from torch import nn
 from ..errors import InvalidTypeError, InvalidValueError
 from ..models import is_supported_model, model_device, sampled_parameters, token_cross_entropy
 from .batches import as_tensors, batch_stream, lm_batch
-from .llc import LLCResult, Objective, choose_forward, resolve_loss, sample_llcs
+from .llc import LLCResult, sample_llcs
+from .objective import Objective, choose_forward, resolve_loss
 from .restrict import Restriction, resolve_restriction
 from .settings import SGLDConfig
 
