@@ -181,11 +181,36 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
 
 def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config: SGLDConfig, *,
                  loss_fn: Callable | None, desc: str, progress: bool, observe, sampling_forward) -> list[LLCResult]:
+    """Plan (settings, the objective and its forward, the chains' stacks), run (the chain loop), summarise
+    (one LLCResult per restriction)."""
     config = config.resolve(data)
+    plan = _plan(model, data, restrictions, config, loss_fn, sampling_forward)
+    trace, init_losses = _run(model, plan, config, desc, progress, observe)
+    return _summarise(plan, trace, init_losses, config, desc)
+
+
+@dataclass
+class _Plan:
+    """What the chain loop runs: the objective and how it runs the model, the restrictions left after
+    dropping unused parameters, each one's first block, the chains' stacks, the batches."""
+
+    objective: Objective
+    how: str
+    restrictions: list[Restriction]
+    starts: list[int]
+    stacks: list[_Stack]
+    batches: Any
+    loader: bool
+    w_star: dict[str, torch.Tensor]
+    device: torch.device
+
+
+def _plan(model: nn.Module, data, restrictions: list[Restriction], config: SGLDConfig, loss_fn: Callable | None,
+          sampling_forward) -> _Plan:
     params = sampled_parameters(model)
     device = next(iter(params.values())).device
     w_star = {n: p.detach() for n, p in params.items()}
-    accumulate, thin = config.gradient_accumulation_steps, config.steps_between_draws
+    accumulate = config.gradient_accumulation_steps
     loader = isinstance(as_tensors(data), torch.utils.data.DataLoader)  # a loader's batches are taken k at a time
     batches = batch_stream(data, config.batch_size * (1 if loader else accumulate), config.seed, device)
     first = next(batch_stream(data, config.batch_size, config.seed, device))[1]  # for the one-time checks below
@@ -203,6 +228,17 @@ def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config
     if config.init_noise:  # chains start at w* + init_noise·N(0, 1) on their coordinates
         for stack in stacks:
             stack.chains.weights.add_(_noise(stack, device), alpha=config.init_noise)
+    return _Plan(objective, how, restrictions, starts, stacks, batches, loader, w_star, device)
+
+
+def _run(model: nn.Module, plan: _Plan, config: SGLDConfig, desc: str, progress: bool,
+         observe) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chain loop: (each restriction's loss trace [restrictions, chains, draws], the checkpoint's loss at
+    each draw [draws]); the chains' statistics stay on their stacks."""
+    objective, restrictions, starts, stacks, batches = (plan.objective, plan.restrictions, plan.starts, plan.stacks,
+                                                        plan.batches)
+    loader, w_star, device = plan.loader, plan.w_star, plan.device
+    accumulate, thin = config.gradient_accumulation_steps, config.steps_between_draws
     step_rule = SAMPLERS[config.sampler]
     trace = torch.empty(len(restrictions), config.num_chains, config.num_draws)
     init_losses = torch.empty(config.num_draws)
@@ -268,7 +304,13 @@ def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config
                     torch.clamp(chains.weights, stack.star - box, stack.star + box, out=chains.weights)
                 if since >= 0:  # every step after burn-in (MALA scores consecutive states); thinned below
                     chains.stats.update(loss=values, offset=offset, grad=grad, drift=drift, noise=noise, config=config)
+    return trace, init_losses
 
+
+def _summarise(plan: _Plan, trace: torch.Tensor, init_losses: torch.Tensor, config: SGLDConfig,
+               desc: str) -> list[LLCResult]:
+    """One LLCResult per restriction: λ̂ per chain, the diagnostics, each chain's final state."""
+    restrictions, stacks, thin = plan.restrictions, plan.stacks, config.steps_between_draws
     per_step = {k: np.empty((len(restrictions), config.num_chains, config.num_draws)) for k in TRACES[1:]}
     finals, batched = {}, {}
     for stack in stacks:
@@ -292,7 +334,7 @@ def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config
             mean=float(llcs.mean()), std=float(llcs.std(ddof=1)), per_chain=llcs, loss_trace=trace[r].clone(),
             init_losses=init_losses.clone(), init_loss=float(init_losses.mean()), d=restriction.d,
             restrict=restriction.label, config=config, diagnostics=diagnostics, note=restriction.note,
-            batched=batched[r], forward=how, final=final, trace=traces,
+            batched=batched[r], forward=plan.how, final=final, trace=traces,
         ))
     return results
 
