@@ -153,8 +153,8 @@ def clone_model(model: nn.Module) -> nn.Module:
         if getattr(model.cfg, "architecture", None) == "TransformerLensNative":
             new = TransformerBridge.boot_native(copy.deepcopy(model.cfg))
             new.load_state_dict(model.state_dict())
-            device = next(model.parameters()).device
-            if next(new.parameters()).device != device:
+            device = model_device(model)
+            if model_device(new) != device:
                 new = new.to(device)
             return new.train(model.training)
     return copy.deepcopy(model)
