@@ -73,7 +73,7 @@ def test_update_rules_move_each_chain_of_a_stack_as_alone(sampler):
     steps = [(torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)) for _ in range(3)]  # grad, noise
 
     def run(rows, d):
-        chains = Chains(start[rows].clone(), [], torch.tensor(d), ChainStats(len(rows)))
+        chains = Chains(weights=start[rows].clone(), generators=[], d=torch.tensor(d), stats=ChainStats(len(rows)))
         for grad, noise in steps:
             SAMPLERS[sampler](chains, w_star, grad[rows], noise[rows], config)
         return chains.weights
