@@ -132,7 +132,7 @@ def crash_after(monkeypatch, n):
         return f
 
     monkeypatch.setattr(training, "atomic_write", counted(files_module.atomic_write))
-    monkeypatch.setattr(training, "_remove", counted(lambda p: p.unlink(missing_ok=True)))
+    monkeypatch.setattr(training, "remove_file", counted(files_module.remove_file))
     return count
 
 

@@ -58,8 +58,8 @@ def test_the_plan_counts_chains_and_coordinates_and_splits_what_does_not_fit(mon
 
     monkeypatch.setattr(plan_module, "available_memory", lambda device: -1)  # no plan fits (a tiny one may need 0 B more)
     calls = []
-    probe = plan_module._probe
-    monkeypatch.setattr(plan_module, "_probe", lambda *a: calls.append(a[3].max_batched) or probe(*a))
+    sample = plan_module.sample_llcs  # each probe is one short sampling run with the config it tries
+    monkeypatch.setattr(plan_module, "sample_llcs", lambda *a, **k: calls.append(a[3].max_batched) or sample(*a, **k))
     with pytest.raises(ValueError, match="does not fit: sample fewer heads"):
         plan_module.plan_llcs(model, tokens, restrictions, config)
     assert calls == [4, 2, 1]

@@ -31,21 +31,22 @@ def test_extra_steps_reach_the_manifest_only_when_given():
 def test_a_stopped_run_resumes_exactly(tmp_path, monkeypatch, quick_series_dir):
     import tl_devinterp.training as T
 
-    saves = []
-    original = T._save
+    weights = []
+    write = T.atomic_write
 
-    def crash_on_fifth(*args, **kwargs):
-        saves.append(args[2])
-        if len(saves) == 5:
-            raise KeyboardInterrupt
-        original(*args, **kwargs)
+    def stop_at_fifth_checkpoint(path, content):  # the process stops before the 5th checkpoint's first file
+        if path.name.startswith("step_"):
+            weights.append(path.name)
+            if len(weights) == 5:
+                raise KeyboardInterrupt
+        write(path, content)
 
-    monkeypatch.setattr(T, "_save", crash_on_fifth)
+    monkeypatch.setattr(T, "atomic_write", stop_at_fifth_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "s", "quick", progress=False)
     stopped = CheckpointSeries.from_dir(tmp_path / "s")  # readable after the stop
     assert len(stopped) == 4
-    monkeypatch.setattr(T, "_save", original)
+    monkeypatch.undo()
     resumed = train(tmp_path / "s", "quick", progress=False)
     reference = CheckpointSeries.from_dir(quick_series_dir)
     assert resumed.steps == reference.steps

@@ -97,6 +97,11 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Binar
                 os.unlink(tmp)
 
 
+def remove_file(path: str | os.PathLike) -> None:
+    """Remove `path` (one of our files); already gone is fine, so a resumed cleanup can repeat it."""
+    Path(path).unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, purpose: str) -> Iterator[None]:
     """Hold an advisory lock on `folder` (created if needed) for `purpose`; refuse if another process holds it."""

@@ -31,7 +31,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from .errors import InvalidValueError, SeriesError, TrainingDivergedError
-from .files import LOCK, TMP_SUFFIX, atomic_write, folder_lock
+from .files import LOCK, TMP_SUFFIX, atomic_write, folder_lock, remove_file
 from .interventions import Intervener, Intervention, as_interventions
 from .llc_callback import llc_now
 from .models import ModelConfig, check_device
@@ -282,7 +282,7 @@ def _train(out: Path, config: TrainConfig, overwrite: bool, task: Task, train_da
     manifest["writing"] = [optimizer] if optimizer else []
     _write_json(out / MANIFEST, manifest)
     if optimizer:
-        _remove(out / optimizer)
+        remove_file(out / optimizer)
 
 
 DIVERGED = 10.0
@@ -329,7 +329,7 @@ def _start(out: Path, config: TrainConfig, overwrite: bool, writing: list[str]) 
         listed = _listed(old)
         for f in sorted(out.iterdir()):  # a stopped run's leftovers: the files it declared, not committed
             if f.is_file() and _ours(f.name, old) and f.name not in listed:
-                _remove(f)
+                remove_file(f)
         old.setdefault("sha256", {})
         return old
     if old is not None and old["checkpoints"] and not overwrite:
@@ -348,7 +348,7 @@ def _start(out: Path, config: TrainConfig, overwrite: bool, writing: list[str]) 
         )
     for f in present:  # only the series' own files (the lock file stays: another process may hold it)
         if f.name != LOCK:
-            _remove(f)
+            remove_file(f)
     out.mkdir(parents=True, exist_ok=True)
     fresh = {"format": FORMAT, "model_config": config.model.to_dict(), "train_config": config.to_dict(),
              "data": config.data, "tokenizer": None, "seed": config.seed, "checkpoints": {}, "sha256": {},
@@ -395,7 +395,7 @@ def _save(out: Path, manifest: dict, step: int, model, opt, train_loss: float, t
     manifest["writing"] = [previous] * bool(previous and previous != optimizer) + following
     _write_json(out / MANIFEST, manifest)  # the commit
     if previous and previous != optimizer:
-        _remove(out / previous)
+        remove_file(out / previous)
 
 
 def _optimizer_tensors(model, opt) -> dict[str, torch.Tensor]:
@@ -420,10 +420,6 @@ def _restore(out: Path, manifest: dict, model, opt) -> None:
         state = {k.split("::")[1]: v for k, v in saved.items() if k.split("::")[0] == name}
         if state:
             opt.state[p] = state
-
-
-def _remove(path: Path) -> None:
-    path.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, obj: dict) -> None:
