@@ -10,8 +10,8 @@ step, so each batch's checkpoint loss is computed once.
 Sampling runs on the caller's model itself, never a copy: a chain's state is a plain tensor, evaluated
 through `torch.func.functional_call` (`Objective.at`: one tensor per parameter slot, `tie_weights=False`),
 so the model's parameters, buffers and hooks are untouched, also when sampling fails midway. Chains that
-sample the same parameters (a restriction's chains, the heads of one layer) are stacked and evaluated in
-one `torch.func.vmap`-ed forward+backward, `SGLDConfig.max_batched` at a time; each keeps its own noise
+sample the same parameters (a restriction's chains, the heads of one layer) are stacked (`sampling.chains`)
+and evaluated in one `torch.func.vmap`-ed forward+backward, `SGLDConfig.max_batched` at a time; each keeps its own noise
 generator, so the numbers are those of the chains run one at a time (the path taken where vmap cannot
 batch the model). The sampled set is `models.sampled_parameters`: each weight the forward uses, once.
 
@@ -28,10 +28,7 @@ here are the rLLC ones with fewer draws, sized for small models on a CPU; `calib
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,17 +50,17 @@ from ..models import (
     sampled_parameters,
 )
 from .batches import as_tensors, batch_stream, lm_batch
-from .diagnostics import TRACES, ChainStats, SamplerDiagnostics, SamplerWarning, summarise
+from .chains import Final, Stack, build_stacks, chain_noise, drop_unused, losses_and_grads, split_batch
+from .diagnostics import TRACES, SamplerDiagnostics, summarise
 from .objective import (
     Objective,
     choose_forward,
     fast_lm_loss,
-    once_per_weights,
     resolve_loss,
     skips_lower_blocks,
 )
 from .restrict import Restriction, resolve_restriction
-from .samplers import MALA, SAMPLERS, Chains
+from .samplers import SAMPLERS
 from .settings import SGLDConfig
 
 EXPLODE = 100.0
@@ -89,7 +86,7 @@ class LLCResult:
     batched: bool = False  # its chains ran in batched (vmapped) forwards; False with max_batched=1 or where
     # the model has an op torch.func.vmap cannot batch (the chains then run one at a time, to the same numbers)
     forward: str = "model"  # "fast" (sampling.fast_forward) or why the model's own forward ran
-    final: _Final | None = field(repr=False, default=None)  # the chains' last coordinates (final_params)
+    final: Final | None = field(repr=False, default=None)  # the chains' last coordinates (final_params)
     trace: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # diagnostics.TRACES -> [chains, draws]
 
     @property
@@ -152,12 +149,6 @@ class LLCResult:
 # The sampler.
 
 
-def _generator(seed: int, label: str, chain: int, device) -> torch.Generator:
-    """Noise for (restriction, chain): the same in estimate_llc(restrict=h) and estimate_head_llcs."""
-    key = int.from_bytes(hashlib.sha256(f"{seed}/{label}/{chain}".encode()).digest()[:8], "little")
-    return torch.Generator(device=device).manual_seed(key)
-
-
 def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config: SGLDConfig, *,
                 loss_fn: Callable | None = None, desc: str = "SGLD", progress: bool = True,
                 observe: Callable[[int, int, int, dict[str, torch.Tensor]], None] | None = None,
@@ -198,7 +189,7 @@ class _Plan:
     how: str
     restrictions: list[Restriction]
     starts: list[int]
-    stacks: list[_Stack]
+    stacks: list[Stack]
     batches: Any
     loader: bool
     w_star: dict[str, torch.Tensor]
@@ -216,7 +207,7 @@ def _plan(model: nn.Module, data, restrictions: list[Restriction], config: SGLDC
     first = next(batch_stream(data, config.batch_size, config.seed, device))[1]  # for the one-time checks below
     forward, how = sampling_forward or choose_forward(model, loss_fn, config, first)
     objective = Objective(model, fast_lm_loss(forward) if forward else resolve_loss(model, loss_fn), config.precision)
-    restrictions = _drop_unused(objective, w_star, restrictions, first, cache=loss_fn is None and forward is not None)
+    restrictions = drop_unused(objective, w_star, restrictions, first, cache=loss_fn is None and forward is not None)
 
     # With the LM loss, a restriction to blocks >= l shares the residual stream before block l: computed
     # once per batch at w*, its chains run only blocks l and up (where the model really skips the rest).
@@ -224,10 +215,10 @@ def _plan(model: nn.Module, data, restrictions: list[Restriction], config: SGLDC
     if loss_fn is not None or not is_supported_model(model) or not any(starts) or not skips_lower_blocks(model, first):
         starts = [0] * len(restrictions)
 
-    stacks = _stacks(restrictions, starts, w_star, config, device)
+    stacks = build_stacks(restrictions, starts, w_star, config, device)
     if config.init_noise:  # chains start at w* + init_noise·N(0, 1) on their coordinates
         for stack in stacks:
-            stack.chains.weights.add_(_noise(stack, device), alpha=config.init_noise)
+            stack.chains.weights.add_(chain_noise(stack, device), alpha=config.init_noise)
     return _Plan(objective, how, restrictions, starts, stacks, batches, loader, w_star, device)
 
 
@@ -249,7 +240,7 @@ def _run(model: nn.Module, plan: _Plan, config: SGLDConfig, desc: str, progress:
                      disable=not progress):
         # A step's batch: `accumulate` micro-batches of batch_size (the rows of one batch of batch_size × k).
         key, batch = next(batches)
-        micro = (_split(batch, accumulate) if not loader else [batch, *(next(batches)[1] for _ in range(accumulate - 1))]
+        micro = (split_batch(batch, accumulate) if not loader else [batch, *(next(batches)[1] for _ in range(accumulate - 1))]
                  ) if accumulate > 1 else [batch]
         since = step - config.num_burnin  # steps after burn-in; every `thin`-th is a draw
         draw, recorded = since // thin, since >= 0 and since % thin == 0
@@ -274,7 +265,7 @@ def _run(model: nn.Module, plan: _Plan, config: SGLDConfig, desc: str, progress:
             chains = stack.chains
             # 3. Every chain's loss and gradient in one batched call: its coordinates in its restriction's
             #    parameters, w* elsewhere (averaged over the micro-batches).
-            parts = [_losses_and_grads(objective, stack, w_star, b, e[stack.start]) for b, e in zip(micro, extra)]
+            parts = [losses_and_grads(objective, stack, w_star, b, e[stack.start]) for b, e in zip(micro, extra)]
             losses, grad = (parts[0] if len(parts) == 1 else
                             (sum(p[0] for p in parts) / len(parts), sum(p[1] for p in parts) / len(parts)))
             values = losses.double().cpu().numpy()
@@ -294,7 +285,7 @@ def _run(model: nn.Module, plan: _Plan, config: SGLDConfig, desc: str, progress:
                             observe(r, c, draw // config.draws_every, w_star | stack.unflat(stack.full(i)))
             with torch.no_grad():
                 # 4. Each chain's noise from its own generator, on its restriction's coordinates only.
-                noise = _noise(stack, device)
+                noise = chain_noise(stack, device)
                 offset = chains.weights - stack.star  # 5. the state about to be left, for the diagnostics
                 pull = grad if not config.weight_decay else grad.add(  # devinterp's weight decay: + weight_decay·w
                     chains.weights, alpha=config.weight_decay / config.nbeta)
@@ -327,7 +318,7 @@ def _summarise(plan: _Plan, trace: torch.Tensor, init_losses: torch.Tensor, conf
         diagnostics = summarise(traces, config.nbeta * increase.double().numpy(), loss_increase=float(increase.mean()),
                                 d=restriction.d, gamma=config.gamma, label=f"{restriction.label} ({desc})")
         stack = finals[r, 0][0]
-        final = _Final(stack.names, stack.shapes, stack.star_full,
+        final = Final(stack.names, stack.shapes, stack.star_full,
                        None if stack.coords is None else stack.coords[finals[r, 0][1]],
                        torch.stack([finals[r, c][0].chains.weights[finals[r, c][1]] for c in range(config.num_chains)]))
         results.append(LLCResult(
@@ -337,162 +328,6 @@ def _summarise(plan: _Plan, trace: torch.Tensor, init_losses: torch.Tensor, conf
             batched=batched[r], forward=plan.how, final=final, trace=traces,
         ))
     return results
-
-
-@dataclass
-class _Stack:
-    """Chains run together: (restriction, chain) pairs that sample as many coordinates of the same parameters
-    from the same start layer. Each chain's state is one row of its restriction's coordinates only (d of
-    them, not the parameters' D): `coords` says where they sit in the parameters' flat concatenation, which
-    holds w* once for the whole stack (`star_full`)."""
-
-    members: list[tuple[int, int]]  # (restriction, chain) of each row
-    names: list[str]  # the parameters, in the restrictions' order
-    shapes: list[torch.Size]
-    start: int  # the block the forward starts at
-    star_full: Float[torch.Tensor, " D"]  # w* of the parameters, flat
-    coords: torch.Tensor | None  # [chains, d] positions in star_full of each row's coordinates (None: all D)
-    star: Float[torch.Tensor, "chains d"]  # each row's coordinates at w*
-    chains: Chains
-    batched: bool | None  # whether vmap runs the stack; None until its first call tries
-
-    @property
-    def index(self) -> tuple[list[int], list[int]]:
-        """(restrictions, chains) of the rows, to index [restriction, chain] arrays."""
-        return [r for r, _ in self.members], [c for _, c in self.members]
-
-    def full(self, i: int) -> Float[torch.Tensor, " D"]:
-        """Row i's weights of the stack's parameters, flat: its coordinates, w* elsewhere."""
-        return _place(self.star_full, self.coords[i] if self.coords is not None else None, self.chains.weights[i])
-
-    def unflat(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Name -> view of `rows` ([D] or [chains, D]) as that parameter."""
-        return _unflat(self.names, self.shapes, rows)
-
-
-@dataclass
-class _Final:
-    """A restriction's chains at their last step: [chains, d] coordinates, and where they sit."""
-
-    names: list[str]
-    shapes: list[torch.Size]
-    star_full: torch.Tensor  # shared with the other restrictions of its stack
-    coords: torch.Tensor | None  # [d] (None: all)
-    rows: torch.Tensor  # [chains, d]
-
-    def params(self) -> dict[str, torch.Tensor]:
-        full = torch.stack([_place(self.star_full, self.coords, row) for row in self.rows])
-        return {n: t.cpu() for n, t in _unflat(self.names, self.shapes, full).items()}
-
-
-def _place(star_full: torch.Tensor, coords: torch.Tensor | None, row: torch.Tensor) -> torch.Tensor:
-    """w* with `row` written at `coords` (a new tensor, differentiable in `row`; vmap batches it)."""
-    return row if coords is None else star_full.scatter(0, coords, row)
-
-
-def _unflat(names: list[str], shapes: list[torch.Size], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    parts = rows.split([math.prod(s) for s in shapes], dim=-1)
-    return {n: z.view(*rows.shape[:-1], *s) for n, z, s in zip(names, parts, shapes, strict=True)}
-
-
-def _stacks(restrictions: list[Restriction], starts: list[int], w_star: dict[str, torch.Tensor], config: SGLDConfig,
-            device) -> list[_Stack]:
-    """Every (restriction, chain) pair in a stack with the pairs of the same parameters, start layer and number
-    of coordinates, at most `config.max_batched` per stack; each chain at w*, with its own generator."""
-    groups: dict[tuple, list[tuple[int, int]]] = {}
-    for r, restriction in enumerate(restrictions):
-        for c in range(config.num_chains):
-            groups.setdefault((starts[r], tuple(restriction.masks), restriction.d), []).append((r, c))
-    coords: dict[int, torch.Tensor | None] = {}  # restriction -> its coordinates' positions, shared by its chains
-    stacks = []
-    for (start, names, _), pairs in groups.items():
-        star_full = torch.cat([w_star[n].flatten() for n in names])
-        offsets = dict(zip(names, np.cumsum([0] + [w_star[n].numel() for n in names])[:-1].tolist(), strict=True))
-        for r in {r for r, _ in pairs}:
-            masks = restrictions[r].masks
-            coords[r] = None if all(masks[n] is None for n in names) else torch.cat([
-                offsets[n] + (torch.arange(w_star[n].numel(), device=device) if masks[n] is None
-                              else masks[n].to(device).flatten().nonzero().squeeze(1)) for n in names])
-        for i in range(0, len(pairs), config.max_batched):
-            members = pairs[i:i + config.max_batched]
-            index = None if coords[members[0][0]] is None else torch.stack([coords[r] for r, _ in members])
-            star = star_full.expand(len(members), -1) if index is None else star_full[index]
-            chains = Chains(star.clone(), [_generator(config.seed, restrictions[r].label, c, device) for r, c in members],
-                            torch.tensor([float(restrictions[r].d) for r, _ in members], device=device),
-                            ChainStats(len(members), mala=config.sampler in MALA))
-            stacks.append(_Stack(members, list(names), [w_star[n].shape for n in names], start, star_full, index,
-                                 star, chains, None if len(members) > 1 else False))
-    return stacks
-
-
-def _losses_and_grads(objective: Objective, stack: _Stack, w_star: dict[str, torch.Tensor], batch,
-                      extra: tuple) -> tuple[Float[torch.Tensor, " chains"], Float[torch.Tensor, "chains d"]]:
-    """L_B(w) and ∇L_B(w) on each chain's coordinates, for every chain of the stack: one vmapped
-    forward+backward, or chain by chain where vmap cannot batch the model (found on the stack's first call,
-    then kept; same numbers)."""
-
-    def loss(row, coords):  # one chain: its coordinates placed in the stack's parameters, w* elsewhere
-        return objective.at(w_star | stack.unflat(_place(stack.star_full, coords, row)), batch, *extra)
-
-    index = stack.coords if stack.coords is not None else [None] * len(stack.members)
-    if stack.batched is not False:
-        try:
-            dims = (0, None if stack.coords is None else 0)
-            grad, losses = torch.func.vmap(torch.func.grad_and_value(loss), in_dims=dims)(stack.chains.weights, stack.coords)
-            stack.batched = True
-            return losses.detach(), grad
-        except Exception:  # an op without a batching rule (or a real error, which the loop below raises again)
-            if stack.batched:
-                raise
-            stack.batched = False
-    losses, grads = [], []
-    for row, coords in zip(stack.chains.weights, index, strict=True):  # plain autograd, one chain's graph at a time
-        row = row.detach().requires_grad_(True)
-        value = loss(row, coords)
-        losses.append(value.detach())
-        grads.append(torch.autograd.grad(value, row)[0])
-    return torch.stack(losses), torch.stack(grads)
-
-
-def _noise(stack: _Stack, device) -> Float[torch.Tensor, "chains d"]:
-    """N(0, 1) on each chain's coordinates, from its own generator."""
-    return torch.stack([torch.randn(stack.star.shape[-1], generator=g, device=device) for g in stack.chains.generators])
-
-
-def _split(batch, k: int) -> list:
-    """A batch (a tensor or a tuple of tensors) as k equal micro-batches along its rows."""
-    if isinstance(batch, torch.Tensor):
-        return list(batch.tensor_split(k))
-    return [type(batch)(parts) for parts in zip(*(t.tensor_split(k) for t in batch))]
-
-
-def _drop_unused(objective: Objective, w_star: dict[str, torch.Tensor], restrictions: list[Restriction],
-                 batch, cache: bool = False) -> list[Restriction]:
-    """One fwd+bwd at w* (with `cache`, the fast forward's LM loss: once per checkpoint, `once_per_weights`):
-    a sampled parameter the forward does not use is named (`SamplerWarning`) and dropped, so d counts only
-    coordinates the loss depends on."""
-
-    def probe() -> frozenset[str]:
-        leaves = {n: w.clone().requires_grad_(True) for n, w in w_star.items()}
-        grads = torch.autograd.grad(objective.at(leaves, batch), list(leaves.values()), allow_unused=True)
-        return frozenset(n for n, g in zip(leaves, grads, strict=True) if g is None)
-
-    if cache:
-        unused = once_per_weights(objective.model, "unused parameters", probe)
-    else:  # a custom loss may use other parameters at each call
-        unused = probe()
-    unused = unused & {n for r in restrictions for n in r.masks}
-    if not unused:
-        return restrictions
-    warnings.warn(f"Not sampled: the forward does not use the parameter(s) {sorted(unused)}.", SamplerWarning, stacklevel=3)
-    out = []
-    for r in restrictions:
-        kept = {n: m for n, m in r.masks.items() if n not in unused}
-        if not kept:
-            raise InvalidValueError(f"restrict={r.label!r} selects only parameters the forward does not use: {sorted(r.masks)}.")
-        d = sum(w_star[n].numel() if m is None else int(m.sum()) for n, m in kept.items())
-        out.append(dataclasses.replace(r, masks=kept, d=d))
-    return out
 
 
 def estimate_llc(model: nn.Module, data, config: SGLDConfig | None = None, *, restrict=None,
