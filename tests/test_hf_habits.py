@@ -165,11 +165,11 @@ def test_per_token_loss_is_nan_on_padding_and_equal_elsewhere(gpt2):
 def test_one_time_checks_run_once_per_checkpoint_not_per_call(gpt2, monkeypatch):
     """Catches: the fast-forward check (a TL and a fast forward+backward) and the unused-parameter probe
     repeated by every call on the same weights (minutes at GPT-2 size), or kept after the weights changed."""
-    import tl_devinterp.sampling.llc as llc_module
+    import tl_devinterp.sampling.objective as objective_module
 
     calls = []
-    check = llc_module.verified_fast_forward
-    monkeypatch.setattr(llc_module, "verified_fast_forward", lambda *a, **k: calls.append(1) or check(*a, **k))
+    check = objective_module.verified_fast_forward
+    monkeypatch.setattr(objective_module, "verified_fast_forward", lambda *a, **k: calls.append(1) or check(*a, **k))
     tokens = _tokens()
     with torch.no_grad():
         next(gpt2.parameters()).add_(0.0)  # weights in a state no earlier test checked
