@@ -79,6 +79,9 @@ def test_prior_dominated_estimates_are_said_in_the_headline_and_beside_stages(tm
                             llc_std=0.1, llc_se=0.05, init_loss=[4.0, 3, 2, 1.9], regime=["prior", "prior", "likelihood", "prior"]))
     assert proxy_headline(llc).startswith("3 of 4 LLC estimates are prior-dominated")
     assert proxy_headline(llc.assign(regime="likelihood")) == ""
+    # a regime that names a too-coarse ε first (the demo's) is still counted when the prior dominates too
+    coarse = llc.assign(regime="step size", likelihood_fraction=[0.003, 0.9, 0.9, 0.9], prior_share=[1.0, 1.0, 0.1, 0.1])
+    assert proxy_headline(coarse).startswith("2 of 4 LLC estimates are prior-dominated")
     result = AnalysisResult(llc=llc, metrics=None, head_classes=None, stages=[Stage(0, 20, "A"), Stage(20, 30, "B")],
                             ed=None, loss_differences=None, attention=[], sample_tokens=[], out_dir=tmp_path)
     page = analysis_report(result, tmp_path / "report.html").read_text()

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from ..files import atomic_write
 from ..models import head_name
 from ..results import head_rows, model_rows
+from ..sampling.diagnostics import PRIOR_DOMINATED
 from ..sampling.diagnostics import ROW as DIAGNOSTIC_COLUMNS
 from .attention import circuitsvis_script
 
@@ -98,10 +99,17 @@ def _regime_note(frame: pd.DataFrame, what: str) -> list[str]:
 
 
 def prior_share(frame: pd.DataFrame) -> tuple[int, int]:
-    """(prior-dominated estimates, estimates) of an LLC frame, by its `regime` column (`diagnostics.regime`)."""
+    """(prior-dominated estimates, estimates) of an LLC frame: regime "prior", or the diagnostics' own test
+    (likelihood share below PRIOR_DOMINATED or prior share above it) where `regime` names another cause first
+    (a too-coarse ε is "step size" even when the prior also dominates, as on the demo)."""
     if "regime" not in frame or frame.empty:
         return 0, len(frame)
-    return int((frame["regime"] == "prior").sum()), len(frame)
+    prior = frame["regime"] == "prior"
+    if "likelihood_fraction" in frame:
+        prior |= frame["likelihood_fraction"] < PRIOR_DOMINATED
+    if "prior_share" in frame:
+        prior |= frame["prior_share"] > PRIOR_DOMINATED
+    return int(prior.sum()), len(frame)
 
 
 def proxy_headline(llc: pd.DataFrame) -> str:
@@ -111,7 +119,7 @@ def proxy_headline(llc: pd.DataFrame) -> str:
     if not prior:
         return ""
     what = "All" if prior == total else f"{prior} of {total}"
-    return (f"{what} LLC estimates are prior-dominated (diagnostics.regime = 'prior'): the curves are a proxy at one "
+    return (f"{what} LLC estimates are prior-dominated (likelihood share < {PRIOR_DOMINATED} or prior share > {PRIOR_DOMINATED}): the curves are a proxy at one "
             f"fixed sampler setting (λ̂ follows nβ and γ more than the model), not the model's LLC; stages and head "
             f"clusters drawn from them say so. Calibrate (calibrate=True, or raise nbeta / lower gamma) for estimates "
             f"of the model.")
