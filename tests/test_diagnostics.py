@@ -13,7 +13,7 @@ from torch import nn
 
 from tl_devinterp.sampling import SamplerWarning, estimate_llc, plot_trace
 from tl_devinterp.sampling.diagnostics import ROW, TRACES
-from tl_devinterp.sampling.heads import summary
+from tl_devinterp.sampling.head_llcs import summary
 
 matplotlib.use("Agg")
 D = 100

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tl_devinterp.files as files_module
-import tl_devinterp.sampling.over_series as llc_module
+import tl_devinterp.sampling.llc_series as llc_module
 import tl_devinterp.training as training
 from tl_devinterp.analysis import AnalysisConfig, analyze
 from tl_devinterp.cli import main

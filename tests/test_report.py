@@ -13,9 +13,9 @@ from tl_devinterp.analysis import AnalysisConfig, AnalysisResult, _head_steps, _
 from tl_devinterp.dynamics import Stage, essential_dynamics_of_features
 from tl_devinterp.models import ModelConfig, build_model, parse_head
 from tl_devinterp.visualisation.attention import AttentionView, attention_patterns, attention_view
-from tl_devinterp.visualisation.heads import CLASS_COLORS, plot_head_llcs, plot_head_scores
+from tl_devinterp.visualisation.head_plots import CLASS_COLORS, plot_head_llcs, plot_head_scores
 from tl_devinterp.visualisation.report import analysis_report
-from tl_devinterp.visualisation.tokens import loss_difference_html
+from tl_devinterp.visualisation.token_html import loss_difference_html
 
 STEPS = [0, 1, 3, 10, 30, 100, 300, 1000]
 

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-import tl_devinterp.sampling.over_series as llc_module
+import tl_devinterp.sampling.llc_series as llc_module
 from tl_devinterp.analysis import analyze
 from tl_devinterp.series import CheckpointSeries, SeriesError
 

@@ -82,10 +82,10 @@ from .training import PRESETS, TrainConfig, train
 # visualisation, report, analysis
 from .visualisation.attention import AttentionView, attention_patterns, attention_view
 from .visualisation.dynamics import plot_essential_dynamics, plot_llc_stages
-from .visualisation.heads import plot_head_clusters, plot_head_llcs, plot_head_scores
+from .visualisation.head_plots import plot_head_clusters, plot_head_llcs, plot_head_scores
 from .visualisation.report import analysis_report
 from .visualisation.susceptibilities import plot_susceptibilities
-from .visualisation.tokens import loss_difference_html
+from .visualisation.token_html import loss_difference_html
 
 __all__ = [
     # errors: every error raised on purpose is a TLDevinterpError

@@ -30,7 +30,7 @@ from .dynamics import Stage, find_stages, stages_frame
 from .errors import InvalidTypeError, InvalidValueError, MissingFileError
 from .files import atomic_write
 from .metrics import metrics_over_series
-from .metrics.over_series import HEAD_METRICS
+from .metrics.metrics_series import HEAD_METRICS
 from .results import long_form, model_curve, model_rows
 from .sampling import llc_over_series
 from .series import MANIFEST, CheckpointSeries

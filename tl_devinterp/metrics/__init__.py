@@ -12,7 +12,7 @@ from .behaviour import (
     repeat_positions,
 )
 from .classify import classify_heads
-from .heads import (
+from .head_scores import (
     copying_scores,
     duplicate_token_scores,
     prefix_matching_scores,
@@ -20,7 +20,7 @@ from .heads import (
     probe_tokens,
     uniform_baseline,
 )
-from .over_series import metrics_over_series
+from .metrics_series import metrics_over_series
 
 __all__ = [
     "bigram_score", "bigram_table", "classify_heads", "copying_scores", "duplicate_token_scores",

@@ -4,11 +4,11 @@ susceptibilities and Bayesian influence; SGLD, SGNHT and RMSprop-SGLD."""
 from ..errors import LLCDivergenceError
 from .calibration import calibrate_llc, plot_calibration
 from .diagnostics import SamplerDiagnostics, SamplerWarning, plot_trace
-from .heads import estimate_head_llcs
+from .head_llcs import estimate_head_llcs
 from .influence import BayesianInfluence, bayesian_influence, top_influences
 from .llc import LLCResult, estimate_llc
+from .llc_series import llc_over_series
 from .observables import ObservableTraces, posterior_covariance, sample_observables
-from .over_series import llc_over_series
 from .refine import contains_repeated_span, filter_dataset
 from .restrict import Restriction, resolve_restriction
 from .samplers import SAMPLERS, rmsprop_sgld_step, sgld_step, sgnht_step

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InvalidValueError, LLCDivergenceError
 from .diagnostics import PRIOR_DOMINATED, mcmc_summary
-from .heads import summary
+from .head_llcs import summary
 from .llc import estimate_llc
 from .settings import SGLDConfig
 

@@ -1,7 +1,7 @@
 """A task's model-level and per-layer metrics over training, one panel per metric, stages shaded.
 
 Reads the tidy metrics frame `step, metric, layer, head, value` (per-head rows are the head-score heatmaps'
-business, `visualisation.heads`); a per-layer metric draws one line per layer.
+business, `visualisation.head_plots`); a per-layer metric draws one line per layer.
 """
 
 from __future__ import annotations

@@ -170,9 +170,9 @@ def analysis_report(result, path: str | os.PathLike, *, figures_dir: str | os.Pa
     """The report of an `AnalysisResult` (see `tl_devinterp.analysis`): every part it holds, in pipeline
     order. PNGs also go to `figures_dir`."""
     from .dynamics import plot_essential_dynamics, plot_llc_stages
-    from .heads import plot_head_clusters, plot_head_llcs, plot_head_scores
+    from .head_plots import plot_head_clusters, plot_head_llcs, plot_head_scores
     from .metrics import plot_metrics
-    from .tokens import loss_difference_html
+    from .token_html import loss_difference_html
 
     def png(fig, fig_id, caption):
         return png_figure(fig, fig_id, caption, save_dir=figures_dir)

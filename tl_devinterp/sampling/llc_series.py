@@ -16,7 +16,7 @@ from ..results import HEAD, MODEL
 from ..runner import map_series
 from ..store import ResultStore, callable_key
 from .batches import data_fingerprint
-from .heads import summary
+from .head_llcs import summary
 from .llc import sample_llcs
 from .restrict import resolve_restriction
 from .settings import SGLDConfig

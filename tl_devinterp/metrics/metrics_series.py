@@ -27,7 +27,7 @@ from .behaviour import (
     repeat_icl_score,
     repeat_positions,
 )
-from .heads import copying_scores, duplicate_token_scores, prefix_matching_scores, previous_token_scores
+from .head_scores import copying_scores, duplicate_token_scores, prefix_matching_scores, previous_token_scores
 
 HEAD_METRICS = {
     "previous_token": previous_token_scores,
