@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tl_devinterp.analysis import AnalysisConfig, AnalysisResult, _head_steps, _top_heads
+from tl_devinterp.analysis import AnalysisConfig, AnalysisResult, top_heads, transition_steps
 from tl_devinterp.dynamics import Stage, essential_dynamics_of_features
 from tl_devinterp.models import ModelConfig, build_model, parse_head
 from tl_devinterp.visualisation.attention import AttentionView, attention_patterns, attention_view
@@ -150,13 +150,13 @@ def test_head_steps_and_top_heads():
     llc = pd.DataFrame({"step": steps, "scope": "model", "llc_mean": [1, 1, 1, 1, 5, 9, 9, 9.0]})
     score = pd.DataFrame({"step": steps, "metric": "previous_token", "layer": 0, "head": 0,
                           "value": [0, 0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9]})
-    assert _head_steps(steps, None, llc, score) == steps and _head_steps(steps, 0, llc, score) == []
+    assert transition_steps(steps, None, llc, score) == steps and transition_steps(steps, 0, llc, score) == []
     # where the LLC (40, 50) and the head score (70, the last anyway; then 20) move, not spread over the index
-    assert _head_steps(steps, 4, llc, score) == [0, 40, 50, 70]
-    assert _head_steps(steps, 5, llc, score) == [0, 20, 40, 50, 70]
+    assert transition_steps(steps, 4, llc, score) == [0, 40, 50, 70]
+    assert transition_steps(steps, 5, llc, score) == [0, 20, 40, 50, 70]
     metrics = pd.DataFrame({"step": [5] * 4, "metric": ["previous_token"] * 2 + ["prefix_matching"] * 2,
                             "layer": [0, 1, 0, 1], "head": [1, 0, 1, 0], "value": [0.9, 0.1, 0.8, 0.7]})
-    assert _top_heads(metrics) == ["L0H1", "L1H0"]  # the best induction head that is not already shown
+    assert top_heads(metrics) == ["L0H1", "L1H0"]  # the best induction head that is not already shown
 
 
 def test_report_shows_head_trajectory_clusters(tmp_path):

@@ -266,7 +266,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
     head_metrics = metrics[metrics["head"].notna()]
     classes = (classify_heads(metrics, thresholds=config.thresholds)
                if head_metrics["metric"].isin(list(HEAD_LABELS)).any() else _NO_CLASSES)
-    head_steps = _head_steps(series.steps, n_head_steps, llc, metrics) if head_list else []
+    head_steps = transition_steps(series.steps, n_head_steps, llc, metrics) if head_list else []
     if head_steps and n_head_steps is not None:
         say(f"head LLCs at steps {head_steps}")
         llc = pd.concat([llc, llc_over_series(series, train_data, sgld, heads=head_list, model=False, steps=head_steps,
@@ -292,7 +292,7 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
         model = series.load(step)
         positions, labels, losses[step] = task.position_losses(model, sample)
         if task.has_heads:
-            chosen = config.attention_heads or _top_heads(metrics) or [head_name(*h) for h in all_heads(model)][:8]
+            chosen = config.attention_heads or top_heads(metrics) or [head_name(*h) for h in all_heads(model)][:8]
             view_input = task.model_inputs(model, index_batch(sample, None))
             attention.append((step, attention_view(model, sample, chosen, labels=sample_labels, inputs=view_input)))
     loss_differences = pd.concat([
@@ -566,7 +566,7 @@ def _calibrate(series: CheckpointSeries, data, sgld: SGLDConfig, task: Task, max
                     for step in tqdm(steps, desc="calibration checkpoints", unit="ckpt", disable=not progress)})
 
 
-def _head_steps(steps: list[int], n: int | None, llc: pd.DataFrame, metrics: pd.DataFrame) -> list[int]:
+def transition_steps(steps: list[int], n: int | None, llc: pd.DataFrame, metrics: pd.DataFrame) -> list[int]:
     """None: every checkpoint. Else the first, the last, and the n - 2 checkpoints reached by the largest
     change: the sum over the loss, the model's LLC and each head score of |change since the previous
     checkpoint| / the curve's range, so development, not the spacing of the schedule, draws them."""
@@ -588,7 +588,7 @@ _NO_CLASSES = pd.DataFrame(columns=["layer", "head", "label"])
 """The head classes of a task without head scores."""
 
 
-def _top_heads(metrics: pd.DataFrame) -> list[str]:
+def top_heads(metrics: pd.DataFrame) -> list[str]:
     """The highest previous-token and induction (prefix-matching) heads at the last checkpoint."""
     last = metrics[metrics["step"] == metrics["step"].max()]
     heads = []
