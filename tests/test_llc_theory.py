@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tl_devinterp.sampling import estimate_llc
+from tl_devinterp.sampling.known_answers import rrr_lambda as aoyagi
 
 pytestmark = pytest.mark.slow
 
@@ -16,18 +17,6 @@ pytestmark = pytest.mark.slow
 def sum_mse(model, batch):
     x, y = batch
     return nn.functional.mse_loss(model(x), y, reduction="sum")
-
-
-def aoyagi(M: int, H: int, N: int, r: int) -> float:
-    """The RLCT of reduced-rank regression y = BAx (A: H×M, B: N×H) with true rank r."""
-    if N + r <= M + H and M + r <= N + H and H + r <= M + N:
-        lam = (2 * (H + r) * (M + N) - (M - N) ** 2 - (H + r) ** 2) / 8
-        return lam + (1 / 8 if (M + H + N + r) % 2 else 0)
-    if M + H < N + r:
-        return (H * M - H * r + N * r) / 2
-    if N + H < M + r:
-        return (H * N - H * r + M * r) / 2
-    return M * N / 2
 
 
 def test_aoyagi_formula_examples():
