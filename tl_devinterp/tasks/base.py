@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
@@ -203,3 +204,28 @@ def make_task(spec: dict[str, Any] | Task) -> Task:
     if kind not in TASKS:
         raise InvalidValueError(f"The 'kind' option of the data spec must be one of {sorted(TASKS)}; got {kind!r}.")
     return TASKS[kind](spec)
+
+
+class VectorTokenTask(Task):
+    """A TransformerLens model fed real vectors as tokens: each through the model's own `W_E` [d_vocab, d_model]
+    plus `W_pos`, from block 0 (the regression and bursty tasks). Subclasses set `d_in` and `seq_len`."""
+
+    d_in: int
+    seq_len: int
+
+    def check_model(self, config: ModelConfig) -> None:
+        if config.d_vocab != self.d_in:
+            raise InvalidValueError(f"The model's d_vocab must be the {self.kind!r} task's token dimension {self.d_in} "
+                                    f"(inputs are embedded by W_E [d_vocab, d_model]); got d_vocab={config.d_vocab}.")
+        if config.n_ctx < self.seq_len:
+            raise InvalidValueError(f"The model's n_ctx ({config.n_ctx}) is shorter than the {self.kind!r} task's "
+                                    f"sequences ({self.seq_len} positions); raise n_ctx.")
+
+    def model_inputs(self, model: nn.Module, batch) -> dict[str, Any]:
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return {"input": embed_inputs(model, inputs), "start_at_layer": 0}
+
+
+def embed_inputs(model: nn.Module, inputs: Float[torch.Tensor, "n seq d_in"]) -> Float[torch.Tensor, "n seq d_model"]:
+    """The residual stream before block 0: each input vector through the model's `W_E`, plus `W_pos`."""
+    return inputs @ model.W_E + model.W_pos[: inputs.shape[1]]

@@ -35,15 +35,15 @@ import torch
 from torch import nn
 
 from ..errors import InvalidValueError
-from ..models import ModelConfig, model_device
+from ..models import model_device
 from ..options import Declared, Option
-from .base import Task, integer, number, register
+from .base import VectorTokenTask, integer, number, register
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs [n, 2N+1, D+L], query labels [n], classes [n, N+1]
 
 
 @register
-class BurstyClassification(Task):
+class BurstyClassification(VectorTokenTask):
     """Bursty few-shot classification (module docstring). Options: K classes, L labels, D exemplar dimensions,
     N pairs per context, B copies per class in a bursty context, p_bursty, alpha (Zipf exponent), epsilon
     (within-class noise), exemplar_file, n_train, n_test, n_eval (sequences per metric), seed."""
@@ -155,18 +155,6 @@ class BurstyClassification(Task):
         return self.contexts(self.spec["n_train"], 1), self.contexts(self.spec["n_test"], 2)
 
     # -- the model's side --------------------------------------------------------------------------------------
-    def check_model(self, config: ModelConfig) -> None:
-        if config.d_vocab != self.d_in:
-            raise InvalidValueError(f"The model's d_vocab must be D + L = {self.d_in} for the {self.kind!r} task (tokens "
-                                    f"are embedded by W_E [d_vocab, d_model]); got d_vocab={config.d_vocab}.")
-        if config.n_ctx < self.seq_len:
-            raise InvalidValueError(f"The model's n_ctx ({config.n_ctx}) is shorter than the {self.kind!r} task's contexts "
-                                    f"(2N + 1 = {self.seq_len} positions); raise n_ctx.")
-
-    def model_inputs(self, model: nn.Module, batch) -> dict[str, Any]:
-        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return {"input": inputs @ model.W_E + model.W_pos[: inputs.shape[1]], "start_at_layer": 0}
-
     def logits(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """The L label logits at the query, [n, L]."""
         return model(**self.model_inputs(model, inputs))[:, -1, : self.spec["L"]]

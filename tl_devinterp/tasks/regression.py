@@ -29,15 +29,9 @@ from jaxtyping import Float
 from torch import nn
 
 from ..errors import InvalidValueError
-from ..models import ModelConfig
-from .base import Task, integer, number, register
+from .base import VectorTokenTask, embed_inputs, integer, number, register
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, mask
-
-
-def embed_inputs(model: nn.Module, inputs: Float[torch.Tensor, "n seq d_in"]) -> Float[torch.Tensor, "n seq d_model"]:
-    """The residual stream before block 0: each input vector through the model's `W_E`, plus `W_pos`."""
-    return inputs @ model.W_E + model.W_pos[: inputs.shape[1]]
 
 
 def readout(model: nn.Module, inputs: Float[torch.Tensor, "n seq d_in"], d_out: int) -> Float[torch.Tensor, "n seq d_out"]:
@@ -79,7 +73,7 @@ def layer_norm_norms(model: nn.Module) -> list[tuple[str, int | None, int | None
     return [("ln_weight_norm", layer, None, math.sqrt(v)) for layer, v in sorted(per_layer.items())]
 
 
-class LinearTokenTask(Task):
+class LinearTokenTask(VectorTokenTask):
     """Base of the regression tasks: real-vector tokens through the model's own embedding, MSE at a mask."""
 
     d_in: int
@@ -88,17 +82,6 @@ class LinearTokenTask(Task):
     sampler_defaults = dict(epsilon=3e-4, gamma=100.0, nbeta=30.0)
     """nβ = 30: the default n/log n of batch 32 (9.2) leaves the chains prior-dominated on these MSE losses
     (calibrate_llc on the icl-regression-quick series); a smaller step than the token default."""
-
-    def check_model(self, config: ModelConfig) -> None:
-        if config.d_vocab != self.d_in:
-            raise InvalidValueError(f"The model's d_vocab must be the {self.kind!r} task's token dimension {self.d_in} "
-                             f"(inputs are embedded by W_E [d_vocab, d_model]); got d_vocab={config.d_vocab}.")
-        if config.n_ctx < self.seq_len:
-            raise InvalidValueError(f"The model's n_ctx ({config.n_ctx}) is shorter than the {self.kind!r} task's sequences "
-                             f"({self.seq_len} positions); raise n_ctx.")
-
-    def model_inputs(self, model: nn.Module, batch: Batch) -> dict[str, Any]:
-        return {"input": embed_inputs(model, batch[0]), "start_at_layer": 0}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return masked_mse(model, batch)
