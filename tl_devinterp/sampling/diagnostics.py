@@ -93,9 +93,9 @@ class ChainStats:
                noise: torch.Tensor, config) -> None:
         """One step from w, per chain: L_B(w), w − w*, ∇L_B(w), the drift ∇U(w) and the noise ξ that move it on
         ([chains, coords] tensors)."""
-        distance, grad_norm = norms(offset), norms(grad)
+        distance, grad_norm, noise_norm = norms(offset), norms(grad), norms(noise)
         lik, pri = config.nbeta * grad_norm, config.gamma * distance
-        row = dict(distance=distance, grad_norm=grad_norm, noise_norm=norms(noise),
+        row = dict(distance=distance, grad_norm=grad_norm, noise_norm=noise_norm,
                    virial=(offset * drift).sum(1).double().cpu().numpy(),  # (w − w*)·∇U
                    likelihood_fraction=np.divide(lik, lik + pri, out=np.zeros_like(lik), where=lik + pri > 0),
                    acceptance=np.full(self.n_chains, math.nan))
@@ -113,7 +113,7 @@ class ChainStats:
             self.rows[k].append(v)
         if self.mala:
             eps = config.epsilon
-            self.previous = (potential, torch.add((eps / 2) * drift, noise, alpha=-math.sqrt(eps)), norms(noise) ** 2)
+            self.previous = (potential, torch.add((eps / 2) * drift, noise, alpha=-math.sqrt(eps)), noise_norm**2)
 
     def traces(self) -> dict[str, np.ndarray]:
         """Each metric as [chains, steps] (the first step's acceptance is NaN: no step was taken before it)."""
