@@ -37,8 +37,8 @@ def test_ladder_finds_half_the_dimension():
     config = SGLDConfig(num_draws=200, num_burnin=100, batch_size=8)
     cal = calibrate_llc(Quadratic(), torch.zeros(64, 1), config, max_steps=30_000, progress=False)
     assert cal.choice is not None, (cal.reason, cal.table[["nbeta", "epsilon", "llc_mean", "verdict"]])
-    chosen = cal.table.iloc[-1]
-    assert chosen["llc_mean"] == pytest.approx(D / 2, rel=0.05) and cal.choice["nbeta"] == pytest.approx(500)
+    chosen = cal.table[cal.table["verdict"].str.contains("recommended", na=False)].iloc[0]
+    assert chosen["llc_mean"] == cal.llc == pytest.approx(D / 2, rel=0.05) and cal.choice["nbeta"] == pytest.approx(500)
     predicted = chosen["epsilon"] * cal.choice["nbeta"] * D / (8 * chosen["llc_mean"])  # tr ∇²(nβL) = nβ·d
     assert chosen["discretisation"] == pytest.approx(predicted, rel=0.1) and predicted <= MAX_DISCRETISATION
     assert cal.choice["num_burnin"] >= BURNIN_RELAXATIONS / (cal.choice["epsilon"] * cal.choice["gamma"])

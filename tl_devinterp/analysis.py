@@ -107,8 +107,8 @@ class AnalysisConfig:
     auto_scope: bool = option(True, f"a model of more than {AUTO_SCOPE_HEADS} heads, given no heads, layers or "
                               f"head_steps: the heads of its first, middle and last layers at head_steps=3 "
                               f"checkpoints (--no-auto-scope: every head at every checkpoint)")
-    calibrate: bool = option(False, "first run calibrate_llc's ladder (nbeta up, epsilon from the virial, checked at "
-                             "epsilon/2) on 3 checkpoints and use the setting it recommends, if any "
+    calibrate: bool = option(False, "first run calibrate_llc's ladder (gamma 1, nbeta up until "
+                             "the LLC stops moving, epsilon from its measured discretisation bias) on 3 checkpoints and use the setting it recommends, if any "
                              "(results/calibration.csv); else the settings above")
     calibrate_steps: int = option(50_000, "calibrate_llc's budget: SGLD steps per chain per checkpoint", ge=1)
     # head scores and classes

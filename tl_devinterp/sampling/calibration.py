@@ -65,13 +65,14 @@ ZOO_ACCURACY = "not yet measured"
 @dataclass
 class Calibration:
     """The runs (`table`: one row per run, its setting, λ̂, diagnostics, `discretisation` and the rule's
-    `step`/`verdict`), the recommended setting (`choice`, None when the budget ran out or λ̂ follows nβ:
-    `reason` says which), and the SGLD steps per chain spent (`steps`)."""
+    `verdict`), the recommended setting (`choice`, None when the budget ran out or λ̂ follows nβ: `reason`
+    says which) and its run's λ̂ (`llc`), and the SGLD steps per chain spent (`steps`)."""
 
     table: pd.DataFrame
     choice: dict[str, float] | None
     steps: int = 0
     reason: str = ""
+    llc: float = math.nan  # λ̂ of the recommended run
 
     def config(self, base: SGLDConfig | None = None) -> SGLDConfig:
         """`base` (default: the defaults) with the recommended ε, γ, nβ, burn-in and draws (and at least
@@ -117,6 +118,7 @@ def calibrate_llc(
         raise InvalidValueError(f"calibrate_llc needs gamma > 0 (the prior sets the mixing time), got {gamma}.")
     config = SGLDConfig.build(config, gamma=gamma, num_chains=max(config.num_chains, MIN_CHAINS))
     rows: list[dict] = []
+    row_of: dict[int, int] = {}  # id of a run's result -> its row
     spent = 0
     bar = tqdm(total=max_steps, desc="calibration", unit="step", disable=not progress)
 
@@ -138,6 +140,7 @@ def calibrate_llc(
             return "diverged"
         rows.append(dict(setting, diverged=False, **summary(r), discretisation=discretisation(r),
                          llc_trace=r.llc_trace.numpy()))
+        row_of[id(r)] = len(rows) - 1
         return r
 
     def rung(epsilon: float, nbeta: float, burnin: int = 0, draws: int = MIN_DRAWS) -> tuple[LLCResult | None, str]:
@@ -175,25 +178,22 @@ def calibrate_llc(
     below, choice, reason = None, None, ""  # below: the last likelihood-dominated rung
     r, reason = rung(epsilon, nbeta)
     while r is not None:
-        held = r.diagnostics.likelihood_fraction >= LIKELIHOOD_SHARE
-        if held and below is not None:
+        row = rows[row_of[id(r)]]
+        if r.diagnostics.likelihood_fraction >= LIKELIHOOD_SHARE and below is not None:
             gap, noise = abs(r.mean - below.mean), 2 * math.hypot(r.se, below.se)
             if gap + noise < tolerance * abs(r.mean):
-                rows[-1]["verdict"] = "converged in nβ: recommended"
-                choice = {k: float(rows[-1][k]) for k in SETTING}
+                row["verdict"] = "converged in nβ: recommended"
+                choice = {k: float(row[k]) for k in SETTING}
                 break
             if gap - noise < tolerance * abs(r.mean):  # undecided: more draws for the noisier of the two rungs
-                rows[-1]["verdict"] = "undecided: more draws"
-                if below.se > r.se:
-                    c = below.config
-                    below, reason = rung(c.epsilon, c.nbeta, c.num_burnin, 2 * c.num_draws)
-                    if below is None:
-                        break
-                else:
-                    c = r.config
-                    r, reason = rung(c.epsilon, c.nbeta, c.num_burnin, 2 * c.num_draws)
+                row["verdict"] = "undecided: more draws"
+                c = below.config if below.se > r.se else r.config
+                again, reason = rung(c.epsilon, c.nbeta, c.num_burnin, 2 * c.num_draws)
+                if again is None:
+                    break
+                below, r = (again, r) if below.se > r.se else (below, again)
                 continue
-        rows[-1]["verdict"] = rows[-1].get("verdict") or "moving with nβ"
+        row["verdict"] = row.get("verdict") or "moving with nβ"
         if r.diagnostics.likelihood_fraction >= PRIOR_DOMINATED:
             below = r
         if nbeta * LADDER > max_nbeta:
@@ -204,7 +204,7 @@ def calibrate_llc(
         nbeta *= LADDER
         r, reason = rung(epsilon, nbeta)
     bar.close()
-    return Calibration(pd.DataFrame(rows), choice, spent, reason)
+    return Calibration(pd.DataFrame(rows), choice, spent, reason, r.mean if choice else math.nan)
 
 
 def combine(calibrations: dict[int, Calibration]) -> Calibration:

@@ -159,8 +159,7 @@ def accuracy_table(cases: Sequence[KnownAnswer], *, batch_size: int = 64, max_st
         start = time.perf_counter()
         cal = calibrate_llc(case.model, case.data, SGLDConfig(batch_size=batch_size), loss_fn=case.loss_fn,
                             max_steps=max_steps, progress=progress)
-        llc = float(cal.table["llc_mean"].iloc[-1]) if cal.choice else math.nan
-        rows.append(dict(model=case.name, d=case.d, llc=case.llc, llc_hat=llc, error_pct=100 * (llc / case.llc - 1),
+        rows.append(dict(model=case.name, d=case.d, llc=case.llc, llc_hat=cal.llc, error_pct=100 * (cal.llc / case.llc - 1),
                          nbeta=(cal.choice or {}).get("nbeta", math.nan),
                          epsilon=(cal.choice or {}).get("epsilon", math.nan),
                          steps=cal.steps, seconds=round(time.perf_counter() - start), reason=cal.reason))
