@@ -178,7 +178,12 @@ if __name__ == "__main__":  # the README's zoo table: python -m tl_devinterp.sam
     parser = argparse.ArgumentParser(description="calibrate_llc on the known-answer zoo; prints its accuracy")
     parser.add_argument("names", nargs="*", help="cases to run (default: all), e.g. rrr_5x3x5_r1_sum")
     parser.add_argument("--max-steps", type=int, default=100_000, help="SGLD steps per chain per case")
+    parser.add_argument("--csv", help="also write the table to this CSV file")
     args = parser.parse_args()
     cases = [c for c in zoo() if not args.names or c.name in args.names]
     table = accuracy_table(cases, max_steps=args.max_steps, echo=True)
     print(table.to_string(index=False, float_format=FORMAT))
+    if args.csv:
+        from ..files import atomic_write
+
+        atomic_write(args.csv, table.to_csv(index=False))
