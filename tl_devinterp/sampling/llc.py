@@ -17,9 +17,10 @@ batch the model). The sampled set is `models.sampled_parameters`: each weight th
 
 Memory is proportional to what is sampled: a chain's state holds its restriction's d coordinates only
 (a GPT-2-small head: 196,800, not its layer's 2,361,600), placed into w* inside the forward; the diagnostics
-keep per-step numbers and one [chains, d] tensor for the MALA score; w* is held once per stack. A stack of
-k chains costs about 5·k·d floats of state plus the activations of k forward+backward passes
-(`sampling.plan` measures it before a run).
+keep per-step numbers and one [chains, d] tensor for the MALA score; w* is held once per stack. A step
+allocates nothing of the chains' size: w − w*, the drift, the noise and the MALA row are written in place
+into four rows per chain (`sampling.chains`), so a stack of k chains costs about 4–5·k·d floats plus the
+activations of k forward+backward passes (`sampling.plan` measures it before a run).
 
 Hyperparameters of the papers: full-model LLC (ICL paper, 3M LM) ε=0.003, γ=300, nβ≈21.7 (batch 100),
 20 chains × 200 draws; per-head rLLC ε=0.001, γ=200, nβ=30, 4 chains × 200 draws, batch 32. The defaults
