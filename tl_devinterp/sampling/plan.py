@@ -4,9 +4,9 @@
 reads off what the real run will cost: the seconds before the first step (the one-time checks), the
 seconds of one step of every chain, and the peak memory of the process while sampling (CPU: the resident
 set's high-water mark, reset first; CUDA: the allocator's peak). A run of `num_burnin + num_draws ×
-steps_between_draws` steps then takes about setup + steps × step seconds, and its peak memory is the measured one, because the chain
-state, the stacked forward+backward and the diagnostics' rows do not grow with the number of steps
-(only the [chains, draws] loss traces do). A plan whose peak does not fit the memory available is split
+steps_between_draws` steps then takes about setup + steps × step seconds, and its peak memory is the
+measured one, because the chain state, the stacked forward+backward and the diagnostics' rows do not grow
+with the number of steps (only the [chains, draws] traces do). A plan whose peak does not fit the memory available is split
 (fewer chains stacked per forward, `SGLDConfig.max_batched` halved) until it fits, or refused with the
 numbers and the fix.
 
