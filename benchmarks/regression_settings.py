@@ -8,12 +8,16 @@ README's sections "In-context linear regression" and "Sparse-attention regressio
    analyses it (LLC at every checkpoint, head LLCs at 6, the task's metrics, stages, essential dynamics). Prints
    the stages and, at each boundary, the loss, its distance to ridge and dMMSE, the prediction norm, the ICL
    score, the LayerNorm-weight norms and the effective rank of W_pos. Figure: docs/icl_regression.png.
-2. Sparse-attention regression: trains the `sparse-regression-quick` architecture (D=8, 1 layer, 2 heads) at
+2. The same run continued: the `icl-regression-long` preset (the quick run to 12,000 steps, whose first 1500 are
+   the quick run's) with the LLC at every checkpoint (the sampler above) and the task's metrics. Prints the
+   stages and, at each boundary, the LLC's peak, step 1500 and the end, the LLC, loss, ICL score, LayerNorm-weight
+   norms, unembedding norm and effective rank of W_pos. Figure: docs/icl_regression_long.png (about 12 minutes).
+3. Sparse-attention regression: trains the `sparse-regression-quick` architecture (D=8, 1 layer, 2 heads) at
    T = 8, 16, 32, 64 with two seeds each, 1200 steps, a checkpoint every 20, and measures the plateau length:
    the first checkpoint whose test loss is below half the loss of predicting 0. Prints each length and the
    fitted exponent of plateau ∝ T^a. Then analyses the T=16 run (LLC with stages, attention on the relevant
    token and its entropy per head). Figure: docs/sparse_regression.png.
-Runs in about 10 minutes on 2 shared CPU cores; every step resumes from WORK.
+Runs in about 25 minutes on 2 shared CPU cores; every step resumes from WORK.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from matplotlib.figure import Figure
 
 import tl_devinterp as tdi
 from tl_devinterp.tasks import make_task
+from tl_devinterp.tasks.base import index_batch
 from tl_devinterp.training import PRESETS
 from tl_devinterp.visualisation.dynamics import shade_stages
 
@@ -93,6 +98,55 @@ def icl(work: Path, docs: Path, progress: bool) -> None:
         ax.set_xlabel("step")
     fig.suptitle("In-context linear regression (icl-regression-quick, 2 CPU cores); stages shaded (blue A, orange B)")
     fig.savefig(docs / "icl_regression.png", dpi=110)
+
+
+def icl_long(work: Path, docs: Path, progress: bool) -> None:
+    series = tdi.train(work / "icl-long" / "series", "icl-regression-long", progress=progress)
+    task = make_task(series.meta["data"])
+    train, test = task.data()
+    store = work / "icl-long" / "store"
+    llc = tdi.llc_over_series(series, train, tdi.SGLDConfig(**SGLD), loss_fn=task.sampler_loss, store_dir=store,
+                              progress=progress).set_index("step")
+    metrics = task.metrics_over_series(series, train, index_batch(test, slice(0, 256)), store_dir=store,
+                                       progress=progress)
+    stages = tdi.find_stages(llc.index.to_numpy(), llc["llc_mean"].to_numpy(), llc["llc_se"].to_numpy())
+    wide = metrics[metrics["layer"].isna()].pivot_table(index="step", columns="metric", values="value")
+    ln = metrics[metrics["metric"] == "ln_weight_norm"].pivot_table(index="step", columns="layer", values="value")
+    x, y, _ = task.sample(task.spec["n_test"], 2)
+    ridge = float(((task.reference()["ridge"] - y) ** 2).mean())
+    print(f"\n== in-context linear regression, the quick run continued to {series.steps[-1]} steps "
+          f"(icl-regression-long; ridge {ridge:.3f})")
+    print("stages:", ", ".join(f"{s.start}-{s.end} {s.type}" for s in stages))
+    peak = int(llc["llc_mean"].idxmax())
+    at = sorted({s.start for s in stages} | {stages[-1].end, peak, 1500})
+    table = llc[["llc_mean", "llc_se"]].join(wide[["loss", "prediction_norm", "icl_score", "unembed_norm",
+                                                   "pos_effective_rank"]]).join(ln.add_prefix("ln_norm_L"))
+    print(table.loc[at].round(3).to_string())
+
+    fig = Figure(figsize=(13, 6.5), layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
+    panels = [("test loss", wide["loss"]), ("LLC (± SE)", llc["llc_mean"]), ("LayerNorm weight norm", None),
+              ("ICL score (loss at x_K − at x_1)", wide["icl_score"]), ("unembedding norm", wide["unembed_norm"]),
+              ("effective rank of W_pos", wide["pos_effective_rank"])]
+    for ax, (name, curve) in zip(axes, panels):
+        shade_stages(ax, stages)
+        if curve is None:
+            for layer in ln:
+                ax.plot(ln.index, ln[layer], marker=".", label=f"layer {layer}" if layer < 2 else "final")
+            ax.legend(fontsize=7)
+        else:
+            ax.plot(curve.index, curve.values, marker=".", color="black")
+        if name == "test loss":
+            ax.axhline(ridge, color="tab:green", ls="--", label="ridge = dMMSE")
+            ax.legend(fontsize=7)
+        if name.startswith("LLC"):
+            ax.fill_between(llc.index, llc["llc_mean"] - llc["llc_se"], llc["llc_mean"] + llc["llc_se"], alpha=0.2,
+                            color="black", lw=0)
+        ax.set(title=name, xlabel="step", xscale="symlog", xlim=(0, series.steps[-1] * 1.1))
+        ax.title.set_fontsize(10)
+    fig.suptitle("In-context linear regression continued to 12,000 steps (icl-regression-long, 2 CPU cores); "
+                 "stages shaded (blue A, orange B)")
+    fig.savefig(docs / "icl_regression_long.png", dpi=110)
 
 
 def plateau_end(series: tdi.CheckpointSeries) -> tuple[int | None, float]:
@@ -174,7 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="regression_settings", help="folder for the series and reports")
     parser.add_argument("--docs", default="docs", help="folder for the figures")
-    parser.add_argument("--only", choices=("icl", "sparse"), help="run one setting")
+    parser.add_argument("--only", choices=("icl", "icl-long", "sparse"), help="run one part")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
@@ -183,6 +237,8 @@ def main() -> None:
     docs.mkdir(exist_ok=True)
     if args.only in (None, "icl"):
         icl(work, docs, not args.quiet)
+    if args.only in (None, "icl-long"):
+        icl_long(work, docs, not args.quiet)
     if args.only in (None, "sparse"):
         sparse(work, docs, not args.quiet)
 

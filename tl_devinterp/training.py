@@ -175,6 +175,12 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+# The icl-regression-quick run continued to 12,000 steps (its first 1500 are the quick run's, weight for weight):
+# about 7 minutes on 2 shared CPU cores, past LR2 into a type-B stage (LLC falling while the LayerNorm weights shrink).
+PRESETS["icl-regression-long"] = dataclasses.replace(PRESETS["icl-regression-quick"], n_steps=12_000,
+                                                     n_log_checkpoints=12, n_linear_checkpoints=24)
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The learning rate of update `step` (0-based): up linearly over `warmup_steps`, then `lr`, or with
     `lr_schedule="linear"` down linearly to 0 at `n_steps`."""
@@ -207,7 +213,7 @@ def train(
     **overrides: Any,
 ) -> CheckpointSeries:
     """Train from a preset (`PRESETS`: `demo`, `quick`, `stdlib`, `icl-regression`, `sparse-regression` and their
-    `-quick` variants) or a `TrainConfig` and return the written series.
+    `-quick` variants, `icl-regression-long`) or a `TrainConfig` and return the written series.
 
     `overrides` replace TrainConfig fields (e.g. `n_steps=500`, `interventions=[Intervention(...)]`: with
     the same seed, batches and initialisation as the run without them, so the pair is a controlled
