@@ -12,7 +12,10 @@ README's sections "In-context linear regression" and "Sparse-attention regressio
    the quick run's) with the LLC at every checkpoint (the sampler above) and the task's metrics. Prints the
    stages and, at each boundary, the LLC's peak, step 1500 and the end, the LLC, loss, ICL score, LayerNorm-weight
    norms, unembedding norm and effective rank of W_pos. Figure: docs/icl_regression_long.png (about 12 minutes).
-3. Sparse-attention regression: trains the `sparse-regression-quick` architecture (D=8, 1 layer, 2 heads) at
+3. Where the stage rule puts LR1's end: the quick run's LLC at its own 20 checkpoints and at a dense grid of 43
+   (n_log_checkpoints=40; the same weights at the shared steps), with 3 and 8 chains; prints `find_stages` from
+   step 0 and from step 1, with the chains' SE and with its default, the scatter along the curve.
+4. Sparse-attention regression: trains the `sparse-regression-quick` architecture (D=8, 1 layer, 2 heads) at
    T = 8, 16, 32, 64 with two seeds each, 1200 steps, a checkpoint every 20, and measures the plateau length:
    the first checkpoint whose test loss is below half the loss of predicting 0. Prints each length and the
    fitted exponent of plateau ∝ T^a. Then analyses the T=16 run (LLC with stages, attention on the relevant
@@ -36,6 +39,7 @@ from matplotlib.figure import Figure
 import tl_devinterp as tdi
 from tl_devinterp.tasks import make_task
 from tl_devinterp.tasks.base import index_batch
+from tl_devinterp.tasks.regression import masked_mse
 from tl_devinterp.training import PRESETS
 from tl_devinterp.visualisation.dynamics import shade_stages
 
@@ -149,6 +153,36 @@ def icl_long(work: Path, docs: Path, progress: bool) -> None:
     fig.savefig(docs / "icl_regression_long.png", dpi=110)
 
 
+def icl_stages(work: Path, progress: bool) -> None:
+    base = PRESETS["icl-regression-quick"]
+    grids = {"preset's grid (20 checkpoints)": tdi.train(work / "icl" / "series", "icl-regression-quick",
+                                                         progress=progress),
+             "dense grid (43 checkpoints)": tdi.train(work / "icl-stages" / "series",
+                                                      config=dataclasses.replace(base, n_log_checkpoints=40),
+                                                      progress=progress)}
+    print("\n== in-context linear regression: where the stage rule puts LR1's end (icl-regression-quick)")
+    rows = []
+    for (grid, series), chains in [(g, 3) for g in grids.items()] + [(list(grids.items())[1], 8)]:
+        train, _ = make_task(series.meta["data"]).data()
+        llc = tdi.llc_over_series(series, train, tdi.SGLDConfig(**{**SGLD, "num_chains": chains}),
+                                  loss_fn=masked_mse, store_dir=work / "icl-stages" / "store", progress=progress)
+        steps, values, se = (llc[c].to_numpy() for c in ("step", "llc_mean", "llc_se"))
+        for first in (0, 1):
+            for name, error in (("the chains' SE", se[first:]), ("the scatter along the curve", None)):
+                stages = tdi.find_stages(steps[first:], values[first:], error)
+                rows.append({"grid": grid, "chains": chains, "from step": int(steps[first]), "SE": name,
+                             "stages": ", ".join(f"{s.start}-{s.end} {s.type}" for s in stages)})
+        if grid.startswith("dense") and chains == 3:  # the curve and the metrics up to LR2's rise
+            task = make_task(series.meta["data"])
+            metrics = task.metrics_over_series(series, train, index_batch(task.data()[1], slice(0, 256)),
+                                               store_dir=work / "icl-stages" / "store", progress=progress)
+            wide = metrics[metrics["layer"].isna()].pivot_table(index="step", columns="metric", values="value")
+            early = llc.set_index("step")[["llc_mean", "llc_se", "loss_increase"]].join(
+                wide[["prediction_norm", "icl_score"]])
+            print(f"dense grid, 3 chains, to step 230:\n{early.loc[:230].round(3).to_string()}")
+    print(pd.DataFrame(rows).to_string(index=False))
+
+
 def plateau_end(series: tdi.CheckpointSeries) -> tuple[int | None, float]:
     """The first checkpoint whose test loss is below half the loss of predicting 0 (None: never), and that loss."""
     _, (_, targets, _) = make_task(series.meta["data"]).data()
@@ -228,7 +262,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="regression_settings", help="folder for the series and reports")
     parser.add_argument("--docs", default="docs", help="folder for the figures")
-    parser.add_argument("--only", choices=("icl", "icl-long", "sparse"), help="run one part")
+    parser.add_argument("--only", choices=("icl", "icl-long", "icl-stages", "sparse"), help="run one part")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
@@ -239,6 +273,8 @@ def main() -> None:
         icl(work, docs, not args.quiet)
     if args.only in (None, "icl-long"):
         icl_long(work, docs, not args.quiet)
+    if args.only in (None, "icl-stages"):
+        icl_stages(work, not args.quiet)
     if args.only in (None, "sparse"):
         sparse(work, docs, not args.quiet)
 
