@@ -97,7 +97,8 @@ class SamplerDiagnostics:
 
 class ChainStats:
     """Per-step metrics (`TRACES` but the loss) of a stack of G chains, recorded once per post-burn-in step by
-    the sampler; each chain's numbers are those it would have alone."""
+    the sampler; each chain's numbers are those it would have alone. Besides the numbers it keeps one
+    [chains, d] tensor, for the MALA score (updated in place: no new tensor of the chains' size per step)."""
 
     def __init__(self, n_chains: int, mala: bool = True):
         self.mala = mala  # score steps as MALA proposals (SGLD's update only; other samplers report NaN)
@@ -106,17 +107,25 @@ class ChainStats:
         # U(w_prev), (ε/2)∇U(w_prev) − √ε·ξ_prev (one [chains, coords] tensor), ‖ξ_prev‖²: all a MALA score needs
         self.previous: tuple[np.ndarray, torch.Tensor, np.ndarray] | None = None
 
-    def update(self, *, loss: np.ndarray, offset: torch.Tensor, grad: torch.Tensor, drift: torch.Tensor,
-               noise: torch.Tensor, config) -> None:
-        """One step from w, per chain: L_B(w), w − w*, ∇L_B(w), the drift ∇U(w) and the noise ξ that move it on
-        ([chains, coords] tensors)."""
-        distance, grad_norm, noise_norm = norms(offset), norms(grad), norms(noise)
+    @staticmethod
+    def measure(offset: torch.Tensor, grad: torch.Tensor, pull: torch.Tensor, config) -> dict[str, np.ndarray]:
+        """What `update` needs of the state w about to be left, read before the drift is written over w − w*:
+        ‖w − w*‖, ‖∇L_B(w)‖ and (w − w*)·∇U(w) = γ‖w − w*‖² + nβ·(w − w*)·`pull` (∇L_B, or with weight decay)."""
+        distance = norms(offset)
+        return dict(distance=distance, grad_norm=norms(grad),
+                    virial=config.gamma * distance**2 + config.nbeta * rowdot(offset, pull).double().cpu().numpy())
+
+    def update(self, *, loss: np.ndarray, state: dict[str, np.ndarray], drift: torch.Tensor, noise: torch.Tensor,
+               config) -> None:
+        """One step from w, per chain: L_B(w), `measure`'s numbers of w, the drift ∇U(w) and the noise ξ that
+        moved it on ([chains, coords] tensors)."""
+        distance, grad_norm, noise_norm = state["distance"], state["grad_norm"], norms(noise)
         lik, pri = config.nbeta * grad_norm, config.gamma * distance
-        row = dict(distance=distance, grad_norm=grad_norm, noise_norm=noise_norm,
-                   virial=(offset * drift).sum(1).double().cpu().numpy(),  # (w − w*)·∇U
+        row = dict(distance=distance, grad_norm=grad_norm, noise_norm=noise_norm, virial=state["virial"],
                    likelihood_fraction=np.divide(lik, lik + pri, out=np.zeros_like(lik), where=lik + pri > 0),
                    acceptance=np.full(self.n_chains, math.nan))
         potential = config.nbeta * loss + config.gamma * distance**2 / 2  # U(w)
+        carry = None
         if self.mala and self.previous is not None:  # the step w_prev → w just taken, scored as a MALA proposal
             eps = config.epsilon
             u_prev, carry, noise_sq = self.previous
@@ -128,9 +137,10 @@ class ChainStats:
             row["acceptance"] = np.exp(np.minimum(0.0, log_alpha))
         for k, v in row.items():
             self.rows[k].append(v)
-        if self.mala:
+        if self.mala:  # (ε/2)∇U(w) − √ε·ξ, into the carried tensor's memory once it exists
             eps = config.epsilon
-            self.previous = (potential, torch.add((eps / 2) * drift, noise, alpha=-math.sqrt(eps)), noise_norm**2)
+            carry = torch.mul(drift, eps / 2, out=carry).add_(noise, alpha=-math.sqrt(eps))
+            self.previous = (potential, carry, noise_norm**2)
 
     def traces(self) -> dict[str, np.ndarray]:
         """Each metric as [chains, steps] (the first step's acceptance is NaN: no step was taken before it)."""
@@ -140,6 +150,11 @@ class ChainStats:
 def norms(rows: torch.Tensor) -> np.ndarray:
     """The Euclidean norm of each row (chain) of a [chains, coords] tensor, as float64."""
     return torch.linalg.vector_norm(rows, dim=1).double().cpu().numpy()
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each row's dot product of two [chains, coords] tensors (a batched BLAS dot: no [chains, coords] product)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).flatten()
 
 
 def mcmc_summary(trace: np.ndarray) -> dict[str, float]:
