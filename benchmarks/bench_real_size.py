@@ -38,7 +38,7 @@ from tl_devinterp.models import mean_token_loss  # noqa: E402
 from tl_devinterp.sampling import SamplerWarning, SGLDConfig, resolve_restriction  # noqa: E402
 from tl_devinterp.sampling.fast_forward import fast_forward  # noqa: E402
 from tl_devinterp.sampling.llc import sample_llcs  # noqa: E402
-from tl_devinterp.sampling.plan import peak_memory, plan_llcs  # noqa: E402
+from tl_devinterp.sampling.plan import peak_memory, plan_llcs, step_seconds  # noqa: E402
 
 GIB = 2.0**30
 
@@ -87,8 +87,7 @@ def run(model, tokens, restrictions, config) -> tuple[float, float, dict]:
         sample_llcs(model, tokens, restrictions, config, progress=False,
                     observe=lambda r, c, d, w: stamps.__setitem__(d, time.perf_counter()))  # a step's last stack
         wall = time.perf_counter() - start
-    steps = sorted(stamps[d + 1] - stamps[d] for d in range(len(stamps) - 1))
-    return wall, stamps[0] - start - statistics.median(steps), peak
+    return wall, wall - len(stamps) * step_seconds(stamps), peak  # setup: the time beyond the steps
 
 
 def devinterp_wall(hf, tokens, config) -> float | None:
