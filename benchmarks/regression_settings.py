@@ -20,7 +20,7 @@ README's sections "In-context linear regression" and "Sparse-attention regressio
    the first checkpoint whose test loss is below half the loss of predicting 0. Prints each length and the
    fitted exponent of plateau ∝ T^a. Then analyses the T=16 run (LLC with stages, attention on the relevant
    token and its entropy per head). Figure: docs/sparse_regression.png.
-Runs in about 25 minutes on 2 shared CPU cores; every step resumes from WORK.
+Runs in about 45 minutes on 2 shared CPU cores (part 3 alone about 20); every step resumes from WORK.
 """
 
 from __future__ import annotations
