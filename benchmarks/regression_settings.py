@@ -3,6 +3,8 @@ README's sections "In-context linear regression" and "Sparse-attention regressio
 
     python benchmarks/regression_settings.py [--work DIR] [--docs docs] [--quiet]
 
+0. The `icl-regression` preset (the paper's run as its code configures it): its parameter count and how often
+   each training context is seen (it is not run).
 1. In-context linear regression: trains the `icl-regression-quick` preset (D=3, K=8, Gaussian tasks, a 2-layer
    transformer of 13,760 parameters, 1500 steps; the paper's run is D=4, K=16, ~50k parameters, far longer) and
    analyses it (LLC at every checkpoint, head LLCs at 6, the task's metrics, stages, essential dynamics). Prints
@@ -119,7 +121,7 @@ def icl_long(work: Path, docs: Path, progress: bool) -> None:
     x, y, _ = task.sample(task.spec["n_test"], 2)
     ridge = float(((task.reference()["ridge"] - y) ** 2).mean())
     print(f"\n== in-context linear regression, the quick run continued to {series.steps[-1]} steps "
-          f"(icl-regression-long; ridge {ridge:.3f})")
+          f"(icl-regression-long, {len(series.steps)} checkpoints; ridge {ridge:.3f})")
     print("stages:", ", ".join(f"{s.start}-{s.end} {s.type}" for s in stages))
     peak = int(llc["llc_mean"].idxmax())
     at = sorted({s.start for s in stages} | {stages[-1].end, peak, 1500})
@@ -153,13 +155,21 @@ def icl_long(work: Path, docs: Path, progress: bool) -> None:
     fig.savefig(docs / "icl_regression_long.png", dpi=110)
 
 
+def paper_scale() -> None:
+    config = PRESETS["icl-regression"]
+    model = make_task(config.data).build_model(config.model)
+    print(f"\n== the icl-regression preset (the paper's run, for a GPU; not run here): "
+          f"{sum(p.numel() for p in model.parameters())} parameters, {config.n_steps} steps of {config.batch_size}, "
+          f"each of its {config.data['n_train']} training contexts seen "
+          f"{config.n_steps * config.batch_size / config.data['n_train']:.0f} times")
+
+
 def icl_stages(work: Path, progress: bool) -> None:
     base = PRESETS["icl-regression-quick"]
-    grids = {"preset's grid (20 checkpoints)": tdi.train(work / "icl" / "series", "icl-regression-quick",
-                                                         progress=progress),
-             "dense grid (43 checkpoints)": tdi.train(work / "icl-stages" / "series",
-                                                      config=dataclasses.replace(base, n_log_checkpoints=40),
-                                                      progress=progress)}
+    grids = {"preset's grid": tdi.train(work / "icl" / "series", "icl-regression-quick", progress=progress),
+             "dense grid": tdi.train(work / "icl-stages" / "series", progress=progress,
+                                     config=dataclasses.replace(base, n_log_checkpoints=40))}
+    grids = {f"{name} ({len(series.steps)} checkpoints)": series for name, series in grids.items()}
     print("\n== in-context linear regression: where the stage rule puts LR1's end (icl-regression-quick)")
     rows = []
     for (grid, series), chains in [(g, 3) for g in grids.items()] + [(list(grids.items())[1], 8)]:
@@ -262,13 +272,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="regression_settings", help="folder for the series and reports")
     parser.add_argument("--docs", default="docs", help="folder for the figures")
-    parser.add_argument("--only", choices=("icl", "icl-long", "icl-stages", "sparse"), help="run one part")
+    parser.add_argument("--only", choices=("paper", "icl", "icl-long", "icl-stages", "sparse"), help="run one part")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
     warnings.filterwarnings("ignore", category=tdi.SamplerWarning)  # reported in each report's diagnostics
     work, docs = Path(args.work), Path(args.docs)
     docs.mkdir(exist_ok=True)
+    if args.only in (None, "paper"):
+        paper_scale()
     if args.only in (None, "icl"):
         icl(work, docs, not args.quiet)
     if args.only in (None, "icl-long"):
