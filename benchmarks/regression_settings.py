@@ -79,14 +79,21 @@ def icl(work: Path, docs: Path, progress: bool) -> None:
           f" at step {low}, {wide['prediction_norm'].iloc[-1]:.3f} at the end")
     print(f"ICL score: {wide['icl_score'].iloc[0]:.3f} at step 0, {wide['icl_score'].iloc[-1]:.3f} at the end")
 
-    fig = Figure(figsize=(13, 6.5), layout="constrained")
-    axes = fig.subplots(2, 3).ravel()
     panels = [("test loss", wide["loss"]), ("LLC (± SE)", llc["llc_mean"]), ("prediction norm", wide["prediction_norm"]),
               ("ICL score (loss at x_K − at x_1)", wide["icl_score"]), ("LayerNorm weight norm", None),
               ("effective rank of W_pos", wide["pos_effective_rank"])]
-    for ax, (name, curve) in zip(axes, panels):
-        shade_stages(ax, result.stages)
-        if name == "LayerNorm weight norm":
+    icl_figure(panels, llc, ln, ridge, result.stages, series.steps[-1], "In-context linear regression "
+               "(icl-regression-quick, 2 CPU cores); stages shaded (blue A, orange B)", docs / "icl_regression.png")
+
+
+def icl_figure(panels: list[tuple[str, pd.Series | None]], llc: pd.DataFrame, ln: pd.DataFrame, ridge: float,
+               stages: list[tdi.Stage], last: int, title: str, path: Path) -> None:
+    """Six panels over log-step, stages shaded: each (name, curve); curve None: the LayerNorm-weight norm of each
+    layer; the test loss with ridge's, the LLC with its SE band."""
+    fig = Figure(figsize=(13, 6.5), layout="constrained")
+    for ax, (name, curve) in zip(fig.subplots(2, 3).ravel(), panels):
+        shade_stages(ax, stages)
+        if curve is None:
             for layer in ln:
                 ax.plot(ln.index, ln[layer], marker=".", label=f"layer {layer}" if layer < 2 else "final")
             ax.legend(fontsize=7)
@@ -99,11 +106,11 @@ def icl(work: Path, docs: Path, progress: bool) -> None:
             ax.fill_between(llc.index, llc["llc_mean"] - llc["llc_se"], llc["llc_mean"] + llc["llc_se"], alpha=0.2,
                             color="black", lw=0)
         ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlim(0, series.steps[-1] * 1.1)
+        ax.set_xlim(0, last * 1.1)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
-    fig.suptitle("In-context linear regression (icl-regression-quick, 2 CPU cores); stages shaded (blue A, orange B)")
-    fig.savefig(docs / "icl_regression.png", dpi=110)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
 
 
 def icl_long(work: Path, docs: Path, progress: bool) -> None:
@@ -129,30 +136,12 @@ def icl_long(work: Path, docs: Path, progress: bool) -> None:
                                                    "pos_effective_rank"]]).join(ln.add_prefix("ln_norm_L"))
     print(table.loc[at].round(3).to_string())
 
-    fig = Figure(figsize=(13, 6.5), layout="constrained")
-    axes = fig.subplots(2, 3).ravel()
     panels = [("test loss", wide["loss"]), ("LLC (± SE)", llc["llc_mean"]), ("LayerNorm weight norm", None),
               ("ICL score (loss at x_K − at x_1)", wide["icl_score"]), ("unembedding norm", wide["unembed_norm"]),
               ("effective rank of W_pos", wide["pos_effective_rank"])]
-    for ax, (name, curve) in zip(axes, panels):
-        shade_stages(ax, stages)
-        if curve is None:
-            for layer in ln:
-                ax.plot(ln.index, ln[layer], marker=".", label=f"layer {layer}" if layer < 2 else "final")
-            ax.legend(fontsize=7)
-        else:
-            ax.plot(curve.index, curve.values, marker=".", color="black")
-        if name == "test loss":
-            ax.axhline(ridge, color="tab:green", ls="--", label="ridge = dMMSE")
-            ax.legend(fontsize=7)
-        if name.startswith("LLC"):
-            ax.fill_between(llc.index, llc["llc_mean"] - llc["llc_se"], llc["llc_mean"] + llc["llc_se"], alpha=0.2,
-                            color="black", lw=0)
-        ax.set(title=name, xlabel="step", xscale="symlog", xlim=(0, series.steps[-1] * 1.1))
-        ax.title.set_fontsize(10)
-    fig.suptitle("In-context linear regression continued to 12,000 steps (icl-regression-long, 2 CPU cores); "
-                 "stages shaded (blue A, orange B)")
-    fig.savefig(docs / "icl_regression_long.png", dpi=110)
+    icl_figure(panels, llc, ln, ridge, stages, series.steps[-1], "In-context linear regression continued to 12,000 "
+               "steps (icl-regression-long, 2 CPU cores); stages shaded (blue A, orange B)",
+               docs / "icl_regression_long.png")
 
 
 def paper_scale() -> None:
