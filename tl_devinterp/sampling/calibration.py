@@ -16,14 +16,16 @@ its own bias (design.md §4). The rule fixes γ and removes the others in turn:
 3. Mixing. A run burns in BURNIN_RELAXATIONS of the prior's relaxation time 1/(εγ) (the likelihood only
    speeds it up) and draws half as many; a run whose chains disagree (R-hat > MAX_RHAT) or whose λ̂ trace
    still moves (|t| > DRIFT_T) repeats with twice both.
-4. Temperature. nβ climbs ×10 from two decades below the config's (n/log n of the batch by default) while
-   the prior dominates (likelihood share < 0.5), and on until λ̂ moves by less than `tolerance` (relative)
-   from the rung below, each of the two known to within tolerance/2 (2 SEs; else its draws double: draws
-   are spent where the choice is made). The recommendation is the upper rung's setting.
+4. Temperature. nβ climbs ×LADDER from START × the config's (n/log n of the batch by default), at least
+   d/20 (below it the chains' loss increase λ/nβ nears the sampler's divergence limit of 100 nats), until
+   λ̂ moves by less than `tolerance` (relative, beyond 2 combined SEs) from the last likelihood-dominated
+   rung below, on a rung where the likelihood holds LIKELIHOOD_SHARE of the pull. Where 2 SEs straddle
+   `tolerance`, the noisier rung's draws double (draws are spent where the choice is made). The
+   recommendation is the upper rung's setting.
 Every run counts towards `max_steps` (SGLD steps per chain, burn-in included); when the budget runs out
-first there is no recommendation, and `Calibration.reason` says where. Measured accuracy on the known-answer
-zoo (`known_answers`; the table `python -m tl_devinterp.sampling.known_answers` prints is in the README):
-ZOO_ACCURACY.
+first there is no recommendation, and `Calibration.reason` says where. Its accuracy on the known-answer zoo
+(`known_answers`; `python -m tl_devinterp.sampling.known_answers` prints the table the README's *Trusting
+the numbers* quotes) is measured only on the cases listed there.
 
 On a model whose checkpoint is not a minimum of the sampled loss (a language model mid-training) λ̂ has no
 nβ → ∞ limit (the chains run downhill as nβ grows): the ladder then ends without a recommendation, and the
@@ -59,7 +61,6 @@ MAX_RHAT, DRIFT_T = 1.1, 4.0  # chains mixed: split R-hat of λ̂ at most this, 
 MIN_CHAINS, MIN_DRAWS = 8, 200
 MAX_EPSILON = 0.1  # ε·γ at most this: the prior's own direction widened by at most 1/(1 − 0.1/4)
 SETTING = ["epsilon", "gamma", "nbeta", "num_burnin", "num_draws"]
-ZOO_ACCURACY = "not yet measured"
 
 
 @dataclass
