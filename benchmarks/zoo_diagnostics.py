@@ -36,7 +36,7 @@ SETTINGS = {
     "gamma 30": dict(gamma=30.0),  # the prior pulls, λ̂ lower
     "small nbeta": dict(nbeta=30.0, epsilon=1e-3),  # far from the nβ → ∞ limit
 }
-CAUSES = {"too coarse": "step size", "spreading out": "not mixed", "prior-dominated": "prior", "disagree": "R-hat",
+CAUSES = {"too coarse": "step size", "spreading out": "not mixed", "prior-dominated": "prior", "disagree": "disagree",
           "effective draws": "ESS", "basin": "basin", "MALA acceptance": "acceptance", "found lower loss": "negative"}
 
 
@@ -51,7 +51,7 @@ def run(name: str, setting: str, seed: int = 0) -> dict:
             r = estimate_llc(case.model, case.data, loss_fn=case.loss_fn, progress=False, seed=seed,
                              **(GOOD | SETTINGS[setting]))
         except LLCDivergenceError:
-            return dict(model=name, setting=setting, error=np.nan, warned="diverged", regime="-")
+            return dict(model=name, setting=setting, error=np.nan, warned="diverged", regime="-", ok="yes")  # an error
     said = [str(w.message) for w in caught if issubclass(w.category, SamplerWarning)]
     causes = sorted({cause for s in said for key, cause in CAUSES.items() if key in s})
     d = r.diagnostics
