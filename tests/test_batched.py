@@ -13,7 +13,7 @@ from hf_models import boot, save_tiny_hf
 from tl_devinterp.models import ModelConfig, build_model
 from tl_devinterp.sampling import SAMPLERS, SGLDConfig, estimate_head_llcs, estimate_llc
 from tl_devinterp.sampling.diagnostics import ChainStats
-from tl_devinterp.sampling.samplers import Chains
+from tl_devinterp.sampling.samplers import Chains, drift_
 
 FAST = dict(num_chains=3, num_draws=5, num_burnin=2, batch_size=8, progress=False)
 CLOSE = dict(rtol=1e-4, atol=1e-6)
@@ -75,7 +75,7 @@ def test_update_rules_move_each_chain_of_a_stack_as_alone(sampler):
     def run(rows, d):
         chains = Chains(weights=start[rows].clone(), generators=[], d=torch.tensor(d), stats=ChainStats(len(rows)))
         for grad, noise in steps:
-            SAMPLERS[sampler](chains, w_star, grad[rows], noise[rows], config)
+            SAMPLERS[sampler](chains, drift_(chains.weights - w_star, grad[rows], config), noise[rows], config)
         return chains.weights
 
     torch.testing.assert_close(run([0, 1], [6.0, 2.0]), torch.cat([run([0], [6.0]), run([1], [2.0])]))

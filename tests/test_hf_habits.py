@@ -180,3 +180,28 @@ def test_one_time_checks_run_once_per_checkpoint_not_per_call(gpt2, monkeypatch)
         next(gpt2.parameters()).add_(0.0)  # an in-place change, as an optimizer step makes
     _quiet(estimate_llc, gpt2, tokens, **CFG)
     assert len(calls) == 2
+
+
+def test_analyze_of_padded_data_gives_the_numbers_of_the_unpadded_rows(quick_series_dir, tmp_path):
+    """`analyze(series, data=...)` with a padded dataset (junk after each row, attention_mask 0 there), as an HF
+    user holds it, gives the LLCs and metrics of the unpadded rows. Catches: analyze's data path reading the
+    token column alone (the junk enters the sampled loss and the metrics: other numbers)."""
+    import datasets
+    import pandas as pd
+
+    from tl_devinterp import CheckpointSeries
+    from tl_devinterp.analysis import analyze
+
+    saved = CheckpointSeries.from_dir(quick_series_dir)
+    series = CheckpointSeries(saved.steps[-4:], saved.load, meta=saved.meta)
+    tokens, junk = torch.randint(0, 32, (2, 48, 16), generator=torch.Generator().manual_seed(0))  # d_vocab 32
+    padded = {"input_ids": torch.cat([tokens, junk[:, :8]], 1),
+              "attention_mask": torch.cat([torch.ones_like(tokens), torch.zeros_like(junk[:, :8])], 1)}
+    fast = dict(num_chains=2, num_draws=3, num_burnin=1, batch_size=8, n_test_seqs=8, n_probe_seqs=4, n_components=2,
+                heads=["l1h0"], calibrate=False, progress=False)
+    plain = _quiet(analyze, series, tmp_path / "plain", data=datasets.Dataset.from_dict({"input_ids": tokens.tolist()}),
+                   **fast)
+    with_padding = _quiet(analyze, series, tmp_path / "padded", **fast,
+                          data=datasets.Dataset.from_dict({k: v.tolist() for k, v in padded.items()}))
+    pd.testing.assert_frame_equal(plain.llc, with_padding.llc, rtol=1e-4, atol=1e-5)
+    pd.testing.assert_frame_equal(plain.metrics, with_padding.metrics, rtol=1e-4, atol=1e-5)

@@ -60,10 +60,11 @@ def test_the_advice_for_a_model_without_a_loss_works_on_a_sequential():
 @pytest.mark.slow
 def test_diagnostics_on_the_zoo_warn_on_bad_estimates_and_not_on_a_good_one():
     """Rank-1 reduced-rank regression 5→3→5 (λ = 8, summed squared error, batch 64, nβ = 100): a good setting
-    (ε 1e-5, γ 30, 4000 burn-in, 8 × 4000 draws) lands within 10%, regime "likelihood", warned only by R-hat; a
+    (ε 1e-5, γ 30, 4000 burn-in, 8 × 4000 draws) lands within 10%, regime "likelihood", no warning; a
     too-coarse ε (3e-5: +21%) warns "too coarse" (regime "step size"); a strong prior (γ 300: −26%) warns
     "prior-dominated" (regime "prior"). Catches: a regime that says "likelihood" for a step-size- or
-    prior-dominated estimate; a basin warning scaled by L(w*) = 0 firing on the good run."""
+    prior-dominated estimate; a basin warning scaled by L(w*) = 0, or R-hat against a fixed 1.01, firing on the
+    good run."""
     import warnings
 
     from tl_devinterp.sampling import SamplerWarning
@@ -79,11 +80,29 @@ def test_diagnostics_on_the_zoo_warn_on_bad_estimates_and_not_on_a_good_one():
 
     good, said = run(epsilon=1e-5, gamma=30.0, num_burnin=4000, num_draws=4000, num_chains=8)
     assert good.mean == pytest.approx(case.llc, rel=0.1) and good.diagnostics.regime == "likelihood"  # measured −2.4%
-    # the only warning: R-hat 1.019 > 1.01 (bulk ESS 544; R-hat ≤ 1.01 takes an ESS near 1000)
-    assert all("chains disagree" in s for s in said), said
+    assert said == [], said  # R-hat 1.019 once warned here: a fixed 1.01 needs a bulk ESS near 1000
     coarse, said = run(epsilon=3e-5, gamma=30.0, num_burnin=2000, num_draws=2000, num_chains=4)
     assert coarse.mean > 1.2 * case.llc and coarse.diagnostics.regime == "step size"
     assert any("too coarse" in s for s in said), said
     prior, said = run(epsilon=1e-5, gamma=300.0, num_burnin=2000, num_draws=2000, num_chains=4)
     assert prior.mean < 0.8 * case.llc and prior.diagnostics.regime == "prior"
     assert any("prior-dominated" in s for s in said), said
+
+
+def test_diagnostics_on_a_tiny_zoo_case_catch_chains_still_spreading_out():
+    """Reduced-rank regression 5→3→5 at rank 1 (λ = 8, MSELoss, nβ = 1000, γ = 1) with 50 burn-in steps at a fine ε:
+    the chains have not spread into the directions λ̂ depends on, λ̂ reads > 20% low, and the diagnostics say so
+    (warning "still spreading out", regime not "likelihood"). Catches: an under-mixed estimate passing every check
+    (the issue's −34% to −39% with |drift t| ≤ 1.5); a virial threshold loosened past the unmixed chains'."""
+    import warnings
+
+    from tl_devinterp.sampling import SamplerWarning
+
+    case = known_answer((5, 3, 5), 1, loss="mean")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = estimate_llc(case.model, case.data, loss_fn=case.loss_fn, batch_size=64, nbeta=1000.0, gamma=1.0,
+                         epsilon=3e-5, num_chains=4, num_burnin=50, num_draws=600, progress=False)
+    said = [str(w.message) for w in caught if issubclass(w.category, SamplerWarning)]
+    assert r.mean < 0.8 * case.llc
+    assert r.diagnostics.regime != "likelihood" and any("spreading out" in s for s in said), said

@@ -89,6 +89,17 @@ def test_restriction_specs(model):
         resolve_restriction(model, "l5h0")
 
 
+def test_pattern_restrictions_keep_the_models_parameter_order(model):
+    """A layer's, a pattern's and a component's parameters come in the model's own order. Catches: the order of
+    a set of names, which changes between processes (PYTHONHASHSEED), so each chain's noise fell on other
+    coordinates in each process and an estimate with restrict='layer1' did not reproduce."""
+    from tl_devinterp.models import sampled_parameters
+
+    for spec in ("layer1", "blocks.0.attn.*", "embed", ["layer0", "unembed"]):
+        masks = resolve_restriction(model, spec).masks
+        assert list(masks) == [n for n in sampled_parameters(model) if n in masks], spec
+
+
 def test_restricted_sampling_moves_only_its_coordinates(model, tokens):
     """Every forward pass sees w* outside the head; the head's own coordinates move."""
     wstar = {n: p.detach().clone() for n, p in model.named_parameters()}

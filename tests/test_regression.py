@@ -107,10 +107,16 @@ def test_sparse_targets_and_attention_metrics_of_uniform_attention():
     ({"kind": "icl-regression", "D": 0}, r"'D' option .* must be >= 1; got 0"),
     ({"kind": "sparse-regression", "D": 0}, r"'D' option .* must be >= 1; got 0"),
     ({"kind": "sparse-regression", "T": 8, "relevant": 8}, r"'relevant' option .* an integer in \[0, T - n_relevant\] = \[0, 7\]; got 8"),
+    ({"kind": "sparse-regression", "T": 4, "n_relevant": 5}, r"^The 'n_relevant' option .* an integer in \[1, T\] = \[1, 4\]; got 5"),
+    ({"kind": "sparse-regression", "T": 0}, r"'T' option .* must be >= 1; got 0"),
+    ({"kind": "icl-regression", "K": 2.5}, r"'K' option .* must be an integer; got 2.5"),
+    ({"kind": "icl-regression", "M": 0}, r"'M' option .* must be >= 1; got 0"),
+    ({"kind": "icl-regression", "k": 3}, r"Unknown option\(s\) \['k'\] .* valid options: \['D', 'K', 'M',"),
     ({"kind": "icl-regresion"}, r"'kind' option of the data spec must be one of \[.*'icl-regression'"),
 ])
 def test_bad_regression_specs_are_refused(spec, message):
-    """Catches: impossible shapes reaching data generation (an empty context, a relevant token past the end)."""
+    """Catches: impossible shapes reaching data generation (an empty context, a relevant token past the end, more
+    relevant tokens than the sequence holds, blamed on the option that is wrong), a misspelt option ignored."""
     with pytest.raises(ValueError, match=message):
         make_task(spec)
 
@@ -127,9 +133,12 @@ def test_the_command_line_refuses_a_bad_spec_in_one_line(tmp_path, capsys):
 
 
 def test_a_model_that_cannot_read_the_task_is_refused_before_training(tmp_path):
-    """Catches: a d_vocab other than the token dimension (W_E cannot embed the inputs) found mid-training."""
+    """Catches: a d_vocab other than the token dimension (W_E cannot embed the inputs), or a context shorter than
+    the sequences (W_pos cannot place them), found mid-training."""
     with pytest.raises(ValueError, match="d_vocab must be the 'icl-regression' task's token dimension 4"):
         train(tmp_path / "s", "icl-regression-quick", model=ModelConfig(n_ctx=16, d_vocab=5), progress=False)
+    with pytest.raises(ValueError, match=r"n_ctx \(8\) is shorter than the 'icl-regression' task's sequences \(16"):
+        train(tmp_path / "s", "icl-regression-quick", model=ModelConfig(n_ctx=8, d_vocab=4), progress=False)
     assert not (tmp_path / "s").exists()
 
 

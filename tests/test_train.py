@@ -28,6 +28,25 @@ def test_extra_steps_reach_the_manifest_only_when_given():
     assert TrainConfig.from_dict(config.to_dict()).extra_steps == [7]
 
 
+def test_learning_rate_warms_up_then_holds_or_falls_linearly(tmp_path):
+    """Catches: the one-cycle schedule off by a step (the peak missed, an update at lr 0 before the end), applied
+    to runs that did not ask for it (or written into their manifests, which would then no longer resume), or
+    computed but not used by the trainer."""
+    from tl_devinterp.training import TrainConfig, learning_rate
+
+    constant = TrainConfig(n_steps=8, warmup_steps=4, lr=1.0)
+    assert [learning_rate(constant, s) for s in range(8)] == [0.25, 0.5, 0.75, 1, 1, 1, 1, 1]
+    cycle = TrainConfig(n_steps=8, warmup_steps=4, lr=1.0, lr_schedule="linear")
+    assert [learning_rate(cycle, s) for s in range(8)] == [0.25, 0.5, 0.75, 1, 1, 0.75, 0.5, 0.25]
+    assert "lr_schedule" not in constant.to_dict() and TrainConfig.from_dict(cycle.to_dict()).lr_schedule == "linear"
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="cosine")
+    runs = {kind: train(tmp_path / kind, "quick", n_steps=2, n_log_checkpoints=0, n_linear_checkpoints=2,
+                        lr_schedule=kind, progress=False) for kind in ("constant", "linear")}
+    first, second = ([runs[k].load(step).W_E for k in runs] for step in (1, 2))
+    assert torch.equal(*first) and not torch.equal(*second)  # the same first update at lr, the second at lr / 2
+
+
 def test_a_stopped_run_resumes_exactly(tmp_path, monkeypatch, quick_series_dir):
     import tl_devinterp.training as T
 

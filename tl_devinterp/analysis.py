@@ -55,6 +55,7 @@ from .models import all_heads, bos_token_id, check_device, check_head, head_name
 from .options import alias_table, build, option, read_config_file, validate
 from .results import head_rows, model_curve, model_rows
 from .sampling import llc_over_series
+from .sampling.batches import as_tensors, lm_batch
 from .sampling.calibration import Calibration, calibrate_llc, combine
 from .sampling.diagnostics import SamplerWarning
 from .sampling.plan import plan_llcs
@@ -508,12 +509,14 @@ def _keep_apart(out: Path, series: CheckpointSeries) -> None:
 
 def task_data(series: CheckpointSeries, data, config: AnalysisConfig, progress: bool = True) -> tuple[Task, Any, Any]:
     """(task, train data for sampling and the task's statistics, test data cut to `n_test_seqs`): the series'
-    own task from its manifest's spec, or a token task on `data` (tokens, or text the model's tokenizer cuts)."""
+    own task from its manifest's spec, or a token task on `data` (tokens, or text the model's tokenizer cuts;
+    padded data as `without_padding` reads them: train keeps its attention_mask, test is cut to real tokens)."""
     spec = series.meta.get("data")
     if data is None and not spec:
         raise InvalidValueError("The series records no data spec (it was not written by tl_devinterp.train): pass data= "
                                 "(a token tensor [n, seq], a dataset with input_ids or text, or text files), or --data "
                                 "FILE.txt on the command line.")
+    sampled = None
     if data is None:
         task = make_task(spec)
     else:
@@ -529,13 +532,33 @@ def task_data(series: CheckpointSeries, data, config: AnalysisConfig, progress: 
             texts = data if form == "text dataset" else text_files(data)
             seq_len = config.seq_len or min(n_ctx, 128)
             data = pack_texts(texts, tokenizer, seq_len, test_fraction=0, bos=bos, progress=progress)["train"]
+        data, sampled = without_padding(data)
         task = TokenTask.of_tokens(data, data, tokenizer=tokenizer, bos=bos)
     train, test = task.data()
+    if sampled is not None:
+        train = sampled  # sampling and the n-gram statistics read the real tokens of each row, by its attention_mask
     test = index_batch(test, slice(0, config.n_test_seqs))
     n_test = len(test) if isinstance(test, torch.Tensor) else len(test[0])
     if not 0 <= config.sample_index < n_test:
         raise InvalidValueError(f"sample_index={config.sample_index} is out of range: {n_test} test sequences.")
     return task, train, test
+
+
+def without_padding(data) -> tuple[Any, dict[str, torch.Tensor] | None]:
+    """(`data`'s token rows holding no padding: each row cut to the shortest row's real length, as the metrics,
+    probes and pictures need a [n, seq] tensor of real tokens; the data as sampling reads it, `input_ids` with
+    the `attention_mask` and `labels` that leave targets out, or None where none does). Rows of equal real
+    length padded on the right thus give the numbers of the unpadded rows."""
+    if data_form(data) not in ("dataset", "mapping"):
+        return data, None
+    source = as_tensors(data)
+    if not isinstance(source, dict):
+        return data, None
+    tokens, keep = lm_batch(source)  # (refuses left padding, with the fix)
+    if keep is None:
+        return tokens, None
+    real = int(source["attention_mask"].sum(1).min()) if "attention_mask" in source else tokens.shape[1]
+    return tokens[:, :real], source
 
 
 def _tokenizer(series: CheckpointSeries):

@@ -56,6 +56,9 @@ class TrainConfig:
     optimizer: str = option("adamw", "adamw, or sgd (plain SGD, as the toy model of superposition's paper trains)",
                             choices=sorted(OPTIMIZERS))
     warmup_steps: int = option(0, "linear learning-rate warm-up steps", ge=0)
+    lr_schedule: str = option("constant", "after the warm-up: constant, or linear (down to 0 at n_steps; with "
+                              "warmup_steps = n_steps / 2 the one-cycle schedule of Hoogland et al. 2024)",
+                              choices=("constant", "linear"))
     n_log_checkpoints: int = option(20, "log-spaced checkpoints", ge=0)
     n_linear_checkpoints: int = option(20, "linearly spaced checkpoints", ge=0)
     extra_steps: list[int] = option([], "more checkpoints, e.g. dense inside a transition")
@@ -72,7 +75,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(dataclasses.replace(self, interventions=[]))
         d["model"] = self.model.to_dict()
-        for name, default in (("extra_steps", []), ("optimizer", "adamw")):
+        for name, default in (("extra_steps", []), ("optimizer", "adamw"), ("lr_schedule", "constant")):
             if d[name] == default:  # manifests written before the field existed still match (and resume)
                 del d[name]
         del d["interventions"]
@@ -103,13 +106,19 @@ PRESETS: dict[str, TrainConfig] = {
         data=_markov(32, 32, 2000, alpha=0.1, repeat_fraction=1.0, min_len=4, max_len=12),
         n_steps=200, batch_size=16, lr=3e-3, n_log_checkpoints=6, n_linear_checkpoints=4,
     ),
-    # In-context linear regression (tasks.regression; Hoogland et al. 2024): the paper's data (D=4, K=16, Gaussian
-    # tasks, noise 0.125) and model scale (2 layers, 4 heads, d_model 64, MLPs, LayerNorm: ~50k parameters),
-    # for a GPU. The -quick variant trains in about a minute on 2 CPU cores and shows LR1 and LR2.
+    # In-context linear regression (tasks.regression; Hoogland et al. 2024, its code's L2H4Minf run), for a GPU: the
+    # paper's data (D=4, K=16, Gaussian tasks, noise 0.125), model (2 pre-LN blocks, 4 heads, d_model 64, ReLU MLPs
+    # of 64, final LN: 53,248 parameters here, with TL's attention biases; ~50k there), Adam at lr 0.003 on a one-cycle
+    # schedule (linear up over the first half, down to 0 at the end), 500k steps of 256, and the LLC checkpoint
+    # grid of its analysis (100 log-spaced + 200 linear). One difference: 4M fixed training contexts, each seen
+    # ~32 times, where the paper draws fresh ones every step. The -quick variant trains in about a minute on 2 CPU
+    # cores and shows LR1 and LR2.
     "icl-regression": TrainConfig(
-        model=ModelConfig(n_layers=2, n_heads=4, d_model=64, n_ctx=32, d_vocab=5, attn_only=False, d_mlp=64),
-        data=dict(kind="icl-regression", D=4, K=16, noise=0.125, n_train=200_000, n_test=2048, seed=0),
-        n_steps=100_000, batch_size=256, lr=1e-3, warmup_steps=1000, n_log_checkpoints=40, n_linear_checkpoints=40,
+        model=ModelConfig(n_layers=2, n_heads=4, d_model=64, n_ctx=32, d_vocab=5, attn_only=False, d_mlp=64,
+                          act_fn="relu"),
+        data=dict(kind="icl-regression", D=4, K=16, noise=0.125, n_train=4_000_000, n_test=2048, seed=0),
+        n_steps=500_000, batch_size=256, lr=3e-3, warmup_steps=250_000, lr_schedule="linear",
+        n_log_checkpoints=100, n_linear_checkpoints=200,
     ),
     "icl-regression-quick": TrainConfig(
         model=ModelConfig(n_layers=2, n_heads=2, d_model=32, n_ctx=16, d_vocab=4, attn_only=False, d_mlp=32),
@@ -166,6 +175,20 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+# The icl-regression-quick run continued to 12,000 steps (its first 1500 are the quick run's, weight for weight):
+# about 7 minutes on 2 shared CPU cores, past LR2 into a type-B stage (LLC falling while the LayerNorm weights shrink).
+PRESETS["icl-regression-long"] = dataclasses.replace(PRESETS["icl-regression-quick"], n_steps=12_000,
+                                                     n_log_checkpoints=12, n_linear_checkpoints=24)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of update `step` (0-based): up linearly over `warmup_steps`, then `lr`, or with
+    `lr_schedule="linear"` down linearly to 0 at `n_steps`."""
+    if config.lr_schedule == "linear" and step >= config.warmup_steps:
+        return config.lr * (config.n_steps - step) / max(1, config.n_steps - config.warmup_steps)
+    return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+
+
 def checkpoint_schedule(n_steps: int, n_log: int, n_linear: int, extra_steps: Sequence[int] = ()) -> list[int]:
     """Steps 0 and n_steps, `n_log` log-spaced steps early, `n_linear` evenly spaced ones and `extra_steps`
     (deduplicated)."""
@@ -190,7 +213,7 @@ def train(
     **overrides: Any,
 ) -> CheckpointSeries:
     """Train from a preset (`PRESETS`: `demo`, `quick`, `stdlib`, `icl-regression`, `sparse-regression` and their
-    `-quick` variants) or a `TrainConfig` and return the written series.
+    `-quick` variants, `icl-regression-long`) or a `TrainConfig` and return the written series.
 
     `overrides` replace TrainConfig fields (e.g. `n_steps=500`, `interventions=[Intervention(...)]`: with
     the same seed, batches and initialisation as the run without them, so the pair is a controlled
@@ -267,8 +290,8 @@ def _train(out: Path, config: TrainConfig, overwrite: bool, task: Task, train_da
                 loss = task.loss(model, b)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                for group in opt.param_groups:  # linear warmup, a function of the step alone
-                    group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+                for group in opt.param_groups:  # a function of the step alone: a resumed run continues exactly
+                    group["lr"] = learning_rate(config, step)
                 opt.step()
             recent.append(loss.item())
             _check_loss(out, manifest, config, step, recent[-1], "training")

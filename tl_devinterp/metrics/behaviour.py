@@ -141,6 +141,9 @@ def repeat_icl_score(loss: Float[torch.Tensor, "batch pos_minus_1"], tokens: Int
 
 
 def _rows(data: Any) -> Iterable[torch.Tensor]:
+    """The token rows of `data`; a row with an `attention_mask` (a dict or dataset) cut to its real tokens
+    (padding on the right, as `sampling.batches.lm_batch` reads it)."""
+    mask = None
     if isinstance(data, torch.Tensor):
         rows: Any = data[None] if data.ndim == 1 else data
     elif isinstance(data, (list, tuple)):
@@ -153,7 +156,10 @@ def _rows(data: Any) -> Iterable[torch.Tensor]:
                 f"data must be a token tensor, a list of token lists, or a dataset with an 'input_ids' "
                 f"column; got {type(data).__name__}."
             ) from err
-    return (torch.as_tensor(row, dtype=torch.long).flatten() for row in rows)
+        columns = getattr(data, "column_names", None) or list(data.keys())
+        mask = data["attention_mask"] if "attention_mask" in columns else None
+    rows = (torch.as_tensor(row, dtype=torch.long).flatten() for row in rows)
+    return rows if mask is None else (row[: int(torch.as_tensor(m).sum())] for row, m in zip(rows, mask, strict=True))
 
 
 def _ngram_counts(data: Any, n: int) -> tuple[Int[torch.Tensor, "k n"], Int[torch.Tensor, " k"]]:

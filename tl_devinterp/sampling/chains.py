@@ -6,6 +6,10 @@ Chains that sample the same parameters from the same start layer are stacked (`S
 (`losses_and_grads`); each keeps its own noise generator, so the numbers are those of the chains run one at
 a time. A chain's state holds its restriction's d coordinates only, placed into w* (held once per stack)
 inside the forward.
+
+Memory per chain of d coordinates: its weights, a work row (w − w*, then the drift), the gradient (written
+into a buffer of the stack where it samples whole parameters), and the MALA score's carried row: four rows
+of d floats, none allocated anew per step, plus a fifth while the backward pass builds the gradient.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class Stack:
     star: Float[torch.Tensor, "chains d"]  # each row's coordinates at w*
     chains: Chains
     batched: bool | None  # whether vmap runs the stack; None until its first call tries
+    work: Float[torch.Tensor, "chains d"]  # each step's w − w*, then its drift (`sampling.llc`)
+    grad: Float[torch.Tensor, "chains d"] | None  # the gradient's buffer where the stack samples whole parameters
 
     @property
     def index(self) -> tuple[list[int], list[int]]:
@@ -116,24 +122,32 @@ def build_stacks(restrictions: list[Restriction], starts: list[int], w_star: dic
                             torch.tensor([float(restrictions[r].d) for r, _ in members], device=device),
                             ChainStats(len(members), mala=config.sampler in MALA))
             stacks.append(Stack(members, list(names), [w_star[n].shape for n in names], start, star_full, index,
-                                 star, chains, None if len(members) > 1 else False))
+                                star, chains, None if len(members) > 1 else False, torch.empty_like(chains.weights),
+                                torch.empty_like(chains.weights) if index is None else None))
     return stacks
 
 
 def losses_and_grads(objective: Objective, stack: Stack, w_star: dict[str, torch.Tensor], batch,
-                      extra: tuple) -> tuple[Float[torch.Tensor, " chains"], Float[torch.Tensor, "chains d"]]:
+                     extra: tuple) -> tuple[Float[torch.Tensor, " chains"], Float[torch.Tensor, "chains d"]]:
     """L_B(w) and ∇L_B(w) on each chain's coordinates, for every chain of the stack: one vmapped
     forward+backward, or chain by chain where vmap cannot batch the model (found on the stack's first call,
-    then kept; same numbers)."""
+    then kept; same numbers). Where the stack samples whole parameters, they are differentiated as they are
+    and the gradient is written into the stack's `grad` buffer (not concatenated into a new tensor per step)."""
 
     def loss(row, coords):  # one chain: its coordinates placed in the stack's parameters, w* elsewhere
         return objective.at(w_star | stack.unflat(_place(stack.star_full, coords, row)), batch, *extra)
 
-    index = stack.coords if stack.coords is not None else [None] * len(stack.members)
+    def loss_of_parts(parts):  # one chain sampling whole parameters: a tensor per parameter
+        return objective.at(w_star | dict(zip(stack.names, parts, strict=True)), batch, *extra)
+
+    weights, whole = stack.chains.weights, stack.coords is None
     if stack.batched is not False:
         try:
-            dims = (0, None if stack.coords is None else 0)
-            grad, losses = torch.func.vmap(torch.func.grad_and_value(loss), in_dims=dims)(stack.chains.weights, stack.coords)
+            if whole:
+                grads, losses = torch.func.vmap(torch.func.grad_and_value(loss_of_parts))(tuple(stack.unflat(weights).values()))
+                grad = torch.cat([g.flatten(1) for g in grads], dim=1, out=stack.grad)
+            else:
+                grad, losses = torch.func.vmap(torch.func.grad_and_value(loss))(weights, stack.coords)
             stack.batched = True
             return losses.detach(), grad
         except Exception:  # an op without a batching rule (or a real error, which the loop below raises again)
@@ -141,17 +155,26 @@ def losses_and_grads(objective: Objective, stack: Stack, w_star: dict[str, torch
                 raise
             stack.batched = False
     losses, grads = [], []
-    for row, coords in zip(stack.chains.weights, index, strict=True):  # plain autograd, one chain's graph at a time
-        row = row.detach().requires_grad_(True)
-        value = loss(row, coords)
+    for i, row in enumerate(weights):  # plain autograd, one chain's graph at a time
+        if whole:
+            parts = [p.detach().requires_grad_(True) for p in stack.unflat(row).values()]
+            value = loss_of_parts(parts)
+            torch.cat([g.flatten() for g in torch.autograd.grad(value, parts, materialize_grads=True)], out=stack.grad[i])
+        else:
+            row = row.detach().requires_grad_(True)
+            value = loss(row, stack.coords[i])
+            grads.append(torch.autograd.grad(value, row)[0])
         losses.append(value.detach())
-        grads.append(torch.autograd.grad(value, row)[0])
-    return torch.stack(losses), torch.stack(grads)
+    return torch.stack(losses), stack.grad if whole else torch.stack(grads)
 
 
-def chain_noise(stack: Stack, device) -> Float[torch.Tensor, "chains d"]:
-    """N(0, 1) on each chain's coordinates, from its own generator."""
-    return torch.stack([torch.randn(stack.star.shape[-1], generator=g, device=device) for g in stack.chains.generators])
+def chain_noise(stack: Stack, out: torch.Tensor | None = None) -> Float[torch.Tensor, "chains d"]:
+    """N(0, 1) on each chain's coordinates, from its own generator (into `out`, [chains, d], where given)."""
+    if out is None or not out.is_contiguous():  # a row's numbers depend on its layout
+        out = torch.empty_like(stack.chains.weights)
+    for row, generator in zip(out, stack.chains.generators, strict=True):
+        row.normal_(generator=generator)
+    return out
 
 
 def split_batch(batch, k: int) -> list:

@@ -17,9 +17,10 @@ batch the model). The sampled set is `models.sampled_parameters`: each weight th
 
 Memory is proportional to what is sampled: a chain's state holds its restriction's d coordinates only
 (a GPT-2-small head: 196,800, not its layer's 2,361,600), placed into w* inside the forward; the diagnostics
-keep per-step numbers and one [chains, d] tensor for the MALA score; w* is held once per stack. A stack of
-k chains costs about 5·k·d floats of state plus the activations of k forward+backward passes
-(`sampling.plan` measures it before a run).
+keep per-step numbers and one [chains, d] tensor for the MALA score; w* is held once per stack. A step
+allocates nothing of the chains' size: w − w*, the drift, the noise and the MALA row are written in place
+into four rows per chain (`sampling.chains`), so a stack of k chains costs about 4–5·k·d floats plus the
+activations of k forward+backward passes (`sampling.plan` measures it before a run).
 
 Hyperparameters of the papers: full-model LLC (ICL paper, 3M LM) ε=0.003, γ=300, nβ≈21.7 (batch 100),
 20 chains × 200 draws; per-head rLLC ε=0.001, γ=200, nβ=30, 4 chains × 200 draws, batch 32. The defaults
@@ -60,7 +61,7 @@ from .objective import (
     skips_lower_blocks,
 )
 from .restrict import Restriction, resolve_restriction
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, drift_
 from .settings import SGLDConfig
 
 EXPLODE = 100.0
@@ -193,7 +194,6 @@ class _Plan:
     batches: Any
     loader: bool
     w_star: dict[str, torch.Tensor]
-    device: torch.device
 
 
 def _plan(model: nn.Module, data, restrictions: list[Restriction], config: SGLDConfig, loss_fn: Callable | None,
@@ -218,8 +218,8 @@ def _plan(model: nn.Module, data, restrictions: list[Restriction], config: SGLDC
     stacks = build_stacks(restrictions, starts, w_star, config, device)
     if config.init_noise:  # chains start at w* + init_noise·N(0, 1) on their coordinates
         for stack in stacks:
-            stack.chains.weights.add_(chain_noise(stack, device), alpha=config.init_noise)
-    return _Plan(objective, how, restrictions, starts, stacks, batches, loader, w_star, device)
+            stack.chains.weights.add_(chain_noise(stack), alpha=config.init_noise)
+    return _Plan(objective, how, restrictions, starts, stacks, batches, loader, w_star)
 
 
 def _run(model: nn.Module, plan: _Plan, config: SGLDConfig, desc: str, progress: bool,
@@ -228,7 +228,7 @@ def _run(model: nn.Module, plan: _Plan, config: SGLDConfig, desc: str, progress:
     each draw [draws]); the chains' statistics stay on their stacks."""
     objective, restrictions, starts, stacks, batches = (plan.objective, plan.restrictions, plan.starts, plan.stacks,
                                                         plan.batches)
-    loader, w_star, device = plan.loader, plan.w_star, plan.device
+    loader, w_star = plan.loader, plan.w_star
     accumulate, thin = config.gradient_accumulation_steps, config.steps_between_draws
     step_rule = SAMPLERS[config.sampler]
     trace = torch.empty(len(restrictions), config.num_chains, config.num_draws)
@@ -265,9 +265,14 @@ def _run(model: nn.Module, plan: _Plan, config: SGLDConfig, desc: str, progress:
             chains = stack.chains
             # 3. Every chain's loss and gradient in one batched call: its coordinates in its restriction's
             #    parameters, w* elsewhere (averaged over the micro-batches).
-            parts = [losses_and_grads(objective, stack, w_star, b, e[stack.start]) for b, e in zip(micro, extra)]
-            losses, grad = (parts[0] if len(parts) == 1 else
-                            (sum(p[0] for p in parts) / len(parts), sum(p[1] for p in parts) / len(parts)))
+            losses, grad = losses_and_grads(objective, stack, w_star, micro[0], extra[0][stack.start])
+            if len(micro) > 1:
+                grad = grad.clone()  # (a stack's gradient buffer is rewritten by the next call)
+                for b, e in zip(micro[1:], extra[1:]):
+                    more_losses, more_grad = losses_and_grads(objective, stack, w_star, b, e[stack.start])
+                    losses = losses + more_losses
+                    grad.add_(more_grad)
+                losses, grad = losses / len(micro), grad.div_(len(micro))
             values = losses.double().cpu().numpy()
             if not (values < limit).all():  # also catches NaN
                 g = int(np.argmin(values < limit))
@@ -283,18 +288,19 @@ def _run(model: nn.Module, plan: _Plan, config: SGLDConfig, desc: str, progress:
                     with torch.no_grad():
                         for i, (r, c) in enumerate(stack.members):
                             observe(r, c, draw // config.draws_every, w_star | stack.unflat(stack.full(i)))
-            with torch.no_grad():
-                # 4. Each chain's noise from its own generator, on its restriction's coordinates only.
-                noise = chain_noise(stack, device)
-                offset = chains.weights - stack.star  # 5. the state about to be left, for the diagnostics
+            with torch.no_grad():  # 4.-7. in place, in the stack's rows: no new tensor of the chains' size
                 pull = grad if not config.weight_decay else grad.add(  # devinterp's weight decay: + weight_decay·w
                     chains.weights, alpha=config.weight_decay / config.nbeta)
-                drift = step_rule(chains, stack.star, pull, noise, config)  # 6. the sampler's update
+                offset = torch.sub(chains.weights, stack.star, out=stack.work)  # 4. the state about to be left
+                state = chains.stats.measure(offset, grad, pull, config) if since >= 0 else None
+                drift = drift_(offset, pull, config)  # 5. ∇U(w), over w − w*
+                noise = chain_noise(stack, out=grad)  # 6. each chain's own noise, over ∇L_B (read by now)
+                step_rule(chains, drift, noise, config)  # 7. the sampler's update
                 if config.bounding_box_size is not None:  # devinterp's box: w* ± bounding_box_size
                     box = config.bounding_box_size
                     torch.clamp(chains.weights, stack.star - box, stack.star + box, out=chains.weights)
-                if since >= 0:  # every step after burn-in (MALA scores consecutive states); thinned below
-                    chains.stats.update(loss=values, offset=offset, grad=grad, drift=drift, noise=noise, config=config)
+                if state is not None:  # every step after burn-in (MALA scores consecutive states); thinned below
+                    chains.stats.update(loss=values, state=state, drift=drift, noise=noise, config=config)
     return trace, init_losses
 
 

@@ -3,16 +3,17 @@
 `plan_llcs` runs the sampler itself (`sample_llcs`) for a few steps on the caller's model and data, and
 reads off what the real run will cost: the seconds before the first step (the one-time checks), the
 seconds of one step of every chain, and the peak memory of the process while sampling (CPU: the resident
-set's high-water mark, reset first; CUDA: the allocator's peak). A run of `num_burnin + num_draws` steps
-then takes about setup + steps × step seconds, and its peak memory is the measured one, because the chain
-state, the stacked forward+backward and the diagnostics' running sums do not grow with the number of steps
-(only the [chains, draws] loss traces do). A plan whose peak does not fit the memory available is split
+set's high-water mark, reset first; CUDA: the allocator's peak). A run of `num_burnin + num_draws ×
+steps_between_draws` steps then takes about setup + steps × step seconds, and its peak memory is the
+measured one, because the chain state, the stacked forward+backward and the diagnostics' rows do not grow
+with the number of steps (only the [chains, draws] traces do). A plan whose peak does not fit the memory available is split
 (fewer chains stacked per forward, `SGLDConfig.max_batched` halved) until it fits, or refused with the
 numbers and the fix.
 
-Memory model: each stack of chains holds, per chain, its sampled coordinates a few times over (weights,
-gradient, noise, drift, the previous step's drift and noise for the MALA acceptance), plus the activations
-of one forward+backward per stacked chain; the model's own weights are shared and never copied.
+Memory model: each stack of chains holds, per chain, four rows of its d sampled coordinates (weights; w − w*,
+then the drift; the gradient, then the noise; the MALA score's carried row) and a fifth while the backward
+pass builds the gradient, plus the activations of one forward+backward per stacked chain, and w* of the
+stack's parameters once; the model's own weights are shared and never copied (`sampling.chains`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class SamplingPlan:
     restrictions: int
     chains: int  # restrictions x num_chains
     coordinates: int  # sampled coordinates, summed over chains
-    steps: int  # num_burnin + num_draws
+    steps: int  # num_burnin + num_draws × steps_between_draws
     max_batched: int  # chains stacked per forward+backward, as planned (<= the config's)
     setup_seconds: float  # before the first step: the fast-forward check, the unused-parameter probe, masks
     step_seconds: float  # one step of every chain
@@ -104,9 +105,8 @@ def plan_llcs(model: nn.Module, data, restrictions: list[Restriction], config: S
 
 
 def _probe(model, data, restrictions, config: SGLDConfig, loss_fn, probe_steps: int, device, available) -> SamplingPlan:
-    """One short run, timed at each step by the observe hook (its last call of a draw comes as the step's last
-    stack has its losses, so consecutive draws are one step apart)."""
-    probe = dataclasses.replace(config, num_burnin=0, num_draws=probe_steps + 1, draws_every=1)
+    """One short run, timed at each step by the observe hook; the setup is what the run took beyond its steps."""
+    probe = dataclasses.replace(config, num_burnin=0, num_draws=probe_steps + 1, draws_every=1, steps_between_draws=1)
     stamps: dict[int, float] = {}
 
     def observe(r: int, c: int, draw: int, weights) -> None:
@@ -116,13 +116,21 @@ def _probe(model, data, restrictions, config: SGLDConfig, loss_fn, probe_steps: 
         warnings.simplefilter("ignore", SamplerWarning)  # a few steps' diagnostics say nothing
         start = time.perf_counter()
         sample_llcs(model, data, restrictions, probe, loss_fn=loss_fn, desc="plan", progress=False, observe=observe)
-    times = sorted((stamps[d + 1] - stamps[d]) for d in range(probe_steps))
-    step = times[len(times) // 2]  # the median step
+        wall = time.perf_counter() - start
+    step = step_seconds(stamps)
     return SamplingPlan(
         restrictions=len(restrictions), chains=len(restrictions) * config.num_chains,
-        coordinates=sum(r.d for r in restrictions) * config.num_chains, steps=config.num_burnin + config.num_draws,
-        max_batched=config.max_batched, setup_seconds=max(stamps[0] - start - step, 0.0), step_seconds=step,
+        coordinates=sum(r.d for r in restrictions) * config.num_chains,
+        steps=config.num_burnin + config.num_draws * config.steps_between_draws,
+        max_batched=config.max_batched, setup_seconds=max(wall - len(stamps) * step, 0.0), step_seconds=step,
         peak_bytes=peak["peak"], baseline_bytes=peak["baseline"], available_bytes=available, device=str(device))
+
+
+def step_seconds(stamps: dict[int, float]) -> float:
+    """The median seconds of one step, from `observe`'s stamps of each draw (`draws_every=1`, no thinning): its
+    last call of a draw comes as the step's last stack has its losses, so consecutive draws are one step apart."""
+    times = sorted(stamps[d + 1] - stamps[d] for d in range(len(stamps) - 1))
+    return times[len(times) // 2]
 
 
 # --------------------------------------------------------------------------------------------------

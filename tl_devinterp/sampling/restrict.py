@@ -161,6 +161,7 @@ def _spec_masks(model: nn.Module, spec) -> tuple[dict[str, torch.Tensor], str]:
     names = tl_parameter_names(model)
     params = sampled_parameters(model)
     hits = {own for tl, own in names.items() if fnmatch.fnmatchcase(tl, pattern) or fnmatch.fnmatchcase(own, pattern)}
+    hits = [own for own in params if own in hits]  # in the model's order (a set's order varies between processes)
     if not hits:
         raise InvalidValueError(
             f"restrict={spec!r} (pattern {pattern!r}) matches no parameter. Parameter names: {sorted(names)}."

@@ -4,10 +4,10 @@ Each rule targets the same localised tempered posterior p(w) ∝ exp(−U(w)) on
 
     U(w) = nβ·L_B(w) + (γ/2)·‖w − w*‖²,      ∇U(w) = nβ·∇L_B(w) + γ·(w − w*)   (the "drift"),
 
-and moves the chains' weights in place, returning the drift (the diagnostics read its two terms). The
-rules act elementwise on a stack of chains (`Chains`: one flat row of coordinates per chain), so each chain
-moves as it would alone. `grad` and `noise` arrive already zero outside the restriction, so no
-rule moves a masked coordinate.
+and moves the chains' weights in place, given the drift ∇U(w) (`drift_`) and the step's noise ζ. The rules
+act elementwise on a stack of chains (`Chains`: one flat row of its restriction's coordinates per chain), so
+each chain moves as it would alone, and allocate nothing of the chains' size where they can help it (at
+GPT-2-small size a row is 0.5 GB: a fresh tensor costs more than the arithmetic).
 
 - "sgld" (Welling & Teh 2011): w ← w − (ε/2)·∇U + √ε·ζ.
 - "sgnht" (Ding et al. 2014, Alg. 2; momentum u, thermostat ξ, diffusion A, step η = ε):
@@ -25,11 +25,11 @@ from typing import Protocol
 import torch
 from jaxtyping import Float
 
-from .diagnostics import ChainStats
+from .diagnostics import ChainStats, rowdot
 
 
 class SGLDConfig(Protocol):
-    """The settings an update rule reads (`settings.SGLDConfig` has them; this module imports no settings)."""
+    """The settings the update rules read (`settings.SGLDConfig` has them; this module imports no settings)."""
 
     epsilon: float
     gamma: float
@@ -54,26 +54,24 @@ class Chains:
     square_avg: torch.Tensor | None = None  # RMSprop's V
 
 
-def drift(w: torch.Tensor, w_star: torch.Tensor, grad: torch.Tensor, config: SGLDConfig) -> torch.Tensor:
-    """∇U(w) = nβ·∇L_B(w) + γ·(w − w*)."""
-    return torch.add(config.gamma * (w - w_star), grad, alpha=config.nbeta)
+def drift_(offset: Float[torch.Tensor, "chains d"], grad: Float[torch.Tensor, "chains d"],
+           config: SGLDConfig) -> Float[torch.Tensor, "chains d"]:
+    """∇U(w) = γ·(w − w*) + nβ·∇L_B(w), written over `offset` (w − w*), which it returns."""
+    return offset.mul_(config.gamma).add_(grad, alpha=config.nbeta)
 
 
-def sgld_step(chains: Chains, w_star, grad, noise, config: SGLDConfig) -> torch.Tensor:
+def sgld_step(chains: Chains, du, noise, config: SGLDConfig) -> None:
     """w ← w − (ε/2)·∇U(w) + √ε·ζ."""
-    du = drift(chains.weights, w_star, grad, config)
     chains.weights.add_(du, alpha=-config.epsilon / 2)  # drift step
     chains.weights.add_(noise, alpha=math.sqrt(config.epsilon))  # Gaussian step of variance ε
-    return du
 
 
-def sgnht_step(chains: Chains, w_star, grad, noise, config: SGLDConfig) -> torch.Tensor:
+def sgnht_step(chains: Chains, du, noise, config: SGLDConfig) -> None:
     """u ← u − ξ·u − ε·∇U + √(2Aε)·ζ;  w ← w + u;  ξ ← ξ + (uᵀu/d − ε).
 
     The thermostat ξ adds friction while the momenta run hotter than the target uᵀu/d = ε and removes
     it while they run colder, absorbing the minibatch gradient noise. Starts at u = 0, ξ = A; one ξ per chain.
     """
-    du = drift(chains.weights, w_star, grad, config)
     if chains.momentum is None:
         chains.momentum = torch.zeros_like(chains.weights)
         chains.thermostat = torch.full_like(chains.d, config.diffusion)
@@ -82,17 +80,15 @@ def sgnht_step(chains: Chains, w_star, grad, noise, config: SGLDConfig) -> torch
     u.add_(du, alpha=-config.epsilon)  # force −η·∇U
     u.add_(noise, alpha=math.sqrt(2 * config.diffusion * config.epsilon))  # diffusion A
     chains.weights.add_(u)
-    chains.thermostat += u.square().sum(1) / chains.d - config.epsilon  # uᵀu/d − η
-    return du
+    chains.thermostat += rowdot(u, u) / chains.d - config.epsilon  # uᵀu/d − η
 
 
-def rmsprop_sgld_step(chains: Chains, w_star, grad, noise, config: SGLDConfig) -> torch.Tensor:
+def rmsprop_sgld_step(chains: Chains, du, noise, config: SGLDConfig) -> None:
     """V ← α·V + (1−α)·∇U²;  G = 1/(δ + √V);  w ← w − (ε/2)·G⊙∇U + √(ε·G)⊙ζ.
 
     V starts at the first ∇U². G ≤ 1/δ: steep coordinates take smaller steps than SGLD's, so ε can be
     larger. The term from G's own change is dropped, as in the paper.
     """
-    du = drift(chains.weights, w_star, grad, config)
     if chains.square_avg is None:
         chains.square_avg = du.square()
     else:
@@ -100,10 +96,9 @@ def rmsprop_sgld_step(chains: Chains, w_star, grad, noise, config: SGLDConfig) -
     g = (chains.square_avg.sqrt() + config.rmsprop_delta).reciprocal()  # G = 1/(δ + √V)
     chains.weights.add_(du * g, alpha=-config.epsilon / 2)
     chains.weights.add_(noise * g.sqrt(), alpha=math.sqrt(config.epsilon))  # N(0, εG)
-    return du
 
 
 SAMPLERS = {"sgld": sgld_step, "sgnht": sgnht_step, "rmsprop_sgld": rmsprop_sgld_step}
+"""Name → update rule `step(chains, drift, noise, config)`, moving `chains.weights` in place."""
 MALA = {"sgld"}
 """The samplers whose step is a Langevin proposal, so the MALA acceptance of `diagnostics` measures them."""
-"""Name → update rule `step(chains, w_star, grad, noise, config) -> ∇U(w)`."""

@@ -218,6 +218,10 @@ class SparseRegression(LinearTokenTask):
 
     @classmethod
     def check_shapes(cls, spec: dict[str, Any]) -> None:
+        if spec["n_relevant"] > spec["T"]:
+            raise InvalidValueError(f"The 'n_relevant' option of the 'sparse-regression' data spec must fit in the "
+                                    f"sequence: an integer in [1, T] = [1, {spec['T']}]; got {spec['n_relevant']} "
+                                    f"(or raise T).")
         if spec["relevant"] + spec["n_relevant"] > spec["T"]:
             raise InvalidValueError(f"The 'relevant' option of the 'sparse-regression' data spec must leave its "
                              f"{spec['n_relevant']} relevant token(s) inside the sequence: an integer in "
