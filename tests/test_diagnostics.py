@@ -167,3 +167,15 @@ def test_zoo_warnings_name_the_cause_of_a_bad_estimate_and_stay_quiet_on_a_good_
         assert abs(error) < 0.1 and said == [] and r.diagnostics.regime == "likelihood", (error, said)
     else:
         assert abs(error) > 0.15 and any(cause in s for s in said) and r.diagnostics.regime != "likelihood", (error, said)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 50.0])
+def test_prior_elasticity_is_the_derivative_of_the_estimate_in_gamma(gamma):
+    """On the Gaussian λ̂ = (d/2)·nβ/(nβ + γ), so ∂log λ̂/∂log γ = −γ/(nβ + γ): −0.01 at γ = 1 (quiet), −0.33 at
+    γ = 50 (regime "prior", a warning naming it), where the prior share (0.33) and the likelihood share of the pull
+    (0.67) alone would stay quiet. Catches: the covariance with ‖w − w*‖ instead of its square, a wrong sign or
+    factor, an elasticity computed but not acted on."""
+    r, said = _run(epsilon=1e-3, gamma=gamma, num_draws=600)
+    assert r.diagnostics.prior_elasticity == pytest.approx(-gamma / (100 + gamma), rel=0.15, abs=0.01)
+    assert (r.diagnostics.regime == "prior") == (gamma > 10)
+    assert any("prior-dominated" in s for s in said) == (gamma > 10), said
