@@ -36,7 +36,7 @@ SETTINGS = {
     "gamma 30": dict(gamma=30.0),  # the prior pulls, λ̂ lower
     "small nbeta": dict(nbeta=30.0, epsilon=1e-3),  # far from the nβ → ∞ limit
 }
-CAUSES = {"too coarse": "step size", "spreading out": "not mixed", "prior-dominated": "prior", "disagree": "R-hat",
+CAUSES = {"too coarse": "step size", "spreading out": "not mixed", "prior-dominated": "prior", "disagree": "disagree",
           "effective draws": "ESS", "basin": "basin", "MALA acceptance": "acceptance", "found lower loss": "negative"}
 
 
@@ -51,14 +51,14 @@ def run(name: str, setting: str, seed: int = 0) -> dict:
             r = estimate_llc(case.model, case.data, loss_fn=case.loss_fn, progress=False, seed=seed,
                              **(GOOD | SETTINGS[setting]))
         except LLCDivergenceError:
-            return dict(model=name, setting=setting, error=np.nan, warned="diverged", regime="-")
+            return dict(model=name, setting=setting, error=np.nan, warned="diverged", regime="-", ok="yes")  # an error
     said = [str(w.message) for w in caught if issubclass(w.category, SamplerWarning)]
     causes = sorted({cause for s in said for key, cause in CAUSES.items() if key in s})
     d = r.diagnostics
     error = r.mean / case.llc - 1
     ok = ((abs(error) <= 0.2 or (causes and d.regime != "likelihood")) and (abs(error) > 0.1 or not causes))
     return dict(model=name, setting=setting, llc=case.llc, llc_hat=r.mean, error=error, warned=",".join(causes) or "-",
-                regime=d.regime, virial=d.virial, prior_share=d.prior_share, r_hat=d.r_hat, ess=d.ess_bulk,
+                regime=d.regime, virial=d.virial, prior_share=d.prior_share, elasticity=d.prior_elasticity, r_hat=d.r_hat,
                 acceptance=d.acceptance, ok="yes" if ok else "NO", seconds=time.perf_counter() - start,
                 trace=r.llc_trace.numpy(), distance=r.trace["distance"])
 

@@ -85,12 +85,14 @@ def test_monotone_curves_on_the_demo_grid_are_one_stage(seed):
 
 @pytest.mark.slow
 def test_spurious_boundaries_on_noisy_monotone_curves_are_rare():
-    """Over 100 noise draws per curve and direction, at most 1 in 20 gets a boundary (measured: 2 of 600)."""
+    """Over 100 noise draws per curve and direction, at most 1 in 20 gets a boundary (measured: 0 of 600;
+    the earlier fit, with knots at Akaike's price and never moved after being added: 2 of 600)."""
     x = np.log(DEMO_GRID + 1)
     for curve in _monotone_curves(x).values():
         for sign in (1, -1):
             split = sum(len(find_stages(DEMO_GRID, sign * curve + DEMO_SE * np.random.default_rng(seed).normal(
                 size=len(x)), DEMO_SE)) > 1 for seed in range(100))
+            print(f"monotone on the demo grid, sign {sign:+d}: {split} of 100 split")
             assert split <= 5, split
 
 
@@ -108,14 +110,17 @@ def _demo_shape_recovered(seed: int) -> bool:
 
 @pytest.mark.slow
 def test_demo_shape_is_recovered_in_most_noise_draws():
-    """The fall is 5.5 SE in all but ~2 SE between neighbours: measured 38 of 50 draws recovered (the
-    misses lose the fall or place its ends two checkpoints off)."""
-    assert sum(_demo_shape_recovered(seed) for seed in range(50)) >= 34
+    """The fall is 5.5 SE in all but ~2 SE between neighbours: measured 50 of 50 draws recovered (the earlier
+    fit, its knots never moved after being added: 38; its misses lost the fall or placed its ends two
+    checkpoints off)."""
+    recovered = sum(_demo_shape_recovered(seed) for seed in range(50))
+    print(f"demo shape: {recovered} of 50 recovered")
+    assert recovered >= 45, recovered
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_known_stages_on_uneven_grids_with_noise_at_the_se(seed):
-    assert _demo_shape_recovered([0, 4, 5][seed])  # among the 38 of 50 recovered; 1-3 are misses (the slow test)
+    assert _demo_shape_recovered(seed)  # all 50 of the slow test are recovered
     # a random log-uniform grid merged with a linear one, SEs varying by 3x: peak, trough, slow rise, burst
     rng = np.random.default_rng(100 + seed)
     steps = np.unique(np.r_[0, np.round(np.exp(rng.uniform(0, np.log(1e5), 80))), np.linspace(0, 1e5, 41).round()])
@@ -152,14 +157,15 @@ def test_plateaus_and_pauses_are_one_boundary_at_their_middle():
     assert find_stages(STEPS, _piecewise([(0, 5), (3000, 5), (100_000, 0)], noise=0.02)) == [Stage(0, 100_000, "B")]
 
 
-@pytest.mark.xfail(strict=True, reason="gives B A A A: the burst's end (34.9k) stays a boundary, not yet diagnosed")
-def test_a_slow_stage_between_a_fall_and_a_burst_is_kept():
-    """The slow rise after the fall is a local minimum of the speed (the fall and the burst are `ratio` times
-    faster): a stage of its own; the burst's end is not (the rise never speeds up again). With a larger
-    `ratio` the slow rise no longer stands out."""
+def test_a_burst_after_a_slow_rise_has_no_boundary_at_its_ends():
+    """A fall, a slow rise, a burst, a slower rise: B A. The slow rise is no pause (the fall is only 1.6x
+    faster in log-step, not `ratio` = 3), and the burst's ends are changes of speed, not local minima.
+    Catches: a fit whose knots stay where the greedy search first put them (the first lands in the burst's
+    middle; 11 knots, χ² 7314 against the true 3 knots' 953 gave wiggles that became B A A A)."""
     llc = _piecewise([(0, 10), (3000, 4), (20_000, 6), (30_000, 16), (100_000, 17)], noise=0.02)
-    assert [(s.type) for s in find_stages(STEPS, llc)] == ["B", "A", "A"]
-    assert [(s.type) for s in find_stages(STEPS, llc, ratio=100)] == ["B", "A"]
+    assert find_stages(STEPS, llc) == [Stage(0, 3000, "B"), Stage(3000, 100_000, "A")]
+    fit = fit_piecewise_linear(np.log(STEPS + 100.0), llc, np.full(len(STEPS), 0.02))
+    assert len(fit.knots) <= 6, fit.knots  # measured 6: the three bends, each bracketed by the one-per-gap rule
 
 
 def test_monotone_curve_is_one_stage_and_falling_is_b():
@@ -188,8 +194,8 @@ def test_paper_llc_curve_gives_the_published_stages():
     stages = find_stages(df.step, df.llc_mean)
     assert [s.type for s in stages] == ["A", "A", "B", "A", "A"], stages
     ends = [s.end for s in stages[:-1]]
-    # measured: 800, 6500, 8600, 22200. The last is the middle of the pause after the trough, whose flattest
-    # run reaches further than the published 17.5k (+27%; the rule that also cut at changes of speed gave 15.9k)
+    # measured: 800, 6200, 8600, 14900. The last is the middle of the flat piece that fits best after the
+    # rise out of the trough (-15%; the fit with unmoved knots and the flattest-piece middle gave 22.2k, +27%)
     for found, published, within in zip(ends, [900, 6500, 8500, 17_500], [1.15, 1.15, 1.15, 1.3]):
         assert 1 / within <= found / published <= within, (ends, published)
     # without the floor on a stage's change, the curve's small wiggles past 17.5k become stages of their own
@@ -265,27 +271,37 @@ def _draws(curve, with_se, n=100):
 @pytest.mark.parametrize("with_se", [True, False])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_steady_rises_and_one_burst_are_one_stage_in_most_draws(shape, with_se):
-    """A rise linear in step or in log-step, or one sigmoid burst, is one A stage, whatever the noise draw
-    and with or without an SE; no B stage appears on these monotone curves. Measured (of 100, SE / no SE):
-    linear in step 99 / 97 one A (the old rule: 42 / 40), linear in log-step 100 / 98, sigmoid 99 / 93; B
-    stages in at most 3. Catches: boundaries at any change of speed (a rise linear in step speeds up 10⁵-fold
-    in log-step), turns accepted on noise."""
-    found = _draws(SHAPES[shape], with_se)
-    assert found.count("A") >= 90, found
-    assert sum("B" in f for f in found) <= 5, found
+    """A rise linear in step or in log-step, or one sigmoid burst, is one A stage (and its mirror one B
+    stage), whatever the noise draw and with or without an SE; a stage of the other type is rare. Measured
+    (of 100; SE / no SE; rising, falling): linear in step 100 / 95, 99 / 94 (the speed-change rule: 42 /
+    40); linear in log-step 100 / 98, 100 / 99; sigmoid 99 / 96, 99 / 93; a stage of the other type in at
+    most 3 rising and 6 falling draws. Catches: boundaries at any change of speed (a rise linear in step
+    speeds up 10⁵-fold in log-step), turns accepted on noise."""
+    for sign, one in ((1, "A"), (-1, "B")):
+        found = _draws(sign * SHAPES[shape], with_se)
+        other = sum(("B" if one == "A" else "A") in f for f in found)
+        print(f"{shape}, {'SE given' if with_se else 'SE from the scatter'}, {one}: one stage in "
+              f"{found.count(one)} of 100, the other type in {other}")
+        assert found.count(one) >= 90, found
+        assert other <= 6, found
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured 67 of 100 find the plateau and 59 place it within one grid step "
-                                       "of its middle; issue 21 asks for 90")
-def test_plateau_boundary_within_one_grid_step_of_its_middle():
+@pytest.mark.parametrize("with_se", [True, False])
+def test_plateau_boundary_within_one_grid_step_of_its_middle(with_se):
     """Rise to 5 by step 300, flat to 3000, rise to 12: one boundary, at the plateau's middle checkpoint
-    (log grid: ≈ 950) within one grid step, in at least 90 of 100 draws."""
+    (log grid: ≈ 950) within one grid step. Measured (of 100): SE given 92 find it, 91 within one step; SE
+    from the scatter 85 and 82 (the fit with unmoved knots, boundaries at the middle of its flattest pieces:
+    67 and 59 with the SE). Catches: a plateau's middle taken from the free fit's knots (they wander along
+    a noisy plateau), a noise dip on the plateau taken for two turns, a pause tested on point estimates of
+    a tilted plateau."""
     curve = np.interp(LOG_X, np.log([1, 301, 3001, 100_001]), [0, 5, 5, 12])
     middle = int(np.argmin(abs(LOG_X - np.log(np.sqrt(301 * 3001)))))
     se = 0.03 * 12 * np.ones_like(curve)
     ok = 0
     for seed in range(100):
-        stages = find_stages(LOG_GRID, curve + se * np.random.default_rng(seed).normal(size=len(curve)), se)
+        stages = find_stages(LOG_GRID, curve + se * np.random.default_rng(seed).normal(size=len(curve)),
+                             se if with_se else None)
         ok += len(stages) == 2 and abs(int(np.searchsorted(LOG_GRID, stages[0].end)) - middle) <= 1
-    assert ok >= 90, ok
+    print(f"plateau, {'SE given' if with_se else 'SE from the scatter'}: {ok} of 100 within one grid step")
+    assert ok >= (90 if with_se else 75), ok

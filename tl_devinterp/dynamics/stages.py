@@ -5,28 +5,36 @@ the checkpoints' standard errors.
    squares (weights 1/se²). Knots may sit anywhere (an even grid of candidates in x), at least `min_width`
    apart and from the ends, and at most one per gap between neighbouring checkpoints (two would bend the
    line where no checkpoint constrains it; a merged log + linear grid's close pairs cannot make a zigzag).
-   They are added greedily where they lower χ² most, while they lower it by more than KNOT_COST = 4
-   (Akaike's price of a knot's two parameters), moved in turn to their best places, and dropped while one
-   costs less. The fit only describes the curve; whether a bend is a boundary is step 2.
+   They are added greedily where they lower χ² most, while they lower it by more than KNOT_COST = 6, and
+   dropped while one costs less; after each addition or removal every knot moves in turn to its best place
+   (a burst's two bends are found only so: the first knot lands in the burst's middle). KNOT_COST: a knot's
+   place is the best of many, so noise alone offers more than Akaike's 4 for two parameters; at 6 a straight
+   noisy line gets a knot in ~10% of draws (18–26% at 4). The fit only describes the curve; whether a bend
+   is a boundary is step 2.
 2. Boundaries. Each piece between knots starts as a stage; a stage's change of λ̂ and its chord slope are
    linear in the data, so their SEs follow from the fit. Boundaries sit where design.md §7 puts them: at
    critical points and at local minima of |dλ̂/dlog t|. A boundary between stages L and R holds when, by
    more than `z` standard errors, either
-     - λ̂ turns (a critical point): L and R change in opposite directions, each significantly, or
-     - its slower side is a pause (a plateau, a flat top, a slow stretch between two faster ones): both of
-       that stage's neighbours change λ̂ `ratio` times faster than it, each significantly.
+     - λ̂ turns (a critical point): L and R change in opposite directions, each significantly, and neither
+       is a dip (below), or
+     - one side is a pause (a plateau, a flat top, a slow stretch between two faster ones): both of that
+       stage's neighbours change λ̂ significantly, and `ratio` times faster than it; or it goes against both
+       (a fall between two rises) and is a dip: a flat piece in its place, its ends free to move to the
+       next knots, fits within KNOT_COST in χ² (the fall does not pay for itself; the fit's own SEs, which
+       take the knots as given, call a two-checkpoint noise dip on a plateau 5–7 SE).
    A mere change of speed is no boundary: a rise linear in step speeds up 10⁵-fold over five decades of
    log-step, and a sigmoid burst slows down to the end of the run; neither is a local minimum of the speed,
    so each is one stage whatever the parametrisation. The weakest boundary is removed (its stages merged)
    and the others re-tested until all hold.
 3. Plateaus. A stage whose change is within `z` SEs of 0 or below `min_change` × the fitted curve's range,
-   or that changes in the direction of both neighbours `ratio` times slower than each (a pause), is not a
-   stage of its own (no third type): inside the run it becomes one boundary, at the middle checkpoint (by
-   index: the grid's own middle, linear or log) of its flattest pieces (Hoogland et al. 2024 put boundaries at plateaus); at an end of the run it joins
-   its neighbour. So each stage's change is significant, unless the whole run is one stage.
+   or that is a pause, is not a stage of its own (no third type); flat stages in a row are one. Inside the
+   run it becomes one boundary, at the middle checkpoint (by index: the grid's own middle, linear or log) of
+   the flat piece that fits best there, its ends free to move to the second knots around it (the free fit's
+   knots wander along a noisy plateau, its slope being free; a flat piece is what a plateau is; Hoogland et
+   al. 2024 put boundaries at plateaus). At an end of the run it joins its neighbour. So each stage's change
+   is significant, unless the whole run is one stage.
 4. Types and places. A stage over which the fitted λ̂ rises is type A (new structure), one where it falls
-   type B (compression). A boundary between two checkpoints goes to the one whose fitted λ̂ is closer to
-   λ̂ at the boundary (a burst's last checkpoint stays in the burst).
+   type B (compression). A boundary between two checkpoints goes to the nearer one in log-step.
 
 `se` (one standard error per checkpoint, e.g. the std across chains / √chains) defaults to each
 checkpoint's scatter about the line through its neighbours (median over the 21 nearest, / 0.6745). With the
@@ -34,11 +42,11 @@ defaults (z = 4, ratio = 3, min_width = 0.1, min_change = 0.02) the demo run (`t
 its SEs) gives A 0–8, B 8–122 (λ̂ 3.22 → 2.36), A 122–3000 (the burst 7.7 → 18.9 of 1286–1714, where the
 previous-token and induction heads form, inside it: the rise speeds up from the trough on and slows down to
 the end, with no pause in between). The paper's two-layer language model (`tests/data/paper_l2_llc.csv`, SE
-from the scatter) gives boundaries at 800, 6.5k, 8.6k and 22.2k, types A, A, B, A, A; the published ones
-are 900, 6.5k, 8.5k and 17.5k. Without `min_change` its small wiggles
-after 17.5k (significant against the scatter, whose errors are correlated along the curve) become stages.
-Its published std across chains (≈ 20) is far above the checkpoint-to-checkpoint scatter, and with it as
-SE no boundary is significant: pass the SE that describes differences along the curve.
+from the scatter) gives boundaries at 800, 6.2k, 8.6k and 14.9k, types A, A, B, A, A; the published ones
+are 900, 6.5k, 8.5k and 17.5k. Without `min_change` its small wiggles after 17.5k (significant against the
+scatter, whose errors are correlated along the curve) become stages. Its published std across chains
+(≈ 20) is far above the checkpoint-to-checkpoint scatter, and with it as SE no boundary is significant:
+pass the SE that describes differences along the curve. Measured on synthetic curves: `tests/test_stages.py`.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ from jaxtyping import Float
 from ..errors import InvalidValueError
 from ..options import Declared, Option, check
 
-KNOT_COST = 4.0  # χ² a knot must save to enter the fit (Akaike: 2 per parameter, its place and its bend)
+KNOT_COST = 6.0  # χ² a knot must save to enter the fit, and a dip to be two turns (step 1 and 2 above)
 
 
 @dataclass(frozen=True)
@@ -116,25 +124,29 @@ def fit_piecewise_linear(
         i = int(np.argmax(gain))
         return float(grid[i]), float(gain[i])
 
+    def move(knots: list[float]) -> list[float]:
+        """Each knot in turn to its best place given the others, until none moves (χ² can only fall)."""
+        for _ in range(3):
+            before = list(knots)
+            for k in range(len(knots)):
+                knots[k] = best(knots[:k] + knots[k + 1:])[0]
+            knots.sort()
+            if knots == before:
+                break
+        return knots
+
     knots: list[float] = []
-    while len(knots) < len(x) - 3:  # add the best knot while it pays for itself
+    while len(knots) < len(x) - 3:  # add the best knot while it pays for itself, the others moving after
         at, gain = best(knots)
         if gain <= KNOT_COST:
             break
-        knots = sorted([*knots, at])
-    for _ in range(3):  # move each knot in turn to its best place given the others (χ² can only fall)
-        before = list(knots)
-        for k in range(len(knots)):
-            knots[k] = best(knots[:k] + knots[k + 1:])[0]
-        knots.sort()
-        if knots == before:
-            break
-    while knots:  # drop knots that no longer pay for themselves
+        knots = move(sorted([*knots, at]))
+    while knots:  # drop knots that no longer pay for themselves, the others moving after
         cost = [chi2(knots[:k] + knots[k + 1:]) for k in range(len(knots))]
         k = int(np.argmin(cost))
         if cost[k] - chi2(knots) > KNOT_COST:
             break
-        knots.pop(k)
+        knots = move(knots[:k] + knots[k + 1:])
     X = _hinges(x, knots)
     w = 1 / se**2
     cov = np.linalg.inv(X.T @ (w[:, None] * X))
@@ -210,29 +222,55 @@ def find_stages(
         row = fit.rows(edges[i + 1:i + 2])[0] - fit.rows(edges[i:i + 1])[0]
         return row, float(row @ fit.beta), float(np.sqrt(row @ fit.cov @ row))
 
-    def speed(i: int) -> tuple[np.ndarray, float]:
-        """Stage i's |slope| (its chord's): the map β -> |slope| (signed by the change) and its value."""
-        row, d, _ = change(i)
-        width = edges[i + 1] - edges[i]
-        return np.sign(d) * row / width, abs(d) / width
+    def speed(i: int) -> float:
+        """Stage i's |slope| (its chord's)."""
+        return abs(change(i)[1]) / (edges[i + 1] - edges[i])
+
+    fit_chi2 = float(np.sum(((llc - fit.rows(x) @ fit.beta) / se) ** 2))
+
+    flat_fits: dict[tuple[float, float], tuple[float, float, float]] = {}
+
+    def flat_fit(k: int, reach: int) -> tuple[float, float, float]:
+        """The best fit with a flat piece in place of stage k, its ends free to move up to the `reach`-th
+        knot beyond each end (not past the neighbours' far ends): (χ², x₁, x₂)."""
+        before, after = fit.knots[fit.knots < edges[k]], fit.knots[fit.knots > edges[k + 1]]
+        lo = max(edges[k - 1], before[-reach] if len(before) >= reach else x[0])
+        hi = min(edges[k + 2], after[reach - 1] if len(after) >= reach else x[-1])
+        if (lo, hi) not in flat_fits:
+            flat_fits[lo, hi] = _flat_fit(x, llc, se, fit.knots, lo, hi)
+        return flat_fits[lo, hi]
+
+    def against(k: int) -> bool:
+        """Stage k changes λ̂ against both neighbours (a fall between two rises, or the reverse)."""
+        if k == 0 or k == len(edges) - 2:
+            return False
+        dl, dk, dr = change(k - 1)[1], change(k)[1], change(k + 1)[1]
+        return dl * dr > 0 and dk * dl < 0
+
+    def dip(k: int) -> bool:
+        """Stage k goes against both neighbours and a flat piece in its place fits within KNOT_COST in χ² of
+        the fit: a plateau the noise tilts, not two turns."""
+        return against(k) and flat_fit(k, 1)[0] - fit_chi2 <= KNOT_COST
 
     def pause(k: int) -> float:
-        """How many SEs stage k is a pause by: both neighbours change λ̂ `ratio` times faster than k (point
-        estimates) and significantly (the smaller of their changes in SEs); 0 at an end of the run."""
+        """How many SEs stage k is a pause by: both neighbours change λ̂ significantly (the smaller of their
+        changes in SEs) and either k is a dip, or it does not go against both and they change `ratio` times
+        faster than it (point estimates); 0 at an end of the run."""
         if k == 0 or k == len(edges) - 2:
             return 0.0
-        if min(speed(k - 1)[1], speed(k + 1)[1]) <= ratio * speed(k)[1]:
+        slower = min(speed(k - 1), speed(k + 1)) > ratio * speed(k)
+        if not (dip(k) if against(k) else slower):
             return 0.0
         return min(abs(change(n)[1]) / change(n)[2] for n in (k - 1, k + 1))
 
     def strength(i: int) -> float:
         """How many SEs the boundary between stages i - 1 and i clears the noise by: the larger of its turn
-        (each side's change, when they have opposite signs) and the pause its slower side is (a local minimum
-        of |dλ̂/dlog t|: a plateau, a flat top or a pause; a slow-down that never speeds up again, like a
-        burst's end, is no boundary)."""
+        (each side's change, when they have opposite signs and neither side is a dip) and the pause either
+        side is (a local minimum of |dλ̂/dlog t|: a plateau, a flat top or a pause; a slow-down that never
+        speeds up again, like a burst's end, is no boundary)."""
         (_, dl, sl), (_, dr, sr) = change(i - 1), change(i)
-        turn = min(abs(dl) / sl, abs(dr) / sr) if dl * dr < 0 else 0.0
-        return max(turn, pause(i - 1 if speed(i - 1)[1] < speed(i)[1] else i))
+        turn = min(abs(dl) / sl, abs(dr) / sr) if dl * dr < 0 and not (dip(i - 1) or dip(i)) else 0.0
+        return max(turn, pause(i - 1), pause(i))
 
     while len(edges) > 2:  # merge across the weakest boundary until all hold
         scores = [strength(i) for i in range(1, len(edges) - 1)]
@@ -243,49 +281,55 @@ def find_stages(
     floor = min_change * np.ptp(fit.rows(x) @ fit.beta)
 
     def flat(i: int) -> bool:
-        """Stage i changes λ̂ by less than z SEs or `min_change` of its range, or is a pause: it changes in
-        the direction of both neighbours, `ratio` times slower than each."""
+        """Stage i changes λ̂ by less than z SEs or `min_change` of its range, or is a pause."""
         _, d, s = change(i)
-        if abs(d) < max(z * s, floor):
-            return True
-        if i == 0 or i == len(edges) - 2:
-            return False
-        signs = {np.sign(change(k)[1]) for k in (i - 1, i, i + 1)}
-        return len(signs) == 1 and min(speed(i - 1)[1], speed(i + 1)[1]) > ratio * speed(i)[1]
+        return abs(d) < max(z * s, floor) or pause(i) > 0
 
     i = 0
     while i < len(edges) - 1 and len(edges) > 2:  # a plateau or pause: one boundary at its middle, or none
         if not flat(i):
             i += 1
+        elif i < len(edges) - 2 and flat(i + 1):
+            edges.pop(i + 1)  # two flat stages in a row are one plateau
         elif 0 < i < len(edges) - 2:
-            edges[i:i + 2] = [_flattest_middle(fit, x, edges[i], edges[i + 1])]
+            edges[i:i + 2] = [_middle(x, *flat_fit(i, 2)[1:])]
         else:
             edges.pop(max(i, 1))  # at an end of the run: joins its neighbour
 
-    # a boundary between two checkpoints goes to the one whose fitted λ̂ is closer to λ̂ at the boundary
-    level, at = fit.rows(x) @ fit.beta, fit.rows(edges[1:-1]) @ fit.beta
-    right = np.searchsorted(x, edges[1:-1]).clip(1, len(x) - 1)
-    idx = np.unique([0, *np.where(np.abs(level[right] - at) < np.abs(level[right - 1] - at), right, right - 1),
-                     len(x) - 1])
+    # a boundary between two checkpoints goes to the nearer one (in log-step)
+    level = fit.rows(x) @ fit.beta
+    idx = np.unique([0, *(int(np.argmin(np.abs(x - e))) for e in edges[1:-1]), len(x) - 1])
     return [Stage(int(steps[a]), int(steps[b]), "A" if level[b] > level[a] else "B") for a, b in zip(idx[:-1], idx[1:])]
 
 
-def _flattest_middle(fit: PiecewiseFit, x: np.ndarray, a: float, b: float) -> float:
-    """The middle checkpoint (by index: the grid's own middle, linear or log) of the run of the fit's pieces in
-    [a, b] whose |slope| is within 2 SEs (a knot's price, √KNOT_COST) of the flattest piece's: where a plateau
-    is flattest, its whole length when it is flat throughout."""
-    ends = np.array([a, *fit.knots[(fit.knots > a) & (fit.knots < b)], b])
-    rows = np.diff(fit.rows(ends), axis=0) / np.diff(ends)[:, None]  # β -> each piece's slope
-    slope = rows @ fit.beta
-    k = int(np.argmin(np.abs(slope)))
-    diff = np.sign(slope)[:, None] * rows - np.sign(slope[k]) * rows[k]  # β -> |slope_j| - |slope_k|
-    close = diff @ fit.beta <= np.sqrt(KNOT_COST * np.einsum("jp,pq,jq->j", diff, fit.cov, diff))
-    lo, hi = k, k
-    while lo > 0 and close[lo - 1]:
-        lo -= 1
-    while hi < len(close) - 1 and close[hi + 1]:
-        hi += 1
-    inside = x[(x >= ends[lo]) & (x <= ends[hi + 1])]
-    if len(inside) == 0:
-        return float((ends[lo] + ends[hi + 1]) / 2)
-    return float((inside[(len(inside) - 1) // 2] + inside[len(inside) // 2]) / 2)
+def _flat_fit(x: np.ndarray, y: np.ndarray, se: np.ndarray, knots: np.ndarray, lo: float, hi: float,
+              most: int = 24) -> tuple[float, float, float]:
+    """χ² of the best fit with a flat piece [x₁, x₂] between lo and hi: the fit's knots in [lo, hi] are
+    replaced by x₁ < x₂ (gap middles between checkpoints), with λ̂ constant between them. Searched over at
+    most `most` evenly spread gaps, then every gap near the best pair. The free fit's knots wander along a
+    noisy plateau (its slope is free); a flat piece is what a plateau is. Returns (χ², x₁, x₂)."""
+    keep = knots[(knots <= lo) | (knots >= hi)]
+    gaps = (x[1:] + x[:-1]) / 2
+    gaps = gaps[(gaps > lo) & (gaps < hi)]
+
+    def chi2(x1: float, x2: float) -> float:
+        e = np.r_[x[0], np.sort(np.r_[keep, x1, x2]), x[-1]]
+        cols = [np.clip(x - e[p], 0, e[p + 1] - e[p]) for p in range(len(e) - 1) if e[p] != x1]  # piece slopes
+        X = np.column_stack([np.ones_like(x), *cols]) / se[:, None]
+        return float(np.sum((y / se - X @ np.linalg.lstsq(X, y / se, rcond=None)[0]) ** 2))
+
+    stride = max(1, -(-len(gaps) // most))
+    coarse = gaps[::stride]
+    best = min(((chi2(a, b), a, b) for i, a in enumerate(coarse) for b in coarse[i + 1:]), default=(np.inf, lo, hi))
+    for _ in range(2 if stride > 1 else 0):  # refine each end among the gaps around it
+        i = int(np.searchsorted(gaps, best[1]))
+        best = min([best, *((chi2(a, best[2]), a, best[2]) for a in gaps[max(0, i - stride):i + stride] if a < best[2])])
+        i = int(np.searchsorted(gaps, best[2]))
+        best = min([best, *((chi2(best[1], b), best[1], b) for b in gaps[max(0, i - stride):i + stride] if b > best[1])])
+    return best
+
+
+def _middle(x: np.ndarray, x1: float, x2: float) -> float:
+    """The middle checkpoint of [x1, x2] by index (the grid's own middle, linear or log)."""
+    inside = x[(x >= x1) & (x <= x2)]
+    return float(inside[(len(inside) - 1) // 2]) if len(inside) else (x1 + x2) / 2
