@@ -1,5 +1,6 @@
-"""Calibration climbs its ladder: on a quadratic loss (λ = d/2 as nβ → ∞) it recommends a setting within 10%
-of d/2, says why when its budget runs out, and combines checkpoints conservatively."""
+"""Calibration climbs its ladder: on a quadratic loss (λ = d/2 as nβ → ∞) it recommends a setting within 5% of
+d/2 whose measured discretisation bias is the Gaussian's, says why when its budget runs out, and combines
+checkpoints conservatively. Its accuracy on the known-answer zoo: tests/test_known_answers.py."""
 
 
 import matplotlib
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from tl_devinterp.sampling import SGLDConfig, calibrate_llc, plot_calibration
-from tl_devinterp.sampling.calibration import Calibration, combine
+from tl_devinterp.sampling.calibration import BURNIN_RELAXATIONS, MAX_DISCRETISATION, Calibration, combine
 
 matplotlib.use("Agg")
 D = 100
@@ -26,31 +27,32 @@ class Quadratic(nn.Module):
         return 0.5 * (self.w**2).sum()
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not yet seen to pass: with the virial judged at 3 MCSEs within 0.03 it spent "
-                   "its 150 000 steps at nβ = 80 (825 s on a shared CPU); rerun with the 2-MCSE / 0.1 rule")
 def test_ladder_finds_half_the_dimension():
-    """On L = ½‖w‖² λ = d/2 = 50 only as nβ → ∞: λ̂ = (d/2)·nβ/(nβ + γ) below. With γ = 10 the ladder climbs
-    nβ from 8 until λ̂ moves < 5%, checks ε/2, and recommends a setting whose λ̂ is within 10% of 50, with
-    the burn-in it used. Catches: a rule that stops at the first stable cell (λ̂ = 40 at nβ = 40), a control
-    that compares with itself, a choice without its burn-in."""
-    config = SGLDConfig(num_chains=4, num_draws=200, num_burnin=100, batch_size=8, gamma=10.0, nbeta=8.0)
-    cal = calibrate_llc(Quadratic(), torch.zeros(64, 1), config, max_steps=150_000, progress=False)
+    """On L = ½‖w‖² λ = d/2 = 50 only as nβ → ∞: λ̂ = (d/2)·nβ/(nβ + γ) below, and the likelihood's share of
+    the pull is nβ/(nβ + γ). With γ = 1 the ladder climbs nβ ×10 from d/20 = 5 (λ̂ 42, share 0.83) past 50
+    (λ̂ 49, share 0.98) to 500 (λ̂ 49.9), where λ̂ moved < 10%, and recommends that rung with its ε, whose
+    measured discretisation share is ε·nβ·d/(8λ̂) within MAX_DISCRETISATION. Catches: a rule that stops at the
+    first stable rung (λ̂ 42), a discretisation estimate off by a factor (ε scaled wrongly), a choice
+    without its burn-in, a config() that drops the setting."""
+    config = SGLDConfig(num_draws=200, num_burnin=100, batch_size=8)
+    cal = calibrate_llc(Quadratic(), torch.zeros(64, 1), config, max_steps=30_000, progress=False)
     assert cal.choice is not None, (cal.reason, cal.table[["nbeta", "epsilon", "llc_mean", "verdict"]])
-    assert cal.table["llc_mean"].iloc[-1] == pytest.approx(D / 2, rel=0.1)
-    assert cal.choice["nbeta"] >= 320 and cal.choice["num_burnin"] >= 0.5 / (cal.choice["epsilon"] * 10)
-    assert "ε/2 control" in set(cal.table["step"]) and cal.steps <= 150_000
-    chosen = cal.config(config)
-    assert chosen.nbeta == cal.choice["nbeta"] and chosen.num_burnin == int(cal.choice["num_burnin"])
+    chosen = cal.table[cal.table["verdict"].str.contains("recommended", na=False)].iloc[0]
+    assert chosen["llc_mean"] == cal.llc == pytest.approx(D / 2, rel=0.05) and cal.choice["nbeta"] == pytest.approx(500)
+    predicted = chosen["epsilon"] * cal.choice["nbeta"] * D / (8 * chosen["llc_mean"])  # tr ∇²(nβL) = nβ·d
+    assert chosen["discretisation"] == pytest.approx(predicted, rel=0.1) and predicted <= MAX_DISCRETISATION
+    assert cal.choice["num_burnin"] >= BURNIN_RELAXATIONS / (cal.choice["epsilon"] * cal.choice["gamma"])
+    assert cal.steps <= 30_000 and "converged in nβ: recommended" in chosen["verdict"]
+    assert cal.config(config).nbeta == cal.choice["nbeta"] and cal.config(config).gamma == 1.0
     fig = plot_calibration(cal)
     assert sum(ax.get_visible() for ax in fig.axes) == len(cal.table)
 
 
 def test_budget_that_runs_out_recommends_nothing_and_says_where():
     """Catches: a recommendation from an unfinished ladder; a config() that silently returns the defaults."""
-    config = SGLDConfig(num_chains=2, num_draws=20, num_burnin=10, batch_size=8, gamma=10.0, nbeta=8.0)
-    cal = calibrate_llc(Quadratic(), torch.zeros(64, 1), config, max_steps=3000, progress=False)
-    assert cal.choice is None and "budget" in cal.reason and cal.steps <= 3000
+    config = SGLDConfig(num_chains=2, num_draws=20, num_burnin=10, batch_size=8)
+    cal = calibrate_llc(Quadratic(), torch.zeros(64, 1), config, max_steps=1000, progress=False)
+    assert cal.choice is None and "budget" in cal.reason and cal.steps <= 1000
     with pytest.raises(ValueError, match="found no setting: the budget"):
         cal.config()
 
@@ -69,7 +71,7 @@ def test_gamma_is_checked_before_sampling():
     with pytest.raises(ValueError, match=r"The 'gamma' option of SGLDConfig must be >= 0; got -1"):
         SGLDConfig(gamma=-1.0)
     with pytest.raises(ValueError, match="calibrate_llc needs gamma > 0"):
-        calibrate_llc(Quadratic(), torch.zeros(8, 1), SGLDConfig(batch_size=4, gamma=0.0), progress=False)
+        calibrate_llc(Quadratic(), torch.zeros(8, 1), SGLDConfig(batch_size=4), gamma=0.0, progress=False)
     with pytest.raises(ValueError, match="tolerance .* must be in"):
         calibrate_llc(Quadratic(), torch.zeros(8, 1), SGLDConfig(batch_size=4), tolerance=1.5, progress=False)
 

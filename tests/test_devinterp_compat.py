@@ -139,3 +139,26 @@ def test_devinterp_names_give_our_estimate(model, tokens, tmp_path):
     assert AnalysisConfig.from_file(tmp_path / "analysis.json").sgld == AnalysisConfig.from_dict(names).sgld
     with pytest.raises(ValueError, match="'epsilon' option of SGLDConfig is given twice"):
         estimate_llc(model, tokens, lr=1e-3, epsilon=1e-3, **base)
+
+
+def test_devinterp_noise_level_is_accepted_at_one_and_refused_otherwise(tmp_path):
+    """devinterp's SGLD scales its noise by `noise_level` (1 = posterior sampling; anything else voids it).
+    Catches: `noise_level=1.0` refused as unknown (in Python, in optimizer_kwargs, in a config file); another
+    value silently ignored, giving an estimate at a noise the user did not ask for."""
+    import json
+
+    from tl_devinterp import AnalysisConfig, SGLDConfig
+
+    assert SGLDConfig.build(noise_level=1.0, lr=3e-4) == SGLDConfig.build(epsilon=3e-4)
+    assert SGLDConfig.build(optimizer_kwargs=dict(noise_level=1, lr=3e-4)) == SGLDConfig.build(epsilon=3e-4)
+    message = (r"^The 'noise_level' option of SGLDConfig must be 1.0 \(devinterp's scale of the SGLD noise; ours is "
+               r"the Langevin noise, unscaled\); got 0.5. Drop it.")
+    with pytest.raises(ValueError, match=message + "$"):
+        SGLDConfig.build(noise_level=0.5)
+    with pytest.raises(ValueError, match=message + "$"):
+        SGLDConfig.build(optimizer_kwargs=dict(noise_level=0.5))
+    (tmp_path / "analysis.json").write_text(json.dumps({"noise_level": 1.0, "lr": 3e-4}))
+    assert AnalysisConfig.from_file(tmp_path / "analysis.json").sgld.epsilon == 3e-4
+    (tmp_path / "analysis.json").write_text(json.dumps({"sgld": {"noise_level": 0.5}}))
+    with pytest.raises(ValueError, match=message + r" \(in .*analysis.json\)$"):
+        AnalysisConfig.from_file(tmp_path / "analysis.json")

@@ -453,6 +453,24 @@ def test_wrong_types_name_the_option():
     assert isinstance(AnalysisConfig.from_dict({"epsilon": 1}).sgld.epsilon, float)
 
 
+def test_the_config_analyze_writes_reads_back(tmp_path):
+    """`analyze --calibrate` writes its options and the calibration's choice to config.json (notebook 01 reads
+    it back). Catches: `Unknown option(s) ['calibration']` on reading the file analyze wrote; the record read
+    as an option (it changes nothing); a malformed record passed silently."""
+    import dataclasses
+    import json
+
+    config = AnalysisConfig.from_dict({"calibrate": True, "num_draws": 7})
+    record = dataclasses.asdict(config) | {"calibration": {"epsilon": 1e-4, "gamma": 30.0, "nbeta": 100.0}}
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    assert AnalysisConfig.from_file(tmp_path / "config.json") == config
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(config) | {"calibration": None}))
+    assert AnalysisConfig.from_file(tmp_path / "config.json") == config
+    (tmp_path / "bad.json").write_text(json.dumps({"calibration": "fast"}))
+    with pytest.raises(ValueError, match=r"^The 'calibration' entry of .*bad.json is the record analyze writes .* Remove it\.$"):
+        AnalysisConfig.from_file(tmp_path / "bad.json")
+
+
 # --- 7. series: one file per step, one architecture, every file verified before any work -----------------------
 def test_two_files_for_one_step_are_refused_naming_both(quick_tiny_dir, tmp_path):
     """Catches: `model_050.pt` and `model_50.pt` (or `checkpoint-050/` and `checkpoint-50/`) silently reduced

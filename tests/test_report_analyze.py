@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 import tl_devinterp.sampling.llc_series as llc_module
-from tl_devinterp.analysis import analyze
+from tl_devinterp.analysis import AnalysisConfig, analyze
 from tl_devinterp.series import CheckpointSeries, SeriesError
 
 FAST = dict(num_chains=2, num_draws=4, num_burnin=2, batch_size=16, head_steps=2, n_test_seqs=32, n_probe_seqs=8)
@@ -104,5 +104,6 @@ def test_cli_head_steps_none_and_calibrate(quick_series_dir, tmp_path):
     assert runs["checkpoint"].nunique() == 3 and {"nbeta", "epsilon", "num_burnin", "llc_mean"} <= set(runs.columns)
     config = json.loads((out / "config.json").read_text())
     assert "calibration" in config and config["head_steps"] is None
+    assert AnalysisConfig.from_file(out / "config.json").calibrate  # the file analyze wrote reads back
     page = (out / "report.html").read_text()
     assert f"chose {config['calibration']}" in page and "sampler diagnostics per checkpoint" in page

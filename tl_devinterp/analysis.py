@@ -60,7 +60,7 @@ from .sampling.calibration import Calibration, calibrate_llc, combine
 from .sampling.diagnostics import SamplerWarning
 from .sampling.plan import plan_llcs
 from .sampling.restrict import resolve_restriction
-from .sampling.settings import SGLDConfig
+from .sampling.settings import FIXED, SGLDConfig
 from .series import CheckpointSeries
 from .store import StoreWarning
 from .tasks import Task, TokenTask, make_task
@@ -71,7 +71,7 @@ from .visualisation.report import analysis_report, prior_share, proxy_headline
 AUTO_SCOPE_HEADS = 48
 """Above this many heads (GPT-2 small has 144), `analyze` by default estimates fewer head LLCs (`auto_scope`)."""
 
-SGLD_OPTIONS = ({f.name for f in dataclasses.fields(SGLDConfig)} | set(alias_table(SGLDConfig))) - {"seed"}
+SGLD_OPTIONS = ({f.name for f in dataclasses.fields(SGLDConfig)} | set(alias_table(SGLDConfig)) | set(FIXED)) - {"seed"}
 """The sampler's options (and their other spellings), given flat to `analyze` and the command line;
 `AnalysisConfig.seed` is its seed."""
 
@@ -108,8 +108,8 @@ class AnalysisConfig:
     auto_scope: bool = option(True, f"a model of more than {AUTO_SCOPE_HEADS} heads, given no heads, layers or "
                               f"head_steps: the heads of its first, middle and last layers at head_steps=3 "
                               f"checkpoints (--no-auto-scope: every head at every checkpoint)")
-    calibrate: bool = option(False, "first run calibrate_llc's ladder (nbeta up, epsilon from the virial, checked at "
-                             "epsilon/2) on 3 checkpoints and use the setting it recommends, if any "
+    calibrate: bool = option(False, "first run calibrate_llc's ladder (gamma 1, nbeta up until "
+                             "the LLC stops moving, epsilon from its measured discretisation bias) on 3 checkpoints and use the setting it recommends, if any "
                              "(results/calibration.csv); else the settings above")
     calibrate_steps: int = option(50_000, "calibrate_llc's budget: SGLD steps per chain per checkpoint", ge=1)
     # head scores and classes
@@ -161,7 +161,12 @@ class AnalysisConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "the config") -> AnalysisConfig:
         """Options by name (or another spelling); the sampler's may be given flat (`num_draws`) or as an
-        `sgld` table."""
+        `sgld` table. `calibration`, the choice `analyze` records beside the options in its config.json, is
+        a record, not an option: read back, it is left out (`calibrate` in the same file calibrates again)."""
+        d = dict(d)
+        if not isinstance(d.pop("calibration", None), dict | None):
+            raise InvalidOptionError(f"The 'calibration' entry of {source} is the record analyze writes (a table of "
+                                     f"settings or null); got another value. Remove it.")
         d = build(cls, d, source=source, extra=SGLD_OPTIONS)
         sampler = {k: d.pop(k) for k in list(d) if k in SGLD_OPTIONS}
         try:

@@ -142,28 +142,33 @@ def zoo(losses: Sequence[str] = ("sum", "mean"), *, n: int = 1024) -> list[Known
     return [known_answer(widths, rank, loss=loss, n=n) for widths, rank in ZOO for loss in losses]
 
 
-def accuracy_table(cases: Sequence[KnownAnswer], *, gamma: float = 30.0, batch_size: int = 64, max_steps: int = 100_000,
-                   progress: bool = False):
-    """`calibrate_llc` on each case from nβ = n/log n of the batch (γ, batch size and budget as given): the
-    recommended setting, the λ̂ of its run (the ε/2 control the recommendation rests on), its error against
-    λ, the SGLD steps per chain spent and the seconds taken. One row per case (pandas)."""
+def accuracy_table(cases: Sequence[KnownAnswer], *, batch_size: int = 64, max_steps: int = 100_000,
+                   progress: bool = False, echo: bool = False):
+    """`calibrate_llc` (its defaults; batch size and budget as given) on each case: the recommended setting,
+    the λ̂ of its run, its error against λ, the SGLD steps per chain spent and the seconds taken (one thread).
+    One row per case (pandas); `echo` prints each row as it is measured."""
     import time
 
     import pandas as pd
 
     from .calibration import calibrate_llc
-    from .llc import SGLDConfig
+    from .settings import SGLDConfig
 
     rows = []
     for case in cases:
         start = time.perf_counter()
-        cal = calibrate_llc(case.model, case.data, SGLDConfig(gamma=gamma, batch_size=batch_size), loss_fn=case.loss_fn,
+        cal = calibrate_llc(case.model, case.data, SGLDConfig(batch_size=batch_size), loss_fn=case.loss_fn,
                             max_steps=max_steps, progress=progress)
-        llc = float(cal.table["llc_mean"].iloc[-1]) if cal.choice else math.nan
-        rows.append(dict(model=case.name, d=case.d, llc_true=case.llc, llc_hat=llc, error=llc / case.llc - 1,
-                         **(cal.choice or {}), steps=cal.steps, seconds=time.perf_counter() - start,
-                         reason=cal.reason))
+        rows.append(dict(model=case.name, d=case.d, llc=case.llc, llc_hat=cal.llc, error_pct=100 * (cal.llc / case.llc - 1),
+                         nbeta=(cal.choice or {}).get("nbeta", math.nan),
+                         epsilon=(cal.choice or {}).get("epsilon", math.nan),
+                         steps=cal.steps, seconds=round(time.perf_counter() - start), reason=cal.reason))
+        if echo:
+            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1, float_format=FORMAT), flush=True)
     return pd.DataFrame(rows)
+
+
+FORMAT = "{:.4g}".format
 
 
 if __name__ == "__main__":  # the README's zoo table: python -m tl_devinterp.sampling.known_answers [names...]
@@ -173,8 +178,12 @@ if __name__ == "__main__":  # the README's zoo table: python -m tl_devinterp.sam
     parser = argparse.ArgumentParser(description="calibrate_llc on the known-answer zoo; prints its accuracy")
     parser.add_argument("names", nargs="*", help="cases to run (default: all), e.g. rrr_5x3x5_r1_sum")
     parser.add_argument("--max-steps", type=int, default=100_000, help="SGLD steps per chain per case")
-    parser.add_argument("--gamma", type=float, default=30.0)
+    parser.add_argument("--csv", help="also write the table to this CSV file")
     args = parser.parse_args()
     cases = [c for c in zoo() if not args.names or c.name in args.names]
-    table = accuracy_table(cases, gamma=args.gamma, max_steps=args.max_steps)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    table = accuracy_table(cases, max_steps=args.max_steps, echo=True)
+    print(table.to_string(index=False, float_format=FORMAT))
+    if args.csv:
+        from ..files import atomic_write
+
+        atomic_write(args.csv, table.to_csv(index=False))

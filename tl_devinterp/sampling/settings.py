@@ -28,6 +28,11 @@ def default_nbeta(batch_size: int) -> float:
     return batch_size / math.log(batch_size)
 
 
+FIXED = {"noise_level": (1.0, "devinterp's scale of the SGLD noise; ours is the Langevin noise, unscaled")}
+"""devinterp's SGLD options our sampler has no counterpart for: accepted at the value that means our sampler,
+refused at any other (`SGLDConfig.build`)."""
+
+
 @dataclass(frozen=True)
 class SGLDConfig:
     """The sampler's hyperparameters, declared and validated once; every estimator takes one.
@@ -86,6 +91,11 @@ class SGLDConfig:
                     raise InvalidOptionError(f"The SGLD option {key!r} is given twice (in {nested} and as a keyword); "
                                              f"give it once.")
                 flat[key] = value
+        for key, (value, meaning) in FIXED.items():
+            given = flat.pop(key, value)
+            if given != value:
+                raise InvalidOptionError(f"The {key!r} option of SGLDConfig must be {value} ({meaning}); got "
+                                         f"{given!r}. Drop it.")
         values = build(cls, flat)
         if "sampler" in values and not isinstance(values["sampler"], str):  # devinterp's class: SGLD, SGNHT
             values["sampler"] = getattr(values["sampler"], "__name__", values["sampler"])
