@@ -43,6 +43,9 @@ from matplotlib.figure import Figure
 
 PRIOR_DOMINATED = 0.5  # likelihood_fraction below this, or prior_share above it: the prior shapes the chains
 PRIOR_ELASTIC = 0.15  # prior_elasticity below −this (beyond 2 MCSE): halving γ would move λ̂ by ≳ 10% (0.15·ln 2)
+PRIOR_ELASTIC_SHARED = 0.1  # a prior share above PRIOR_DOMINATED counts only with an elasticity below −this: directions
+# flat for the likelihood hold a share of 1 each without moving λ̂ (a deep linear network at −9%: share 0.78,
+# elasticity −0.06; prior-dominated ones at −34% and −48%: 0.77 and 0.88, −0.12 and −0.14)
 VIRIAL_HIGH = 1.05  # virial above this (beyond 3 MCSE): ε too coarse, the chains wider than p
 VIRIAL_LOW = 0.6  # virial below this (beyond 3 MCSE): chains still spreading out. Not 1 − noise: directions flat
 # for the likelihood (the true parameters' valley) relax at the prior's rate εγ only, so on good zoo runs at γ = 1
@@ -230,8 +233,13 @@ def summarise(traces: dict[str, np.ndarray], llc_trace: np.ndarray, *, loss_incr
         regime = "not mixed" if regime == "likelihood" else regime
         said.append(f"the chains are still spreading out (virial {virial:.3f} < {VIRIAL_LOW}, λ̂ trace t = "
                     f"{drift_t:.1f}): λ̂ reads low; raise num_burnin (or epsilon, or gamma to mix faster)")
-    if (fraction < PRIOR_DOMINATED or prior_share > PRIOR_DOMINATED
-            or (elasticity < -PRIOR_ELASTIC and -elasticity > 2 * (elasticity_se if math.isfinite(elasticity_se) else 0))):
+    noise = 2 * elasticity_se if math.isfinite(elasticity_se) else 0.0
+
+    def pulls(threshold: float) -> bool:  # the prior moves λ̂ beyond `threshold` and noise (unknown when λ̂ ≤ 0: yes)
+        return not math.isfinite(elasticity) or (elasticity < -threshold and -elasticity > noise)
+
+    if (fraction < PRIOR_DOMINATED or (math.isfinite(elasticity) and pulls(PRIOR_ELASTIC))
+            or (prior_share > PRIOR_DOMINATED and pulls(PRIOR_ELASTIC_SHARED))):
         regime = "prior" if regime == "likelihood" else regime
         said.append(f"chains are prior-dominated (∂log λ̂/∂log γ = {elasticity:.2f}, prior share γ·E‖w − w*‖²/d = "
                     f"{prior_share:.2f}, likelihood share of "
