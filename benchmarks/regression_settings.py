@@ -39,6 +39,7 @@ import torch
 from matplotlib.figure import Figure
 
 import tl_devinterp as tdi
+from tl_devinterp.dynamics.stages import stage_se
 from tl_devinterp.tasks import make_task
 from tl_devinterp.tasks.base import index_batch
 from tl_devinterp.tasks.regression import masked_mse
@@ -167,7 +168,8 @@ def icl_stages(work: Path, progress: bool) -> None:
                                   loss_fn=masked_mse, store_dir=work / "icl-stages" / "store", progress=progress)
         steps, values, se = (llc[c].to_numpy() for c in ("step", "llc_mean", "llc_se"))
         for first in (0, 1):
-            for name, error in (("the chains' SE", se[first:]), ("the scatter along the curve", None)):
+            for name, error in (("the chains' SE", se[first:]), ("the scatter along the curve", None),
+                                ("the larger (analyze's)", stage_se(steps[first:], values[first:], se[first:]))):
                 stages = tdi.find_stages(steps[first:], values[first:], error)
                 rows.append({"grid": grid, "chains": chains, "from step": int(steps[first]), "SE": name,
                              "stages": ", ".join(f"{s.start}-{s.end} {s.type}" for s in stages)})

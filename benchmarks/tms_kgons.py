@@ -142,10 +142,11 @@ def main() -> None:
     print("\n3. SGD runs of the tms preset (the paper's protocol), analysed")
     runs = sgd_runs(args.out, args.seeds)
     found = {}
-    for seed, (llc, metrics, _) in runs.items():
+    for seed, (llc, metrics, stages) in runs.items():
         found[seed] = plateaus(metrics, llc)
         table = found[seed].assign(loss_drop=lambda f: f.loss.shift() - f.loss)
-        print(f"seed {seed}: " + " -> ".join(table.kgon))
+        print(f"seed {seed}: " + " -> ".join(table.kgon) + "; stages from the LLC: "
+              + ", ".join(f"{s.start}-{s.end} {s.type}" for s in stages))
         print(table.round(4).to_string(index=False))
     seed = args.figure_seed if args.figure_seed is not None else max(found, key=lambda s: len(found[s]))
     figure(runs, seed, args.figure)

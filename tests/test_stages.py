@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tl_devinterp import AnalysisConfig, Stage, find_stages, stages_frame
-from tl_devinterp.dynamics.stages import fit_piecewise_linear
+from tl_devinterp.dynamics.stages import fit_piecewise_linear, stage_se
 from tl_devinterp.visualisation.dynamics import plot_llc_stages
 
 matplotlib.use("Agg")
@@ -305,3 +305,21 @@ def test_plateau_boundary_within_one_grid_step_of_its_middle(with_se):
         ok += len(stages) == 2 and abs(int(np.searchsorted(LOG_GRID, stages[0].end)) - middle) <= 1
     print(f"plateau, {'SE given' if with_se else 'SE from the scatter'}: {ok} of 100 within one grid step")
     assert ok >= (90 if with_se else 75), ok
+
+
+def test_stage_se_is_the_larger_of_the_chains_se_and_the_scatter():
+    """Catches: analyze reading stages against the chains' SE alone (checkpoint-to-checkpoint scatter above it
+    makes single checkpoints stages, as on the dense icl-regression grid with 8 chains), or against the scatter
+    alone (a smooth curve's slow wiggle, far below the chains' SE, cut into stages)."""
+    steps = np.unique(np.round(np.geomspace(1, 3000, 40))).astype(int)
+    rise = 10 / (1 + np.exp(-(np.log(steps) - np.log(100)) * 2))
+    noisy = rise + np.random.default_rng(0).normal(0, 0.4, len(steps))  # scatter 0.4, chains' SE 0.05
+    tiny = np.full(len(steps), 0.05)
+    assert len(find_stages(steps, noisy, tiny)) > 1
+    assert [s.type for s in find_stages(steps, noisy, stage_se(steps, noisy, tiny))] == ["A"]
+    wiggly = rise + 0.3 * np.sin(np.log(steps) * 3)  # smooth: scatter ≪ chains' SE 0.5
+    large = np.full(len(steps), 0.5)
+    assert len(find_stages(steps, wiggly)) > 1
+    assert np.allclose(stage_se(steps, wiggly, large), large)
+    assert [s.type for s in find_stages(steps, wiggly, stage_se(steps, wiggly, large))] == ["A"]
+    assert np.allclose(stage_se(steps, noisy, np.full(len(steps), np.nan)), stage_se(steps, noisy, np.full(len(steps), 1e-12)))

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .data import data_form, pack_texts, text_files
 from .dynamics import EDResult, Stage, essential_dynamics, find_stages, stages_frame
-from .dynamics.stages import check_stage_options
+from .dynamics.stages import check_stage_options, stage_se
 from .dynamics.trajectories import HeadClusters, cluster_heads
 from .errors import (
     InvalidOptionError,
@@ -283,7 +283,8 @@ def _analyze(series: CheckpointSeries, out: Path, config: AnalysisConfig, task: 
                               classes=classes if not classes.empty else None)
                 if config.n_clusters and n_heads >= 2 else None)
 
-    stages = find_stages(*model_curve(llc), **config.stage_options())
+    steps, values, se = model_curve(llc)  # stages against max(chains' SE, scatter): see stage_se
+    stages = find_stages(steps, values, stage_se(steps, values, se), **config.stage_options())
     say(f"stages: {', '.join(f'{s.start}-{s.end} {s.type}' for s in stages)}; essential dynamics")
     probes, proxy = task.probes(test_data, config.n_test_seqs)
     ed = essential_dynamics(series, probes, proxy=proxy, n_components=config.n_components, sigma=config.ed_sigma,

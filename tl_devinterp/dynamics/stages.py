@@ -204,13 +204,7 @@ def find_stages(
     if steps[0] + offset <= 0:
         raise InvalidValueError(f"log(step + offset) needs step + offset > 0; got first step {steps[0]}, offset {offset}.")
     x = np.log(steps + offset)
-    if se is None:  # each checkpoint's scatter about the line through its neighbours, robustly pooled
-        a = (x[2:] - x[1:-1]) / (x[2:] - x[:-2])
-        resid = np.abs(llc[1:-1] - a * llc[:-2] - (1 - a) * llc[2:]) / np.sqrt(1 + a**2 + (1 - a) ** 2)
-        resid = np.r_[resid[0], resid, resid[-1]]
-        se = np.array([np.median(resid[max(0, i - 10): i + 11]) / 0.6745 for i in range(len(x))])
-        se = np.maximum(se, max(1e-9 * np.abs(llc).max(), 1e-300))
-    se = np.asarray(se, dtype=float)
+    se = _scatter(x, llc) if se is None else np.asarray(se, dtype=float)
     if se.shape != llc.shape or not (np.isfinite(se) & (se > 0)).all():
         raise InvalidValueError(f"se must hold one finite, positive standard error per checkpoint ({len(llc)}).")
 
@@ -300,6 +294,26 @@ def find_stages(
     level = fit.rows(x) @ fit.beta
     idx = np.unique([0, *(int(np.argmin(np.abs(x - e))) for e in edges[1:-1]), len(x) - 1])
     return [Stage(int(steps[a]), int(steps[b]), "A" if level[b] > level[a] else "B") for a, b in zip(idx[:-1], idx[1:])]
+
+
+def _scatter(x: np.ndarray, llc: np.ndarray) -> np.ndarray:
+    """Each checkpoint's scatter about the line through its neighbours, robustly pooled (median over 21)."""
+    a = (x[2:] - x[1:-1]) / (x[2:] - x[:-2])
+    resid = np.abs(llc[1:-1] - a * llc[:-2] - (1 - a) * llc[2:]) / np.sqrt(1 + a**2 + (1 - a) ** 2)
+    resid = np.r_[resid[0], resid, resid[-1]]
+    se = np.array([np.median(resid[max(0, i - 10): i + 11]) / 0.6745 for i in range(len(x))])
+    return np.maximum(se, max(1e-9 * np.abs(llc).max(), 1e-300))
+
+
+def stage_se(steps: Sequence[int], llc: Sequence[float], se: Sequence[float]) -> Float[np.ndarray, "N"]:
+    """The SE `analyze` reads stages against: each checkpoint's larger of `se` (the chains' SE) and the curve's
+    scatter (`find_stages`' default). The chains' SE is one estimate's sampling noise, but the estimates also
+    vary from checkpoint to checkpoint by more than it (with 8 chains on a dense grid single checkpoints become
+    turns); the scatter alone can be far below the chains' SE on a smooth curve, whose slow wiggles it then cuts
+    into stages. A NaN `se` (one chain) leaves the scatter."""
+    steps, llc = np.asarray(steps, dtype=float), np.asarray(llc, dtype=float)
+    x = np.log(steps + (steps[1] if steps[0] == 0 else 0.0))  # find_stages' default offset
+    return np.fmax(np.asarray(se, dtype=float), _scatter(x, llc))
 
 
 def _flat_fit(x: np.ndarray, y: np.ndarray, se: np.ndarray, knots: np.ndarray, lo: float, hi: float,
