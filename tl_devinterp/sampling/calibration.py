@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import InvalidValueError, LLCDivergenceError
-from .diagnostics import PRIOR_DOMINATED
+from .diagnostics import DRIFT_T, PRIOR_DOMINATED
 from .head_llcs import summary
 from .llc import LLCResult, estimate_llc
 from .settings import SGLDConfig
@@ -57,7 +57,7 @@ START = 0.01  # the first rung: this × the config's nβ
 LIKELIHOOD_SHARE = 0.98  # a rung is compared with the one below only when the likelihood's share of the pull is this
 MAX_DISCRETISATION, TARGET_DISCRETISATION = 0.03, 0.015  # ε's share of λ̂: above the first, ε rescaled to the second
 BURNIN_RELAXATIONS = 0.25  # burn-in: this × 1/(εγ), doubled (with the draws) while the chains are not mixed
-MAX_RHAT, DRIFT_T = 1.1, 4.0  # chains mixed: split R-hat of λ̂ at most this, its trace's drift |t| at most this
+MAX_RHAT = 1.1  # chains mixed: split R-hat of λ̂ at most this, and its trace's drift |t| at most diagnostics' DRIFT_T
 MIN_CHAINS, MIN_DRAWS = 8, 200
 MAX_EPSILON = 0.1  # ε·γ at most this: the prior's own direction widened by at most 1/(1 − 0.1/4)
 SETTING = ["epsilon", "gamma", "nbeta", "num_burnin", "num_draws"]
