@@ -89,6 +89,33 @@ def test_diagnostics_on_the_zoo_warn_on_bad_estimates_and_not_on_a_good_one():
     assert any("prior-dominated" in s for s in said), said
 
 
+@pytest.mark.slow
+def test_a_too_coarse_step_the_virial_misses_is_caught_by_its_measured_bias():
+    """Deep linear network 3→4→5→3 at rank 2 (λ = 4.5, MSELoss, batch 64, γ = 1, nβ = 1000, ε = 1e-4, 4000
+    burn-in, 8 × 3000 draws): λ̂ reads ~29% high, yet the virial (0.69) is held below 1 by the directions flat
+    for the likelihood, so only the measured discretisation bias ε·(E‖∇U‖² − dγ)/(8λ̂) (0.26) shows it; at
+    ε = 2e-5 the same network reads within 10% and that share is small. Catches: a step-size test that only
+    reads the virial (the +29% run was regime "likelihood" and quiet), a share threshold that fires on good runs."""
+    import warnings
+
+    from tl_devinterp.sampling import SamplerWarning
+
+    case = known_answer((3, 4, 5, 3), 2, loss="mean")
+
+    def run(epsilon, burnin):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = estimate_llc(case.model, case.data, loss_fn=case.loss_fn, batch_size=64, nbeta=1000.0, gamma=1.0,
+                             epsilon=epsilon, num_chains=8, num_burnin=burnin, num_draws=3000, progress=False)
+        return r, [str(w.message) for w in caught if issubclass(w.category, SamplerWarning)]
+
+    coarse, said = run(1e-4, 4000)
+    assert coarse.mean > 1.2 * case.llc and coarse.diagnostics.virial < 1
+    assert coarse.diagnostics.regime == "step size" and any("SGLD's step adds" in s for s in said), said
+    fine, said = run(2e-5, 20_000)
+    assert fine.diagnostics.discretisation < 0.1 and not any("SGLD's step adds" in s for s in said), said
+
+
 def test_diagnostics_on_a_tiny_zoo_case_catch_chains_still_spreading_out():
     """Reduced-rank regression 5→3→5 at rank 1 (λ = 8, MSELoss, nβ = 1000, γ = 1) with 50 burn-in steps at a fine ε:
     the chains have not spread into the directions λ̂ depends on, λ̂ reads > 20% low, and the diagnostics say so

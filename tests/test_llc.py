@@ -173,3 +173,26 @@ def test_shared_residual_prefix_matches_full_forward(model, tokens):
     assert resolve_restriction(model, ["l1h0", "unembed"]).first_layer == 0
     assert fast.mean == pytest.approx(full.mean, rel=1e-4, abs=1e-6)
     assert torch.allclose(fast.loss_trace, full.loss_trace, rtol=1e-5)
+
+
+def test_init_continues_the_chains_of_an_earlier_run():
+    """`init` starts each chain where the earlier run's ended: with no burn-in, the first draw of a
+    continuation sits at the earlier chains' spread (nβ·(L − L*) of order λ), where a run from w* starts at
+    L(w*). Refused: a result of another restriction, and one at other weights. Catches: init ignored (chains
+    back at w*), a continuation from another checkpoint or other coordinates."""
+    from tl_devinterp.sampling.known_answers import known_answer
+
+    case = known_answer((5, 3, 5), 1, loss="sum", n=256)
+    hot = dict(epsilon=1e-4, gamma=1.0, nbeta=10.0, num_chains=4, num_burnin=0, batch_size=64, loss_fn=case.loss_fn,
+               progress=False)
+    first = estimate_llc(case.model, case.data, num_draws=2000, **hot)
+    again = estimate_llc(case.model, case.data, init=first, num_draws=1, **hot)
+    fresh = estimate_llc(case.model, case.data, num_draws=1, **hot)
+    spread = lambda r: (r.loss_trace[:, 0] - r.init_losses[0]).norm().item()  # noqa: E731
+    assert spread(again) > 20 * spread(fresh)
+    assert torch.allclose(again.final.rows.norm(dim=1), first.final.rows.norm(dim=1), rtol=0.05)
+    with pytest.raises(ValueError, match="init must be an LLCResult of the same restriction"):
+        estimate_llc(case.model, case.data, init=first, num_draws=1, restrict="0.*", **hot)
+    other = known_answer((5, 3, 5), 1, loss="sum", n=256, seed=1)
+    with pytest.raises(ValueError, match="init comes from a run at other weights"):
+        estimate_llc(other.model, other.data, init=first, num_draws=1, **hot)

@@ -9,19 +9,21 @@ its own bias (design.md §4). The rule fixes γ and removes the others in turn:
    term of λ̂ by ≈ ε(k − γ)/8. Summed over directions this is ε·(tr ∇²U − dγ)/8, and tr ∇²U = E‖∇U‖²
    under the posterior (integrate by parts), which every run measures: its bias estimate
    `discretisation` = ε·(E‖∇U‖² − dγ)/(8λ̂), a fraction of λ̂ (minibatch noise counts too: it also widens
-   the chains). The stiff directions dominate it and settle first, so it is read off chains that have not
-   finished spreading out along the flat ones. A run above MAX_DISCRETISATION repeats with ε scaled to
-   TARGET_DISCRETISATION; each rung starts from the ε that the previous rung's measurement gives for its nβ
-   (the stiffness grows ∝ nβ).
-3. Mixing. A run burns in BURNIN_RELAXATIONS of the prior's relaxation time 1/(εγ) (the likelihood only
-   speeds it up) and draws half as many; a run whose chains disagree (R-hat > MAX_RHAT) or whose λ̂ trace
-   still moves (|t| > DRIFT_T) repeats with twice both.
-4. Temperature. nβ climbs ×LADDER from START × the config's (n/log n of the batch by default), at least
-   d/20 (below it the chains' loss increase λ/nβ nears the sampler's divergence limit of 100 nats), until
-   λ̂ moves by less than `tolerance` (relative, beyond 2 combined SEs) from the last likelihood-dominated
-   rung below, on a rung where the likelihood holds LIKELIHOOD_SHARE of the pull. Where 2 SEs straddle
-   `tolerance`, the noisier rung's draws double (draws are spent where the choice is made). The
-   recommendation is the upper rung's setting.
+   the chains). It grows as the chains spread into the stiffer places of the valley, so it is read off every
+   run, not once. Each rung first probes its ε (PROBE_DRAWS steps from w*, ÷4 on a divergence, rescaled while
+   above MAX_DISCRETISATION), so a too-large ε costs a probe, not a burn-in; the first guess is the ε that the
+   rung below measured, scaled for this nβ (the stiffness grows ∝ nβ). A run above MAX_DISCRETISATION
+   continues its chains at ε scaled to TARGET_DISCRETISATION (restarts from w* when far above).
+3. Mixing. A run from w* burns in BURNIN_RELAXATIONS of the prior's relaxation time 1/(εγ) (the likelihood
+   only speeds it up) and draws half as many; chains that disagree (R-hat > MAX_RHAT) or whose λ̂ trace still
+   moves (|t| > DRIFT_T) continue for as long again with twice the draws. A continued run's `num_burnin` is
+   the burn-in from w* at its ε with the same Langevin time Σ ε·steps: the setting a fresh run needs.
+4. Temperature. nβ climbs ×LADDER (√10) from START × the config's (n/log n of the batch by default) until
+   λ̂ moves from the last likelihood-dominated rung below by less than `tolerance`·(LADDER^BIAS_DECAY − 1)
+   (relative, beyond 2 combined SEs), on a rung where the likelihood holds LIKELIHOOD_SHARE of the pull: if
+   the finite-nβ bias falls at least as nβ^−½ (a regular direction's falls as nβ^−1), the upper rung is then
+   within `tolerance`. Where 2 SEs straddle the limit, the noisier rung's chains continue for twice the draws
+   (draws are spent where the choice is made). The recommendation is the upper rung's setting.
 Every run counts towards `max_steps` (SGLD steps per chain, burn-in included); when the budget runs out
 first there is no recommendation, and `Calibration.reason` says where. Its accuracy on the known-answer zoo
 (`known_answers`; `python -m tl_devinterp.sampling.known_answers` prints the table the README's *Trusting
@@ -52,8 +54,10 @@ from .llc import LLCResult, estimate_llc
 from .settings import SGLDConfig
 
 GAMMA = 1.0  # the prior's strength the calibration fixes (weights of order 1: the prior radius is √d)
-LADDER = 10.0  # nβ grows by this factor per rung
+LADDER = math.sqrt(10)  # nβ grows by this factor per rung
+BIAS_DECAY = 0.5  # the finite-nβ bias is taken to fall at least as nβ^−0.5 (a regular direction's: as nβ^−1)
 START = 0.01  # the first rung: this × the config's nβ
+PROBE_DRAWS = 200  # a probe: this many steps from w*, long enough for the stiff directions that set ε to settle
 LIKELIHOOD_SHARE = 0.98  # a rung is compared with the one below only when the likelihood's share of the pull is this
 MAX_DISCRETISATION, TARGET_DISCRETISATION = 0.03, 0.015  # ε's share of λ̂: above the first, ε rescaled to the second
 BURNIN_RELAXATIONS = 0.25  # burn-in: this × 1/(εγ), doubled (with the draws) while the chains are not mixed
@@ -65,8 +69,8 @@ SETTING = ["epsilon", "gamma", "nbeta", "num_burnin", "num_draws"]
 
 @dataclass
 class Calibration:
-    """The runs (`table`: one row per run, its setting, λ̂, diagnostics, `discretisation` and the rule's
-    `verdict`), the recommended setting (`choice`, None when the budget ran out or λ̂ follows nβ: `reason`
+    """The runs (`table`: one row per run, its setting, λ̂, diagnostics, `discretisation`, whether it was an
+    ε `probe` or `continued` an earlier run's chains, and the rule's `verdict`), the recommended setting (`choice`, None when the budget ran out or λ̂ follows nβ: `reason`
     says which) and its run's λ̂ (`llc`), and the SGLD steps per chain spent (`steps`)."""
 
     table: pd.DataFrame
@@ -86,14 +90,6 @@ class Calibration:
                                 **{k: (int(v) if k.startswith("num_") else v) for k, v in self.choice.items()})
 
 
-def discretisation(result: LLCResult) -> float:
-    """ε·(E‖∇U‖² − dγ)/(8λ̂): the share of λ̂ that SGLD's step adds (module docstring, step 2). ‖∇U‖² per
-    step from the traces: nβ²‖∇L_B‖² + 2γ(w − w*)·∇U − γ²‖w − w*‖²."""
-    c, t = result.config, result.trace
-    drift_sq = c.nbeta**2 * t["grad_norm"] ** 2 + 2 * c.gamma * t["virial"] - c.gamma**2 * t["distance"] ** 2
-    return c.epsilon * max(float(np.mean(drift_sq)) - result.d * c.gamma, 0.0) / (8 * max(result.mean, 1e-12))
-
-
 def calibrate_llc(
     model: nn.Module,
     data,
@@ -101,7 +97,7 @@ def calibrate_llc(
     *,
     gamma: float = GAMMA,
     tolerance: float = 0.1,
-    max_steps: int = 100_000,
+    max_steps: int = 300_000,
     max_nbeta: float = 1e9,
     restrict=None,
     loss_fn: Callable | None = None,
@@ -123,76 +119,106 @@ def calibrate_llc(
     spent = 0
     bar = tqdm(total=max_steps, desc="calibration", unit="step", disable=not progress)
 
-    def run(epsilon: float, nbeta: float, burnin: int, draws: int) -> LLCResult | str:
-        """One estimate, recorded in the table, or why none: "diverged", or "budget" (it cannot be paid for)."""
+    def run(epsilon: float, nbeta: float, burnin: int, draws: int, probe: bool = False,
+            init: LLCResult | None = None) -> LLCResult | str:
+        """One estimate, recorded in the table, or why none: "diverged", or "budget" (it cannot be paid for).
+        `init`: an earlier run at this nβ whose chains it continues, so that its burn-in counts theirs too: the
+        table's `num_burnin` is the burn-in from w* at this ε with the same Langevin time Σ ε·steps before the
+        draws (what relaxes the flat directions), the setting a run from w* needs."""
         nonlocal spent
         if spent + burnin + draws > max_steps:
             return "budget"
         setting = dict(epsilon=epsilon, gamma=gamma, nbeta=nbeta, num_burnin=burnin, num_draws=draws)
         spent += burnin + draws
         bar.update(burnin + draws)
+        before = 0.0 if init is None else rows[row_of[id(init)]]["burnin_time"] + init.config.epsilon * init.config.num_draws
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the table holds each run's diagnostics
                 r = estimate_llc(model, data, SGLDConfig.build(config, **setting), restrict=restrict, loss_fn=loss_fn,
-                                 progress=False)
+                                 progress=False, init=init)
         except LLCDivergenceError:
-            rows.append(dict(setting, diverged=True, llc_mean=math.nan, llc_trace=None, verdict="diverged: ε ÷ 4"))
+            rows.append(dict(setting, probe=probe, diverged=True, llc_mean=math.nan, llc_trace=None, verdict="diverged"))
             return "diverged"
-        rows.append(dict(setting, diverged=False, **summary(r), discretisation=discretisation(r),
+        time = before + epsilon * burnin  # the Langevin time before the draws: Σ ε·steps
+        rows.append(dict(setting, num_burnin=math.ceil(time / epsilon - 1e-9), burnin_time=time, probe=probe,
+                         continued=init is not None, diverged=False,
+                         **summary(r), discretisation=np.nan_to_num(r.diagnostics.discretisation),  # λ̂ ≤ 0: unknown, 0
                          llc_trace=r.llc_trace.numpy()))
         row_of[id(r)] = len(rows) - 1
         return r
 
-    def rung(epsilon: float, nbeta: float, burnin: int = 0, draws: int = MIN_DRAWS) -> tuple[LLCResult | None, str]:
-        """Steps 2-3 at one nβ: a run whose ε adds < MAX_DISCRETISATION of λ̂ on mixed chains (a prior-dominated
-        rung need not mix: only its likelihood share is read), or (None, why)."""
-        burnin = max(burnin, math.ceil(BURNIN_RELAXATIONS / (epsilon * gamma)))
-        draws = max(draws, burnin // 2)
+    def probe(epsilon: float, nbeta: float) -> float | None:
+        """Step 2's ε at nβ from probes (PROBE_DRAWS steps from w*, no burn-in): ÷4 while a chain diverges,
+        rescaled towards TARGET_DISCRETISATION (at most ÷10 a time) while the step adds more than
+        MAX_DISCRETISATION of λ̂. A too-large ε costs a probe, not a burn-in. None: the budget ended."""
         while True:
-            r = run(epsilon, nbeta, burnin, draws)
+            r = run(epsilon, nbeta, 0, PROBE_DRAWS, probe=True)
+            if r == "budget":
+                return None
             if r == "diverged":
                 epsilon /= 4
-                burnin = max(burnin, math.ceil(BURNIN_RELAXATIONS / (epsilon * gamma)))
                 continue
-            if r == "budget":
-                return None, f"the budget ({max_steps} steps per chain) ran out at nβ = {nbeta:.4g}"
             share = rows[-1]["discretisation"]
-            if share > MAX_DISCRETISATION:
-                rows[-1]["verdict"] = f"ε adds {share:.0%}"
-                epsilon *= TARGET_DISCRETISATION / share
+            rows[-1]["verdict"] = f"probe: ε adds {share:.1%}"
+            if share <= MAX_DISCRETISATION:
+                return epsilon
+            epsilon *= max(TARGET_DISCRETISATION / share, 0.1)
+
+    def rung(epsilon: float, nbeta: float) -> LLCResult | None:
+        """Steps 2-3 at one nβ: a run whose ε adds < MAX_DISCRETISATION of λ̂ on mixed chains (a prior-dominated
+        rung need not mix: only its likelihood share is read); None: the budget ran out. Chains not mixed are
+        continued (as long again, twice the draws), not restarted."""
+        if (epsilon := probe(epsilon, nbeta)) is None:
+            return None
+        burnin, draws, init = None, MIN_DRAWS, None
+        while True:
+            if init is None:  # from w*: a quarter of the prior's relaxation time
                 burnin = math.ceil(BURNIN_RELAXATIONS / (epsilon * gamma))
                 draws = max(draws, burnin // 2)
+            r = run(epsilon, nbeta, burnin, draws, init=init)
+            if r == "diverged":
+                epsilon, init = epsilon / 4, None
+                continue
+            if r == "budget":
+                return None
+            share = rows[-1]["discretisation"]
+            if share > MAX_DISCRETISATION:  # the chains spread into stiffer places: a finer ε, continued there
+                rows[-1]["verdict"] = f"ε adds {share:.0%}"
+                epsilon, init = epsilon * TARGET_DISCRETISATION / share, (r if share < 2 * MAX_DISCRETISATION else None)
+                if init is not None:
+                    burnin, draws = rows[-1]["num_burnin"], 2 * draws
             elif r.diagnostics.likelihood_fraction < PRIOR_DOMINATED:
                 rows[-1]["verdict"] = "prior-dominated"
-                return r, ""
+                return r
             elif r.diagnostics.r_hat > MAX_RHAT or abs(r.diagnostics.trace_drift) > DRIFT_T:
-                rows[-1]["verdict"] = "not mixed"
-                burnin, draws = 2 * burnin, 2 * draws
+                rows[-1]["verdict"] = "not mixed: continued"
+                burnin, draws, init = rows[-1]["num_burnin"], 2 * draws, r  # the chains' steps so far, again
             else:
-                return r, ""
+                return r
 
-    # the first rung: START × the config's nβ, but not so low that the chains' loss increase ≈ λ/nβ ≤ d/(2nβ)
-    # nears the sampler's divergence limit (100 nats): nβ ≥ d/20 (d of the whole model; a restriction's is smaller)
-    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    nbeta, epsilon = max(START * config.nbeta, d / 20), MAX_EPSILON / gamma
+    # the first rung: START × the config's nβ
+    nbeta, epsilon = START * config.nbeta, MAX_EPSILON / gamma
+    close = tolerance * (LADDER**BIAS_DECAY - 1)  # the gap between rungs that leaves the upper one within tolerance
     below, choice, reason = None, None, ""  # below: the last likelihood-dominated rung
-    r, reason = rung(epsilon, nbeta)
+    r = rung(epsilon, nbeta)
     while r is not None:
         row = rows[row_of[id(r)]]
         if r.diagnostics.likelihood_fraction >= LIKELIHOOD_SHARE and below is not None:
             gap, noise = abs(r.mean - below.mean), 2 * math.hypot(r.se, below.se)
-            if gap + noise < tolerance * abs(r.mean):
+            if gap + noise < close * abs(r.mean):
                 row["verdict"] = "converged in nβ: recommended"
                 choice = {k: float(row[k]) for k in SETTING}
                 break
-            if gap - noise < tolerance * abs(r.mean):  # undecided: more draws for the noisier of the two rungs
+            if gap - noise < close * abs(r.mean):  # undecided: the noisier rung's chains continue for more draws
                 row["verdict"] = "undecided: more draws"
-                c = below.config if below.se > r.se else r.config
-                again, reason = rung(c.epsilon, c.nbeta, c.num_burnin, 2 * c.num_draws)
-                if again is None:
+                noisier = below if below.se > r.se else r
+                again = run(noisier.config.epsilon, noisier.config.nbeta, 0, 2 * noisier.config.num_draws,
+                            init=noisier)
+                if not isinstance(again, LLCResult):
+                    r = None
                     break
-                below, r = (again, r) if below.se > r.se else (below, again)
+                below, r = (again, r) if noisier is below else (below, again)
                 continue
         row["verdict"] = row.get("verdict") or "moving with nβ"
         if r.diagnostics.likelihood_fraction >= PRIOR_DOMINATED:
@@ -200,11 +226,13 @@ def calibrate_llc(
         if nbeta * LADDER > max_nbeta:
             reason = f"λ̂ still moves with nβ at max_nbeta = {max_nbeta:g}"
             break
-        share = max(discretisation(r), 1e-6)
+        share = max(row["discretisation"], 1e-6)
         epsilon = min(r.config.epsilon * TARGET_DISCRETISATION / share, MAX_EPSILON / gamma) / LADDER
         nbeta *= LADDER
-        r, reason = rung(epsilon, nbeta)
+        r = rung(epsilon, nbeta)
     bar.close()
+    if choice is None and not reason:
+        reason = f"the budget ({max_steps} steps per chain) ran out at nβ = {nbeta:.4g}"
     return Calibration(pd.DataFrame(rows), choice, spent, reason, r.mean if choice else math.nan)
 
 

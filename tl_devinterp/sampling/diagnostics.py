@@ -47,6 +47,9 @@ PRIOR_ELASTIC_SHARED = 0.1  # a prior share above PRIOR_DOMINATED counts only wi
 # flat for the likelihood hold a share of 1 each without moving λ̂ (a deep linear network at −9%: share 0.78,
 # elasticity −0.06; prior-dominated ones at −34% and −48%: 0.77 and 0.88, −0.12 and −0.14)
 VIRIAL_HIGH = 1.05  # virial above this (beyond 3 MCSE): ε too coarse, the chains wider than p
+DISCRETISATION_HIGH = 0.2  # the step's own bias estimate above this share of λ̂: ε too coarse, λ̂ reads that much high
+# (zoo, benchmarks/zoo_diagnostics.py: +29% and +27% read 0.26 and 0.23, where the virial, held down by the valley,
+# read 0.69 and 1.06; good runs read 0.03; a +8% run 0.15)
 VIRIAL_LOW = 0.6  # virial below this (beyond 3 MCSE): chains still spreading out. Not 1 − noise: directions flat
 # for the likelihood (the true parameters' valley) relax at the prior's rate εγ only, so on good zoo runs at γ = 1
 # the virial reads 0.69-0.88 long after λ̂ has settled; chains still spreading where λ̂ depends read 0.19-0.47
@@ -92,6 +95,7 @@ class SamplerDiagnostics:
     ess_tail: float = math.nan  # ArviZ tail ESS
     mcse: float = math.nan  # ArviZ Monte Carlo standard error of λ̂ (the mean)
     prior_elasticity: float = math.nan  # ∂log λ̂/∂log γ under p: ≈ 0 when the prior leaves λ̂ alone
+    discretisation: float = math.nan  # ε·(E‖∇U‖² − dγ)/(8λ̂): the share of λ̂ SGLD's step adds (`summarise`)
 
     def as_row(self) -> dict:
         """The columns a results table keeps (`ROW`)."""
@@ -203,9 +207,16 @@ def _drift_t(trace: np.ndarray) -> tuple[float, float]:
 
 
 def summarise(traces: dict[str, np.ndarray], llc_trace: np.ndarray, *, loss_increase: float, d: int,
-              gamma: float, label: str) -> SamplerDiagnostics:
+              gamma: float, label: str, nbeta: float = math.nan, epsilon: float = math.nan) -> SamplerDiagnostics:
     """The chains' diagnostics (`traces`: `ChainStats.traces()` of a restriction's chains, [chains, draws]),
-    with a `SamplerWarning` naming cause and remedy for each sign of an untrustworthy estimate."""
+    with a `SamplerWarning` naming cause and remedy for each sign of an untrustworthy estimate.
+
+    `discretisation` (SGLD's step `epsilon`; NaN for other samplers): SGLD's step ε widens a direction of
+    stiffness k by 1/(1 − εk/4), which raises that direction's term of λ̂ by ≈ ε(k − γ)/8. Summed over
+    directions this is ε·(tr ∇²U − dγ)/8, and tr ∇²U = E‖∇U‖² under the posterior (integrate by parts), which
+    the traces give: ‖∇U‖² = nβ²‖∇L_B‖² + 2γ(w − w*)·∇U − γ²‖w − w*‖² (minibatch noise counts too: it also
+    widens the chains). As a share of λ̂ it is the estimate's own step-size bias, read where the virial cannot
+    (directions flat for the likelihood hold the virial below 1 whatever ε does)."""
     distance = float(traces["distance"].mean())
     fraction = float(traces["likelihood_fraction"].mean())
     acceptance = float(np.nanmean(traces["acceptance"])) if np.isfinite(traces["acceptance"]).any() else math.nan
@@ -222,6 +233,10 @@ def summarise(traces: dict[str, np.ndarray], llc_trace: np.ndarray, *, loss_incr
     drift_t, change = _drift_t(llc_trace)
     llc = float(llc_trace.mean())
     moving = abs(drift_t) > DRIFT_T and abs(change) > DRIFT_REL * max(abs(llc), 1e-12)
+    step_share = math.nan  # SGLD's step's share of λ̂ (docstring): NaN for other samplers, or when λ̂ ≤ 0
+    if math.isfinite(epsilon) and llc > 0:
+        drift_sq = nbeta**2 * traces["grad_norm"] ** 2 + 2 * gamma * traces["virial"] - gamma**2 * traces["distance"] ** 2
+        step_share = epsilon * max(float(drift_sq.mean()) - d * gamma, 0.0) / (8 * llc)
 
     said, regime = [], "likelihood"
     if virial > VIRIAL_HIGH and virial - 1 > 3 * virial_se:
@@ -229,6 +244,11 @@ def summarise(traces: dict[str, np.ndarray], llc_trace: np.ndarray, *, loss_incr
         said.append(f"the chains spread {virial:.2f}× wider than the posterior allows (virial E[(w − w*)·∇U]/d = "
                     f"{virial:.3f} > {VIRIAL_HIGH}): epsilon is too coarse for the "
                     f"curvature and λ̂ reads high; lower epsilon (calibrate_llc finds one)")
+    elif step_share > DISCRETISATION_HIGH:
+        regime = "step size"
+        said.append(f"SGLD's step adds about {step_share:.0%} to λ̂ (its discretisation bias ε·(E‖∇U‖² − dγ)/(8λ̂) "
+                    f"> {DISCRETISATION_HIGH:.0%}): epsilon is too coarse for the curvature and λ̂ reads high; lower "
+                    f"epsilon (calibrate_llc finds one)")
     if (virial < VIRIAL_LOW and 1 - virial > 3 * virial_se) or moving:
         regime = "not mixed" if regime == "likelihood" else regime
         said.append(f"the chains are still spreading out (virial {virial:.3f} < {VIRIAL_LOW}, λ̂ trace t = "
@@ -268,7 +288,8 @@ def summarise(traces: dict[str, np.ndarray], llc_trace: np.ndarray, *, loss_incr
     for message in said:
         warnings.warn(f"LLC of {label}: {message}.", SamplerWarning, stacklevel=4)
     return SamplerDiagnostics(loss_increase, distance, radius, fraction, acceptance, drift_t, regime, tuple(said),
-                              virial=virial, prior_share=prior_share, prior_elasticity=elasticity, **mcmc)
+                              virial=virial, prior_share=prior_share, prior_elasticity=elasticity,
+                              discretisation=step_share, **mcmc)
 
 
 def plot_trace(result) -> Figure:

@@ -142,7 +142,7 @@ def zoo(losses: Sequence[str] = ("sum", "mean"), *, n: int = 1024) -> list[Known
     return [known_answer(widths, rank, loss=loss, n=n) for widths, rank in ZOO for loss in losses]
 
 
-def accuracy_table(cases: Sequence[KnownAnswer], *, batch_size: int = 64, max_steps: int = 100_000,
+def accuracy_table(cases: Sequence[KnownAnswer], *, batch_size: int = 64, max_steps: int = 300_000,
                    progress: bool = False, echo: bool = False):
     """`calibrate_llc` (its defaults; batch size and budget as given) on each case: the recommended setting,
     the λ̂ of its run, its error against λ, the SGLD steps per chain spent and the seconds taken (one thread).
@@ -177,7 +177,7 @@ if __name__ == "__main__":  # the README's zoo table: python -m tl_devinterp.sam
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser(description="calibrate_llc on the known-answer zoo; prints its accuracy")
     parser.add_argument("names", nargs="*", help="cases to run (default: all), e.g. rrr_5x3x5_r1_sum")
-    parser.add_argument("--max-steps", type=int, default=100_000, help="SGLD steps per chain per case")
+    parser.add_argument("--max-steps", type=int, default=300_000, help="SGLD steps per chain per case")
     parser.add_argument("--csv", help="also write the table to this CSV file")
     args = parser.parse_args()
     cases = [c for c in zoo() if not args.names or c.name in args.names]

@@ -65,7 +65,9 @@ from .samplers import SAMPLERS, drift_
 from .settings import SGLDConfig
 
 EXPLODE = 100.0
-"""A chain has diverged when its loss exceeds L(w*) + EXPLODE·max(1, |L(w*)|) (or is NaN/inf)."""
+"""A chain has diverged when its loss exceeds L(w*) + EXPLODE·max(1, |L(w*)|, d/(2nβ)) (or is NaN/inf): 100
+times the loss's scale, or 100 times the largest increase a chain in equilibrium has on average (nβ·E[L − L*] =
+λ ≤ d/2), which is what matters where L(w*) ≈ 0 and nβ is small."""
 
 
 
@@ -153,7 +155,8 @@ class LLCResult:
 def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config: SGLDConfig, *,
                 loss_fn: Callable | None = None, desc: str = "SGLD", progress: bool = True,
                 observe: Callable[[int, int, int, dict[str, torch.Tensor]], None] | None = None,
-                sampling_forward: tuple[Callable | None, str] | None = None) -> list[LLCResult]:
+                sampling_forward: tuple[Callable | None, str] | None = None,
+                init: list[LLCResult] | None = None) -> list[LLCResult]:
     """One LLC estimate per restriction, in one pass over the batches (shared by every chain and
     restriction, with each batch's checkpoint loss computed once). Chains that sample the same parameters
     (a restriction's chains; the heads of one layer) run stacked, up to `config.max_batched` per batched call.
@@ -162,21 +165,23 @@ def sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config:
     `config.draws_every`-th post-burn-in draw (draw counted in thinned draws), with the draw's weights
     (canonical name -> tensor, w* outside the restriction): the hook that observables use.
     `sampling_forward`: `choose_forward`'s choice where the caller made it already (observables evaluate
-    through the same forward).
+    through the same forward). `init`: one earlier result per restriction whose chains' last states the
+    chains start from (instead of w*).
 
     The model samples in eval mode (no dropout), whatever mode it is in; its mode is restored on return.
     """
     with eval_mode(model):
         return _sample_llcs(model, data, restrictions, config, loss_fn=loss_fn, desc=desc, progress=progress,
-                            observe=observe, sampling_forward=sampling_forward)
+                            observe=observe, sampling_forward=sampling_forward, init=init)
 
 
 def _sample_llcs(model: nn.Module, data, restrictions: list[Restriction], config: SGLDConfig, *,
-                 loss_fn: Callable | None, desc: str, progress: bool, observe, sampling_forward) -> list[LLCResult]:
+                 loss_fn: Callable | None, desc: str, progress: bool, observe, sampling_forward,
+                 init: list[LLCResult] | None = None) -> list[LLCResult]:
     """Plan (settings, the objective and its forward, the chains' stacks), run (the chain loop), summarise
     (one LLCResult per restriction)."""
     config = config.resolve(data)
-    plan = _plan(model, data, restrictions, config, loss_fn, sampling_forward)
+    plan = _plan(model, data, restrictions, config, loss_fn, sampling_forward, init)
     trace, init_losses = _run(model, plan, config, desc, progress, observe)
     return _summarise(plan, trace, init_losses, config, desc)
 
@@ -197,7 +202,7 @@ class _Plan:
 
 
 def _plan(model: nn.Module, data, restrictions: list[Restriction], config: SGLDConfig, loss_fn: Callable | None,
-          sampling_forward) -> _Plan:
+          sampling_forward, init: list[LLCResult] | None = None) -> _Plan:
     params = sampled_parameters(model)
     device = next(iter(params.values())).device
     w_star = {n: p.detach() for n, p in params.items()}
@@ -216,10 +221,31 @@ def _plan(model: nn.Module, data, restrictions: list[Restriction], config: SGLDC
         starts = [0] * len(restrictions)
 
     stacks = build_stacks(restrictions, starts, w_star, config, device)
+    if init is not None:  # chains start where an earlier run's chains ended
+        for stack in stacks:
+            for i, (r, c) in enumerate(stack.members):
+                stack.chains.weights[i] = _start_of(init[r], c, restrictions[r], stack.chains.weights[i], w_star)
     if config.init_noise:  # chains start at w* + init_noise·N(0, 1) on their coordinates
         for stack in stacks:
             stack.chains.weights.add_(chain_noise(stack), alpha=config.init_noise)
     return _Plan(objective, how, restrictions, starts, stacks, batches, loader, w_star)
+
+
+def _start_of(earlier: LLCResult, chain: int, restriction: Restriction, row: torch.Tensor,
+              w_star: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Chain `chain`'s last state in `earlier`, checked to be a state of these coordinates at this w*."""
+    final = getattr(earlier, "final", None)
+    if final is None or earlier.restrict != restriction.label or final.rows.shape[1] != row.numel():
+        raise InvalidValueError(f"init must be an LLCResult of the same restriction ({restriction.label!r}, d = "
+                                f"{restriction.d}); got {type(earlier).__name__} of "
+                                f"{getattr(earlier, 'restrict', None)!r}. Pass the result of an earlier estimate_llc.")
+    if chain >= len(final.rows):
+        raise InvalidValueError(f"init has {len(final.rows)} chains, this run {chain + 1} or more; run as many "
+                                f"chains as the result it starts from, or fewer.")
+    if not torch.equal(final.star_full.cpu(), torch.cat([w_star[n].flatten() for n in final.names]).cpu()):
+        raise InvalidValueError("init comes from a run at other weights (w* differs): its chains' states are not "
+                                "near this checkpoint. Pass a result of this model at these weights.")
+    return final.rows[chain].to(row.device)
 
 
 def _run(model: nn.Module, plan: _Plan, config: SGLDConfig, desc: str, progress: bool,
@@ -255,7 +281,8 @@ def _run(model: nn.Module, plan: _Plan, config: SGLDConfig, desc: str, progress:
             if key is not None:
                 checkpoint_losses[key] = l_star
         if limit is None:
-            reference, limit = l_star, l_star + EXPLODE * max(1.0, abs(l_star))
+            d = max(r.d for r in restrictions)
+            reference, limit = l_star, l_star + EXPLODE * max(1.0, abs(l_star), d / (2 * config.nbeta))
         if recorded:
             init_losses[draw] = l_star
         with torch.no_grad():  # 2. the shared residual streams at w*
@@ -322,7 +349,8 @@ def _summarise(plan: _Plan, trace: torch.Tensor, init_losses: torch.Tensor, conf
         llcs = (config.nbeta * increase.mean(1)).double().numpy()
         traces = {"loss": trace[r].double().numpy()} | {k: v[r] for k, v in per_step.items()}
         diagnostics = summarise(traces, config.nbeta * increase.double().numpy(), loss_increase=float(increase.mean()),
-                                d=restriction.d, gamma=config.gamma, label=f"{restriction.label} ({desc})")
+                                d=restriction.d, gamma=config.gamma, label=f"{restriction.label} ({desc})",
+                                nbeta=config.nbeta, epsilon=config.epsilon if config.sampler == "sgld" else math.nan)
         stack = finals[r, 0][0]
         final = Final(stack.names, stack.shapes, stack.star_full,
                        None if stack.coords is None else stack.coords[finals[r, 0][1]],
@@ -337,7 +365,8 @@ def _summarise(plan: _Plan, trace: torch.Tensor, init_losses: torch.Tensor, conf
 
 
 def estimate_llc(model: nn.Module, data, config: SGLDConfig | None = None, *, restrict=None,
-                 loss_fn: Callable | None = None, progress: bool = True, **options) -> LLCResult:
+                 loss_fn: Callable | None = None, progress: bool = True, init: LLCResult | None = None,
+                 **options) -> LLCResult:
     """The LLC of `model` at its current weights, estimated by SGLD on `data`.
 
     `config` holds the hyperparameters (`SGLDConfig`); keyword `options` (epsilon=..., num_chains=...)
@@ -345,8 +374,10 @@ def estimate_llc(model: nn.Module, data, config: SGLDConfig | None = None, *, re
     "l1g0", an MLP "l1.mlp", a layer "layer1", a component "embed", a name pattern "blocks.0.attn.*", or
     a list). Raises `LLCDivergenceError` when a chain diverges; warns (`SamplerWarning`) when the
     diagnostics say the estimate is untrustworthy. The caller's model is left exactly as it was.
+    `init`, an earlier result of this model, weights and restriction, starts each chain where that run's
+    chain of the same index ended (a continuation, or a warm start at another nβ) instead of at w*.
     """
     config = SGLDConfig.build(config, **options)
     restriction = resolve_restriction(model, restrict)
     return sample_llcs(model, data, [restriction], config, loss_fn=loss_fn, desc="SGLD",
-                       progress=progress)[0]
+                       progress=progress, init=None if init is None else [init])[0]
