@@ -19,8 +19,9 @@ its own bias (design.md §4). The rule fixes γ and removes the others in turn:
    moves (|t| > DRIFT_T) continue for as long again with twice the draws. A continued run's `num_burnin` is
    the burn-in from w* at its ε with the same Langevin time Σ ε·steps: the setting a fresh run needs.
 4. Temperature. nβ climbs ×LADDER (√10) from START × the config's (n/log n of the batch by default) until
-   λ̂ moves from the last likelihood-dominated rung below by less than `tolerance`·(LADDER^BIAS_DECAY − 1)
-   (relative, beyond 2 combined SEs), on a rung where the likelihood holds LIKELIHOOD_SHARE of the pull: if
+   λ̂ moves by less than `tolerance`·(LADDER^BIAS_DECAY − 1) (relative, beyond 2 combined SEs) from the last
+   rung below holding COMPARED of the pull (rungs below that are never compared, so need not mix), on a rung
+   where the likelihood holds LIKELIHOOD_SHARE of the pull: if
    the finite-nβ bias falls at least as nβ^−½ (a regular direction's falls as nβ^−1), the upper rung is then
    within `tolerance`. Where 2 SEs straddle the limit, the noisier rung's chains continue for twice the draws
    (draws are spent where the choice is made). The recommendation is the upper rung's setting.
@@ -59,6 +60,8 @@ BIAS_DECAY = 0.5  # the finite-nβ bias is taken to fall at least as nβ^−0.5 
 START = 0.01  # the first rung: this × the config's nβ
 PROBE_DRAWS = 200  # a probe: this many steps from w*, long enough for the stiff directions that set ε to settle
 LIKELIHOOD_SHARE = 0.98  # a rung is compared with the one below only when the likelihood's share of the pull is this
+COMPARED = 0.9  # a rung with less of the pull is never the rung below a compared one (one rung raises a Gaussian
+# direction's share nβk/(nβk + γ) from 0.9 to 0.966 < LIKELIHOOD_SHARE), so its chains need not mix
 MAX_DISCRETISATION, TARGET_DISCRETISATION = 0.03, 0.015  # ε's share of λ̂: above the first, ε rescaled to the second
 BURNIN_RELAXATIONS = 0.25  # burn-in: this × 1/(εγ), doubled (with the draws) while the chains are not mixed
 MAX_RHAT = 1.1  # chains mixed: split R-hat of λ̂ at most this, and its trace's drift |t| at most diagnostics' DRIFT_T
@@ -166,8 +169,8 @@ def calibrate_llc(
             epsilon *= max(TARGET_DISCRETISATION / share, 0.1)
 
     def rung(epsilon: float, nbeta: float) -> LLCResult | None:
-        """Steps 2-3 at one nβ: a run whose ε adds < MAX_DISCRETISATION of λ̂ on mixed chains (a prior-dominated
-        rung need not mix: only its likelihood share is read); None: the budget ran out. Chains not mixed are
+        """Steps 2-3 at one nβ: a run whose ε adds < MAX_DISCRETISATION of λ̂ on mixed chains (a rung holding less
+        than COMPARED of the pull need not mix: only its likelihood share is read); None: the budget ran out. Chains not mixed are
         continued (as long again, twice the draws), not restarted."""
         if (epsilon := probe(epsilon, nbeta)) is None:
             return None
@@ -188,8 +191,9 @@ def calibrate_llc(
                 epsilon, init = epsilon * TARGET_DISCRETISATION / share, (r if share < 2 * MAX_DISCRETISATION else None)
                 if init is not None:
                     burnin, draws = rows[-1]["num_burnin"], 2 * draws
-            elif r.diagnostics.likelihood_fraction < PRIOR_DOMINATED:
-                rows[-1]["verdict"] = "prior-dominated"
+            elif r.diagnostics.likelihood_fraction < COMPARED:
+                rows[-1]["verdict"] = "prior-dominated" if r.diagnostics.likelihood_fraction < PRIOR_DOMINATED else \
+                    "never compared"
                 return r
             elif r.diagnostics.r_hat > MAX_RHAT or abs(r.diagnostics.trace_drift) > DRIFT_T:
                 rows[-1]["verdict"] = "not mixed: continued"
@@ -200,7 +204,7 @@ def calibrate_llc(
     # the first rung: START × the config's nβ
     nbeta, epsilon = START * config.nbeta, MAX_EPSILON / gamma
     close = tolerance * (LADDER**BIAS_DECAY - 1)  # the gap between rungs that leaves the upper one within tolerance
-    below, choice, reason = None, None, ""  # below: the last likelihood-dominated rung
+    below, choice, reason = None, None, ""  # below: the last rung holding COMPARED of the pull
     r = rung(epsilon, nbeta)
     while r is not None:
         row = rows[row_of[id(r)]]
@@ -221,7 +225,7 @@ def calibrate_llc(
                 below, r = (again, r) if noisier is below else (below, again)
                 continue
         row["verdict"] = row.get("verdict") or "moving with nβ"
-        if r.diagnostics.likelihood_fraction >= PRIOR_DOMINATED:
+        if r.diagnostics.likelihood_fraction >= COMPARED:
             below = r
         if nbeta * LADDER > max_nbeta:
             reason = f"λ̂ still moves with nβ at max_nbeta = {max_nbeta:g}"
