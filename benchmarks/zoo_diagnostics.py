@@ -58,7 +58,7 @@ def run(name: str, setting: str, seed: int = 0) -> dict:
     error = r.mean / case.llc - 1
     ok = ((abs(error) <= 0.2 or (causes and d.regime != "likelihood")) and (abs(error) > 0.1 or not causes))
     return dict(model=name, setting=setting, llc=case.llc, llc_hat=r.mean, error=error, warned=",".join(causes) or "-",
-                regime=d.regime, virial=d.virial, prior_share=d.prior_share, elasticity=d.prior_elasticity, r_hat=d.r_hat,
+                regime=d.regime, virial=d.virial, step_bias=d.discretisation, prior_share=d.prior_share, elasticity=d.prior_elasticity, r_hat=d.r_hat,
                 acceptance=d.acceptance, ok="yes" if ok else "NO", seconds=time.perf_counter() - start,
                 trace=r.llc_trace.numpy(), distance=r.trace["distance"])
 
