@@ -150,3 +150,18 @@ def test_calibration_finds_lambda_on_a_zoo_model():
     assert cal.llc == pytest.approx(case.llc, rel=0.1) and cal.steps <= 300_000
     config = cal.config(SGLDConfig(batch_size=64))
     assert (config.nbeta, config.epsilon, config.gamma) == (cal.choice["nbeta"], cal.choice["epsilon"], 1.0)
+
+
+def test_accuracy_table_says_where_a_budget_went(tmp_path):
+    """The zoo table's row for a case whose budget runs out names the rung, and `runs` keeps every calibration
+    run of the case (probes included) for reading where the steps went. Catches: a row that hides the reason,
+    run tables that are not written or lose the probes."""
+    import pandas as pd
+
+    from tl_devinterp.sampling.known_answers import accuracy_table
+
+    case = known_answer((3, 2, 3), 1, n=64)
+    table = accuracy_table([case], max_steps=1500, runs=str(tmp_path))
+    assert table.loc[0, "steps"] <= 1500 and "budget" in table.loc[0, "reason"] and table.loc[0, "llc_hat"] != table.loc[0, "llc_hat"]
+    runs = pd.read_csv(tmp_path / f"{case.name}.csv")
+    assert runs["probe"].any() and (runs["num_draws"] > 0).all() and "llc_trace" not in runs

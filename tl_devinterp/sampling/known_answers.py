@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -143,14 +144,16 @@ def zoo(losses: Sequence[str] = ("sum", "mean"), *, n: int = 1024) -> list[Known
 
 
 def accuracy_table(cases: Sequence[KnownAnswer], *, batch_size: int = 64, max_steps: int = 300_000,
-                   progress: bool = False, echo: bool = False):
+                   progress: bool = False, echo: bool = False, runs: str | None = None):
     """`calibrate_llc` (its defaults; batch size and budget as given) on each case: the recommended setting,
     the λ̂ of its run, its error against λ, the SGLD steps per chain spent and the seconds taken (one thread).
-    One row per case (pandas); `echo` prints each row as it is measured."""
+    One row per case (pandas); `echo` prints each row as it is measured; `runs`, a folder, gets each case's
+    calibration runs (`Calibration.table` without the traces) as NAME.csv, to read where a budget went."""
     import time
 
     import pandas as pd
 
+    from ..files import atomic_write
     from .calibration import calibrate_llc
     from .settings import SGLDConfig
 
@@ -159,6 +162,9 @@ def accuracy_table(cases: Sequence[KnownAnswer], *, batch_size: int = 64, max_st
         start = time.perf_counter()
         cal = calibrate_llc(case.model, case.data, SGLDConfig(batch_size=batch_size), loss_fn=case.loss_fn,
                             max_steps=max_steps, progress=progress)
+        if runs is not None:
+            Path(runs).mkdir(parents=True, exist_ok=True)
+            atomic_write(Path(runs) / f"{case.name}.csv", cal.table.drop(columns="llc_trace").to_csv(index=False))
         rows.append(dict(model=case.name, d=case.d, llc=case.llc, llc_hat=cal.llc, error_pct=100 * (cal.llc / case.llc - 1),
                          nbeta=(cal.choice or {}).get("nbeta", math.nan),
                          epsilon=(cal.choice or {}).get("epsilon", math.nan),
@@ -179,9 +185,10 @@ if __name__ == "__main__":  # the README's zoo table: python -m tl_devinterp.sam
     parser.add_argument("names", nargs="*", help="cases to run (default: all), e.g. rrr_5x3x5_r1_sum")
     parser.add_argument("--max-steps", type=int, default=300_000, help="SGLD steps per chain per case")
     parser.add_argument("--csv", help="also write the table to this CSV file")
+    parser.add_argument("--runs", help="a folder for each case's calibration runs (NAME.csv)")
     args = parser.parse_args()
     cases = [c for c in zoo() if not args.names or c.name in args.names]
-    table = accuracy_table(cases, max_steps=args.max_steps, echo=True)
+    table = accuracy_table(cases, max_steps=args.max_steps, echo=True, runs=args.runs)
     print(table.to_string(index=False, float_format=FORMAT))
     if args.csv:
         from ..files import atomic_write
