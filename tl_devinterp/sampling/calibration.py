@@ -5,15 +5,13 @@ its own bias (design.md §4). The rule fixes γ and removes the others in turn:
 1. The prior. γ is fixed (`gamma`, small: the chains should spread along the flat directions of a singular
    model as far as its likelihood, not γ, allows). What the prior then still pulls in is the finite-nβ
    bias: λ̂ rises towards λ as nβ grows (the likelihood's share of the posterior grows).
-2. Step size. SGLD's step ε widens a direction of stiffness k by 1/(1 − εk/4), which raises that direction's
-   term of λ̂ by ≈ ε(k − γ)/8. Summed over directions this is ε·(tr ∇²U − dγ)/8, and tr ∇²U = E‖∇U‖²
-   under the posterior (integrate by parts), which every run measures: its bias estimate
-   `discretisation` = ε·(E‖∇U‖² − dγ)/(8λ̂), a fraction of λ̂ (minibatch noise counts too: it also widens
-   the chains). It grows as the chains spread into the stiffer places of the valley, so it is read off every
-   run, not once. Each rung first probes its ε (PROBE_DRAWS steps from w*, ÷4 on a divergence, rescaled while
-   above MAX_DISCRETISATION), so a too-large ε costs a probe, not a burn-in; the first guess is the ε that the
-   rung below measured, scaled for this nβ (the stiffness grows ∝ nβ). A run above MAX_DISCRETISATION
-   continues its chains at ε scaled to TARGET_DISCRETISATION (restarts from w* when far above).
+2. Step size. SGLD's step adds a bias to λ̂ that every run measures, `diagnostics.discretisation` =
+   ε·(E‖∇U‖² − dγ)/(8λ̂) as a share of λ̂ (`diagnostics.summarise` derives it). It grows as the chains spread
+   into the stiffer places of the valley, so it is read off every run, not once. Each rung first probes its ε
+   (PROBE_DRAWS steps from w*, ÷4 on a divergence, rescaled while above MAX_DISCRETISATION), so a too-large ε
+   costs a probe, not a burn-in; the first guess is the ε that the rung below measured, scaled for this nβ
+   (the stiffness grows ∝ nβ). A run above MAX_DISCRETISATION continues its chains at ε scaled to
+   TARGET_DISCRETISATION (restarts from w* when far above).
 3. Mixing. A run from w* burns in BURNIN_RELAXATIONS of the prior's relaxation time 1/(εγ) (the likelihood
    only speeds it up) and draws half as many; chains that disagree (R-hat > MAX_RHAT) or whose λ̂ trace still
    moves (|t| > DRIFT_T) continue for as long again with twice the draws. A continued run's `num_burnin` is
@@ -21,9 +19,8 @@ its own bias (design.md §4). The rule fixes γ and removes the others in turn:
 4. Temperature. nβ climbs ×LADDER (√10) from START × the config's (n/log n of the batch by default) until
    λ̂ moves by less than `tolerance`·(LADDER^BIAS_DECAY − 1) (relative, beyond 2 combined SEs) from the last
    rung below holding COMPARED of the pull (rungs below that are never compared, so need not mix), on a rung
-   where the likelihood holds LIKELIHOOD_SHARE of the pull: if
-   the finite-nβ bias falls at least as nβ^−½ (a regular direction's falls as nβ^−1), the upper rung is then
-   within `tolerance`. Where 2 SEs straddle the limit, the noisier rung's chains continue for twice the draws
+   where the likelihood holds LIKELIHOOD_SHARE of the pull: if the finite-nβ bias falls at least as nβ^−½
+   (a regular direction's falls as nβ^−1), the upper rung is then within `tolerance`. Where 2 SEs straddle the limit, the noisier rung's chains continue for twice the draws
    (draws are spent where the choice is made). The recommendation is the upper rung's setting.
 Every run counts towards `max_steps` (SGLD steps per chain, burn-in included); when the budget runs out
 first there is no recommendation, and `Calibration.reason` says where. Its accuracy on the known-answer zoo
@@ -73,8 +70,9 @@ SETTING = ["epsilon", "gamma", "nbeta", "num_burnin", "num_draws"]
 @dataclass
 class Calibration:
     """The runs (`table`: one row per run, its setting, λ̂, diagnostics, `discretisation`, whether it was an
-    ε `probe` or `continued` an earlier run's chains, and the rule's `verdict`), the recommended setting (`choice`, None when the budget ran out or λ̂ follows nβ: `reason`
-    says which) and its run's λ̂ (`llc`), and the SGLD steps per chain spent (`steps`)."""
+    ε `probe` or `continued` an earlier run's chains, and the rule's `verdict`), the recommended setting
+    (`choice`, None when the budget ran out or λ̂ follows nβ: `reason` says which) and its run's λ̂ (`llc`),
+    and the SGLD steps per chain spent (`steps`)."""
 
     table: pd.DataFrame
     choice: dict[str, float] | None
@@ -170,8 +168,8 @@ def calibrate_llc(
 
     def rung(epsilon: float, nbeta: float) -> LLCResult | None:
         """Steps 2-3 at one nβ: a run whose ε adds < MAX_DISCRETISATION of λ̂ on mixed chains (a rung holding less
-        than COMPARED of the pull need not mix: only its likelihood share is read); None: the budget ran out. Chains not mixed are
-        continued (as long again, twice the draws), not restarted."""
+        than COMPARED of the pull need not mix: only its likelihood share is read); None: the budget ran out.
+        Chains not mixed are continued (as long again, twice the draws), not restarted."""
         if (epsilon := probe(epsilon, nbeta)) is None:
             return None
         burnin, draws, init = None, MIN_DRAWS, None

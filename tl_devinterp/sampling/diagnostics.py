@@ -50,7 +50,7 @@ VIRIAL_HIGH = 1.05  # virial above this (beyond 3 MCSE): ε too coarse, the chai
 DISCRETISATION_HIGH = 0.2  # the step's own bias estimate above this share of λ̂ (where the likelihood holds at least
 # PRIOR_DOMINATED of the pull: prior-held chains have λ̂ ≈ 0 and are flagged as such): ε too coarse, λ̂ reads high
 # (zoo, benchmarks/zoo_diagnostics.py: +29% and +27% read 0.26 and 0.23, where the virial, held down by the valley,
-# read 0.69 and 1.06; good runs read 0.03; a +8% run 0.15)
+# read 0.69 and 1.06; good runs 0.014-0.13; a +8% run 0.145)
 VIRIAL_LOW = 0.6  # virial below this (beyond 3 MCSE): chains still spreading out. Not 1 − noise: directions flat
 # for the likelihood (the true parameters' valley) relax at the prior's rate εγ only, so on good zoo runs at γ = 1
 # the virial reads 0.69-0.88 long after λ̂ has settled; chains still spreading where λ̂ depends read 0.19-0.47

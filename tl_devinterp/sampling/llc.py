@@ -221,31 +221,33 @@ def _plan(model: nn.Module, data, restrictions: list[Restriction], config: SGLDC
         starts = [0] * len(restrictions)
 
     stacks = build_stacks(restrictions, starts, w_star, config, device)
-    if init is not None:  # chains start where an earlier run's chains ended
+    if init is not None:  # chains start where an earlier run's chains ended (checked once per restriction)
+        finals = [_final_of(earlier, restriction, config.num_chains, w_star)
+                  for earlier, restriction in zip(init, restrictions, strict=True)]
         for stack in stacks:
             for i, (r, c) in enumerate(stack.members):
-                stack.chains.weights[i] = _start_of(init[r], c, restrictions[r], stack.chains.weights[i], w_star)
+                stack.chains.weights[i] = finals[r][c]
     if config.init_noise:  # chains start at w* + init_noise·N(0, 1) on their coordinates
         for stack in stacks:
             stack.chains.weights.add_(chain_noise(stack), alpha=config.init_noise)
     return _Plan(objective, how, restrictions, starts, stacks, batches, loader, w_star)
 
 
-def _start_of(earlier: LLCResult, chain: int, restriction: Restriction, row: torch.Tensor,
+def _final_of(earlier: LLCResult, restriction: Restriction, chains: int,
               w_star: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Chain `chain`'s last state in `earlier`, checked to be a state of these coordinates at this w*."""
+    """The last states [chains, d] of `earlier`'s chains, checked to be states of these coordinates at this w*."""
     final = getattr(earlier, "final", None)
-    if final is None or earlier.restrict != restriction.label or final.rows.shape[1] != row.numel():
+    if final is None or earlier.restrict != restriction.label or final.rows.shape[1] != restriction.d:
         raise InvalidValueError(f"init must be an LLCResult of the same restriction ({restriction.label!r}, d = "
                                 f"{restriction.d}); got {type(earlier).__name__} of "
                                 f"{getattr(earlier, 'restrict', None)!r}. Pass the result of an earlier estimate_llc.")
-    if chain >= len(final.rows):
-        raise InvalidValueError(f"init has {len(final.rows)} chains, this run {chain + 1} or more; run as many "
-                                f"chains as the result it starts from, or fewer.")
+    if chains > len(final.rows):
+        raise InvalidValueError(f"init has {len(final.rows)} chains, this run {chains}; run as many chains as the "
+                                f"result it starts from, or fewer.")
     if not torch.equal(final.star_full.cpu(), torch.cat([w_star[n].flatten() for n in final.names]).cpu()):
         raise InvalidValueError("init comes from a run at other weights (w* differs): its chains' states are not "
                                 "near this checkpoint. Pass a result of this model at these weights.")
-    return final.rows[chain].to(row.device)
+    return final.rows.to(next(iter(w_star.values())).device)
 
 
 def _run(model: nn.Module, plan: _Plan, config: SGLDConfig, desc: str, progress: bool,
