@@ -1,6 +1,7 @@
 """The known-answer zoo: Aoyagi's formulas on their published examples and against each other, the models at a
 true parameter of the stated rank, and the advice for a model without a loss."""
 
+import dataclasses
 import re
 
 import pytest
@@ -154,14 +155,23 @@ def test_calibration_finds_lambda_on_a_zoo_model():
 
 def test_accuracy_table_says_where_a_budget_went(tmp_path):
     """The zoo table's row for a case whose budget runs out names the rung, and `runs` keeps every calibration
-    run of the case (probes included) for reading where the steps went. Catches: a row that hides the reason,
-    run tables that are not written or lose the probes."""
+    run of the case (probes included) for reading where the steps went; `csv` holds the table after each case.
+    Catches: a row that hides the reason, run tables that are not written or lose the probes, a table file
+    written only at the end (a stopped zoo run would lose every finished case)."""
     import pandas as pd
 
     from tl_devinterp.sampling.known_answers import accuracy_table
 
     case = known_answer((3, 2, 3), 1, n=64)
-    table = accuracy_table([case], max_steps=1500, runs=str(tmp_path))
+    def stop(model, batch):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # the second case stops the run: the first stays in the file
+        accuracy_table([case, dataclasses.replace(case, name="stopped", loss_fn=stop)], max_steps=300,
+                       csv=str(tmp_path / "zoo.csv"))
+    assert pd.read_csv(tmp_path / "zoo.csv")["model"].tolist() == [case.name]
+    table = accuracy_table([case], max_steps=1500, runs=str(tmp_path), csv=str(tmp_path / "zoo.csv"))
+    assert pd.read_csv(tmp_path / "zoo.csv").equals(table)
     assert table.loc[0, "steps"] <= 1500 and "budget" in table.loc[0, "reason"] and table.loc[0, "llc_hat"] != table.loc[0, "llc_hat"]
     runs = pd.read_csv(tmp_path / f"{case.name}.csv")
     assert runs["probe"].any() and (runs["num_draws"] > 0).all() and "llc_trace" not in runs

@@ -218,6 +218,9 @@ def calibrate_llc(
                 again = run(noisier.config.epsilon, noisier.config.nbeta, 0, 2 * noisier.config.num_draws,
                             init=noisier)
                 if not isinstance(again, LLCResult):
+                    if again == "diverged":  # (at an ε its own chains ran at: rare)
+                        reason = (f"the chains continued for more draws at nβ = {noisier.config.nbeta:.4g} diverged "
+                                  f"(ε = {noisier.config.epsilon:.3g})")
                     r = None
                     break
                 below, r = (again, r) if noisier is below else (below, again)

@@ -144,11 +144,12 @@ def zoo(losses: Sequence[str] = ("sum", "mean"), *, n: int = 1024) -> list[Known
 
 
 def accuracy_table(cases: Sequence[KnownAnswer], *, batch_size: int = 64, max_steps: int = 300_000,
-                   progress: bool = False, echo: bool = False, runs: str | None = None):
+                   progress: bool = False, echo: bool = False, runs: str | None = None, csv: str | None = None):
     """`calibrate_llc` (its defaults; batch size and budget as given) on each case: the recommended setting,
     the λ̂ of its run, its error against λ, the SGLD steps per chain spent and the seconds taken (one thread).
     One row per case (pandas); `echo` prints each row as it is measured; `runs`, a folder, gets each case's
-    calibration runs (`Calibration.table` without the traces) as NAME.csv, to read where a budget went."""
+    calibration runs (`Calibration.table` without the traces) as NAME.csv, to read where a budget went; `csv`, a
+    file, the table so far after each case (a stopped run keeps the cases it finished)."""
     import time
 
     import pandas as pd
@@ -169,6 +170,8 @@ def accuracy_table(cases: Sequence[KnownAnswer], *, batch_size: int = 64, max_st
                          nbeta=(cal.choice or {}).get("nbeta", math.nan),
                          epsilon=(cal.choice or {}).get("epsilon", math.nan),
                          steps=cal.steps, seconds=round(time.perf_counter() - start), reason=cal.reason))
+        if csv is not None:
+            atomic_write(csv, pd.DataFrame(rows).to_csv(index=False))
         if echo:
             print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1, float_format=FORMAT), flush=True)
     return pd.DataFrame(rows)
@@ -184,13 +187,9 @@ if __name__ == "__main__":  # the README's zoo table: python -m tl_devinterp.sam
     parser = argparse.ArgumentParser(description="calibrate_llc on the known-answer zoo; prints its accuracy")
     parser.add_argument("names", nargs="*", help="cases to run (default: all), e.g. rrr_5x3x5_r1_sum")
     parser.add_argument("--max-steps", type=int, default=300_000, help="SGLD steps per chain per case")
-    parser.add_argument("--csv", help="also write the table to this CSV file")
+    parser.add_argument("--csv", help="also write the table to this CSV file (rewritten after each case)")
     parser.add_argument("--runs", help="a folder for each case's calibration runs (NAME.csv)")
     args = parser.parse_args()
     cases = [c for c in zoo() if not args.names or c.name in args.names]
-    table = accuracy_table(cases, max_steps=args.max_steps, echo=True, runs=args.runs)
+    table = accuracy_table(cases, max_steps=args.max_steps, echo=True, runs=args.runs, csv=args.csv)
     print(table.to_string(index=False, float_format=FORMAT))
-    if args.csv:
-        from ..files import atomic_write
-
-        atomic_write(args.csv, table.to_csv(index=False))
