@@ -46,9 +46,45 @@ def test_ladder_finds_half_the_dimension():
     assert chosen["discretisation"] == pytest.approx(predicted, rel=0.1) and predicted <= MAX_DISCRETISATION
     assert cal.choice["num_burnin"] >= BURNIN_RELAXATIONS / (cal.choice["epsilon"] * cal.choice["gamma"])
     assert cal.steps <= 30_000 and "converged in nβ: recommended" in chosen["verdict"]
+    assert (kept_runs(cal.table)["discretisation"] <= MAX_DISCRETISATION).all()
     assert cal.config(config).nbeta == cal.choice["nbeta"] and cal.config(config).gamma == 1.0
     fig = plot_calibration(cal)
     assert sum(ax.get_visible() for ax in fig.axes) == len(cal.table)
+
+
+class Valley(nn.Module):
+    """L = ½Σ(1 + b²)a² over 20 pairs: each a regular in a, flat in b, a's stiffness growing as the chains spread
+    along b (as along a deep linear network's valley); λ = 20/2."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.zeros(20)), nn.Parameter(torch.zeros(20))
+
+    def loss_fn(self, batch):
+        return 0.5 * ((1 + self.b**2) * self.a**2).sum()
+
+
+def kept_runs(table: pd.DataFrame) -> pd.DataFrame:
+    """The runs whose λ̂ the rule reads: not probes, not diverged, not those it moved to a finer ε."""
+    verdict = table["verdict"].fillna("")
+    return table[~table["probe"].astype(bool) & ~verdict.isin(["diverged"]) & ~verdict.str.startswith("ε adds")]
+
+
+@pytest.mark.slow
+def test_an_undecided_comparison_continues_the_noisier_rung_under_the_same_checks():
+    """γ = 0.1, tolerance 5% (the limit between rungs 3.9%): nβ = 10 (λ̂ 10.25 ± 0.25) and 31.6 (10.11 ± 0.08)
+    straddle the limit within 2 SEs, so nβ = 10's chains continue for twice the draws (λ̂ 10.10 ± 0.16, a
+    "more draws" row) and the upper rung is recommended (measured: 10.11, 1.1% off λ = 10). Catches: a
+    continuation that crashes or loses its row. Every run the rule reads has its step bias within
+    MAX_DISCRETISATION: here the continued chains stay at 0.9%; on the zoo's 3→4→5→3 network (MSELoss) they
+    drifted to 28% and 43% (λ̂ +36%, +72%) and were compared unchecked before continuations went through
+    the rung's checks, a drift this test's run does not reach (the README's zoo table shows the change)."""
+    config = SGLDConfig(num_draws=200, num_burnin=100, batch_size=8, nbeta=100.0)
+    cal = calibrate_llc(Valley(), torch.zeros(64, 1), config, gamma=0.1, tolerance=0.05, max_steps=60_000,
+                        progress=False)
+    assert cal.choice is not None and cal.llc == pytest.approx(10, rel=0.05), cal.reason
+    assert (cal.table["verdict"] == "more draws").any()
+    assert (kept_runs(cal.table)["discretisation"] <= MAX_DISCRETISATION).all()
 
 
 def test_budget_that_runs_out_recommends_nothing_and_says_where():

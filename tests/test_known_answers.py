@@ -156,8 +156,8 @@ def test_calibration_finds_lambda_on_a_zoo_model():
 def test_accuracy_table_says_where_a_budget_went(tmp_path):
     """The zoo table's row for a case whose budget runs out names the rung, and `runs` keeps every calibration
     run of the case (probes included) for reading where the steps went; `csv` holds the table after each case.
-    Catches: a row that hides the reason, run tables that are not written or lose the probes, a table file
-    written only at the end (a stopped zoo run would lose every finished case)."""
+    Catches: a row that hides the reason, run tables that are not written or lose the probes or a run's cost, a
+    table file written only at the end (a stopped zoo run would lose every finished case)."""
     import pandas as pd
 
     from tl_devinterp.sampling.known_answers import accuracy_table
@@ -175,3 +175,4 @@ def test_accuracy_table_says_where_a_budget_went(tmp_path):
     assert table.loc[0, "steps"] <= 1500 and "budget" in table.loc[0, "reason"] and table.loc[0, "llc_hat"] != table.loc[0, "llc_hat"]
     runs = pd.read_csv(tmp_path / f"{case.name}.csv")
     assert runs["probe"].any() and (runs["num_draws"] > 0).all() and "llc_trace" not in runs
+    assert runs["steps"].sum() == table.loc[0, "steps"]  # every run's cost, to the step

@@ -21,7 +21,8 @@ its own bias (design.md §4). The rule fixes γ and removes the others in turn:
    rung below holding COMPARED of the pull (rungs below that are never compared, so need not mix), on a rung
    where the likelihood holds LIKELIHOOD_SHARE of the pull: if the finite-nβ bias falls at least as nβ^−½
    (a regular direction's falls as nβ^−1), the upper rung is then within `tolerance`. Where 2 SEs straddle the limit, the noisier rung's chains continue for twice the draws
-   (draws are spent where the choice is made). The recommendation is the upper rung's setting.
+   (draws are spent where the choice is made), under step 2's and 3's checks (long chains spread into
+   stiffer places, where their ε adds more). The recommendation is the upper rung's setting.
 Every run counts towards `max_steps` (SGLD steps per chain, burn-in included); when the budget runs out
 first there is no recommendation, and `Calibration.reason` says where. Its accuracy on the known-answer zoo
 (`known_answers`; `python -m tl_devinterp.sampling.known_answers` prints the table the README's *Trusting
@@ -69,8 +70,9 @@ SETTING = ["epsilon", "gamma", "nbeta", "num_burnin", "num_draws"]
 
 @dataclass
 class Calibration:
-    """The runs (`table`: one row per run, its setting, λ̂, diagnostics, `discretisation`, whether it was an
-    ε `probe` or `continued` an earlier run's chains, and the rule's `verdict`), the recommended setting
+    """The runs (`table`: one row per run, its setting, λ̂, diagnostics, `discretisation`, the SGLD `steps` per
+    chain it cost, whether it was an ε `probe` or `continued` an earlier run's chains, and the rule's
+    `verdict`), the recommended setting
     (`choice`, None when the budget ran out or λ̂ follows nβ: `reason` says which) and its run's λ̂ (`llc`),
     and the SGLD steps per chain spent (`steps`)."""
 
@@ -139,11 +141,12 @@ def calibrate_llc(
                 r = estimate_llc(model, data, SGLDConfig.build(config, **setting), restrict=restrict, loss_fn=loss_fn,
                                  progress=False, init=init)
         except LLCDivergenceError:
-            rows.append(dict(setting, probe=probe, diverged=True, llc_mean=math.nan, llc_trace=None, verdict="diverged"))
+            rows.append(dict(setting, steps=burnin + draws, probe=probe, continued=init is not None, diverged=True,
+                             llc_mean=math.nan, llc_trace=None, verdict="diverged"))
             return "diverged"
         time = before + epsilon * burnin  # the Langevin time before the draws: Σ ε·steps
-        rows.append(dict(setting, num_burnin=math.ceil(time / epsilon - 1e-9), burnin_time=time, probe=probe,
-                         continued=init is not None, diverged=False,
+        rows.append(dict(setting, num_burnin=math.ceil(time / epsilon - 1e-9), burnin_time=time, steps=burnin + draws,
+                         probe=probe, continued=init is not None, diverged=False,
                          **summary(r), discretisation=np.nan_to_num(r.diagnostics.discretisation),  # λ̂ ≤ 0: unknown, 0
                          llc_trace=r.llc_trace.numpy()))
         row_of[id(r)] = len(rows) - 1
@@ -166,13 +169,18 @@ def calibrate_llc(
                 return epsilon
             epsilon *= max(TARGET_DISCRETISATION / share, 0.1)
 
-    def rung(epsilon: float, nbeta: float) -> LLCResult | None:
+    def rung(epsilon: float, nbeta: float, more: LLCResult | None = None) -> LLCResult | None:
         """Steps 2-3 at one nβ: a run whose ε adds < MAX_DISCRETISATION of λ̂ on mixed chains (a rung holding less
         than COMPARED of the pull need not mix: only its likelihood share is read); None: the budget ran out.
-        Chains not mixed are continued (as long again, twice the draws), not restarted."""
-        if (epsilon := probe(epsilon, nbeta)) is None:
+        Chains not mixed are continued (as long again, twice the draws), not restarted. `more`: a run of this
+        rung whose chains continue for twice its draws (an undecided comparison), checked like a new one (long
+        chains spread into stiffer places, where its ε adds more)."""
+        if more is not None:
+            burnin, draws, init = 0, 2 * more.config.num_draws, more
+        elif (epsilon := probe(epsilon, nbeta)) is None:
             return None
-        burnin, draws, init = None, MIN_DRAWS, None
+        else:
+            burnin, draws, init = None, MIN_DRAWS, None
         while True:
             if init is None:  # from w*: a quarter of the prior's relaxation time
                 burnin = math.ceil(BURNIN_RELAXATIONS / (epsilon * gamma))
@@ -215,14 +223,11 @@ def calibrate_llc(
             if gap - noise < close * abs(r.mean):  # undecided: the noisier rung's chains continue for more draws
                 row["verdict"] = "undecided: more draws"
                 noisier = below if below.se > r.se else r
-                again = run(noisier.config.epsilon, noisier.config.nbeta, 0, 2 * noisier.config.num_draws,
-                            init=noisier)
-                if not isinstance(again, LLCResult):
-                    if again == "diverged":  # (at an ε its own chains ran at: rare)
-                        reason = (f"the chains continued for more draws at nβ = {noisier.config.nbeta:.4g} diverged "
-                                  f"(ε = {noisier.config.epsilon:.3g})")
+                if (again := rung(noisier.config.epsilon, noisier.config.nbeta, more=noisier)) is None:
                     r = None
                     break
+                if noisier is below:  # (the upper rung's row gets its verdict below)
+                    rows[row_of[id(again)]].setdefault("verdict", "more draws")
                 below, r = (again, r) if noisier is below else (below, again)
                 continue
         row["verdict"] = row.get("verdict") or "moving with nβ"
