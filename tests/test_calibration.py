@@ -67,7 +67,7 @@ class Valley(nn.Module):
 def kept_runs(table: pd.DataFrame) -> pd.DataFrame:
     """The runs whose λ̂ the rule reads: not probes, not diverged, not those it moved to a finer ε."""
     verdict = table["verdict"].fillna("")
-    return table[~table["probe"].astype(bool) & ~verdict.isin(["diverged"]) & ~verdict.str.startswith("ε adds")]
+    return table[~table["probe"].astype(bool) & (verdict != "diverged") & ~verdict.str.startswith("ε adds")]
 
 
 @pytest.mark.slow

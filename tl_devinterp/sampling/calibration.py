@@ -175,12 +175,9 @@ def calibrate_llc(
         Chains not mixed are continued (as long again, twice the draws), not restarted. `more`: a run of this
         rung whose chains continue for twice its draws (an undecided comparison), checked like a new one (long
         chains spread into stiffer places, where its ε adds more)."""
-        if more is not None:
-            burnin, draws, init = 0, 2 * more.config.num_draws, more
-        elif (epsilon := probe(epsilon, nbeta)) is None:
+        if more is None and (epsilon := probe(epsilon, nbeta)) is None:
             return None
-        else:
-            burnin, draws, init = None, MIN_DRAWS, None
+        burnin, draws, init = (None, MIN_DRAWS, None) if more is None else (0, 2 * more.config.num_draws, more)
         while True:
             if init is None:  # from w*: a quarter of the prior's relaxation time
                 burnin = math.ceil(BURNIN_RELAXATIONS / (epsilon * gamma))

@@ -170,10 +170,11 @@ def accuracy_table(cases: Sequence[KnownAnswer], *, batch_size: int = 64, max_st
                          nbeta=(cal.choice or {}).get("nbeta", math.nan),
                          epsilon=(cal.choice or {}).get("epsilon", math.nan),
                          steps=cal.steps, seconds=round(time.perf_counter() - start), reason=cal.reason))
+        table = pd.DataFrame(rows)
         if csv is not None:
-            atomic_write(csv, pd.DataFrame(rows).to_csv(index=False))
+            atomic_write(csv, table.to_csv(index=False))
         if echo:
-            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1, float_format=FORMAT), flush=True)
+            print(table.tail(1).to_string(index=False, header=len(rows) == 1, float_format=FORMAT), flush=True)
     return pd.DataFrame(rows)
 
 
